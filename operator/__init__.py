@@ -1,0 +1,1 @@
+"""Control plane: planner, controller, router, simulator, local mode and the Kubernetes operator."""

@@ -1,0 +1,1 @@
+"""Data plane: the sharded model, the inference engine, and the worker gRPC service."""

@@ -1,0 +1,1 @@
+"""Planner: cost model, configuration search, device mapping, migration plan, arrangement."""
