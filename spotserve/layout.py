@@ -11,13 +11,14 @@ migration planner (`reshard_plan`, `kv_reshard_plan`) and the tests.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 from spotserve.errors import SpotserveError
-from spotserve.model_spec import ModelSpec, Split, TensorSpec
+from spotserve.model_spec import ModelSpec, TensorSpec
 
 
 @dataclass(frozen=True, order=True)
@@ -151,7 +152,7 @@ def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
     bounds = [0]
     for s in range(stages):
         bounds.append(bounds[-1] + num_layers // stages + (1 if s < num_layers % stages else 0))
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 # ---- which slice of a tensor a TP rank holds -----------------------------------------
@@ -344,7 +345,7 @@ def _cut(want: TensorSlice, holders: list[tuple[TensorSlice, Position]]
             cuts.update(c for c in (held.start, held.stop) if lo < c < hi)
     points = sorted(cuts)
     out = []
-    for a, b in zip(points[:-1], points[1:], strict=True):
+    for a, b in itertools.pairwise(points):
         piece = TensorSlice(want.tensor, want.dim, a, b)
         srcs = tuple(sorted({p for held, p in holders
                              if held.dim is None or (held.start <= a and b <= held.stop)}))
@@ -378,7 +379,7 @@ def kv_reshard_plan(model: ModelSpec, old: ParallelConfig, old_pipeline: int,
             holders = [(kv_heads(model, old.stage_of(p).tp, p.tp_rank), p) for p in olds
                        if layer in old.stage_of(p).layers()]
             cuts = sorted({lo, hi} | {c for (a, b), _ in holders for c in (a, b) if lo < c < hi})
-            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            for a, b in itertools.pairwise(cuts):
                 srcs = tuple(sorted(p for (ha, hb), p in holders if ha <= a and b <= hb))
                 moves.append(KVMove(dst, layer, a, b, srcs))
     return tuple(moves)
@@ -386,10 +387,3 @@ def kv_reshard_plan(model: ModelSpec, old: ParallelConfig, old_pipeline: int,
 
 def slices_by_name(model: ModelSpec) -> dict[str, TensorSpec]:
     return {t.name: t for t in model.tensors()}
-
-
-__all__ = ["KVMove", "ParallelConfig", "PipelineLayout", "Position", "SliceMove", "Split",
-           "StageLayout", "TensorSlice", "kv_heads", "kv_reshard_plan", "position_kv_bytes_per_token",
-           "position_slices", "position_weight_bytes", "reshard_plan", "shard_units",
-           "shared_kv_bytes", "shared_weight_bytes", "slice_overlap", "split_layers",
-           "stage_global_tensors", "tensor_slice"]

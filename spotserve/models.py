@@ -62,7 +62,8 @@ ALIASES = {"6.7b": "opt-6.7b", "20b": "gpt-20b", "30b": "opt-30b"}
 
 
 def resolve_model(name_or_path: str, dtype: str | None = None) -> ModelSpec:
-    """A built-in name (case-insensitive, aliases 6.7b/20b/30b), or a HF config.json or its folder."""
+    """A built-in name (case-insensitive; aliases 6.7b/20b/30b), or a HF config.json or
+    its folder."""
     models = builtin_models()
     key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if key in models:

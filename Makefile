@@ -1,0 +1,38 @@
+# spotserve developer entry points. `make demo` and `make test` are the README's two commands.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# CPU machines take the CPU build of torch first, so nothing pulls the CUDA wheels.
+# On a GPU machine: make install TORCH_SPEC='torch' (or your CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= worker,operator,dev
+
+.PHONY: install demo test lint proto bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@if [ -f scripts/install-helm.sh ]; then bash scripts/install-helm.sh $(VENV)/bin; fi
+	touch $@
+
+demo: install
+	@bash scripts/demo.sh $(VENV)
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) scripts/lint_imports.py
+
+proto: install
+	$(PY) scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

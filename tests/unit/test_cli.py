@@ -1,0 +1,50 @@
+"""The `spotserve` command: help, model-info, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def spotserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "spotserve.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_help_lists_subcommands() -> None:
+    out = spotserve("--help")
+    assert out.returncode == 0
+    assert "model-info" in out.stdout and "spot" in out.stdout
+
+
+def test_model_info_prints_spec_and_min_gpus() -> None:
+    out = spotserve("model-info", "llama-3.1-8b")
+    assert out.returncode == 0, out.stderr
+    assert "8.03 B" in out.stdout and "KV per token" in out.stdout and "H100" in out.stdout
+    data = json.loads(spotserve("model-info", "30b", "--json").stdout)
+    assert data["name"] == "opt-30b" and data["min_gpus"]["T4"] >= 8
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (None, "no such file"),
+    ("{oops", "malformed JSON"),
+    ('{"architectures": ["BertModel"]}', "unsupported architecture"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, setup: str | None,
+                                           message: str) -> None:
+    path = tmp_path / "config.json"
+    if setup is not None:
+        path.write_text(setup)
+    out = spotserve("model-info", str(path))
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_flag_exits_2() -> None:
+    out = spotserve("model-info", "--frobnicate")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
