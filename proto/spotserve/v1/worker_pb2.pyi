@@ -215,7 +215,7 @@ class PullTensorsRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., weights: _Optional[_Iterable[_Union[_common_pb2.TensorSlice, _Mapping]]] = ..., kv: _Optional[_Iterable[_Union[_common_pb2.KVSlice, _Mapping]]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("index", "dtype", "shape", "total_bytes", "offset", "data", "last", "crc32c")
+    __slots__ = ("index", "dtype", "shape", "total_bytes", "offset", "data", "last", "crc32")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -223,7 +223,7 @@ class TensorChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
-    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     index: int
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -231,8 +231,8 @@ class TensorChunk(_message.Message):
     offset: int
     data: bytes
     last: bool
-    crc32c: int
-    def __init__(self, index: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    crc32: int
+    def __init__(self, index: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
