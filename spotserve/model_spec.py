@@ -335,7 +335,12 @@ def _from_config(config: Mapping[str, Any], name: str, dtype: str | None) -> Mod
     head_dim = config.get("head_dim") or hidden // heads
     eos = config.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    # transformers >= 5 writes rope_theta and the scaling into one rope_parameters dict
+    rope = config.get("rope_parameters")
+    rope = rope if isinstance(rope, dict) else {}
     scaling = config.get("rope_scaling") or {}
+    if not scaling and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     raw_dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     return ModelSpec(
         name=name, family=family, hidden_size=hidden,
@@ -349,7 +354,7 @@ def _from_config(config: Mapping[str, Any], name: str, dtype: str | None) -> Mod
         qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
         qk_norm=family == "qwen3", mlp_bias=bool(config.get("mlp_bias", False)),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rope_scaling=tuple(sorted(scaling.items())) if isinstance(scaling, dict) else (),
         bos_token_id=config.get("bos_token_id"), eos_token_ids=eos_ids,
         hf_config=dict(config))

@@ -1,0 +1,96 @@
+"""Attention over a paged KV cache for a batch of sequences of mixed lengths.
+
+Tokens travel flat ([tokens, ...]) through the linear layers; only attention pads them
+into [sequences, longest query] against [sequences, longest context] keys gathered from
+the cache through each sequence's block table. One layout serves prefill, chunked prefill
+and decode alike, and a batch may mix them.
+
+The cache of one layer is a pair of tensors [num_blocks, block_size, kv_heads, head_dim]:
+heads stay a separate axis, so a slice by layer, head range and token range can be read
+or written without touching the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's share of a step: `num_new` tokens ending at context length
+    `context_len`, with its cache blocks."""
+
+    num_new: int
+    context_len: int
+    block_table: Sequence[int]
+
+
+@dataclass
+class AttentionBatch:
+    """Index tensors shared by every layer of one forward step."""
+
+    positions: torch.Tensor      # [tokens] position of each new token
+    slot_mapping: torch.Tensor   # [tokens] cache slot (block * block_size + offset) written
+    query_index: torch.Tensor    # [seqs * max_new] flat token behind each padded query
+    output_index: torch.Tensor   # [tokens] padded query behind each flat token
+    key_slots: torch.Tensor      # [seqs, max_context] cache slot of each key
+    mask: torch.Tensor           # [seqs, 1, max_new, max_context] may query i see key j
+    num_seqs: int
+    max_new: int
+
+    @classmethod
+    def build(cls, chunks: Sequence[SequenceChunk], block_size: int,
+              device: torch.device | str = "cpu") -> AttentionBatch:
+        max_new = max(c.num_new for c in chunks)
+        max_ctx = max(c.context_len for c in chunks)
+        positions, slots, query_index, output_index = [], [], [], []
+        key_slots = torch.zeros(len(chunks), max_ctx, dtype=torch.long)
+        limits = torch.zeros(len(chunks), max_new, dtype=torch.long)
+        flat = 0
+        for b, c in enumerate(chunks):
+            start = c.context_len - c.num_new
+            table = torch.as_tensor(list(c.block_table), dtype=torch.long)
+            ctx = torch.arange(c.context_len)
+            seq_slots = table[ctx // block_size] * block_size + ctx % block_size
+            key_slots[b, :c.context_len] = seq_slots
+            slots.append(seq_slots[start:])
+            positions.append(torch.arange(start, c.context_len))
+            query_index.append(torch.cat([torch.arange(flat, flat + c.num_new),
+                                          torch.zeros(max_new - c.num_new, dtype=torch.long)]))
+            output_index.append(torch.arange(b * max_new, b * max_new + c.num_new))
+            # query i sees keys 0..start+i; padded queries see key 0 only (no NaN rows)
+            limits[b, :c.num_new] = torch.arange(start, c.context_len)
+            flat += c.num_new
+        mask = torch.arange(max_ctx)[None, None, :] <= limits[:, :, None]
+        return cls(positions=torch.cat(positions).to(device),
+                   slot_mapping=torch.cat(slots).to(device),
+                   query_index=torch.cat(query_index).to(device),
+                   output_index=torch.cat(output_index).to(device),
+                   key_slots=key_slots.to(device), mask=mask[:, None].to(device),
+                   num_seqs=len(chunks), max_new=max_new)
+
+
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """Store `values` [tokens, heads, head_dim] at `slots` of one layer's cache."""
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, values.to(cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """q [tokens, heads, head_dim] against the cached keys/values → [tokens, heads*head_dim].
+
+    The new tokens' keys and values must already be written to the cache."""
+    tokens, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    q_pad = q[batch.query_index].view(batch.num_seqs, batch.max_new, heads, dim)
+    k = k_cache.view(-1, kv_heads, dim)[batch.key_slots]
+    v = v_cache.view(-1, kv_heads, dim)[batch.key_slots]
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.mask,
+        scale=scale, enable_gqa=heads != kv_heads)
+    out = out.transpose(1, 2).reshape(batch.num_seqs * batch.max_new, heads * dim)
+    return out[batch.output_index]

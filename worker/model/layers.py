@@ -1,0 +1,120 @@
+"""The decoder's building blocks, holding only this rank's tensor-parallel slice.
+
+Column-split projections (q/k/v, gate/up) produce this rank's heads or features; row-split
+projections (o_proj, down_proj) produce partial sums that are all-reduced explicitly in
+`forward`. A replicated bias is added after the reduction, so it counts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spotserve.model_spec import ModelSpec
+from spotserve.worker.model.attention import AttentionBatch, paged_attention, write_cache
+from spotserve.worker.model.parallel import TensorParallel
+from spotserve.worker.model.rope import apply_rotary
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """`y = x W^T (+ b)` with HF parameter names and shapes from the shard layout."""
+
+    def __init__(self, name: str, shapes: Shapes, dtype: torch.dtype, device: torch.device
+                 ) -> None:
+        super().__init__()
+        self.weight = _param(shapes[f"{name}.weight"], dtype, device)
+        bias = shapes.get(f"{name}.bias")
+        self.bias = None if bias is None else _param(bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowLinear(Linear):
+    """Row-parallel: local matmul, all-reduce, then the (replicated) bias."""
+
+    def forward(self, x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:  # type: ignore[override]
+        out = tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = _param((size,), dtype, device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, model: ModelSpec, prefix: str, shapes: Shapes, tp: TensorParallel,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.tp, self.head_dim = tp, model.head_dim
+        self.q_proj = Linear(f"{prefix}.q_proj", shapes, dtype, device)
+        self.k_proj = Linear(f"{prefix}.k_proj", shapes, dtype, device)
+        self.v_proj = Linear(f"{prefix}.v_proj", shapes, dtype, device)
+        self.o_proj = RowLinear(f"{prefix}.o_proj", shapes, dtype, device)
+        self.q_norm = self.k_norm = None
+        if model.qk_norm:
+            self.q_norm = RMSNorm(model.head_dim, model.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(model.head_dim, model.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+                ) -> torch.Tensor:
+        tokens, d = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(tokens, -1, d)
+        k = self.k_proj(x).view(tokens, -1, d)
+        v = self.v_proj(x).view(tokens, -1, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_cache(cache[0], batch.slot_mapping, k)
+        write_cache(cache[1], batch.slot_mapping, v)
+        out = paged_attention(q, cache[0], cache[1], batch, d ** -0.5)
+        return self.o_proj(out, self.tp)
+
+
+class MLP(nn.Module):
+    def __init__(self, prefix: str, shapes: Shapes, tp: TensorParallel, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.tp = tp
+        self.gate_proj = Linear(f"{prefix}.gate_proj", shapes, dtype, device)
+        self.up_proj = Linear(f"{prefix}.up_proj", shapes, dtype, device)
+        self.down_proj = RowLinear(f"{prefix}.down_proj", shapes, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x), self.tp)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, model: ModelSpec, layer: int, shapes: Shapes, tp: TensorParallel,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        prefix, eps, h = f"model.layers.{layer}", model.rms_norm_eps, model.hidden_size
+        self.input_layernorm = RMSNorm(h, eps, dtype, device)
+        self.self_attn = Attention(model, f"{prefix}.self_attn", shapes, tp, dtype, device)
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype, device)
+        self.mlp = MLP(f"{prefix}.mlp", shapes, tp, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))

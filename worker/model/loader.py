@@ -1,0 +1,96 @@
+"""Load one position's weight slices from a Hugging Face checkpoint folder.
+
+The folder holds `config.json` and either `model.safetensors` or shards listed by
+`model.safetensors.index.json`. Only the slices `position_slices` assigns to the position
+are read, through safetensors' lazy slicing, so a GPU never materialises tensors (or
+parts of tensors) it does not hold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from spotserve.errors import SpotserveError
+from spotserve.layout import ParallelConfig, Position, TensorSlice
+from spotserve.model_spec import ModelSpec
+from spotserve.worker.model.decoder import TORCH_DTYPES, StageModel
+from spotserve.worker.model.parallel import TensorParallel
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file holding it."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise SpotserveError(f"{index}: not a safetensors index ({exc})") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if not single.exists():
+        raise SpotserveError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def read_slices(folder: Path, slices: tuple[TensorSlice, ...], dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read each slice (and nothing more) from the checkpoint, cast to `dtype`."""
+    files = weight_files(folder)
+    by_file: dict[Path, list[TensorSlice]] = defaultdict(list)
+    for piece in slices:
+        if piece.tensor not in files:
+            raise SpotserveError(f"{folder}: checkpoint has no tensor {piece.tensor!r}")
+        by_file[files[piece.tensor]].append(piece)
+    out: dict[str, torch.Tensor] = {}
+    for file, pieces in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for piece in pieces:
+                lazy = f.get_slice(piece.tensor)
+                if piece.dim is None:
+                    tensor = lazy[:]
+                else:
+                    index = [slice(None)] * len(lazy.get_shape())
+                    index[piece.dim] = slice(piece.start, piece.stop)
+                    tensor = lazy[tuple(index)]
+                out[piece.tensor] = tensor.to(device=device, dtype=dtype)
+    return out
+
+
+def load_stage(folder: str | Path, config: ParallelConfig, position: Position, *,
+               dtype: str | None = None, tp: TensorParallel | None = None,
+               device: torch.device | str = "cpu") -> StageModel:
+    """Build the stage model for `position` and fill it from the checkpoint."""
+    folder = Path(folder)
+    spec = ModelSpec.from_hf_config(folder, dtype=dtype)
+    if not spec.is_llama_family:
+        raise SpotserveError(f"{folder}: family {spec.family!r} cannot be served by the engine")
+    config.validate(spec)
+    model = StageModel(spec, config, position, tp, device)
+    tensors = read_slices(folder, model.slices, TORCH_DTYPES[spec.dtype], device)
+    load_into(model, tensors)
+    return model.eval()
+
+
+def load_into(model: StageModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy named tensors into the model's parameters; every parameter must be given."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise SpotserveError(f"weights do not match the stage: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise SpotserveError(f"{name}: checkpoint slice {tuple(tensor.shape)} does not "
+                                     f"fit {tuple(params[name].shape)}")
+            params[name].copy_(tensor)

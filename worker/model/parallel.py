@@ -1,0 +1,196 @@
+"""Process groups of one configuration epoch and the collectives the model calls.
+
+A worker process belongs to one world (`torch.distributed` default group, created once);
+each configuration epoch builds, over that world, one TP group per stage and one group per
+pipeline, and tears them down when the next epoch begins, so the same processes can be
+regrouped after a migration. Backend: NCCL on CUDA, gloo on CPU.
+
+Hidden states move stage to stage by point-to-point: rank 0 of a stage's TP group sends to
+every rank of the next stage. The pipeline driver (stage 0, TP rank 0) broadcasts each
+step's metadata over the pipeline group; the last stage's TP rank 0 samples and broadcasts
+the tokens back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from spotserve.errors import SpotserveError
+from spotserve.layout import ParallelConfig, Position
+
+
+@dataclass
+class TensorParallel:
+    """The collectives of one stage's TP group (identity when the degree is 1)."""
+
+    size: int = 1
+    rank: int = 0
+    group: Any = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate each rank's `x` along the last dim; rank i holds `sizes[i]` columns
+        (uneven sizes are padded for the collective and trimmed after)."""
+        if self.size == 1:
+            return x
+        width = max(sizes)
+        padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+
+@dataclass
+class EpochGroups:
+    """Everything one process needs to talk to its peers during one configuration epoch.
+
+    `position` is None for a process the epoch does not use (it only takes part in
+    building the groups)."""
+
+    epoch: int
+    config: ParallelConfig
+    position: Position | None
+    ranks: dict[Position, int]
+    tp: TensorParallel = field(default_factory=TensorParallel)
+    pipeline_group: Any = None
+    _owned: list[Any] = field(default_factory=list)
+
+    # ---- construction -----------------------------------------------------------------
+    @classmethod
+    def single(cls, config: ParallelConfig) -> EpochGroups:
+        """One process holding the whole model (no torch.distributed needed)."""
+        pos = Position(0, 0, 0)
+        if config.num_gpus != 1:
+            raise SpotserveError(f"a single process cannot run {config.describe()}")
+        return cls(0, config, pos, {pos: 0})
+
+    @classmethod
+    def create(cls, epoch: int, config: ParallelConfig, ranks: Mapping[Position, int]
+               ) -> EpochGroups:
+        """Collective over the whole world: every process calls it with the same arguments.
+        `ranks` maps each position of `config` to a global rank."""
+        if set(ranks) != set(config.positions()):
+            raise SpotserveError("ranks must map every position of the configuration")
+        me = dist.get_rank()
+        mine = [p for p, r in ranks.items() if r == me]
+        groups = cls(epoch, config, mine[0] if mine else None, dict(ranks))
+        for d, pipe in enumerate(config.pipelines):
+            for s, stage in enumerate(pipe.stages):
+                members = [ranks[Position(d, s, t)] for t in range(stage.tp)]
+                group = groups._new_group(members) if stage.tp > 1 else None
+                if groups.position and (groups.position.pipeline, groups.position.stage) == (d, s):
+                    groups.tp = TensorParallel(stage.tp, groups.position.tp_rank, group)
+            members = [ranks[p] for p in config.positions() if p.pipeline == d]
+            group = groups._new_group(members)
+            if groups.position and groups.position.pipeline == d:
+                groups.pipeline_group = group
+        return groups
+
+    def _new_group(self, members: list[int]) -> Any:
+        group = dist.new_group(sorted(members))
+        self._owned.append(group)
+        return group
+
+    def destroy(self) -> None:
+        """Tear this epoch's groups down (the world stays)."""
+        for group in self._owned:
+            if self.position is not None and group is not None:
+                try:
+                    dist.destroy_process_group(group)
+                except (ValueError, RuntimeError):
+                    pass  # not a member: nothing was created locally
+        self._owned.clear()
+
+    # ---- roles ----------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return len(self.ranks) > 1
+
+    @property
+    def stage(self) -> int:
+        assert self.position is not None
+        return self.position.stage
+
+    @property
+    def num_stages(self) -> int:
+        assert self.position is not None
+        return len(self.config.pipelines[self.position.pipeline].stages)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def is_driver(self) -> bool:
+        assert self.position is not None
+        return self.position.stage == 0 and self.position.tp_rank == 0
+
+    @property
+    def is_sampler(self) -> bool:
+        assert self.position is not None
+        return self.is_last_stage and self.position.tp_rank == 0
+
+    def _rank(self, stage: int, tp_rank: int = 0) -> int:
+        assert self.position is not None
+        return self.ranks[Position(self.position.pipeline, stage, tp_rank)]
+
+    @property
+    def driver_rank(self) -> int:
+        return self._rank(0)
+
+    @property
+    def sampler_rank(self) -> int:
+        return self._rank(self.num_stages - 1)
+
+    # ---- pipeline traffic -----------------------------------------------------------
+    def send_forward(self, hidden: torch.Tensor) -> None:
+        """Hand hidden states to every rank of the next stage (TP rank 0 sends)."""
+        assert self.position is not None
+        if self.is_last_stage or self.position.tp_rank:
+            return
+        pipe = self.config.pipelines[self.position.pipeline]
+        hidden = hidden.contiguous()
+        for t in range(pipe.stages[self.stage + 1].tp):
+            dist.send(hidden, dst=self._rank(self.stage + 1, t), group=self.pipeline_group)
+
+    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+        hidden = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(hidden, src=self._rank(self.stage - 1), group=self.pipeline_group)
+        return hidden
+
+    def broadcast_object(self, obj: Any, src: int) -> Any:
+        """Send a picklable object from global rank `src` to the whole pipeline."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.pipeline_group)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Collect one object from every rank of the pipeline on the driver."""
+        if not self.distributed:
+            return [obj]
+        me = dist.get_rank()
+        out: list[Any] | None = None
+        if me == self.driver_rank:
+            out = [None] * dist.get_world_size(self.pipeline_group)
+        dist.gather_object(obj, out, dst=self.driver_rank, group=self.pipeline_group)
+        return out
+
+
+def backend_for(device: torch.device | str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
