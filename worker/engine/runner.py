@@ -1,0 +1,133 @@
+"""Runs steps on one rank, and lets the driver drive the whole pipeline.
+
+Every rank of a pipeline holds a `StageRunner` (its stage model, its KV cache, its epoch's
+groups). The driver (stage 0, TP rank 0) calls `step`, `export_kv`, `import_kv` and `stop`;
+each broadcasts the command to the pipeline, then does the driver's own share. The other
+ranks sit in `serve_forever`, doing their share of each command as it arrives, until
+`stop`. A one-GPU pipeline skips all communication.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spotserve.worker.engine.kv_cache import KVCache
+from spotserve.worker.engine.plan import StepPlan
+from spotserve.worker.engine.sampling import sample
+from spotserve.worker.model.attention import AttentionBatch, SequenceChunk
+from spotserve.worker.model.decoder import StageModel
+from spotserve.worker.model.parallel import EpochGroups
+
+
+class StageRunner:
+    def __init__(self, model: StageModel, cache: KVCache, groups: EpochGroups) -> None:
+        self.model, self.cache, self.groups = model, cache, groups
+
+    # ---- driver side ----------------------------------------------------------------
+    def step(self, plan: StepPlan) -> dict[str, int]:
+        """Run one step on the whole pipeline; the sampled token of each sampling chunk."""
+        return self._command("step", plan)  # type: ignore[no-any-return]
+
+    def export_kv(self, block_table: tuple[int, ...], num_tokens: int) -> torch.Tensor:
+        """The request's whole KV cache [layers, 2, tokens, kv_heads, head_dim], gathered
+        from every rank of the pipeline."""
+        return self._command("export", (block_table, num_tokens))  # type: ignore[no-any-return]
+
+    def import_kv(self, block_table: tuple[int, ...], kv: torch.Tensor) -> None:
+        """Store a request's whole KV cache; each rank keeps its layers and heads."""
+        self._command("import", (block_table, kv))
+
+    def stop(self) -> None:
+        """Release the other ranks from `serve_forever`."""
+        self._command("stop", None)
+
+    def _command(self, kind: str, payload: Any) -> Any:
+        if self.groups.distributed:
+            self.groups.broadcast_object((kind, payload), src=self.groups.driver_rank)
+        return self._handle(kind, payload)
+
+    # ---- every rank -----------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Follower loop: do this rank's share of each command until `stop`."""
+        while True:
+            kind, payload = self.groups.broadcast_object(None, src=self.groups.driver_rank)
+            self._handle(kind, payload)
+            if kind == "stop":
+                return
+
+    def _handle(self, kind: str, payload: Any) -> Any:
+        if kind == "step":
+            return self._step(payload)
+        if kind == "export":
+            return self._export(*payload)
+        if kind == "import":
+            return self._import(*payload)
+        return None
+
+    @torch.inference_mode()
+    def _step(self, plan: StepPlan) -> dict[str, int]:
+        model, groups = self.model, self.groups
+        chunks = [SequenceChunk(len(c.token_ids), c.context_len, c.block_table)
+                  for c in plan.chunks]
+        batch = AttentionBatch.build(chunks, self.cache.block_size, model.device)
+        if model.is_first:
+            inputs = torch.tensor([t for c in plan.chunks for t in c.token_ids],
+                                  device=model.device)
+        else:
+            inputs = groups.recv_forward((plan.num_tokens, model.spec.hidden_size),
+                                         model.dtype, model.device)
+        hidden = model(inputs, batch, self.cache.layers)
+        tokens: dict[str, int] | None = None
+        if not model.is_last:
+            groups.send_forward(hidden)
+        else:
+            tokens = self._sample(plan, hidden)
+        if groups.distributed:
+            tokens = groups.broadcast_object(tokens, src=groups.sampler_rank)
+        assert tokens is not None
+        return tokens
+
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, int]:
+        rows, params, positions, ids = [], [], [], []
+        end = 0
+        for c in plan.chunks:
+            end += len(c.token_ids)
+            if c.sample is not None:
+                rows.append(end - 1)
+                params.append(c.sample)
+                positions.append(c.context_len)
+                ids.append(c.request_id)
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        if not self.groups.is_sampler:
+            return {}
+        return dict(zip(ids, sample(logits, params, positions), strict=True))
+
+    def _export(self, block_table: tuple[int, ...], num_tokens: int) -> torch.Tensor | None:
+        cache = self.cache
+        layers = (cache.layer_range.start, cache.layer_range.stop)
+        piece = cache.read(block_table, layers, cache.head_range, (0, num_tokens)).cpu()
+        pieces = self.groups.gather_objects((layers, cache.head_range, piece))
+        if pieces is None:
+            return None
+        return _assemble(pieces)
+
+    def _import(self, block_table: tuple[int, ...], kv: torch.Tensor) -> None:
+        cache = self.cache
+        (l0, l1), (h0, h1) = (cache.layer_range.start, cache.layer_range.stop), cache.head_range
+        cache.write(block_table, (l0, l1), (h0, h1), (0, kv.shape[2]), kv[l0:l1, :, :, h0:h1])
+
+
+def _assemble(pieces: list[Any]) -> torch.Tensor:
+    """Stitch per-rank (layers, heads, tensor) pieces into one full-request KV tensor."""
+    num_layers = max(l1 for (_, l1), _, _ in pieces)
+    num_heads = max(h1 for _, (_, h1), _ in pieces)
+    sample_piece = pieces[0][2]
+    _, two, tokens, _, head_dim = sample_piece.shape
+    out = torch.zeros(num_layers, two, tokens, num_heads, head_dim, dtype=sample_piece.dtype)
+    for (l0, l1), (h0, h1), piece in pieces:
+        out[l0:l1, :, :, h0:h1] = piece
+    return out
