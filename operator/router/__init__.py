@@ -1,1 +1,11 @@
-"""router (see DESIGN.md)."""
+"""The router: SpotServe's request manager. Clients talk only to it.
+
+It serves the public `Inference` gRPC service and an OpenAI-compatible HTTP API, queues
+requests and dispatches them to pipeline drivers (`Worker.Submit`), records every token it
+has sent (the commit log), and resumes a request on another pipeline when its pipeline
+drains, dies or disappears, so that the client sees one uninterrupted stream.
+
+Layout: pure logic (no sockets, no torch) in `validation`, `commit_log`, `dispatch`,
+`topology`, `load_signal`, `text`; async core in `scheduler` and `router`; thin I/O shells
+in `worker_client`, `server` (gRPC), `openai_http` (aiohttp), `metrics` and `cli`.
+"""

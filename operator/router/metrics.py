@@ -1,0 +1,74 @@
+"""Prometheus metrics of the router: `spotserve_*` plus the vLLM names dashboards expect.
+
+Each `RouterMetrics` has its own registry, so several routers (in tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RouterMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        r, m = self.registry, model_name
+        self.requests = Counter("spotserve_requests", "Finished requests by finish reason.",
+                                ["finish_reason"], registry=r)
+        self.rejected = Counter("spotserve_requests_rejected",
+                                "Requests refused before running, by reason.",
+                                ["reason"], registry=r)
+        self.resumed = Counter("spotserve_requests_resumed",
+                               "Resumptions of interrupted requests, by mode.", ["mode"],
+                               registry=r)
+        self.prompt_tokens = Counter("spotserve_prompt_tokens", "Prompt tokens.", registry=r)
+        self.generation_tokens = Counter("spotserve_generation_tokens",
+                                         "Generated tokens sent to clients.", registry=r)
+        self.ttft = Histogram("spotserve_time_to_first_token_seconds",
+                              "Arrival to first token.", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("spotserve_inter_token_latency_seconds",
+                             "Time between successive token deliveries.",
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("spotserve_e2e_request_latency_seconds", "Arrival to finish.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.waiting = Gauge("spotserve_num_requests_waiting", "Requests in the queue.",
+                             registry=r)
+        self.running = Gauge("spotserve_num_requests_running",
+                             "Requests running on a pipeline.", registry=r)
+        self.arrival_rate = Gauge("spotserve_arrival_rate",
+                                  "Arrival rate estimate (EWMA), requests per second.",
+                                  registry=r)
+        self.pipelines = Gauge("spotserve_pipelines", "Pipelines by state.", ["state"],
+                               registry=r)
+        # vLLM-compatible aliases, for existing dashboards and autoscalers.
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting.",
+                                  ["model_name"], registry=r).labels(m)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests running.",
+                                  ["model_name"], registry=r).labels(m)
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
+                                   ["model_name"], buckets=LATENCY_BUCKETS,
+                                   registry=r).labels(m)
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end latency.",
+                                  ["model_name"], buckets=LATENCY_BUCKETS,
+                                  registry=r).labels(m)
+
+    def set_queue(self, waiting: int, running: int) -> None:
+        self.waiting.set(waiting)
+        self.vllm_waiting.set(waiting)
+        self.running.set(running)
+        self.vllm_running.set(running)
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.vllm_ttft.observe(seconds)
+
+    def observe_e2e(self, seconds: float) -> None:
+        self.e2e.observe(seconds)
+        self.vllm_e2e.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

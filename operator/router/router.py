@@ -1,0 +1,492 @@
+"""The router's core: run one request over the pipelines until it finishes, resuming it
+wherever its pipeline is interrupted.
+
+A request's life: validated → queued (bounded) → submitted to a pipeline driver → its
+tokens go through the commit log to the client. When the stream is interrupted — the
+driver paused it (a drain, KV kept), the driver failed, or the controller declared the
+pipeline gone — the request is submitted again on a pipeline chosen as follows, with the
+tokens committed so far as its resume state:
+
+1. a resume hint from the controller naming a pipeline and mode KV → that pipeline, mode KV
+   (its KV cache was migrated there);
+2. paused, no hint, and its own pipeline is serving again → the same pipeline, mode KV;
+3. otherwise any serving pipeline, mode REPREFILL (prompt + committed tokens recomputed).
+
+A paused request waits up to `hint_wait` seconds for a hint. A KV resumption that fails
+falls back to re-prefill. A request that cannot resume within `resume_timeout` of its
+interruption (or by its own deadline) fails with UNAVAILABLE / DEADLINE_EXCEEDED and a
+message saying how far it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import grpc
+
+from spotserve.v1 import common_pb2, control_pb2, worker_pb2
+
+from .commit_log import CommitLog, GapError
+from .dispatch import Pipeline, PipelineState
+from .errors import ErrorKind, RouterError
+from .load_signal import ArrivalRate, LatencyWindow
+from .metrics import RouterMetrics
+from .scheduler import Scheduler
+from .text import IncrementalDetokenizer, StopMatcher
+from .tokenizer import ModelTokenizer
+from .topology import ResumeHint, Topology, check_pipelines
+from .validation import ModelLimits, validate
+from .worker_client import WorkerClients
+
+log = logging.getLogger(__name__)
+
+FR = common_pb2.FinishReason
+KV = common_pb2.RESUME_MODE_KV
+REPREFILL = common_pb2.RESUME_MODE_REPREFILL
+MODE_NAMES = {KV: "kv", REPREFILL: "reprefill"}
+# Worker statuses that no other pipeline would answer differently.
+FINAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_name: str
+    max_queue: int = 256
+    default_concurrency: int = 64   # per pipeline, when the topology sets none
+    queue_timeout: float = 60.0     # a new request's longest wait for a slot
+    request_timeout: float = 600.0  # deadline of a request whose client sets none
+    resume_timeout: float = 60.0    # an interrupted request's longest wait to resume
+    hint_wait: float = 10.0         # a paused request's longest wait for a resume hint
+    failure_cooldown: float = 5.0   # no new requests to a driver that just failed
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    deadline: float | None = None  # time.monotonic() by which the request must finish
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New tokens and their text; `finish_reason` is set on the last chunk only."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Outcome(Enum):
+    FINISHED = "finished"
+    PAUSED = "paused"            # drained with KV kept
+    INTERRUPTED = "interrupted"  # driver failed, stream broke, or pipeline gone
+
+
+@dataclass(eq=False)
+class _Attempt:
+    pipeline_id: str
+    address: str
+    mode: int
+    call: grpc.aio.UnaryStreamCall | None = None
+    evicted: bool = False
+    outcome: Outcome = Outcome.INTERRUPTED
+    reason: str = "stream ended without a finish reason"
+    finish_reason: int = FR.FINISH_REASON_UNSPECIFIED
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self.call is not None:
+            self.call.cancel()
+
+
+@dataclass(eq=False)
+class _InFlight:
+    log: CommitLog
+    arrived: float
+    attempt: _Attempt | None = None
+    queued: bool = True
+
+
+@dataclass
+class _Counters:
+    completed: int = 0
+    failed: int = 0
+    ttft: LatencyWindow = field(default_factory=LatencyWindow)
+    e2e: LatencyWindow = field(default_factory=LatencyWindow)
+
+
+class Router:
+    def __init__(self, config: RouterConfig, tokenizer: ModelTokenizer,
+                 workers: WorkerClients) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.workers = workers
+        self.limits = ModelLimits(config.model_name, tokenizer.max_context,
+                                  tokenizer.vocab_size)
+        self.topology = Topology()
+        self.scheduler = Scheduler(self.topology, max_queue=config.max_queue,
+                                   default_cap=config.default_concurrency,
+                                   failure_cooldown=config.failure_cooldown)
+        self.metrics = RouterMetrics(config.model_name)
+        self.arrivals = ArrivalRate(start=time.monotonic())
+        self.counters = _Counters()
+        self._inflight: dict[str, _InFlight] = {}
+        self._attempts: dict[str, set[_Attempt]] = {}
+        self._changed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- the request path -------------------------------------------------------------
+
+    def prepare(self, *, model: str, request_id: str, prompt_token_ids: list[int],
+                sampling: common_pb2.SamplingParams,
+                timeout: float | None = None) -> GenerationInput:
+        """Validate a request (raise INVALID_ARGUMENT naming the field) and fix its id."""
+        validate(model, request_id, prompt_token_ids, sampling, self.limits)
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        if request_id in self._inflight:
+            raise RouterError(ErrorKind.ALREADY_EXISTS,
+                              f"request_id: {request_id!r} is already running", field="request_id")
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        return GenerationInput(request_id, prompt_token_ids, sampling, deadline)
+
+    async def generate(self, request: GenerationInput) -> AsyncIterator[Chunk]:
+        """Stream the request's chunks; raise `RouterError` if it cannot be served."""
+        arrived = time.monotonic()
+        deadline = request.deadline or arrived + self.config.request_timeout
+        flight = _InFlight(CommitLog(request.request_id, tuple(request.prompt_token_ids),
+                                     request.sampling.max_tokens), arrived)
+        if request.request_id in self._inflight:
+            raise RouterError(ErrorKind.ALREADY_EXISTS,
+                              f"request_id: {request.request_id!r} is already running",
+                              field="request_id")
+        self._inflight[request.request_id] = flight
+        self.arrivals.record(arrived)
+        self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+        finish = FR.FINISH_REASON_UNSPECIFIED
+        try:
+            async for chunk in self._serve(request, flight, deadline):
+                finish = chunk.finish_reason
+                yield chunk
+        except RouterError as exc:
+            finish = FR.FINISH_REASON_ERROR
+            self._count_failure(exc)
+            raise
+        finally:
+            self._finish(request, flight, finish)
+
+    async def _serve(self, request: GenerationInput, flight: _InFlight,
+                     deadline: float) -> AsyncIterator[Chunk]:
+        pipeline_id = await self._admit(deadline)
+        flight.queued = False
+        detok = IncrementalDetokenizer(self.tokenizer.decode, request.prompt_token_ids)
+        stops = StopMatcher(list(request.sampling.stop))
+        mode = common_pb2.RESUME_MODE_UNSPECIFIED
+        failures = 0
+        last = flight.arrived
+        while True:
+            attempt = self._start_attempt(flight, pipeline_id, mode)
+            try:
+                async with contextlib.aclosing(self._stream(request, flight, attempt,
+                                                            deadline)) as deltas:
+                    async for fresh, finish in deltas:
+                        chunk = self._chunk(request, flight, detok, stops, fresh, finish)
+                        if chunk is None:
+                            continue
+                        last = self._observe_latency(flight, last)
+                        failures = 0
+                        yield chunk
+                        if chunk.finish_reason != FR.FINISH_REASON_UNSPECIFIED:
+                            return
+            finally:
+                self._end_attempt(attempt)
+            if attempt.outcome is Outcome.FINISHED:
+                return  # finished on a delta whose text was all held back: flushed above
+            failures += 1
+            pipeline_id, mode = await self._resume(flight, attempt, deadline, failures)
+
+    async def _admit(self, deadline: float) -> str:
+        wait = min(self.config.queue_timeout, deadline - time.monotonic())
+        self._publish_queue()
+        try:
+            return await self.scheduler.acquire(timeout=max(wait, 0.0))
+        except RouterError as exc:
+            if exc.kind is ErrorKind.RESOURCE_EXHAUSTED:
+                self.metrics.rejected.labels("queue_full").inc()
+            raise
+        finally:
+            self._publish_queue()
+
+    async def _stream(self, request: GenerationInput, flight: _InFlight, attempt: _Attempt,
+                      deadline: float) -> AsyncIterator[tuple[list[int], int]]:
+        """Yield (new tokens, finish reason) from one submission; set `attempt.outcome`."""
+        commit = flight.log
+        submit = worker_pb2.SubmitRequest(request_id=request.request_id,
+                                          prompt_token_ids=request.prompt_token_ids,
+                                          sampling=request.sampling)
+        if commit.committed or attempt.mode == KV:
+            submit.resume.generated_token_ids.extend(commit.tokens)
+            submit.resume.mode = attempt.mode
+        call = self.workers.submit(attempt.address, submit,
+                                   timeout=max(deadline - time.monotonic(), 0.001))
+        attempt.call = call
+        if attempt.evicted:
+            call.cancel()
+        try:
+            while True:
+                delta = await call.read()
+                if delta is grpc.aio.EOF:
+                    return
+                try:
+                    fresh = commit.accept(delta.position, delta.token_ids)
+                except GapError as exc:
+                    attempt.reason = str(exc)
+                    return
+                finish = delta.finish_reason
+                if finish in (FR.FINISH_REASON_STOP, FR.FINISH_REASON_LENGTH) or commit.complete:
+                    attempt.outcome = Outcome.FINISHED
+                    yield fresh, finish or FR.FINISH_REASON_LENGTH
+                    return
+                if fresh:
+                    yield fresh, FR.FINISH_REASON_UNSPECIFIED
+                if finish == FR.FINISH_REASON_PAUSED:
+                    attempt.outcome, attempt.reason = Outcome.PAUSED, "paused by a drain"
+                    return
+                if finish == FR.FINISH_REASON_ERROR:
+                    raise RouterError(ErrorKind.INTERNAL, f"pipeline {attempt.pipeline_id} "
+                                      f"failed request {request.request_id} after "
+                                      f"{commit.committed} tokens")
+                if finish == FR.FINISH_REASON_CANCELLED:
+                    attempt.reason = "cancelled by the worker"
+                    return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if attempt.evicted and task is not None and not task.cancelling():
+                attempt.reason = f"pipeline {attempt.pipeline_id} left the topology"
+                return
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self._classify(request, flight, attempt, exc)
+        finally:
+            if not call.done():
+                call.cancel()
+
+    def _classify(self, request: GenerationInput, flight: _InFlight, attempt: _Attempt,
+                  exc: grpc.aio.AioRpcError) -> None:
+        code, detail = exc.code(), exc.details() or ""
+        where = f"after {flight.log.committed} tokens"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
+                              f"request {request.request_id} passed its deadline {where}")
+        if code in FINAL_CODES:
+            raise RouterError(ErrorKind.INTERNAL, f"pipeline {attempt.pipeline_id} refused "
+                              f"request {request.request_id}: {code.name}: {detail}")
+        attempt.reason = f"pipeline {attempt.pipeline_id} failed: {code.name}: {detail}"
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            self.scheduler.mark_failed(attempt.pipeline_id)
+
+    async def _resume(self, flight: _InFlight, attempt: _Attempt, deadline: float,
+                      failures: int) -> tuple[str, int]:
+        """Pick where and how an interrupted request continues (see the module doc)."""
+        commit = flight.log
+        log.info("request %s interrupted after %d tokens: %s", commit.request_id,
+                 commit.committed, attempt.reason)
+        give_up = min(deadline, time.monotonic() + self.config.resume_timeout)
+        if failures > 1:  # repeated failures without progress: back off a little
+            await asyncio.sleep(min(0.05 * 2 ** (failures - 2), 1.0))
+        if attempt.outcome is Outcome.PAUSED:
+            hint = await self._await_hint(commit.request_id, attempt, give_up)
+        else:
+            hint = self.topology.hints.pop(commit.request_id, None)
+        target = self._kv_target(attempt, hint)
+        flight.queued = True
+        try:
+            if target is not None:
+                wait = min(self.config.hint_wait, give_up - time.monotonic())
+                with contextlib.suppress(RouterError):
+                    pipeline_id = await self.scheduler.acquire(timeout=max(wait, 0.0),
+                                                               only=target, priority=True)
+                    return self._resumed(commit, pipeline_id, KV)
+            pipeline_id = await self._acquire_for_resume(flight, attempt, hint, give_up)
+            return self._resumed(commit, pipeline_id, REPREFILL)
+        finally:
+            flight.queued = False
+
+    async def _acquire_for_resume(self, flight: _InFlight, attempt: _Attempt,
+                                  hint: ResumeHint | None, give_up: float) -> str:
+        only = hint.pipeline_id if hint and hint.mode == "reprefill" and hint.pipeline_id \
+            else None
+        avoid = frozenset() if attempt.outcome is Outcome.PAUSED else \
+            frozenset({attempt.pipeline_id})
+        try:
+            if only is not None:
+                with contextlib.suppress(RouterError):
+                    wait = min(self.config.hint_wait, give_up - time.monotonic())
+                    return await self.scheduler.acquire(timeout=max(wait, 0.0), only=only,
+                                                        priority=True)
+            return await self.scheduler.acquire(timeout=max(give_up - time.monotonic(), 0.0),
+                                                priority=True, avoid=avoid)
+        except RouterError as exc:
+            raise RouterError(exc.kind, f"request {flight.log.request_id} was interrupted "
+                              f"after {flight.log.committed} tokens ({attempt.reason}) and "
+                              f"could not resume: {exc.message}") from None
+
+    async def _await_hint(self, request_id: str, attempt: _Attempt,
+                          give_up: float) -> ResumeHint | None:
+        """A paused request: wait for the controller to say where its KV went."""
+        until = min(give_up, time.monotonic() + self.config.hint_wait)
+        while True:
+            hint = self.topology.hints.pop(request_id, None)
+            source = self.topology.pipelines.get(attempt.pipeline_id)
+            if hint is not None or source is None or source.state is not \
+                    PipelineState.DRAINING or time.monotonic() >= until:
+                return hint
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), until - time.monotonic())
+
+    def _kv_target(self, attempt: _Attempt, hint: ResumeHint | None) -> str | None:
+        if hint is not None:
+            return hint.pipeline_id if hint.mode == "kv" and hint.pipeline_id else None
+        source = self.topology.pipelines.get(attempt.pipeline_id)
+        if attempt.outcome is Outcome.PAUSED and source is not None and \
+                source.state is PipelineState.SERVING:
+            return source.id  # the drain was called off: its KV is still there
+        return None
+
+    def _resumed(self, commit: CommitLog, pipeline_id: str, mode: int) -> tuple[str, int]:
+        commit.record_resume(MODE_NAMES[mode], pipeline_id)
+        self.metrics.resumed.labels(MODE_NAMES[mode]).inc()
+        log.info("request %s resumes on %s by %s at token %d", commit.request_id,
+                 pipeline_id, MODE_NAMES[mode], commit.committed)
+        return pipeline_id, mode
+
+    # ---- bookkeeping ------------------------------------------------------------------
+
+    def _start_attempt(self, flight: _InFlight, pipeline_id: str, mode: int) -> _Attempt:
+        pipeline = self.topology.pipelines.get(pipeline_id)
+        address = pipeline.driver_address if pipeline else ""
+        attempt = _Attempt(pipeline_id, address, mode)
+        flight.attempt = attempt
+        self._attempts.setdefault(pipeline_id, set()).add(attempt)
+        self._publish_queue()
+        return attempt
+
+    def _end_attempt(self, attempt: _Attempt) -> None:
+        attempts = self._attempts.get(attempt.pipeline_id)
+        if attempts is not None:
+            attempts.discard(attempt)
+            if not attempts:
+                del self._attempts[attempt.pipeline_id]
+        self.scheduler.release(attempt.pipeline_id)
+        self._publish_queue()
+
+    def _chunk(self, request: GenerationInput, flight: _InFlight,
+               detok: IncrementalDetokenizer, stops: StopMatcher, fresh: list[int],
+               finish: int) -> Chunk | None:
+        text = stops.feed(detok.add(fresh))
+        if not stops.stopped and finish != FR.FINISH_REASON_UNSPECIFIED:
+            text += stops.feed(detok.flush())
+            text += stops.flush()
+        if stops.stopped:
+            finish = FR.FINISH_REASON_STOP
+        if not fresh and not text and finish == FR.FINISH_REASON_UNSPECIFIED:
+            return None
+        self.metrics.generation_tokens.inc(len(fresh))
+        return Chunk(request.request_id, fresh, text, finish,
+                     len(request.prompt_token_ids), flight.log.committed)
+
+    def _observe_latency(self, flight: _InFlight, last: float) -> float:
+        now = time.monotonic()
+        if last == flight.arrived:
+            self.metrics.observe_ttft(now - flight.arrived)
+            self.counters.ttft.add(now - flight.arrived)
+        else:
+            self.metrics.itl.observe(now - last)
+        return now
+
+    def _finish(self, request: GenerationInput, flight: _InFlight, finish: int) -> None:
+        self._inflight.pop(request.request_id, None)
+        elapsed = time.monotonic() - flight.arrived
+        if finish in (FR.FINISH_REASON_STOP, FR.FINISH_REASON_LENGTH):
+            self.counters.completed += 1
+            self.counters.e2e.add(elapsed)
+            self.metrics.observe_e2e(elapsed)
+            self.metrics.requests.labels(FR.Name(finish)[len("FINISH_REASON_"):].lower()).inc()
+        elif finish == FR.FINISH_REASON_UNSPECIFIED:  # the client went away
+            self.metrics.requests.labels("cancelled").inc()
+            attempt = flight.attempt
+            if attempt is not None and attempt.address:
+                self._spawn(self.workers.cancel(attempt.address, request.request_id))
+        self._publish_queue()
+
+    def _count_failure(self, exc: RouterError) -> None:
+        if exc.kind is ErrorKind.RESOURCE_EXHAUSTED:
+            return  # a refusal, counted as rejected
+        self.counters.failed += 1
+        self.metrics.requests.labels("error").inc()
+
+    def _publish_queue(self) -> None:
+        self.metrics.set_queue(self.scheduler.queued, self.scheduler.total_running)
+
+    def _spawn(self, coroutine: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- the control path -------------------------------------------------------------
+
+    async def update_topology(self, epoch: int, pipelines: list[Pipeline],
+                              hints: Iterable[ResumeHint]) -> int:
+        """Apply the controller's view; move requests off pipelines that are gone."""
+        check_pipelines(pipelines)
+        lost = self.topology.apply(epoch, pipelines, hints)
+        if lost is None:
+            log.info("ignored a stale topology (epoch %d < %d)", epoch, self.topology.epoch)
+            return self.topology.epoch
+        for pipeline_id in lost:
+            for attempt in list(self._attempts.get(pipeline_id, ())):
+                if not self.topology.usable(attempt.pipeline_id, attempt.address):
+                    attempt.evict()
+        for state in PipelineState:
+            self.metrics.pipelines.labels(state.value).set(
+                sum(p.state is state for p in self.topology.pipelines.values()))
+        self.scheduler.pump()
+        self._changed.set()
+        self._changed = asyncio.Event()
+        await self.workers.retain({p.driver_address for p in pipelines} |
+                                  {a.address for s in self._attempts.values() for a in s})
+        return self.topology.epoch
+
+    def stats(self) -> control_pb2.RouterStats:
+        now = time.monotonic()
+        self.metrics.arrival_rate.set(self.arrivals.ewma(now))
+        return control_pb2.RouterStats(
+            arrival_rate_ewma=self.arrivals.ewma(now),
+            arrival_rate_window=self.arrivals.windowed(now),
+            queued=self.scheduler.queued, running=self.scheduler.total_running,
+            completed=self.counters.completed, failed=self.counters.failed,
+            ttft_p50_seconds=self.counters.ttft.percentile(50),
+            e2e_p50_seconds=self.counters.e2e.percentile(50),
+            e2e_p99_seconds=self.counters.e2e.percentile(99),
+            requests=[common_pb2.RequestProgress(
+                request_id=rid, prompt_tokens=len(f.log.prompt_token_ids),
+                generated_tokens=f.log.committed) for rid, f in self._inflight.items()],
+            epoch=self.topology.epoch)
+
+    def ready(self) -> bool:
+        return bool(self.topology.serving())
+
+    async def close(self) -> None:
+        await self.workers.close()
