@@ -103,11 +103,8 @@ class EpochGroups:
     def destroy(self) -> None:
         """Tear this epoch's groups down (the world stays)."""
         for group in self._owned:
-            if self.position is not None and group is not None:
-                try:
-                    dist.destroy_process_group(group)
-                except (ValueError, RuntimeError):
-                    pass  # not a member: nothing was created locally
+            if group not in (None, dist.GroupMember.NON_GROUP_MEMBER):
+                dist.destroy_process_group(group)
         self._owned.clear()
 
     # ---- roles ----------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""A loopback world of worker processes (torch.distributed, gloo on 127.0.0.1) that runs a
+script of configuration epochs, for the multi-process engine tests.
+
+Each `Phase` is one epoch: the processes regroup into its configuration (pipeline 0 only),
+load their slices from the checkpoint, and the driver submits requests at given steps,
+optionally drains after k more steps and exports the unfinished requests (with or
+without KV cache); the next phase may resume them. Every process has a deadline, so a hang
+fails the test instead of blocking it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from spotserve.layout import ParallelConfig, Position
+from spotserve.worker.engine.engine import EngineConfig
+from spotserve.worker.engine.scheduler import SchedulerConfig
+from spotserve.worker.engine.sequence import SamplingParams
+
+Arrival = tuple[int, str, list[int], SamplingParams]   # (step, request id, prompt, params)
+
+ENGINE = EngineConfig(num_blocks=64, block_size=4,
+                      scheduler=SchedulerConfig(max_num_seqs=8, max_batched_tokens=24))
+
+
+@dataclass(frozen=True)
+class Phase:
+    config: ParallelConfig
+    arrivals: tuple[Arrival, ...] = ()
+    resume: bool = False          # continue the previous phase's exported requests
+    drain_at: int | None = None   # at this step, allow `drain_steps` more, then export
+    drain_steps: int = 0
+    export_kv: bool = True
+    ranks: dict[Position, int] | None = None   # default: positions in order → 0..n-1
+    engine: EngineConfig = field(default=ENGINE)
+
+    def rank_map(self) -> dict[Position, int]:
+        if self.ranks is not None:
+            return self.ranks
+        return {p: i for i, p in enumerate(self.config.positions())}
+
+
+def run_world(world: int, folder: Path, phases: list[Phase], timeout: float = 120.0
+              ) -> list[dict[str, list[int]]]:
+    """Run the phases on `world` processes; each phase's outputs (request → tokens so far)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_main, args=(r, world, port, str(folder), phases, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, value = queue.get(timeout=timeout)
+            results[rank] = value
+    except Exception as exc:
+        raise AssertionError(f"world timed out or crashed; got ranks {sorted(results)}") from exc
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = [v for v in results.values() if isinstance(v, str)]
+    assert not errors, "\n".join(errors)
+    return results[0]  # type: ignore[no-any-return]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _main(rank: int, world: int, port: int, folder: str, phases: list[Phase],
+          queue: Any) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+        queue.put((rank, _run_phases(folder, phases)))
+    except Exception:
+        queue.put((rank, f"rank {rank}:\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_phases(folder: str, phases: list[Phase]) -> list[dict[str, list[int]]]:
+    import torch.distributed as dist
+
+    from spotserve.worker.engine.builder import build_runner
+    from spotserve.worker.engine.engine import Engine
+    from spotserve.worker.model.parallel import EpochGroups
+    states: list[Any] = []
+    outputs: list[dict[str, list[int]]] = []
+    for epoch, phase in enumerate(phases):
+        groups = EpochGroups.create(epoch, phase.config, phase.rank_map())
+        carry: Any = None
+        if groups.position is not None:
+            runner = build_runner(folder, groups, phase.engine)
+            if groups.is_driver:
+                engine = Engine(runner, phase.engine)
+                carry = _drive(engine, phase, states if phase.resume else [])
+            else:
+                runner.serve_forever()
+        groups.destroy()
+        box = [carry]
+        dist.broadcast_object_list(box, src=phase.rank_map()[Position(0, 0, 0)])
+        states, produced = box[0]
+        outputs.append(produced)
+    return outputs
+
+
+def run_local(folder: Path, phases: list[Phase]) -> list[dict[str, list[int]]]:
+    """The same script in this process on one GPU's worth of model (P = M = 1)."""
+    from spotserve.model_spec import ModelSpec
+    from spotserve.worker.engine.builder import build_runner
+    from spotserve.worker.engine.engine import Engine
+    from spotserve.worker.model.parallel import EpochGroups
+    layers = ModelSpec.from_hf_config(folder).num_layers
+    states: list[Any] = []
+    outputs = []
+    for phase in phases:
+        groups = EpochGroups.single(ParallelConfig.uniform(layers, 1, 1, 1))
+        engine = Engine(build_runner(folder, groups, phase.engine), phase.engine)
+        states, produced = _drive(engine, phase, states if phase.resume else [])
+        outputs.append(produced)
+    return outputs
+
+
+def merged(outputs: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Each request's tokens over all phases (a later phase extends an earlier one)."""
+    out: dict[str, list[int]] = {}
+    for produced in outputs:
+        for rid, tokens in produced.items():
+            before = out.get(rid, [])
+            assert tokens[:len(before)] == before, f"{rid}: resumed run rewrote its tokens"
+            out[rid] = tokens if len(tokens) >= len(before) else before
+    return out
+
+
+def _drive(engine: Any, phase: Phase, states: list[Any]) -> tuple[list[Any], dict]:
+    produced: dict[str, list[int]] = {s.request_id: list(s.output_token_ids) for s in states}
+    for state in states:
+        engine.resume(state)
+    pending = sorted(phase.arrivals, key=lambda a: a[0])
+    for step in range(1000):
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, params = pending.pop(0)
+            engine.submit(rid, prompt, params)
+            produced[rid] = []
+        if phase.drain_at is not None and step == phase.drain_at:
+            engine.drain(phase.drain_steps)
+        if engine.steps_left == 0 or not (engine.has_unfinished or pending):
+            break
+        for event in engine.step():
+            assert event.index == len(produced[event.request_id])
+            produced[event.request_id].append(event.token_id)
+    exported = engine.export_all(with_kv=phase.export_kv) if phase.drain_at is not None else []
+    engine.shutdown()
+    return exported, produced
