@@ -1,0 +1,92 @@
+"""One router process: the `Router`, its gRPC server and its HTTP server in one event loop.
+
+Used by the CLI, the tests and the benchmark alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from .auth import BearerCheck
+from .dispatch import Pipeline
+from .openai_http import build_app
+from .router import Router, RouterConfig
+from .server import start_grpc
+from .tokenizer import ModelTokenizer
+from .worker_client import WorkerClients
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterApp:
+    router: Router
+    grpc_address: str
+    http_address: str
+    internal_token: str | None
+    api_keys: list[str]
+    static_pipelines: list[tuple[str, str, float]]
+    grpc_port: int = 0
+    http_port: int = 0
+    _grpc: grpc.aio.Server | None = None
+    _http: web.AppRunner | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, pipelines: list[tuple[str, str, float]],
+                  token: str | None, api_keys: list[str]) -> RouterApp:
+        tokenizer = ModelTokenizer.from_dir(args.model, max_context=args.max_context)
+        config = RouterConfig(
+            model_name=args.served_model_name or args.model.resolve().name,
+            max_queue=args.max_queue, default_concurrency=args.max_concurrency,
+            queue_timeout=args.queue_timeout, request_timeout=args.request_timeout,
+            resume_timeout=args.resume_timeout, hint_wait=args.hint_wait)
+        router = Router(config, tokenizer, WorkerClients(token))
+        return cls(router, args.grpc, args.http, token, api_keys, pipelines)
+
+    async def start(self) -> None:
+        if not self.internal_token:
+            log.warning("no internal token: Control is open and workers get no token")
+        if self.static_pipelines:
+            await self.router.update_topology(0, [Pipeline(pid, address, capacity)
+                                                  for pid, address, capacity
+                                                  in self.static_pipelines], [])
+        self._grpc, self.grpc_port = await start_grpc(
+            self.router, self.grpc_address, internal_token=BearerCheck(
+                [self.internal_token] if self.internal_token else []),
+            api_keys=BearerCheck(self.api_keys))
+        self._http = web.AppRunner(build_app(self.router, BearerCheck(self.api_keys)),
+                                   handler_cancellation=True, access_log=None)
+        await self._http.setup()
+        host, _, port = self.http_address.rpartition(":")
+        site = web.TCPSite(self._http, host, int(port))
+        await site.start()
+        self.http_port = self._http.addresses[0][1]
+        # Tests and scripts read this line to learn the ports chosen by the OS.
+        grpc_host = self.grpc_address.rpartition(":")[0]
+        print(f"router listening grpc={grpc_host}:{self.grpc_port} "
+              f"http={host}:{self.http_port}", flush=True)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.router.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("router stopping", file=sys.stderr, flush=True)
+        await self.stop()
