@@ -1,0 +1,295 @@
+"""Device mapper: which GPU takes which position of the new configuration (Kuhn–Munkres).
+
+The new configuration's positions are packed, in (pipeline, stage, rank) order, into
+instance-sized *slots*: TP groups smaller than an instance share one, larger ones fill
+whole instances, so a TP group never straddles part of an instance. Level one matches the
+GPUs of an instance to the ranks of a slot; level two matches instances to slots. Both
+maximise reused bytes: weights a GPU already holds (`shared_weight_bytes`) plus, when the
+new pipeline inherits the old pipeline's requests, its KV cache (`shared_kv_bytes`).
+`scipy.optimize.linear_sum_assignment` solves both levels; identical level-one matrices
+are solved once. When D shrinks, the pipelines with the most decoded tokens keep their KV.
+A pure scale-out (old pipelines kept as they are, new ones added) skips the matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import linear_sum_assignment
+
+from spotserve.errors import SpotserveError
+from spotserve.layout import ParallelConfig, Position, shared_kv_bytes, shared_weight_bytes
+from spotserve.model_spec import ModelSpec
+
+from .cluster import CurrentState, GpuId, Instance, Placement
+
+
+@dataclass(frozen=True)
+class MappingResult:
+    placement: Placement
+    inherits: tuple[tuple[int, int], ...]  # (new pipeline, old pipeline) whose KV it keeps
+    reused_weight_bytes: int
+    reused_kv_bytes: int
+    fast_path: bool = False
+
+    @property
+    def reused_bytes(self) -> int:
+        return self.reused_weight_bytes + self.reused_kv_bytes
+
+    def inherited_by(self, old_pipeline: int) -> int | None:
+        return next((n for n, o in self.inherits if o == old_pipeline), None)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Positions one instance will run; `kind` is the instance type it needs."""
+
+    kind: str
+    positions: tuple[Position, ...]
+
+
+def choose_inheritance(current: CurrentState | None, new: ParallelConfig,
+                       readable: set[str]) -> dict[int, int]:
+    """New pipeline → old pipeline whose KV cache it keeps: the old pipelines with the most
+    cached tokens whose every GPU can still be read, one per new pipeline."""
+    if current is None:
+        return {}
+    old = current.placement
+    alive = [d for d in range(old.config.data)
+             if current.progress_of(d).cached_tokens > 0
+             and old.pipeline_instances(d) <= readable]
+    kept = sorted(alive, key=lambda d: (-current.progress_of(d).cached_tokens, d))[:new.data]
+    heirs = {d: d for d in kept if d < new.data}
+    free = iter(n for n in range(new.data) if n not in heirs)
+    heirs.update((next(free), d) for d in kept if d >= new.data)
+    return heirs
+
+
+def pack_slots(config: ParallelConfig, kinds: Mapping[str | None, tuple[str, int]]) -> list[Slot]:
+    """Cut the configuration into instance-sized slots. `kinds` maps a stage's gpu_type to
+    (instance type, GPUs per instance) hosting it."""
+    slots: list[Slot] = []
+    open_slots: dict[str, list[Position]] = {}
+    for d, pipe in enumerate(config.pipelines):
+        for s, stage in enumerate(pipe.stages):
+            kind, size = _kind_of(kinds, stage.gpu_type)
+            ranks = [Position(d, s, r) for r in range(stage.tp)]
+            if stage.tp >= size:
+                if stage.tp % size:
+                    raise SpotserveError(f"TP degree {stage.tp} does not fill whole "
+                                         f"{kind} instances of {size} GPUs")
+                slots += [Slot(kind, tuple(ranks[i:i + size]))
+                          for i in range(0, stage.tp, size)]
+                continue
+            pending = open_slots.setdefault(kind, [])
+            if size % stage.tp or len(pending) + stage.tp > size:
+                raise SpotserveError(f"TP degree {stage.tp} does not pack into {kind} "
+                                     f"instances of {size} GPUs")
+            pending += ranks
+            if len(pending) == size:
+                slots.append(Slot(kind, tuple(pending)))
+                open_slots[kind] = []
+    slots += [Slot(k, tuple(p)) for k, p in open_slots.items() if p]
+    return slots
+
+
+def _kind_of(kinds: Mapping[str | None, tuple[str, int]], gpu_type: str | None) -> tuple[str,
+                                                                                        int]:
+    found = kinds.get(gpu_type) or (kinds.get(None) if gpu_type is None else None)
+    if found is None:
+        raise SpotserveError(f"no instance type hosts stages of GPU type {gpu_type!r}")
+    return found
+
+
+def instance_kinds(instances: Sequence[Instance]) -> dict[str | None, tuple[str, int]]:
+    """gpu_type → (instance type, GPUs): each GPU type's largest instance type present;
+    None (a homogeneous configuration) → the first instance's type."""
+    kinds: dict[str | None, tuple[str, int]] = {}
+    for inst in sorted(instances, key=lambda i: -i.type.gpus):
+        kinds.setdefault(inst.type.gpu.name, (inst.type.name, inst.type.gpus))
+    if instances:
+        kinds[None] = (instances[0].type.name, instances[0].type.gpus)
+    return kinds
+
+
+class _ReuseTable:
+    """Reused bytes for (old GPU, new position) pairs, computed once per distinct pair of
+    stage shapes and broadcast with numpy."""
+
+    def __init__(self, model: ModelSpec, old: ParallelConfig, new: ParallelConfig) -> None:
+        self.model, self.old, self.new = model, old, new
+        self._old_keys: dict[tuple[object, ...], Position] = {}
+        self._new_keys: dict[tuple[object, ...], Position] = {}
+
+    def keys(self, config: ParallelConfig, positions: Sequence[Position],
+             table: dict[tuple[object, ...], Position]) -> NDArray[np.int64]:
+        index: dict[tuple[object, ...], int] = {k: i for i, k in enumerate(table)}
+        out = np.empty(len(positions), dtype=np.int64)
+        for n, pos in enumerate(positions):
+            key = (config.stage_of(pos), pos.stage == 0, config.is_last_stage(pos), pos.tp_rank)
+            if key not in index:
+                index[key] = len(table)
+                table[key] = pos
+            out[n] = index[key]
+        return out
+
+    def matrices(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        olds, news = list(self._old_keys.values()), list(self._new_keys.values())
+        weights = np.array([[shared_weight_bytes(self.model, self.old, a, self.new, b)
+                             for b in news] for a in olds], dtype=np.float64)
+        kv = np.array([[shared_kv_bytes(self.model, self.old, a, self.new, b, 1)
+                        for b in news] for a in olds], dtype=np.float64)
+        return weights.reshape(len(olds), len(news)), kv.reshape(len(olds), len(news))
+
+
+def reuse_matrix(model: ModelSpec, current: CurrentState | None, new: ParallelConfig,
+                 gpus: Sequence[GpuId], positions: Sequence[Position | None],
+                 readable: set[str], inherits: Mapping[int, int]
+                 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(weight bytes, KV bytes) GPU `gpus[i]` already holds for `positions[j]` (None: pad)."""
+    shape = (len(gpus), len(positions))
+    weights, kv = np.zeros(shape), np.zeros(shape)
+    if current is None:
+        return weights, kv
+    old = current.placement
+    rows = [i for i, g in enumerate(gpus) if g in old.by_gpu and g.instance in readable]
+    cols = [j for j, p in enumerate(positions) if p is not None]
+    if not rows or not cols:
+        return weights, kv
+    table = _ReuseTable(model, old.config, new)
+    old_pos = [old.by_gpu[gpus[i]] for i in rows]
+    new_pos = [p for p in positions if p is not None]
+    ko = table.keys(old.config, old_pos, table._old_keys)
+    kn = table.keys(new, new_pos, table._new_keys)
+    w_small, kv_small = table.matrices()
+    r, c = np.ix_(rows, cols)
+    weights[r, c] = w_small[np.ix_(ko, kn)]
+    old_pipe = np.array([p.pipeline for p in old_pos])
+    heir = np.array([inherits.get(p.pipeline, -1) for p in new_pos])
+    tokens = np.array([current.progress_of(p.pipeline).cached_tokens for p in old_pos],
+                      dtype=np.float64)
+    same = old_pipe[:, None] == heir[None, :]
+    kv[r, c] = kv_small[np.ix_(ko, kn)] * same * tokens[:, None]
+    return weights, kv
+
+
+def map_devices(model: ModelSpec, new: ParallelConfig, instances: Sequence[Instance],
+                current: CurrentState | None = None) -> MappingResult:
+    """Place `new` on the usable `instances`, keeping as many bytes in place as possible.
+    `current` (the running placement and its progress) may mention doomed instances, whose
+    data still counts for KV inheritance, and lost ones, whose data is gone."""
+    hosts = sorted((i for i in instances if i.usable), key=lambda i: (i.price, i.name))
+    readable = {i.name for i in instances if i.state != "lost"}
+    inherits = choose_inheritance(current, new, readable)
+    fast = _scale_out(model, new, hosts, current, instances, inherits)
+    if fast is not None:
+        return fast
+    slots = pack_slots(new, instance_kinds(hosts))
+    assignment: dict[Position, GpuId] = {}
+    for kind in sorted({s.kind for s in slots}):
+        kind_slots = [s for s in slots if s.kind == kind]
+        kind_hosts = [h for h in hosts if h.type.name == kind]
+        assignment.update(_match_kind(model, new, kind_slots, kind_hosts, current, readable,
+                                      inherits))
+    return _result(model, new, assignment, current, readable, inherits, fast_path=False)
+
+
+def _match_kind(model: ModelSpec, new: ParallelConfig, slots: list[Slot], hosts: list[Instance],
+                current: CurrentState | None, readable: set[str],
+                inherits: Mapping[int, int]) -> dict[Position, GpuId]:
+    if len(hosts) < len(slots):
+        raise SpotserveError(f"the configuration needs {len(slots)} {slots[0].kind} "
+                             f"instances but only {len(hosts)} are usable")
+    size = max(h.type.gpus for h in hosts)
+    gpus = [g for h in hosts for g in h.gpus]
+    cols: list[Position | None] = [s.positions[k] if k < len(s.positions) else None
+                                   for s in slots for k in range(size)]
+    weights, kv = reuse_matrix(model, current, new, gpus, cols, readable, inherits)
+    blocks = (weights + kv).reshape(len(hosts), size, len(slots), size).transpose(0, 2, 1, 3)
+    value, inner = _inner_solutions(blocks)
+    prices = np.array([h.price for h in hosts])
+    tie_break = prices / (prices.max() * (len(hosts) + 1)) if prices.max() > 0 else prices
+    rows, cols_idx = linear_sum_assignment(value - tie_break[:, None], maximize=True)
+    out: dict[Position, GpuId] = {}
+    for i, j in zip(rows, cols_idx, strict=True):
+        for gpu_k, rank_k in enumerate(inner[i][j]):
+            pos = cols[j * size + rank_k]
+            if pos is not None:
+                out[pos] = gpus[i * size + gpu_k]
+    return out
+
+
+def _inner_solutions(blocks: NDArray[np.float64]
+                     ) -> tuple[NDArray[np.float64], list[list[tuple[int, ...]]]]:
+    """Level one: for each (instance, slot), the best GPU → rank matching and its value."""
+    n_hosts, n_slots, size, _ = blocks.shape
+    value = np.zeros((n_hosts, n_slots))
+    identity = tuple(range(size))
+    inner = [[identity] * n_slots for _ in range(n_hosts)]
+    solved: dict[bytes, tuple[float, tuple[int, ...]]] = {}
+    for i, j in zip(*np.nonzero(blocks.any(axis=(2, 3))), strict=True):
+        matrix = blocks[i, j]
+        key = matrix.tobytes()
+        if key not in solved:
+            r, c = linear_sum_assignment(matrix, maximize=True)
+            perm = tuple(int(x) for x in c[np.argsort(r)])
+            solved[key] = (float(matrix[r, c].sum()), perm)
+        value[i, j], inner[i][j] = solved[key]
+    return value, inner
+
+
+def _scale_out(model: ModelSpec, new: ParallelConfig, hosts: list[Instance],
+               current: CurrentState | None, instances: Sequence[Instance],
+               inherits: Mapping[int, int]) -> MappingResult | None:
+    """Old pipelines untouched on surviving instances, new pipelines on idle instances."""
+    if current is None:
+        return None
+    old = current.placement
+    host_names = {h.name for h in hosts}
+    if (new.pipelines[:old.config.data] != old.config.pipelines
+            or not old.instances() <= host_names):
+        return None
+    idle = [h for h in hosts if h.name not in old.instances()]
+    added = ParallelConfig(new.pipelines[old.config.data:], new.batch)
+    if not added.pipelines:
+        assignment = dict(old.by_position)
+    else:
+        try:
+            slots = pack_slots(added, instance_kinds(idle))
+        except SpotserveError:
+            return None
+        assignment = dict(old.by_position)
+        free = {k: [h for h in idle if h.type.name == k] for k in {s.kind for s in slots}}
+        for slot in slots:
+            if not free[slot.kind]:
+                return None
+            host = free[slot.kind].pop(0)
+            for pos, gpu in zip(slot.positions, host.gpus, strict=False):
+                assignment[Position(pos.pipeline + old.config.data, pos.stage,
+                                    pos.tp_rank)] = gpu
+    readable = {i.name for i in instances if i.state != "lost"}
+    return _result(model, new, assignment, current, readable, inherits, fast_path=True)
+
+
+def _result(model: ModelSpec, new: ParallelConfig, assignment: dict[Position, GpuId],
+            current: CurrentState | None, readable: set[str], inherits: Mapping[int, int],
+            fast_path: bool) -> MappingResult:
+    placement = Placement.of(new, assignment)
+    weight_total, kv_total = reused_bytes(model, placement, current, readable, inherits)
+    return MappingResult(placement, tuple(sorted(inherits.items())), weight_total, kv_total,
+                         fast_path)
+
+
+def reused_bytes(model: ModelSpec, placement: Placement, current: CurrentState | None,
+                 readable: set[str], inherits: Mapping[int, int]) -> tuple[int, int]:
+    """(weight bytes, KV bytes) already where `placement` needs them."""
+    if current is None:
+        return 0, 0
+    gpus = [g for _, g in placement.assignment]
+    positions: list[Position | None] = [p for p, _ in placement.assignment]
+    weights, kv = reuse_matrix(model, current, placement.config, gpus, positions, readable,
+                               inherits)
+    return int(np.trace(weights)), int(np.trace(kv))

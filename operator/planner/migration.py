@@ -1,0 +1,250 @@
+"""Migration plan: the transfers that turn the old placement into the new one, and how long.
+
+What each new GPU lacks comes from the layout math (`reshard_plan`, `kv_reshard_plan`),
+run once per distinct pipeline layout and expanded to every pipeline of that layout, so
+planning stays fast on hundreds of GPUs. Sources are chosen so that data held only by
+doomed instances is sent first (it is `urgent`: it vanishes at the deadline), a holder on
+the destination's own instance is used when there is one, and otherwise the least-loaded
+surviving holder sends. Transfers are ordered urgent first, then front layers before back
+ones, so a GPU can drop an old layer as soon as the new layers before it have arrived.
+The time estimate is the busiest instance's inbound or outbound bytes over its NIC (bytes
+inside an instance over its intra-node link) plus a fixed overhead for regrouping.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from spotserve.layout import (
+    ParallelConfig,
+    PipelineLayout,
+    Position,
+    TensorSlice,
+    kv_reshard_plan,
+    reshard_plan,
+)
+from spotserve.model_spec import ModelSpec
+
+from .cluster import CurrentState, GpuId, Instance, Placement
+
+FIXED_OVERHEAD_S = 2.0
+CHECKPOINT = "checkpoint"
+_SOURCE_WINDOW = 8
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Copy `nbytes` of one weight slice (`tensor` rows/cols [start, stop) along `dim`) or
+    one layer's KV heads [start, stop) of old pipeline `kv_pipeline` from `src` (None: the
+    checkpoint store) to `dst`."""
+
+    dst: GpuId
+    src: GpuId | None
+    tensor: str
+    dim: int | None
+    start: int
+    stop: int
+    layer: int
+    nbytes: int
+    urgent: bool = False
+    kv_pipeline: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "weight" if self.kv_pipeline is None else "kv"
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    transfers: tuple[Transfer, ...]
+    seconds: float
+    inbound_bytes: Mapping[str, int]
+    outbound_bytes: Mapping[str, int]
+    checkpoint_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.transfers)
+
+    @property
+    def urgent_bytes(self) -> int:
+        return sum(t.nbytes for t in self.transfers if t.urgent)
+
+
+def _layer_key(model: ModelSpec, tensor: str) -> int:
+    """Transfer order of a tensor: its layer; embeddings before layer 0, head after the last."""
+    parts = tensor.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return -1 if "embed" in tensor else model.num_layers
+
+
+def _classes(config: ParallelConfig) -> tuple[ParallelConfig, list[int]]:
+    """One representative pipeline per distinct layout, and each pipeline's class."""
+    layouts: list[PipelineLayout] = []
+    klass = []
+    for pipe in config.pipelines:
+        if pipe not in layouts:
+            layouts.append(pipe)
+        klass.append(layouts.index(pipe))
+    return ParallelConfig(tuple(layouts), config.batch), klass
+
+
+class _SourcePicker:
+    """Chooses a holder per piece: own instance, else least-loaded survivor, else doomed."""
+
+    def __init__(self, doomed: set[str]) -> None:
+        self.doomed = doomed
+        self.load: dict[str, int] = defaultdict(int)
+        self.turn: dict[tuple[object, ...], int] = defaultdict(int)
+
+    def pick(self, key: tuple[object, ...], holders: Sequence[GpuId], dst: GpuId,
+             nbytes: int) -> tuple[GpuId, bool]:
+        local = next((h for h in holders if h.instance == dst.instance), None)
+        if local is not None:
+            return local, local.instance in self.doomed
+        safe = [h for h in holders if h.instance not in self.doomed]
+        pool = safe or list(holders)
+        start = self.turn[key] % len(pool)
+        self.turn[key] += 1
+        window = [pool[(start + k) % len(pool)] for k in range(min(_SOURCE_WINDOW, len(pool)))]
+        best = min(window, key=lambda h: self.load[h.instance])
+        self.load[best.instance] += nbytes
+        return best, not safe
+
+
+def _in_place(old: Placement, new: Placement, pipeline: int) -> bool:
+    """Every GPU of the new pipeline already runs exactly its position."""
+    old_by_gpu = old.by_gpu
+    for pos, gpu in new.assignment:
+        if pos.pipeline != pipeline:
+            continue
+        before = old_by_gpu.get(gpu)
+        if (before is None or before.stage != pos.stage or before.tp_rank != pos.tp_rank
+                or old.config.pipelines[before.pipeline] != new.config.pipelines[pipeline]):
+            return False
+    return True
+
+
+def weight_transfers(model: ModelSpec, current: CurrentState | None, new: Placement,
+                     readable: set[str], picker: _SourcePicker) -> list[Transfer]:
+    rep_new, new_class = _classes(new.config)
+    if current is None:
+        old_rep, old_class, holders = None, [], {}
+    else:
+        old = current.placement
+        old_rep, old_class = _classes(old.config)
+        holders = _holder_index(old, old_class, readable)
+    moves = reshard_plan(model, old_rep, rep_new)
+    by_class: dict[int, list[tuple[Position, TensorSlice, tuple[Position, ...]]]]
+    by_class = defaultdict(list)
+    for mv in moves:
+        by_class[mv.dst.pipeline].append((mv.dst, mv.piece, mv.sources))
+    out: list[Transfer] = []
+    for d, klass in enumerate(new_class):
+        if current is not None and _in_place(current.placement, new, d):
+            continue
+        for dst_rep, piece, sources in by_class[klass]:
+            dst = new.by_position[Position(d, dst_rep.stage, dst_rep.tp_rank)]
+            out.extend(_piece_transfer(model, dst, piece, sources, holders, picker))
+    return out
+
+
+def _holder_index(old: Placement, old_class: list[int], readable: set[str]
+                  ) -> dict[tuple[int, int, int], list[GpuId]]:
+    index: dict[tuple[int, int, int], list[GpuId]] = defaultdict(list)
+    for pos, gpu in old.assignment:
+        if gpu.instance in readable:
+            index[(old_class[pos.pipeline], pos.stage, pos.tp_rank)].append(gpu)
+    return index
+
+
+def _piece_transfer(model: ModelSpec, dst: GpuId, piece: TensorSlice,
+                    sources: tuple[Position, ...],
+                    holders: Mapping[tuple[int, int, int], list[GpuId]],
+                    picker: _SourcePicker) -> list[Transfer]:
+    gpus = [g for s in sources for g in holders.get((s.pipeline, s.stage, s.tp_rank), ())]
+    if dst in gpus:
+        return []
+    spec = model.tensor(piece.tensor)
+    nbytes = piece.numel(spec.shape) * model.dtype_bytes
+    layer = _layer_key(model, piece.tensor)
+    if not gpus:
+        return [Transfer(dst, None, piece.tensor, piece.dim, piece.start, piece.stop, layer,
+                         nbytes)]
+    src, urgent = picker.pick((piece.tensor, piece.start, tuple(sources)), gpus, dst, nbytes)
+    return [Transfer(dst, src, piece.tensor, piece.dim, piece.start, piece.stop, layer,
+                     nbytes, urgent)]
+
+
+def kv_transfers(model: ModelSpec, current: CurrentState, new: Placement,
+                 inherits: Sequence[tuple[int, int]], readable: set[str],
+                 picker: _SourcePicker) -> list[Transfer]:
+    old = current.placement
+    out: list[Transfer] = []
+    for new_pipe, old_pipe in inherits:
+        tokens = current.progress_of(old_pipe).cached_tokens
+        if tokens <= 0 or (old_pipe == new_pipe and _in_place(old, new, new_pipe)):
+            continue
+        old_one = ParallelConfig((old.config.pipelines[old_pipe],), old.config.batch)
+        new_one = ParallelConfig((new.config.pipelines[new_pipe],), new.config.batch)
+        for mv in kv_reshard_plan(model, old_one, 0, new_one, 0):
+            dst = new.by_position[Position(new_pipe, mv.dst.stage, mv.dst.tp_rank)]
+            gpus = [old.by_position[Position(old_pipe, s.stage, s.tp_rank)] for s in mv.sources]
+            gpus = [g for g in gpus if g.instance in readable]
+            if not gpus or dst in gpus:
+                continue
+            nbytes = 2 * (mv.head_stop - mv.head_start) * model.head_dim * model.dtype_bytes \
+                * tokens
+            src, urgent = picker.pick(("kv", old_pipe, mv.layer, mv.head_start), gpus, dst,
+                                      nbytes)
+            out.append(Transfer(dst, src, "kv", 2, mv.head_start, mv.head_stop, mv.layer,
+                                nbytes, urgent, old_pipe))
+    return out
+
+
+def estimate_seconds(transfers: Sequence[Transfer], instances: Mapping[str, Instance],
+                     overhead_s: float = FIXED_OVERHEAD_S,
+                     checkpoint_bytes_per_s: float | None = None
+                     ) -> tuple[float, dict[str, int], dict[str, int]]:
+    """Busiest instance's NIC time (and intra-node time) plus `overhead_s`."""
+    inbound: dict[str, int] = defaultdict(int)
+    outbound: dict[str, int] = defaultdict(int)
+    local: dict[str, int] = defaultdict(int)
+    for t in transfers:
+        if t.src is not None and t.src.instance == t.dst.instance:
+            local[t.dst.instance] += t.nbytes
+            continue
+        inbound[t.dst.instance] += t.nbytes
+        outbound[CHECKPOINT if t.src is None else t.src.instance] += t.nbytes
+    seconds = 0.0
+    for name, inst in instances.items():
+        nic = inst.type.nic_bytes_per_s
+        seconds = max(seconds, inbound.get(name, 0) / nic, outbound.get(name, 0) / nic,
+                      local.get(name, 0) / inst.type.intra_node_bytes_per_s)
+    if checkpoint_bytes_per_s and outbound.get(CHECKPOINT):
+        seconds = max(seconds, outbound[CHECKPOINT] / checkpoint_bytes_per_s)
+    if not transfers:
+        return 0.0, dict(inbound), dict(outbound)
+    return seconds + overhead_s, dict(inbound), dict(outbound)
+
+
+def migration_plan(model: ModelSpec, current: CurrentState | None, new: Placement,
+                   inherits: Sequence[tuple[int, int]], instances: Sequence[Instance],
+                   overhead_s: float = FIXED_OVERHEAD_S,
+                   checkpoint_bytes_per_s: float | None = None) -> MigrationPlan:
+    """Transfers from `current` (None: a cold start, all from the checkpoint) to `new`."""
+    index = {i.name: i for i in instances}
+    readable = {i.name for i in instances if i.state != "lost"}
+    picker = _SourcePicker({i.name for i in instances if i.state == "doomed"})
+    transfers = weight_transfers(model, current, new, readable, picker)
+    if current is not None:
+        transfers += kv_transfers(model, current, new, inherits, readable, picker)
+    transfers.sort(key=lambda t: (not t.urgent, t.layer, t.kind, t.dst, t.tensor, t.start))
+    seconds, inbound, outbound = estimate_seconds(transfers, index, overhead_s,
+                                                  checkpoint_bytes_per_s)
+    checkpoint = sum(t.nbytes for t in transfers if t.src is None)
+    return MigrationPlan(tuple(transfers), seconds, inbound, outbound, checkpoint)
