@@ -14,7 +14,7 @@ Either way the request's next tokens are the ones it would have produced uninter
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spotserve.errors import SpotserveError
 from spotserve.worker.engine.block_manager import BlockManager
@@ -43,7 +43,7 @@ class TokenEvent:
 class EngineConfig:
     num_blocks: int = 512
     block_size: int = 16
-    scheduler: SchedulerConfig = SchedulerConfig()
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 class Engine:

@@ -8,7 +8,7 @@ migration needs to move, and all a resume needs to continue at the exact token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from spotserve.errors import SpotserveError
@@ -20,7 +20,7 @@ class SequenceStatus(Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     LENGTH = "length"      # max_tokens or the model's context length reached
     STOP = "stop"          # EOS or a stop token id sampled
     ABORT = "abort"

@@ -84,7 +84,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [tokens, heads, head_dim] against the cached keys/values → [tokens, heads*head_dim].
 
     The new tokens' keys and values must already be written to the cache."""
-    tokens, heads, dim = q.shape
+    _tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     q_pad = q[batch.query_index].view(batch.num_seqs, batch.max_new, heads, dim)
     k = k_cache.view(-1, kv_heads, dim)[batch.key_slots]

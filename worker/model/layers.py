@@ -87,7 +87,7 @@ class Attention(nn.Module):
         write_cache(cache[0], batch.slot_mapping, k)
         write_cache(cache[1], batch.slot_mapping, v)
         out = paged_attention(q, cache[0], cache[1], batch, d ** -0.5)
-        return self.o_proj(out, self.tp)
+        return self.o_proj.forward(out, self.tp)
 
 
 class MLP(nn.Module):
@@ -100,7 +100,7 @@ class MLP(nn.Module):
         self.down_proj = RowLinear(f"{prefix}.down_proj", shapes, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x), self.tp)
+        return self.down_proj.forward(F.silu(self.gate_proj(x)) * self.up_proj(x), self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -116,5 +116,5 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
                 ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn.forward(self.input_layernorm(x), cos, sin, cache, batch)
+        return x + self.mlp.forward(self.post_attention_layernorm(x))

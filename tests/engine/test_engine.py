@@ -1,0 +1,127 @@
+"""The driver engine in one process: generation equals `transformers.generate`, and the
+answer does not depend on batching, preemption, or where sampling resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from spotserve.errors import SpotserveError
+from spotserve.worker.engine.builder import local_engine
+from spotserve.worker.engine.engine import Engine, EngineConfig
+from spotserve.worker.engine.sampling import filter_logits, position_key, sample_one
+from spotserve.worker.engine.scheduler import SchedulerConfig
+from spotserve.worker.engine.sequence import FinishReason, SamplingParams
+from tests.engine.tiny_models import save_tiny
+
+PROMPTS = {"a": [5, 17, 99, 3, 42, 8, 61], "b": [9, 4, 77], "c": list(range(20, 50))}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3", seed=2)
+
+
+def _engine(folder: Path, blocks: int = 64, budget: int = 16, **kw: object) -> Engine:
+    config = EngineConfig(num_blocks=blocks, block_size=4,
+                          scheduler=SchedulerConfig(max_batched_tokens=budget))
+    return local_engine(folder, config, **kw)  # type: ignore[arg-type]
+
+
+def _generate(engine: Engine, params: dict[str, SamplingParams]) -> dict[str, list[int]]:
+    for rid, p in params.items():
+        engine.submit(rid, PROMPTS[rid], p)
+    out: dict[str, list[int]] = {rid: [] for rid in params}
+    for event in engine.run():
+        out[event.request_id].append(event.token_id)
+    return out
+
+
+def test_greedy_equals_transformers_generate(checkpoint: Path) -> None:
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None   # like ignore_eos
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    got = _generate(_engine(checkpoint), dict.fromkeys(PROMPTS, params))
+    for rid, prompt in PROMPTS.items():
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        assert got[rid] == ids[0, len(prompt):].tolist(), rid
+
+
+def test_preemption_by_recompute_keeps_tokens(checkpoint: Path) -> None:
+    params = dict.fromkeys(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True))
+    roomy = _generate(_engine(checkpoint), params)
+    engine = _engine(checkpoint, blocks=16, budget=40)
+    preempted = []
+    for rid, p in params.items():
+        engine.submit(rid, PROMPTS[rid], p)
+    out: dict[str, list[int]] = {rid: [] for rid in params}
+    while engine.has_unfinished:
+        before = {s.request_id for s in engine.scheduler.running}
+        for event in engine.step():
+            out[event.request_id].append(event.token_id)
+        preempted += [r for r in before if r in {s.request_id for s in engine.scheduler.waiting}]
+    assert preempted, "the tiny cache should have forced a preemption"
+    assert out == roomy
+
+
+def test_sampling_is_independent_of_batch_and_seeded(checkpoint: Path) -> None:
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=3,
+                             ignore_eos=True)
+    alone = _generate(_engine(checkpoint), {"a": sampled})["a"]
+    greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+    batched = _generate(_engine(checkpoint), {"b": greedy, "a": sampled, "c": greedy})["a"]
+    assert alone == batched
+    other = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=4, ignore_eos=True)
+    assert _generate(_engine(checkpoint), {"a": other})["a"] != alone
+
+
+def test_sampling_filters() -> None:
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    top2 = filter_logits(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.isinf(top2[2:]).all() and not torch.isinf(top2[:2]).any()
+    probs = logits.softmax(-1)   # ≈ .64 .23 .09 .03 .01
+    nucleus = filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert (~torch.isinf(nucleus)).tolist() == [True, True, False, False, False]
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    one = SamplingParams(temperature=0.7, top_k=1, seed=1)
+    assert all(sample_one(logits, one, pos) == 0 for pos in range(20))
+    hot = SamplingParams(temperature=5.0, seed=1)
+    assert len({sample_one(logits, hot, pos) for pos in range(50)}) > 2
+    assert position_key(1, 2) != position_key(2, 1)
+
+
+def test_stop_tokens_eos_and_limits(checkpoint: Path) -> None:
+    free = _generate(_engine(checkpoint), {"a": SamplingParams(max_tokens=8, ignore_eos=True)})
+    stop_at = free["a"][3]
+    engine = _engine(checkpoint)
+    engine.submit("a", PROMPTS["a"], SamplingParams(max_tokens=8, stop_token_ids=(stop_at,)))
+    events = engine.run()
+    cut = free["a"].index(stop_at)
+    assert [e.token_id for e in events] == free["a"][:cut + 1]
+    assert events[-1].finish_reason is FinishReason.STOP
+    with pytest.raises(SpotserveError, match="outside"):
+        engine.submit("x", [10_000], SamplingParams())
+    with pytest.raises(SpotserveError, match="empty prompt"):
+        engine.submit("y", [], SamplingParams())
+
+
+def test_bf16_runs(checkpoint: Path) -> None:
+    engine = _engine(checkpoint, dtype="bfloat16")
+    assert engine.runner.model.dtype is torch.bfloat16
+    out = _generate(engine, {"a": SamplingParams(max_tokens=6, ignore_eos=True)})
+    assert len(out["a"]) == 6
+
+
+def test_drain_stops_after_exactly_k_steps(checkpoint: Path) -> None:
+    engine = _engine(checkpoint)
+    engine.submit("a", PROMPTS["a"], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.drain(3)
+    engine.submit("b", PROMPTS["b"], SamplingParams())
+    assert len(engine.run()) == 3 and engine.step() == []
+    state = engine.export("a")
+    assert len(state.output_token_ids) == 4 and state.kv.shape[2] == state.num_computed == 10
+    assert [s.num_computed for s in engine.export_all()] == [0]   # b never started
