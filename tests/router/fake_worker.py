@@ -1,0 +1,165 @@
+"""A TEST DOUBLE of a pipeline driver's `Worker` service: no model, deterministic tokens.
+
+Token i of a request is `fake_token(prompt, i)`, so any pipeline produces the same tokens
+for the same request, and a resumed request (from "KV" or by "re-prefill") continues
+exactly where it stopped. Enough of the contract for the router: Submit (with resume
+state), Cancel, Drain (pause after k more tokens, keeping the "KV"), and the shared
+token. `kv` holds the requests a drain paused; a test moves an entry to another double to
+play KV migration. Run as a process with `python -m tests.router.fake_worker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import zlib
+from array import array
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+FR = common_pb2.FinishReason
+FIRST_TOKEN = 16  # ids below are left to special tokens
+
+
+def fake_token(prompt: Sequence[int], position: int, vocab_size: int) -> int:
+    base = zlib.crc32(array("i", prompt).tobytes())
+    mixed = ((base ^ (position * 2654435761)) * 2246822519) & 0xFFFFFFFF
+    return FIRST_TOKEN + mixed % (vocab_size - FIRST_TOKEN)
+
+
+def fake_completion(prompt: Sequence[int], max_tokens: int, vocab_size: int) -> list[int]:
+    return [fake_token(prompt, i, vocab_size) for i in range(max_tokens)]
+
+
+@dataclass
+class Submission:
+    request_id: str
+    mode: int            # ResumeMode of the submission (0 = fresh)
+    resumed_at: int      # committed tokens it continued after
+
+
+@dataclass
+class _Running:
+    prompt: list[int]
+    generated: list[int]
+    budget: int | None = None  # tokens left before a drain pauses it
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeWorker(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, *, vocab_size: int, step_seconds: float = 0.005,
+                 token: str | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.step_seconds = step_seconds
+        self.token = token
+        self.kv: dict[str, tuple[list[int], list[int]]] = {}
+        self.submissions: list[Submission] = []
+        self.running: dict[str, _Running] = {}
+        self.drained = False
+
+    async def Submit(self, request: worker_pb2.SubmitRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.TokenDelta]:
+        await self._check(context)
+        if self.drained:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "drained")
+        done = list(request.resume.generated_token_ids)
+        prompt = list(request.prompt_token_ids)
+        if request.resume.mode == common_pb2.RESUME_MODE_KV:
+            kept = self.kv.pop(request.request_id, None)
+            if kept is None or kept != (prompt, done):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"no KV cache for {request.request_id}")
+        self.submissions.append(Submission(request.request_id, request.resume.mode, len(done)))
+        state = _Running(prompt, done)
+        self.running[request.request_id] = state
+        try:
+            async for delta in self._generate(request, state):
+                yield delta
+        finally:
+            self.running.pop(request.request_id, None)
+
+    async def _generate(self, request: worker_pb2.SubmitRequest,
+                        state: _Running) -> AsyncIterator[worker_pb2.TokenDelta]:
+        sampling = request.sampling
+        while True:
+            position = len(state.generated)
+            if state.cancelled.is_set():
+                yield self._delta(request, [], position, FR.FINISH_REASON_CANCELLED)
+                return
+            if state.budget is not None and state.budget <= 0:
+                self.kv[request.request_id] = (state.prompt, list(state.generated))
+                yield self._delta(request, [], position, FR.FINISH_REASON_PAUSED)
+                return
+            await asyncio.sleep(self.step_seconds)
+            token = fake_token(state.prompt, position, self.vocab_size)
+            state.generated.append(token)
+            if state.budget is not None:
+                state.budget -= 1
+            finish = FR.FINISH_REASON_UNSPECIFIED
+            if token in sampling.stop_token_ids:
+                finish = FR.FINISH_REASON_STOP
+            elif len(state.generated) >= sampling.max_tokens:
+                finish = FR.FINISH_REASON_LENGTH
+            yield self._delta(request, [token], position, finish)
+            if finish:
+                return
+
+    def _delta(self, request: worker_pb2.SubmitRequest, tokens: list[int], position: int,
+               finish: int) -> worker_pb2.TokenDelta:
+        delta = worker_pb2.TokenDelta(request_id=request.request_id, token_ids=tokens,
+                                      position=position, finish_reason=finish)  # type: ignore[arg-type]
+        if finish:
+            delta.usage.prompt_tokens = len(request.prompt_token_ids)
+            delta.usage.completion_tokens = position + len(tokens)
+        return delta
+
+    async def Cancel(self, request: worker_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> worker_pb2.CancelResponse:
+        await self._check(context)
+        state = self.running.get(request.request_id)
+        if state is not None:
+            state.cancelled.set()
+        return worker_pb2.CancelResponse(found=state is not None)
+
+    async def Drain(self, request: worker_pb2.DrainRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.DrainResponse:
+        await self._check(context)
+        self.drained = True
+        for state in self.running.values():
+            state.budget = request.steps
+        return worker_pb2.DrainResponse(steps_run=request.steps)
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        if self.token is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if metadata.get("authorization") != f"Bearer {self.token}":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+
+
+async def start_fake_worker(host: str, worker: FakeWorker) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+    port = server.add_insecure_port(f"{host}:0")
+    await server.start()
+    return server, f"{host}:{port}"
+
+
+async def _main(args: argparse.Namespace) -> None:
+    worker = FakeWorker(vocab_size=args.vocab_size, step_seconds=args.step, token=args.token)
+    server, address = await start_fake_worker(args.host, worker)
+    print(f"fake worker listening {address}", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Test double of a pipeline driver.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--step", type=float, default=0.005, help="seconds per token")
+    parser.add_argument("--token", default=None)
+    asyncio.run(_main(parser.parse_args()))
