@@ -29,7 +29,7 @@ esac
 command -v npm >/dev/null || fail "npm not found; install Node.js and npm (apt-get install npm)"
 command -v unzip >/dev/null || fail "unzip not found (apt-get install unzip)"
 
-mkdir -p "$dir" || fail "cannot create $dir"
+mkdir -p "$dir" 2>/dev/null || fail "cannot create the directory $dir"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 

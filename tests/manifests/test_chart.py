@@ -92,6 +92,20 @@ def test_rendered_manifests_are_valid(helm: str, value_set: str, version: str) -
             kubernetes_validate.validate(doc, version, strict=True)
 
 
+def test_kubernetes_validate_cli_passes_the_default_render(helm: str, tmp_path: Path) -> None:
+    """The same check as the command line a user would run on `helm template` output."""
+    cli = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    if cli is None:
+        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
+    docs = [doc for doc in _render(helm, "default")
+            if (doc["apiVersion"], doc["kind"]) not in THIRD_PARTY]
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    out = subprocess.run([cli, "--strict", "--kubernetes-version", K8S_VERSIONS[-1],
+                          str(rendered)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_strict_validation_catches_a_misspelt_field(helm: str) -> None:
     """A negative control: the offline schemas do reject an unknown field."""
     deployment = _deployment(_render(helm, "default"))
