@@ -122,9 +122,7 @@ def parse_prompt(router: Router, value: Any) -> list[int]:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         value = value[0]  # a batch of one
     if isinstance(value, str):
-        if not value:
-            raise invalid("prompt", "must not be empty")
-        return router.tokenizer.encode(value)
+        return router.encode_prompt(value)
     if isinstance(value, list) and (not value or isinstance(value[0], int)):
         return _token_ids("prompt", value)
     if value is None:

@@ -35,7 +35,7 @@ from spotserve.v1 import common_pb2, control_pb2, worker_pb2
 
 from .commit_log import CommitLog, GapError
 from .dispatch import Pipeline, PipelineState
-from .errors import ErrorKind, RouterError
+from .errors import ErrorKind, RouterError, invalid
 from .load_signal import ArrivalRate, LatencyWindow
 from .metrics import RouterMetrics
 from .scheduler import Scheduler
@@ -148,6 +148,12 @@ class Router:
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- the request path -------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Prompt text → token ids (with the tokenizer's own special tokens, such as BOS)."""
+        if not text:
+            raise invalid("prompt", "must not be empty")
+        return self.tokenizer.encode(text)
 
     def prepare(self, *, model: str, request_id: str, prompt_token_ids: list[int],
                 sampling: common_pb2.SamplingParams,

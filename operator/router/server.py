@@ -79,7 +79,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def _prompt(self, request: inference_pb2.GenerateRequest) -> list[int]:
         which = request.WhichOneof("prompt")
         if which == "text":
-            return self.router.tokenizer.encode(request.text)
+            return self.router.encode_prompt(request.text)
         if which == "token_ids":
             return list(request.token_ids.ids)
         raise invalid("prompt", "set either text or token_ids")

@@ -1,0 +1,159 @@
+"""Loopback integration: every bad input is a 400 / INVALID_ARGUMENT naming the field; a
+full queue is a 429 with Retry-After / RESOURCE_EXHAUSTED; keys and tokens are checked."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from spotserve.operator.router.dispatch import Pipeline
+from spotserve.v1 import common_pb2, control_pb2, inference_pb2, inference_pb2_grpc
+
+from .conftest import StartRouter, StartWorker
+from .helpers import AUTH, control, generate
+
+pytestmark = pytest.mark.asyncio
+GOOD = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+LONG = "word " * 400
+
+COMPLETION_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": None}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": LONG}, "prompt"),
+    ({"prompt": [1, 99999]}, "prompt"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 10_000}, "max_tokens"),
+    ({"max_tokens": "ten"}, "max_tokens"),
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.2}, "top_p"),
+    ({"top_k": -5}, "top_k"),
+    ({"seed": -1}, "seed"),
+    ({"stop": 5}, "stop"),
+    ({"stop": [""]}, "stop"),
+    ({"n": 2}, "n"),
+    ({"logprobs": 3}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"stop_token_ids": ["x"]}, "stop_token_ids"),
+    ({"model": "gpt-4"}, "model"),
+    ({"stream": "yes"}, "stream"),
+]
+CHAT_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "prompt"),
+]
+
+
+async def _post(port: int, path: str, body: Any, **kwargs: Any) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"http://127.0.0.1:{port}{path}", json=body, **kwargs) as response:
+        return response.status, await response.json(), response.headers
+
+
+async def test_every_bad_http_input_is_a_400_naming_the_field(
+        start_worker: StartWorker, start_router: StartRouter) -> None:
+    _, _, address = await start_worker()
+    app = await start_router([Pipeline("p0", address)])
+    for case, field in COMPLETION_CASES:
+        status, body, _ = await _post(app.http_port, "/v1/completions", {**GOOD, **case})
+        assert status == 400, (case, body)
+        assert body["error"]["message"].startswith(field), (case, body)
+        assert body["error"]["type"] == "invalid_request_error"
+    for case, field in CHAT_CASES:
+        status, body, _ = await _post(app.http_port, "/v1/chat/completions",
+                                      {"model": "tiny", **case})
+        assert status == 400 and body["error"]["message"].startswith(field), (case, body)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{app.http_port}/v1/completions",
+                             data=b"{not json") as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["message"].startswith("body")
+    status, _, _ = await _post(app.http_port, "/v1/completions", GOOD)
+    assert status == 200
+
+
+@pytest.mark.parametrize(("request_", "field"), [
+    (inference_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=4)),
+     "prompt"),
+    (inference_pb2.GenerateRequest(text="", sampling=common_pb2.SamplingParams(max_tokens=4)),
+     "prompt"),
+    (inference_pb2.GenerateRequest(text="hi"), "max_tokens"),
+    (inference_pb2.GenerateRequest(text="hi", model="nope",
+                                   sampling=common_pb2.SamplingParams(max_tokens=4)), "model"),
+    (inference_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(
+        max_tokens=4, temperature=-2)), "temperature"),
+    (inference_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(
+        max_tokens=4, top_p=2)), "top_p"),
+    (inference_pb2.GenerateRequest(text=LONG, sampling=common_pb2.SamplingParams(
+        max_tokens=4)), "prompt"),
+])
+async def test_bad_grpc_input_is_invalid_argument(start_worker: StartWorker,
+                                                  start_router: StartRouter,
+                                                  request_: inference_pb2.GenerateRequest,
+                                                  field: str) -> None:
+    _, _, address = await start_worker()
+    app = await start_router([Pipeline("p0", address)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in inference_pb2_grpc.InferenceStub(channel).Generate(request_):
+                pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith(field)
+
+
+async def test_queue_overflow_is_429_and_resource_exhausted(start_worker: StartWorker,
+                                                            start_router: StartRouter) -> None:
+    _, _, address = await start_worker(step_seconds=0.02)
+    app = await start_router([Pipeline("p0", address, max_concurrency=2)], max_queue=2)
+    busy = [asyncio.create_task(generate(app, f"busy {i}", 40)) for i in range(4)]
+    while app.router.scheduler.queued < 2:
+        await asyncio.sleep(0.005)
+    status, body, headers = await _post(app.http_port, "/v1/completions", GOOD)
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert "queue is full" in body["error"]["message"]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(app, "one too many", 4)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(info.value.trailing_metadata() or ())["retry-after"]
+    results = await asyncio.gather(*busy)  # the admitted ones all finish
+    assert all(r.completion_tokens == 40 for r in results)
+    assert 'spotserve_requests_rejected_total{reason="queue_full"} 2.0' in \
+        app.router.metrics.render().decode()
+
+
+async def test_api_keys_and_internal_token(start_worker: StartWorker,
+                                           start_router: StartRouter) -> None:
+    _, _, address = await start_worker()
+    app = await start_router([Pipeline("p0", address)], api_keys=["k1"])
+    status, body, _ = await _post(app.http_port, "/v1/completions", GOOD)
+    assert status == 401 and "API key" in body["error"]["message"]
+    status, _, _ = await _post(app.http_port, "/v1/completions", GOOD,
+                               headers={"Authorization": "Bearer k1"})
+    assert status == 200
+    channel, stub = control(app)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Stats(control_pb2.StatsRequest())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stats = await stub.Stats(control_pb2.StatsRequest(), metadata=AUTH)
+    assert stats.completed == 1 and stats.epoch == 1 and stats.arrival_rate_ewma > 0
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.UpdateTopology(control_pb2.Topology(epoch=3, pipelines=[
+            control_pb2.PipelineInfo(id="p0", state=control_pb2.PIPELINE_STATE_SERVING)]),
+            metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("pipelines[0].driver_address")
+    await channel.close()
