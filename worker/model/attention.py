@@ -37,8 +37,8 @@ class AttentionBatch:
     slot_mapping: torch.Tensor   # [tokens] cache slot (block * block_size + offset) written
     query_index: torch.Tensor    # [seqs * max_new] flat token behind each padded query
     output_index: torch.Tensor   # [tokens] padded query behind each flat token
-    key_slots: torch.Tensor      # [seqs, max_context] cache slot of each key
-    mask: torch.Tensor           # [seqs, 1, max_new, max_context] may query i see key j
+    block_tables: torch.Tensor   # [seqs * max_blocks] each sequence's blocks, 0-padded
+    mask: torch.Tensor           # [seqs, 1, max_new, max_blocks * block_size] may i see j
     num_seqs: int
     max_new: int
 
@@ -46,18 +46,15 @@ class AttentionBatch:
     def build(cls, chunks: Sequence[SequenceChunk], block_size: int,
               device: torch.device | str = "cpu") -> AttentionBatch:
         max_new = max(c.num_new for c in chunks)
-        max_ctx = max(c.context_len for c in chunks)
-        positions, slots, query_index, output_index = [], [], [], []
-        key_slots = torch.zeros(len(chunks), max_ctx, dtype=torch.long)
+        max_blocks = max(-(-c.context_len // block_size) for c in chunks)
+        positions, query_index, output_index = [], [], []
+        tables = torch.zeros(len(chunks), max_blocks, dtype=torch.long)
         limits = torch.zeros(len(chunks), max_new, dtype=torch.long)
         flat = 0
         for b, c in enumerate(chunks):
             start = c.context_len - c.num_new
-            table = torch.as_tensor(list(c.block_table), dtype=torch.long)
-            ctx = torch.arange(c.context_len)
-            seq_slots = table[ctx // block_size] * block_size + ctx % block_size
-            key_slots[b, :c.context_len] = seq_slots
-            slots.append(seq_slots[start:])
+            used = -(-c.context_len // block_size)
+            tables[b, :used] = torch.as_tensor(list(c.block_table[:used]), dtype=torch.long)
             positions.append(torch.arange(start, c.context_len))
             query_index.append(torch.cat([torch.arange(flat, flat + c.num_new),
                                           torch.zeros(max_new - c.num_new, dtype=torch.long)]))
@@ -65,12 +62,15 @@ class AttentionBatch:
             # query i sees keys 0..start+i; padded queries see key 0 only (no NaN rows)
             limits[b, :c.num_new] = torch.arange(start, c.context_len)
             flat += c.num_new
-        mask = torch.arange(max_ctx)[None, None, :] <= limits[:, :, None]
-        return cls(positions=torch.cat(positions).to(device),
-                   slot_mapping=torch.cat(slots).to(device),
+        pos = torch.cat(positions)
+        owner = torch.repeat_interleave(torch.arange(len(chunks)),
+                                        torch.tensor([c.num_new for c in chunks]))
+        slots = tables[owner, pos // block_size] * block_size + pos % block_size
+        mask = torch.arange(max_blocks * block_size)[None, None, :] <= limits[:, :, None]
+        return cls(positions=pos.to(device), slot_mapping=slots.to(device),
                    query_index=torch.cat(query_index).to(device),
                    output_index=torch.cat(output_index).to(device),
-                   key_slots=key_slots.to(device), mask=mask[:, None].to(device),
+                   block_tables=tables.flatten().to(device), mask=mask[:, None].to(device),
                    num_seqs=len(chunks), max_new=max_new)
 
 
@@ -87,8 +87,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     q_pad = q[batch.query_index].view(batch.num_seqs, batch.max_new, heads, dim)
-    k = k_cache.view(-1, kv_heads, dim)[batch.key_slots]
-    v = v_cache.view(-1, kv_heads, dim)[batch.key_slots]
+    # whole blocks are gathered (fast contiguous copies); the mask hides their unused tail
+    k = k_cache.index_select(0, batch.block_tables).view(batch.num_seqs, -1, kv_heads, dim)
+    v = v_cache.index_select(0, batch.block_tables).view(batch.num_seqs, -1, kv_heads, dim)
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.mask,
         scale=scale, enable_gqa=heads != kv_heads)

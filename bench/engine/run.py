@@ -1,0 +1,197 @@
+"""Benchmark: our engine vs Hugging Face `transformers.generate` on the same model.
+
+A random Llama (~110M parameters: hidden 768, 12 layers, 12 heads, vocab 16384) is saved
+as sharded safetensors; our engine loads it through its own loader, HF through
+`from_pretrained`. Both generate `--out-len` tokens (EOS ignored) for a batch of random
+`--in-len`-token prompts; we report generated tokens/s end to end (prefill included) and
+our/HF ratio. On CUDA we also report our mean decode step time against the memory-bandwidth
+bound (weight bytes / HBM bandwidth of the GPU in the catalog).
+
+    python bench/engine/run.py                         # CI-sized: fp32, batch 1 and 8, 32/16
+    python bench/engine/run.py --full                  # batch 1/8/32, 128/128, fp32 and bf16
+    python bench/engine/run.py --device cuda --dtypes bfloat16,float16 --batches 1,8,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL = {"architectures": ["LlamaForCausalLM"], "hidden_size": 768,
+         "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "num_key_value_heads": 12, "vocab_size": 16384, "max_position_embeddings": 2048,
+         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
+         "eos_token_id": 2}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true",
+                   help="the issue's sizes: batch 1,8,32; 128 in / 128 out; fp32 and bf16")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--dtypes", default="float32")
+    p.add_argument("--in-len", type=int, default=32)
+    p.add_argument("--out-len", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=1, help="best of N timed runs")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON result")
+    args = p.parse_args()
+    if args.full:
+        args.batches, args.in_len, args.out_len = "1,8,32", 128, 128
+        if args.dtypes == "float32":
+            args.dtypes = "float32,bfloat16"
+    return args
+
+
+def save_model(folder: Path) -> None:
+    import transformers
+    config = transformers.LlamaConfig(**{k: v for k, v in MODEL.items() if k != "architectures"})
+    config.architectures = MODEL["architectures"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder, max_shard_size="200MB")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_hf(folder: Path, dtype: str, prompts: torch.Tensor, out_len: int, device: str,
+            repeats: int) -> tuple[float, list[list[int]]]:
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, dtype)).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids, best, tokens = prompts.to(device), float("inf"), []
+    for _ in range(repeats + 1):   # the first run warms up
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=out_len, do_sample=False,
+                                 attention_mask=torch.ones_like(ids))
+        sync(device)
+        best = min(best, time.perf_counter() - start) if tokens else best
+        tokens = out[:, prompts.shape[1]:].tolist()
+    return best, tokens
+
+
+def time_engine(folder: Path, dtype: str, prompts: torch.Tensor, out_len: int, device: str,
+                repeats: int) -> tuple[float, list[list[int]], float]:
+    from spotserve.worker.engine.builder import local_engine
+    from spotserve.worker.engine.engine import EngineConfig
+    from spotserve.worker.engine.scheduler import SchedulerConfig
+    from spotserve.worker.engine.sequence import SamplingParams
+    batch, in_len = prompts.shape
+    block = 16
+    per_seq = -(-(in_len + out_len + 1) // block)
+    config = EngineConfig(num_blocks=per_seq * batch + 1, block_size=block,
+                          scheduler=SchedulerConfig(max_num_seqs=batch,
+                                                    max_batched_tokens=max(2048, in_len),
+                                                    max_model_len=2048))
+    engine = local_engine(folder, config, dtype=dtype, device=device)
+    params = SamplingParams(max_tokens=out_len, ignore_eos=True)
+    best, decode_step, tokens = float("inf"), 0.0, []
+    for run in range(repeats + 1):
+        for i, prompt in enumerate(prompts.tolist()):
+            engine.submit(f"{run}-{i}", prompt, params)
+        out: dict[str, list[int]] = {f"{run}-{i}": [] for i in range(batch)}
+        sync(device)
+        start = time.perf_counter()
+        events = engine.step()                         # prefill (and the first token)
+        sync(device)
+        after_prefill = time.perf_counter()
+        for event in events + engine.run():
+            out[event.request_id].append(event.token_id)
+        sync(device)
+        end = time.perf_counter()
+        if run:
+            if end - start < best:
+                best, decode_step = end - start, (end - after_prefill) / max(1, out_len - 1)
+            tokens = [out[f"{run}-{i}"] for i in range(batch)]
+    return best, tokens, decode_step
+
+
+def bandwidth_bound(dtype: str, device: str) -> dict[str, Any]:
+    """Decode lower bound on this GPU: every weight byte read once per step."""
+    from spotserve.catalog import Catalog
+    from spotserve.model_spec import ModelSpec
+    spec = ModelSpec.from_hf_config(MODEL, dtype=dtype)
+    name = torch.cuda.get_device_name(torch.device(device))
+    gpu = next((g for g in Catalog.load().gpus.values() if g.name.split("-")[0] in name), None)
+    if gpu is None:
+        return {"gpu": name}
+    return {"gpu": name, "weight_bytes": spec.weight_bytes,
+            "bound_ms": 1e3 * spec.weight_bytes / gpu.hbm_bytes_per_s}
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_model(folder)
+        for dtype in args.dtypes.split(","):
+            for batch in batches:
+                gen = torch.Generator().manual_seed(batch)
+                prompts = torch.randint(3, MODEL["vocab_size"], (batch, args.in_len),
+                                        generator=gen)
+                hf_s, hf_tokens = time_hf(folder, dtype, prompts, args.out_len, args.device,
+                                          args.repeats)
+                ours_s, ours_tokens, step = time_engine(folder, dtype, prompts, args.out_len,
+                                                        args.device, args.repeats)
+                generated = batch * args.out_len
+                same = sum(a == b for a, b in zip(hf_tokens, ours_tokens, strict=True))
+                row = {"dtype": dtype, "batch": batch, "in": args.in_len, "out": args.out_len,
+                       "hf_tok_s": generated / hf_s, "ours_tok_s": generated / ours_s,
+                       "ratio": hf_s / ours_s, "decode_step_ms": 1e3 * step,
+                       "identical_sequences": f"{same}/{batch}"}
+                if args.device.startswith("cuda"):
+                    row.update(bandwidth_bound(dtype, args.device))
+                rows.append(row)
+                print_row(row, header=len(rows) == 1)
+    write_json(args, rows)
+    return 0
+
+
+def print_row(row: dict[str, Any], header: bool) -> None:
+    if header:
+        print(f"{'dtype':<9} {'batch':>5} {'in/out':>8} {'HF tok/s':>10} {'ours tok/s':>11} "
+              f"{'ours/HF':>8} {'step ms':>8} {'same':>6}" +
+              ("  bound ms" if "bound_ms" in row else ""))
+    line = (f"{row['dtype']:<9} {row['batch']:>5} {row['in']:>4}/{row['out']:<3} "
+            f"{row['hf_tok_s']:>10.1f} {row['ours_tok_s']:>11.1f} {row['ratio']:>7.2f}x "
+            f"{row['decode_step_ms']:>8.2f} {row['identical_sequences']:>6}")
+    if "bound_ms" in row:
+        line += f"  {row['bound_ms']:>8.3f}"
+    print(line, flush=True)
+
+
+def write_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    name = "engine-full" if args.full else "engine"
+    if not args.device.startswith("cpu"):
+        name += "-cuda"
+    path = out / f"{name}.json"
+    result = {"benchmark": "engine vs transformers.generate", "model": MODEL,
+              "device": device, "threads": args.threads, "torch": torch.__version__,
+              "rows": rows}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
