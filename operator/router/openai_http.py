@@ -30,7 +30,8 @@ HTTP_STATUS = {
     ErrorKind.DEADLINE_EXCEEDED: 504, ErrorKind.UNAUTHENTICATED: 401,
     ErrorKind.INTERNAL: 500,
 }
-FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+FINISH: dict[int, str] = {common_pb2.FINISH_REASON_STOP: "stop",
+                          common_pb2.FINISH_REASON_LENGTH: "length"}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 ROLES = ("system", "user", "assistant", "tool", "developer")
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix", "tools",

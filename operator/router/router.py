@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 FR = common_pb2.FinishReason
 KV = common_pb2.RESUME_MODE_KV
 REPREFILL = common_pb2.RESUME_MODE_REPREFILL
-MODE_NAMES = {KV: "kv", REPREFILL: "reprefill"}
+MODE_NAMES: dict[int, str] = {KV: "kv", REPREFILL: "reprefill"}
 # Worker statuses that no other pipeline would answer differently.
 FINAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
                grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
@@ -167,7 +167,7 @@ class Router:
         deadline = time.monotonic() + timeout if timeout is not None else None
         return GenerationInput(request_id, prompt_token_ids, sampling, deadline)
 
-    async def generate(self, request: GenerationInput) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationInput) -> AsyncGenerator[Chunk, None]:
         """Stream the request's chunks; raise `RouterError` if it cannot be served."""
         arrived = time.monotonic()
         deadline = request.deadline or arrived + self.config.request_timeout
@@ -180,7 +180,7 @@ class Router:
         self._inflight[request.request_id] = flight
         self.arrivals.record(arrived)
         self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
-        finish = FR.FINISH_REASON_UNSPECIFIED
+        finish: int = FR.FINISH_REASON_UNSPECIFIED
         try:
             async for chunk in self._serve(request, flight, deadline):
                 finish = chunk.finish_reason
@@ -193,12 +193,12 @@ class Router:
             self._finish(request, flight, finish)
 
     async def _serve(self, request: GenerationInput, flight: _InFlight,
-                     deadline: float) -> AsyncIterator[Chunk]:
+                     deadline: float) -> AsyncGenerator[Chunk, None]:
         pipeline_id = await self._admit(deadline)
         flight.queued = False
         detok = IncrementalDetokenizer(self.tokenizer.decode, request.prompt_token_ids)
         stops = StopMatcher(list(request.sampling.stop))
-        mode = common_pb2.RESUME_MODE_UNSPECIFIED
+        mode: int = common_pb2.RESUME_MODE_UNSPECIFIED
         failures = 0
         last = flight.arrived
         while True:
@@ -235,7 +235,7 @@ class Router:
             self._publish_queue()
 
     async def _stream(self, request: GenerationInput, flight: _InFlight, attempt: _Attempt,
-                      deadline: float) -> AsyncIterator[tuple[list[int], int]]:
+                      deadline: float) -> AsyncGenerator[tuple[list[int], int], None]:
         """Yield (new tokens, finish reason) from one submission; set `attempt.outcome`."""
         commit = flight.log
         submit = worker_pb2.SubmitRequest(request_id=request.request_id,
@@ -243,7 +243,7 @@ class Router:
                                           sampling=request.sampling)
         if commit.committed or attempt.mode == KV:
             submit.resume.generated_token_ids.extend(commit.tokens)
-            submit.resume.mode = attempt.mode
+            submit.resume.mode = attempt.mode  # type: ignore[assignment]
         call = self.workers.submit(attempt.address, submit,
                                    timeout=max(deadline - time.monotonic(), 0.001))
         attempt.call = call

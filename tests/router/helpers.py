@@ -10,7 +10,6 @@ from spotserve.operator.router.app import RouterApp
 from spotserve.operator.router.tokenizer import ModelTokenizer
 from spotserve.v1 import (
     common_pb2,
-    control_pb2,
     control_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,

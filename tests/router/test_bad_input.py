@@ -77,11 +77,11 @@ async def test_every_bad_http_input_is_a_400_naming_the_field(
         status, body, _ = await _post(app.http_port, "/v1/chat/completions",
                                       {"model": "tiny", **case})
         assert status == 400 and body["error"]["message"].startswith(field), (case, body)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"http://127.0.0.1:{app.http_port}/v1/completions",
-                             data=b"{not json") as response:
-            assert response.status == 400
-            assert (await response.json())["error"]["message"].startswith("body")
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"http://127.0.0.1:{app.http_port}/v1/completions",
+                      data=b"{not json") as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["message"].startswith("body")
     status, _, _ = await _post(app.http_port, "/v1/completions", GOOD)
     assert status == 200
 

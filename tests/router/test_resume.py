@@ -116,7 +116,7 @@ async def test_draining_pipeline_resumes_from_migrated_kv(
 async def test_kv_resume_falls_back_to_reprefill_when_the_kv_is_missing(
         start_worker: StartWorker, start_router: StartRouter,
         tokenizer: ModelTokenizer) -> None:
-    source, _, a = await start_worker("127.0.0.2", step_seconds=0.01)
+    _source, _, a = await start_worker("127.0.0.2", step_seconds=0.01)
     target, _, b = await start_worker("127.0.0.3", step_seconds=0.01)
     app = await start_router([Pipeline("p0", a)])
     task = asyncio.create_task(generate(app, PROMPTS[0], TOKENS, request_id="r0"))
