@@ -1,0 +1,64 @@
+"""Shared-token authentication for the internal gRPC services (Worker, Control).
+
+The token comes from `--token-file` (a mounted Kubernetes Secret) or the
+`SPOTSERVE_TOKEN` environment variable; calls carry it as `authorization: Bearer <token>`.
+An empty token disables the check (local development only).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from spotserve.errors import SpotserveError
+
+TOKEN_ENV = "SPOTSERVE_TOKEN"
+
+
+def load_token(token_file: str | None = None) -> str:
+    if token_file:
+        try:
+            return Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise SpotserveError(f"cannot read token file {token_file}: {exc.strerror}") from None
+    return os.environ.get(TOKEN_ENV, "").strip()
+
+
+def call_metadata(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def _authorized(metadata: Any, token: str) -> bool:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            return hmac.compare_digest(value.encode(), f"Bearer {token}".encode())
+    return False
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Reject every call without the shared token with UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong token in 'authorization' metadata")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+            details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if not self._token or _authorized(details.invocation_metadata, self._token):
+            return handler
+        if handler is not None and handler.response_streaming:
+            return self._deny_stream
+        return self._deny_unary
