@@ -95,13 +95,27 @@ def pipeline_times(cost: CostModel, stages: Sequence[StageHardware], batch: int,
                    prefill_micro: int, decode_micro: int, workload: Workload,
                    replicas: int = 1) -> StepTimes:
     """SpotServe's latency model for one pipeline (and the throughput of `replicas` of it)."""
+    groups = Counter(stages[:-1])
+    return grouped_pipeline_times(cost, [*groups.items(), (stages[-1], 1)], batch,
+                                  prefill_micro, decode_micro, workload, replicas)
+
+
+def grouped_pipeline_times(cost: CostModel, groups: Sequence[tuple[StageHardware, int]],
+                           batch: int, prefill_micro: int, decode_micro: int,
+                           workload: Workload, replicas: int = 1) -> StepTimes:
+    """`pipeline_times` for stages given as (stage, how many) in order; the last group's
+    last stage is the pipeline's last stage (it sends nothing on)."""
     if batch % prefill_micro or batch % decode_micro:
         raise ValueError("micro-batch counts must divide the batch")
-    p, distinct, senders = len(stages), set(stages), Counter(stages[:-1])
-    s1 = max(cost.stage_ms(s, batch // prefill_micro, Phase.PREFILL, workload) for s in distinct)
-    s2 = max(cost.stage_ms(s, batch // decode_micro, Phase.DECODE, workload) for s in distinct)
-    hop1 = sum(n * cost.hop_ms(s, batch, Phase.PREFILL, workload) for s, n in senders.items())
-    hop2 = sum(n * cost.hop_ms(s, batch, Phase.DECODE, workload) for s, n in senders.items())
+    p = sum(n for _, n in groups)
+    s1 = max(cost.stage_ms(s, batch // prefill_micro, Phase.PREFILL, workload)
+             for s, _ in groups)
+    s2 = max(cost.stage_ms(s, batch // decode_micro, Phase.DECODE, workload) for s, _ in groups)
+    last = groups[-1][0]
+    hop1 = sum(n * cost.hop_ms(s, batch, Phase.PREFILL, workload) for s, n in groups) \
+        - cost.hop_ms(last, batch, Phase.PREFILL, workload)
+    hop2 = sum(n * cost.hop_ms(s, batch, Phase.DECODE, workload) for s, n in groups) \
+        - cost.hop_ms(last, batch, Phase.DECODE, workload)
     t1 = s1 * (p + prefill_micro - 1) / prefill_micro + hop1 / prefill_micro
     t2 = s2 * (p + decode_micro - 1) + hop2 / decode_micro
     latency = (t1 + workload.output_tokens * t2 + cost.overhead_ms(batch)) * cost.fix_factor

@@ -26,8 +26,8 @@ from .cost_model import (
     StepTimes,
     Workload,
     batch_sizes,
+    grouped_pipeline_times,
     micro_batch_counts,
-    pipeline_times,
 )
 from .memory import USABLE_FRACTION, stage_fits
 
@@ -122,10 +122,24 @@ def tp_degrees(model: ModelSpec, cost: CostModel, itype: InstanceType,
 
 def stage_hardware(model: ModelSpec, itype: InstanceType, pipeline: int,
                    tensor: int) -> list[StageHardware]:
+    """The stages of a uniform pipeline, in order."""
+    return [s for s, n in stage_groups(model, itype, pipeline, tensor) for _ in range(n)]
+
+
+def stage_groups(model: ModelSpec, itype: InstanceType, pipeline: int,
+                 tensor: int) -> list[tuple[StageHardware, int]]:
+    """The same as (stage, count) runs: the longer stages, the shorter ones, the last."""
     tp_link = itype.intra_node_bytes_per_s if tensor <= itype.gpus else itype.nic_bytes_per_s
-    bounds = split_layers(model.num_layers, pipeline)
-    return [StageHardware(itype.gpu, tensor, b - a, tp_link, itype.nic_bytes_per_s,
-                          last=i == pipeline - 1) for i, (a, b) in enumerate(bounds)]
+    size, longer = divmod(model.num_layers, pipeline)
+
+    def hw(layers: int, last: bool = False) -> StageHardware:
+        return StageHardware(itype.gpu, tensor, layers, tp_link, itype.nic_bytes_per_s, last)
+
+    runs = [(hw(size + 1), longer), (hw(size), pipeline - longer - 1)]
+    last_size = size + 1 if longer == pipeline else size
+    if longer == pipeline:
+        runs = [(hw(size + 1), longer - 1)]
+    return [(s, n) for s, n in runs if n > 0] + [(hw(last_size, last=True), 1)]
 
 
 def pipeline_shapes(model: ModelSpec, cost: CostModel, itype: InstanceType,
@@ -136,19 +150,21 @@ def pipeline_shapes(model: ModelSpec, cost: CostModel, itype: InstanceType,
         pipelines = [p for p in range(max(1, -(-limits.min_gpus_per_replica // m)),
                                       model.num_layers + 1)
                      if not limits.pipeline_divides or limits.pipeline_divides % p == 0]
+        groups = {p: stage_groups(model, itype, p, m) for p in pipelines}
         for b in batch_sizes(limits.max_batch):
             fitting = [p for p in pipelines if _fits(model, itype, p, m, b, workload, limits)]
             for m1 in micro_batch_counts(b):
                 for m2 in micro_batch_counts(b):
-                    shapes += [PipelineShape(p, m, b, m1, m2, pipeline_times(
-                        cost, stage_hardware(model, itype, p, m), b, m1, m2, workload))
-                        for p in fitting]
+                    shapes += [PipelineShape(p, m, b, m1, m2, grouped_pipeline_times(
+                        cost, groups[p], b, m1, m2, workload)) for p in fitting]
     return shapes
 
 
 def _fits(model: ModelSpec, itype: InstanceType, pipeline: int, tensor: int, batch: int,
           workload: Workload, limits: SearchLimits) -> bool:
-    bounds = set(split_layers(model.num_layers, pipeline))
+    # split_layers front-loads layers, so the first stage is the largest but for the head
+    bounds = split_layers(model.num_layers, pipeline)
+    bounds = [bounds[0], bounds[-1]]
     return all(stage_fits(model, itype.gpu, tensor, a, b, batch, workload.total_tokens,
                           limits.usable_fraction) for a, b in bounds)
 

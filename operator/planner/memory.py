@@ -24,20 +24,60 @@ from spotserve.model_spec import ModelSpec
 USABLE_FRACTION = 0.9
 
 
-@lru_cache(maxsize=8192)
 def stage_bytes(model: ModelSpec, tp: int, layer_start: int, layer_end: int, batch: int,
                 tokens: int) -> int:
     """Largest rank's weights + KV bytes for a stage [layer_start, layer_end) at TP `tp`."""
+    first, last = layer_start == 0, layer_end == model.num_layers
+    terms = _per_rank_terms(model, tp, first, last)
+    if terms is None:
+        return _measured_bytes(model, tp, layer_start, layer_end, batch, tokens)
+    n = layer_end - layer_start
+    return max(per_layer * n + fixed + kv * n * batch * tokens
+               for per_layer, fixed, kv in terms)
+
+
+@lru_cache(maxsize=1024)
+def _per_rank_terms(model: ModelSpec, tp: int, first: bool,
+                    last: bool) -> tuple[tuple[int, int, int], ...] | None:
+    """Per rank: (weight bytes per layer, fixed bytes of embeddings/head, KV bytes per layer
+    and token), read off the layout math at 1 and 2 layers. None when the model is too
+    shallow to place such a stage at both sizes."""
+    lo = 0 if first else 1
+    if (first and last) or lo + 2 + (0 if last else 1) > model.num_layers:
+        return None
+    hi = model.num_layers if last else lo + 2
+    out = []
+    for r in range(tp):
+        one = _position_bytes(model, tp, hi - 1 if last else lo, hi if last else lo + 1, r)
+        two = _position_bytes(model, tp, hi - 2 if last else lo, hi, r)
+        out.append((two[0] - one[0], 2 * one[0] - two[0], one[1]))
+    return tuple(out)
+
+
+def _layout(model: ModelSpec, tp: int, layer_start: int, layer_end: int,
+            batch: int = 1) -> tuple[ParallelConfig, int]:
     stages = [StageLayout(layer_start, layer_end, tp)]
     if layer_start > 0:
         stages.insert(0, StageLayout(0, layer_start, 1))
     if layer_end < model.num_layers:
         stages.append(StageLayout(layer_end, model.num_layers, 1))
-    config = ParallelConfig((PipelineLayout(tuple(stages)),), batch)
-    index = 1 if layer_start > 0 else 0
-    return max(position_weight_bytes(model, config, Position(0, index, r))
-               + position_kv_bytes_per_token(model, config, Position(0, index, r))
-               * batch * tokens for r in range(tp))
+    return ParallelConfig((PipelineLayout(tuple(stages)),), batch), 1 if layer_start > 0 else 0
+
+
+def _position_bytes(model: ModelSpec, tp: int, layer_start: int, layer_end: int,
+                    rank: int) -> tuple[int, int]:
+    config, index = _layout(model, tp, layer_start, layer_end)
+    pos = Position(0, index, rank)
+    return (position_weight_bytes(model, config, pos),
+            position_kv_bytes_per_token(model, config, pos))
+
+
+@lru_cache(maxsize=4096)
+def _measured_bytes(model: ModelSpec, tp: int, layer_start: int, layer_end: int, batch: int,
+                    tokens: int) -> int:
+    """The same figure straight from the layout math, for shallow models."""
+    return max(w + kv * batch * tokens for w, kv in
+               (_position_bytes(model, tp, layer_start, layer_end, r) for r in range(tp)))
 
 
 def stage_fits(model: ModelSpec, gpu: GPUSpec, tp: int, layer_start: int, layer_end: int,
