@@ -182,6 +182,8 @@ def map_devices(model: ModelSpec, new: ParallelConfig, instances: Sequence[Insta
     `current` (the running placement and its progress) may mention doomed instances, whose
     data still counts for KV inheritance, and lost ones, whose data is gone."""
     hosts = sorted((i for i in instances if i.usable), key=lambda i: (i.price, i.name))
+    if not hosts:
+        raise SpotserveError("no usable (running or joining) instances to place it on")
     readable = {i.name for i in instances if i.state != "lost"}
     inherits = choose_inheritance(current, new, readable)
     fast = _scale_out(model, new, hosts, current, instances, inherits)

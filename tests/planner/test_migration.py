@@ -1,0 +1,118 @@
+"""Migration plan: transfers rebuild every new shard and KV cache, from the right sources."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+
+from spotserve.layout import ParallelConfig, kv_heads, position_slices, position_weight_bytes
+from spotserve.operator.planner import (
+    CurrentState,
+    Instance,
+    PipelineProgress,
+    map_devices,
+    migration_plan,
+)
+from spotserve.operator.planner.device_mapper import instance_kinds, pack_slots
+from spotserve.operator.planner.migration import FIXED_OVERHEAD_S
+
+from .support import place, pool, small_type, tiny_model
+from .test_device_mapper import scenarios
+
+
+def covered(intervals: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    at = lo
+    for a, b in sorted(intervals):
+        if a > at:
+            break
+        at = max(at, b)
+    return at >= hi
+
+
+def check_plan(model, current, new, instances):  # type: ignore[no-untyped-def]
+    mapping = map_devices(model, new, instances, current)
+    plan = migration_plan(model, current, mapping.placement, mapping.inherits, instances)
+    state = {i.name: i.state for i in instances}
+    old = current.placement
+    readable = {n for n, s in state.items() if s != "lost"}
+    got: dict[tuple[object, str], list[tuple[int, int]]] = defaultdict(list)
+    for t in plan.transfers:
+        assert t.src is None or state[t.src.instance] != "lost"
+        assert t.urgent == (t.src is not None and state[t.src.instance] == "doomed")
+        key = (t.dst, t.tensor if t.kv_pipeline is None else f"kv{t.layer}")
+        for a, b in got[key]:
+            assert b <= t.start or t.stop <= a, "a piece arrives twice"
+        got[key].append((t.start, t.stop))
+        if t.src is not None and t.kv_pipeline is None:
+            held = [s for s in position_slices(model, old.config, old.by_gpu[t.src])
+                    if s.tensor == t.tensor]
+            assert any(s.dim is None or (s.start <= t.start and t.stop <= s.stop)
+                       for s in held), "the source does not hold the piece"
+    urgent = [t.urgent for t in plan.transfers]
+    assert urgent == sorted(urgent, reverse=True), "urgent transfers go first"
+    for pos, gpu in mapping.placement.assignment:
+        mine = []
+        before = old.by_gpu.get(gpu)
+        if before is not None and gpu.instance in readable:
+            mine = position_slices(model, old.config, before)
+        for want in position_slices(model, new, pos):
+            local = [(s.start, s.stop) if s.dim is not None else (want.start, want.stop)
+                     for s in mine if s.tensor == want.tensor]
+            assert covered(local + got[(gpu, want.tensor)], want.start, want.stop)
+    for new_pipe, old_pipe in mapping.inherits:
+        if current.progress_of(old_pipe).cached_tokens == 0:
+            continue
+        for pos, gpu in mapping.placement.assignment:
+            if pos.pipeline != new_pipe:
+                continue
+            stage = new.stage_of(pos)
+            lo, hi = kv_heads(model, stage.tp, pos.tp_rank)
+            before = old.by_gpu.get(gpu)
+            for layer in stage.layers():
+                local = []
+                if before is not None and before.pipeline == old_pipe \
+                        and layer in old.config.stage_of(before).layers():
+                    local = [kv_heads(model, old.config.stage_of(before).tp, before.tp_rank)]
+                assert covered(local + got[(gpu, f"kv{layer}")], lo, hi)
+    return mapping, plan
+
+
+@settings(max_examples=30, deadline=None)
+@given(scenarios())
+def test_transfers_rebuild_every_slice_and_kv_cache(scenario) -> None:  # type: ignore[no-untyped-def]
+    model, current, new, instances = scenario
+    hosts = [i for i in instances if i.usable]
+    if not hosts or len(pack_slots(new, instance_kinds(hosts))) > len(hosts):
+        return
+    check_plan(model, current, new, instances)
+
+
+def test_doomed_only_data_is_urgent_and_survivors_send_the_rest() -> None:
+    model = tiny_model(4)
+    itype = small_type("box", 2)
+    old = ParallelConfig.uniform(4, 2, 2, 2, 2)  # n0,n1 = pipeline 0; n2,n3 = pipeline 1
+    placement = place(model, old, pool(itype, 4))
+    current = CurrentState(placement, (PipelineProgress(0, 40, 9), PipelineProgress(1, 8, 9)))
+    now = [*pool(itype, 4, states={1: "doomed"}), Instance("j0", itype, state="joining")]
+    mapping, plan = check_plan(model, current, old, now)
+    assert plan.urgent_bytes > 0  # pipeline 0's KV for layers 2-3 lives only on n1
+    assert all(t.src.instance == "n1" for t in plan.transfers if t.urgent)
+    assert all(t.src is not None and t.src.instance == "n3"
+               for t in plan.transfers if not t.urgent and t.kv_pipeline is None)
+
+
+def test_cold_start_loads_from_the_checkpoint_over_each_nic() -> None:
+    model = tiny_model(4)
+    itype = small_type("box", 2)
+    instances = pool(itype, 2)
+    config = ParallelConfig.uniform(4, 1, 2, 2, 1)
+    mapping = map_devices(model, config, instances)
+    plan = migration_plan(model, None, mapping.placement, (), instances)
+    assert all(t.src is None for t in plan.transfers)
+    assert plan.checkpoint_bytes == plan.total_bytes == sum(
+        position_weight_bytes(model, config, p) for p in config.positions())
+    busiest = max(plan.inbound_bytes.values())
+    assert plan.seconds == pytest.approx(busiest / itype.nic_bytes_per_s + FIXED_OVERHEAD_S)
+    assert [t.layer for t in plan.transfers] == sorted(t.layer for t in plan.transfers)
