@@ -424,6 +424,7 @@ class Router:
 
     def _finish(self, request: GenerationInput, flight: _InFlight, finish: int) -> None:
         self._inflight.pop(request.request_id, None)
+        self.topology.hints.pop(request.request_id, None)
         elapsed = time.monotonic() - flight.arrived
         if finish in (FR.FINISH_REASON_STOP, FR.FINISH_REASON_LENGTH):
             self.counters.completed += 1
@@ -461,6 +462,8 @@ class Router:
         if lost is None:
             log.info("ignored a stale topology (epoch %d < %d)", epoch, self.topology.epoch)
             return self.topology.epoch
+        for request_id in [r for r in self.topology.hints if r not in self._inflight]:
+            del self.topology.hints[request_id]  # finished already, or never ours
         for pipeline_id in lost:
             for attempt in list(self._attempts.get(pipeline_id, ())):
                 if not self.topology.usable(attempt.pipeline_id, attempt.address):

@@ -1,7 +1,9 @@
 """The router's view of the serving pipelines, as the controller last described it.
 
-Level-based: each update replaces the whole set (pipelines and resume hints). An update
-with an older epoch than the current one is ignored. `apply` reports which pipelines
+Level-based for pipelines: each update replaces the whole set. Resume hints accumulate
+(a newer hint for the same request replaces an older one) until the request uses or
+finishes them, so a controller may send a hint once. An update with an older epoch than
+the current one is ignored. `apply` reports which pipelines
 stopped being usable for requests already running on them (gone, vanished or moved to a
 new driver address), so the router can move those requests.
 """
@@ -44,7 +46,7 @@ class Topology:
         lost |= {pid for pid, p in new.items() if p.state is PipelineState.GONE}
         self.epoch = epoch
         self.pipelines = new
-        self.hints = {h.request_id: h for h in hints}
+        self.hints.update({h.request_id: h for h in hints})
         return lost
 
     def serving(self) -> list[Pipeline]:

@@ -129,3 +129,10 @@ def test_latency_window_percentiles() -> None:
         window.add(float(value))
     assert len(window) == 100
     assert window.percentile(50) == 150.0 and window.percentile(99) == 199.0
+
+
+def test_topology_hints_accumulate_until_used() -> None:
+    topo = Topology()
+    topo.apply(1, [], [ResumeHint("r1", "a", "kv"), ResumeHint("r2", "a", "kv")])
+    topo.apply(2, [], [ResumeHint("r2", "b", "reprefill")])
+    assert topo.hints["r1"].pipeline_id == "a" and topo.hints["r2"].mode == "reprefill"
