@@ -96,7 +96,7 @@ def test_doomed_only_data_is_urgent_and_survivors_send_the_rest() -> None:
     placement = place(model, old, pool(itype, 4))
     current = CurrentState(placement, (PipelineProgress(0, 40, 9), PipelineProgress(1, 8, 9)))
     now = [*pool(itype, 4, states={1: "doomed"}), Instance("j0", itype, state="joining")]
-    mapping, plan = check_plan(model, current, old, now)
+    _, plan = check_plan(model, current, old, now)
     assert plan.urgent_bytes > 0  # pipeline 0's KV for layers 2-3 lives only on n1
     assert all(t.src.instance == "n1" for t in plan.transfers if t.urgent)
     assert all(t.src is not None and t.src.instance == "n3"
