@@ -99,6 +99,20 @@ def test_drain_export_import_resume_across_configurations(
     assert set(outputs[1]) >= {"a", "b", "c", "s"}, "requests should have moved"
 
 
+@pytest.mark.slow
+def test_rank_to_rank_kv_handover(checkpoint: Path, reference: dict[str, list[int]]) -> None:
+    """The transfer-service path: every rank publishes its layers/heads of each request;
+    the new ranks stage the pieces `kv_reshard_plan` assigns them; the driver adopts."""
+    phases = [
+        Phase(_uniform(2, 2), ARRIVALS, drain_at=3, drain_steps=2, handover="ranks"),
+        Phase(UNEVEN3, resume=True, drain_at=0, drain_steps=3, handover="ranks"),
+        Phase(_uniform(1, 4), resume=True),
+    ]
+    outputs = run_world(4, checkpoint, phases, timeout=240)
+    assert merged(outputs) == reference
+    assert len(outputs[1]["a"]) > len(outputs[0]["a"]) > 0
+
+
 def test_local_drain_and_resume_by_kv_and_by_reprefill(checkpoint: Path,
                                                        reference: dict[str, list[int]]) -> None:
     for export_kv in (True, False):

@@ -38,6 +38,7 @@ class Phase:
     drain_at: int | None = None   # at this step, allow `drain_steps` more, then export
     drain_steps: int = 0
     export_kv: bool = True
+    handover: str = "driver"      # "driver": export/resume; "ranks": publish/stage/adopt
     ranks: dict[Position, int] | None = None   # default: positions in order → 0..n-1
     engine: EngineConfig = field(default=ENGINE)
 
@@ -100,27 +101,51 @@ def _main(rank: int, world: int, port: int, folder: str, phases: list[Phase],
 def _run_phases(folder: str, phases: list[Phase]) -> list[dict[str, list[int]]]:
     import torch.distributed as dist
 
+    from spotserve.model_spec import ModelSpec
     from spotserve.worker.engine.builder import build_runner
     from spotserve.worker.engine.engine import Engine
     from spotserve.worker.model.parallel import EpochGroups
+    spec = ModelSpec.from_hf_config(Path(folder))
     states: list[Any] = []
+    held: dict[Position, dict[str, Any]] = {}     # old position → its published KV pieces
+    previous: ParallelConfig | None = None
     outputs: list[dict[str, list[int]]] = []
     for epoch, phase in enumerate(phases):
         groups = EpochGroups.create(epoch, phase.config, phase.rank_map())
         carry: Any = None
+        published: tuple[Any, dict[str, Any]] = (None, {})
         if groups.position is not None:
             runner = build_runner(folder, groups, phase.engine)
+            if phase.resume and held and previous is not None:
+                _stage_pieces(spec, previous, phase.config, groups.position, held, runner)
             if groups.is_driver:
                 engine = Engine(runner, phase.engine)
-                carry = _drive(engine, phase, states if phase.resume else [])
+                carry = _drive(engine, phase, states if phase.resume else [], bool(held))
             else:
                 runner.serve_forever()
+            published = (groups.position, runner.published)
         groups.destroy()
         box = [carry]
         dist.broadcast_object_list(box, src=phase.rank_map()[Position(0, 0, 0)])
         states, produced = box[0]
         outputs.append(produced)
+        everything: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, published)
+        held = {pos: pieces for pos, pieces in everything if pos is not None and pieces}
+        previous = phase.config
     return outputs
+
+
+def _stage_pieces(spec: Any, old: ParallelConfig, new: ParallelConfig, me: Position,
+                  held: dict[Position, dict[str, Any]], runner: Any) -> None:
+    """Play the transfer service: hand this rank the KV pieces `kv_reshard_plan` assigns."""
+    from spotserve.layout import kv_reshard_plan
+    for move in kv_reshard_plan(spec, old, 0, new, 0):
+        if move.dst != me:
+            continue
+        for request_id, piece in held[move.sources[0]].items():
+            cut = piece.cut((move.layer, move.layer + 1), (move.head_start, move.head_stop))
+            runner.stage_kv(request_id, cut)
 
 
 def run_local(folder: Path, phases: list[Phase]) -> list[dict[str, list[int]]]:
@@ -151,10 +176,14 @@ def merged(outputs: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     return out
 
 
-def _drive(engine: Any, phase: Phase, states: list[Any]) -> tuple[list[Any], dict]:
+def _drive(engine: Any, phase: Phase, states: list[Any], adopt: bool = False
+           ) -> tuple[list[Any], dict]:
     produced: dict[str, list[int]] = {s.request_id: list(s.output_token_ids) for s in states}
     for state in states:
-        engine.resume(state)
+        if adopt:
+            engine.adopt(state)
+        else:
+            engine.resume(state)
     pending = sorted(phase.arrivals, key=lambda a: a[0])
     for step in range(1000):
         while pending and pending[0][0] <= step:
@@ -168,6 +197,10 @@ def _drive(engine: Any, phase: Phase, states: list[Any]) -> tuple[list[Any], dic
         for event in engine.step():
             assert event.index == len(produced[event.request_id])
             produced[event.request_id].append(event.token_id)
-    exported = engine.export_all(with_kv=phase.export_kv) if phase.drain_at is not None else []
+    exported = []
+    if phase.drain_at is not None and phase.handover == "ranks":
+        exported = engine.publish()
+    elif phase.drain_at is not None:
+        exported = engine.export_all(with_kv=phase.export_kv)
     engine.shutdown()
     return exported, produced

@@ -135,6 +135,39 @@ class Engine:
     def export_all(self, with_kv: bool = True) -> list[RequestState]:
         return [self.export(r, with_kv) for r in self.request_ids()]
 
+    def publish(self, request_ids: list[str] | None = None) -> list[RequestState]:
+        """Hand requests over rank to rank: every rank keeps its share of each request's KV
+        in `runner.published`; the returned states carry tokens and `num_computed` (no
+        tensor). The requests leave this engine."""
+        seqs = [s for s in (self.scheduler.get(r) for r in request_ids or self.request_ids())
+                if s is not None]
+        self.runner.publish_kv({s.request_id: (tuple(s.block_table), s.num_computed)
+                                for s in seqs if s.num_computed > 0})
+        states = []
+        for seq in seqs:
+            state = RequestState.of(seq)
+            state.num_computed = seq.num_computed
+            states.append(state)
+            self.scheduler.remove(seq.request_id)
+        return states
+
+    def adopt(self, state: RequestState) -> None:
+        """Continue a published request whose KV pieces every rank has staged
+        (`runner.stage_kv`); with nothing cached, this is a re-prefill."""
+        seq = Sequence(state.request_id, list(state.prompt_token_ids), state.params,
+                       output_token_ids=list(state.output_token_ids))
+        if state.num_computed == 0:
+            self.scheduler.add(seq)
+            return
+        self.blocks.grow(seq, state.num_computed)
+        try:
+            self.runner.adopt_kv(state.request_id, tuple(seq.block_table))
+        except Exception:
+            self.blocks.free(seq)
+            raise
+        seq.num_computed = state.num_computed
+        self.scheduler.add(seq)
+
     def resume(self, state: RequestState) -> None:
         """Continue a request exported elsewhere (KV import, or re-prefill without KV)."""
         seq = Sequence(state.request_id, list(state.prompt_token_ids), state.params,
