@@ -40,18 +40,18 @@ def _authorized(metadata: Any, token: str) -> bool:
     return False
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Reject every call without the shared token with UNAUTHENTICATED."""
 
     def __init__(self, token: str) -> None:
         self._token = token
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong token in 'authorization' metadata")
 
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_unary: Any = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream: Any = grpc.unary_stream_rpc_method_handler(deny)
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],

@@ -205,7 +205,7 @@ class ModelSpec:
 
     def supports_tp(self, tp: int) -> bool:
         """Whether TP degree `tp` keeps whole attention heads on every rank."""
-        if tp < 1 or self.num_heads % tp:
+        if tp < 1 or self.num_heads % tp or tp > min(self.intermediate_size, self.vocab_size):
             return False
         return self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0
 

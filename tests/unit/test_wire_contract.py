@@ -49,9 +49,8 @@ def test_messages_round_trip() -> None:
 
 
 def test_slice_messages_mirror_the_layout_types() -> None:
-    from spotserve.v1 import common_pb2
-
     from spotserve.layout import TensorSlice
+    from spotserve.v1 import common_pb2
 
     fields = {f.name for f in common_pb2.TensorSlice.DESCRIPTOR.fields}
     assert fields == set(TensorSlice.__dataclass_fields__)
