@@ -117,6 +117,7 @@ class _InFlight:
     arrived: float
     attempt: _Attempt | None = None
     queued: bool = True
+    paused: bool = False  # drained with its KV kept, waiting to resume
 
 
 @dataclass
@@ -310,15 +311,15 @@ class Router:
         log.info("request %s interrupted after %d tokens: %s", commit.request_id,
                  commit.committed, attempt.reason)
         give_up = min(deadline, time.monotonic() + self.config.resume_timeout)
-        if failures > 1:  # repeated failures without progress: back off a little
-            await asyncio.sleep(min(0.05 * 2 ** (failures - 2), 1.0))
-        if attempt.outcome is Outcome.PAUSED:
-            hint = await self._await_hint(commit.request_id, attempt, give_up)
-        else:
-            hint = self.topology.hints.pop(commit.request_id, None)
-        target = self._kv_target(attempt, hint)
-        flight.queued = True
+        flight.queued, flight.paused = True, attempt.outcome is Outcome.PAUSED
         try:
+            if failures > 1:  # repeated failures without progress: back off a little
+                await asyncio.sleep(min(0.05 * 2 ** (failures - 2), 1.0))
+            if flight.paused:
+                hint = await self._await_hint(commit.request_id, attempt, give_up)
+            else:
+                hint = self.topology.hints.pop(commit.request_id, None)
+            target = self._kv_target(attempt, hint)
             if target is not None:
                 wait = min(self.config.hint_wait, give_up - time.monotonic())
                 with contextlib.suppress(RouterError):
@@ -328,7 +329,7 @@ class Router:
             pipeline_id = await self._acquire_for_resume(flight, attempt, hint, give_up)
             return self._resumed(commit, pipeline_id, REPREFILL)
         finally:
-            flight.queued = False
+            flight.queued = flight.paused = False
 
     async def _acquire_for_resume(self, flight: _InFlight, attempt: _Attempt,
                                   hint: ResumeHint | None, give_up: float) -> str:
@@ -491,7 +492,8 @@ class Router:
             e2e_p99_seconds=self.counters.e2e.percentile(99),
             requests=[common_pb2.RequestProgress(
                 request_id=rid, prompt_tokens=len(f.log.prompt_token_ids),
-                generated_tokens=f.log.committed) for rid, f in self._inflight.items()],
+                generated_tokens=f.log.committed, kv_kept=f.paused)
+                for rid, f in self._inflight.items()],
             epoch=self.topology.epoch)
 
     def ready(self) -> bool:

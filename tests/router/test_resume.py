@@ -98,6 +98,12 @@ async def test_draining_pipeline_resumes_from_migrated_kv(
                                          Pipeline("p1", b)], [])
     while len(source.kv) < 4:
         await asyncio.sleep(0.01)
+    for _ in range(200):  # the controller sees which requests wait with their KV kept
+        if sum(p.kv_kept for p in app.router.stats().requests) == 4:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("Stats does not show the paused requests")
     target.kv.update(source.kv)
     source.kv.clear()
     hints = [ResumeHint(rid, "p1", "kv") for rid in target.kv]
@@ -144,3 +150,20 @@ async def test_request_that_cannot_resume_fails_clearly(start_worker: StartWorke
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "could not resume" in (info.value.details() or "")
     assert app.router.stats().failed == 1
+
+
+async def test_called_off_drain_resumes_from_kv_on_the_same_pipeline(
+        start_worker: StartWorker, start_router: StartRouter,
+        tokenizer: ModelTokenizer) -> None:
+    worker, _, a = await start_worker("127.0.0.2", step_seconds=0.01)
+    app = await start_router([Pipeline("p0", a)])
+    task = asyncio.create_task(generate(app, PROMPTS[1], TOKENS))
+    await _wait_for_progress(app, 5, 1)
+    async with grpc.aio.insecure_channel(a) as channel:
+        await worker_pb2_grpc.WorkerStub(channel).Drain(worker_pb2.DrainRequest(steps=3),
+                                                        metadata=AUTH)
+    worker.drained = False  # the controller changed its mind; p0 never left SERVING
+    out = await task
+    ids, text = expected(tokenizer, PROMPTS[1], TOKENS)
+    assert out.token_ids == ids and out.text == text
+    assert [s.mode for s in worker.submissions] == [0, common_pb2.RESUME_MODE_KV]
