@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from spotserve.catalog import InstanceType
 from spotserve.layout import ParallelConfig, PipelineLayout, StageLayout
@@ -90,16 +91,23 @@ class HeteroResult:
                                  for s in p.stages)) for p in self.pipelines), self.batch)
 
 
-@dataclass(frozen=True, order=True)
-class _Partial:
+class _Partial(NamedTuple):
+    """A pipeline under construction; `rank` is minus its score were it finished here.
+    The hop out of the last stage is paid only once another stage follows it."""
+
     rank: float
-    stages: tuple[HeteroStage, ...] = field(compare=False)
-    counts: tuple[int, ...] = field(compare=False)
-    s1: float = field(compare=False)
-    s2: float = field(compare=False)
-    hop1: float = field(compare=False)
-    hop2: float = field(compare=False)
-    price: float = field(compare=False)
+    stages: tuple[HeteroStage, ...]
+    counts: tuple[int, ...]
+    s1: float
+    s2: float
+    hop1: float
+    hop2: float
+    price: float
+    last_hop1: float
+    last_hop2: float
+
+
+_REJECTED = _Partial(0.0, (), (), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 class _Search:
@@ -137,48 +145,54 @@ class _Search:
                 self.cost.hop_ms(hw, self.batch, Phase.PREFILL, w),
                 self.cost.hop_ms(hw, self.batch, Phase.DECODE, w))
 
-    def finish(self, p: _Partial) -> HeteroPipeline:
-        n, m1, m2 = len(p.stages), self.m1, self.m2
-        t1 = p.s1 * (n + m1 - 1) / m1 + p.hop1 / m1
-        t2 = p.s2 * (n + m2 - 1) + p.hop2 / m2
-        fix = self.cost.fix_factor
-        latency = (t1 + self.workload.output_tokens * t2
-                   + self.cost.overhead_ms(self.batch)) * fix
+    def _times(self, n: int, s1: float, s2: float, hop1: float, hop2: float
+               ) -> tuple[float, float, float]:
+        """(prefill ms, decode step ms, latency ms) before the fix factor."""
+        m1, m2 = self.m1, self.m2
+        t1 = s1 * (n + m1 - 1) / m1 + hop1 / m1
+        t2 = s2 * (n + m2 - 1) + hop2 / m2
+        return t1, t2, t1 + self.workload.output_tokens * t2 + self.cost.overhead_ms(self.batch)
+
+    def _score(self, latency: float, price: float) -> float:
         throughput = self.batch / latency * 1000.0
-        score = throughput / p.price if p.price > 0 else throughput
+        score = throughput / price if price > 0 else throughput
         slo = self.limits.latency_slo_ms
         if slo is not None and latency > slo:
             score *= (slo / latency) ** 2
-        return HeteroPipeline(p.stages, t1 * fix, t2 * fix, latency, throughput, p.price, score)
+        return score
 
-    def extend(self, p: _Partial, t: int, start: int, end: int) -> _Partial | None:
+    def finish(self, p: _Partial) -> HeteroPipeline:
+        fix = self.cost.fix_factor
+        t1, t2, latency = self._times(len(p.stages), p.s1, p.s2, p.hop1, p.hop2)
+        latency *= fix
+        return HeteroPipeline(p.stages, t1 * fix, t2 * fix, latency,
+                              self.batch / latency * 1000.0, p.price,
+                              self._score(latency, p.price))
+
+    def extend(self, p: _Partial, t: int, start: int, end: int,
+               worst: float = float("inf")) -> _Partial | None:
+        """`p` plus a stage of type `t` over [start, end); None if it does not fit or would
+        rank no better than `worst`."""
         cost = self.stage(t, start, end)
         if cost is None:
             return None
-        s1, s2 = cost[0], cost[1]
+        s1, s2 = max(p.s1, cost[0]), max(p.s2, cost[1])
+        hop1, hop2 = p.hop1 + p.last_hop1, p.hop2 + p.last_hop2
+        price = p.price + self.prices[t]
+        latency = self._times(len(p.stages) + 1, s1, s2, hop1, hop2)[2] * self.cost.fix_factor
+        rank = -self._score(latency, price)
+        if rank >= worst:
+            return _REJECTED
         counts = tuple(c + (i == t) for i, c in enumerate(p.counts))
-        stages = (*p.stages, HeteroStage(self.types[t].name, start, end))
-        # the hop from the previous stage to this one is paid by the previous stage
-        partial = _Partial(0.0, stages, counts, max(p.s1, s1), max(p.s2, s2),
-                           p.hop1 + (self._prev_hop(p, 0)), p.hop2 + (self._prev_hop(p, 1)),
-                           p.price + self.prices[t])
-        return _Partial(-self.finish(partial).score, *_fields(partial))
-
-    def _prev_hop(self, p: _Partial, phase: int) -> float:
-        if not p.stages:
-            return 0.0
-        last = p.stages[-1]
-        t = next(i for i, it in enumerate(self.types) if it.name == last.instance_type)
-        cost = self.stage(t, last.layer_start, last.layer_end)
-        assert cost is not None
-        return cost[2 + phase]
+        return _Partial(rank, (*p.stages, HeteroStage(self.types[t].name, start, end)), counts,
+                        s1, s2, hop1, hop2, price, cost[2], cost[3])
 
     def best(self, available: Sequence[int]) -> HeteroPipeline | None:
         """The highest-scoring complete pipeline using at most `available[t]` of type t."""
         k, L = self.limits.top_k, self.model.num_layers
         states: dict[tuple[int, int], list[_Partial]] = defaultdict(list)
         states[(0, 0)] = [_Partial(0.0, (), tuple(0 for _ in self.types), 0.0, 0.0, 0.0, 0.0,
-                                   0.0)]
+                                   0.0, 0.0, 0.0)]
         done: list[HeteroPipeline] = []
         for stages in range(min(self.limits.max_stages, sum(available))):
             for start in [0, *self.ends[:-1]]:
@@ -187,31 +201,39 @@ class _Search:
                         if p.counts[t] >= available[t]:
                             continue
                         for end in (e for e in self.ends if e > start):
-                            nxt = self.extend(p, t, start, end)
+                            if end == L:
+                                nxt = self.extend(p, t, start, end)
+                                if nxt is None:
+                                    break
+                                done.append(self.finish(nxt))
+                                continue
+                            bucket = states[(end, stages + 1)]
+                            worst = bucket[-1].rank if len(bucket) >= k else float("inf")
+                            nxt = self.extend(p, t, start, end, worst)
                             if nxt is None:
                                 break
-                            if end == L:
-                                done.append(self.finish(nxt))
-                            else:
-                                _keep(states[(end, stages + 1)], nxt, k)
+                            if nxt is not _REJECTED:
+                                _keep(bucket, nxt, k)
         return max(done, key=_pipeline_key) if done else None
-
-
-def _fields(p: _Partial) -> tuple[object, ...]:
-    return (p.stages, p.counts, p.s1, p.s2, p.hop1, p.hop2, p.price)
 
 
 def _keep(bucket: list[_Partial], cand: _Partial, k: int) -> None:
     """Insert keeping the k best (lowest rank) partials, one per (counts, s1, s2)."""
+    if len(bucket) >= k and cand.rank >= bucket[-1].rank:
+        return
     for i, other in enumerate(bucket):
         if (other.counts, other.s1, other.s2) == (cand.counts, cand.s1, cand.s2):
             if cand.rank < other.rank:
                 bucket[i] = cand
-                bucket.sort()
+                bucket.sort(key=_rank)
             return
     bucket.append(cand)
-    bucket.sort()
+    bucket.sort(key=_rank)
     del bucket[k:]
+
+
+def _rank(p: _Partial) -> float:
+    return p.rank
 
 
 def _pipeline_key(p: HeteroPipeline) -> tuple[float, float, str]:
