@@ -59,8 +59,15 @@ class StageHardware:
 class CostModel(Protocol):
     """A source of stage and hop times (milliseconds). Implementations are immutable."""
 
-    name: str
-    fix_factor: float
+    @property
+    def name(self) -> str:
+        """Short label shown in plans (e.g. "profile", "roofline")."""
+        ...
+
+    @property
+    def fix_factor(self) -> float:
+        """Multiplier on the whole request latency (SpotServe's `final_fix_factor`)."""
+        ...
 
     def supports(self, gpu: GPUSpec, tp: int) -> bool:
         """Whether this model can cost `tp`-way tensor parallelism on `gpu`."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import linear_sum_assignment
+from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]
 
 from spotserve.errors import SpotserveError
 from spotserve.layout import ParallelConfig, Position, shared_kv_bytes, shared_weight_bytes

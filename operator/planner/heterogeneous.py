@@ -270,7 +270,7 @@ def search(model: ModelSpec, cost: CostModel, instances: Sequence[Instance],
 
 
 def _replicas(dp: _Search, counts: Sequence[int], rate: float) -> HeteroResult:
-    left, chosen = list(counts), []
+    left, chosen = list(counts), list[HeteroPipeline]()
     while rate <= 0 or sum(p.throughput for p in chosen) < rate:
         pipe = dp.best(left)
         if pipe is None:

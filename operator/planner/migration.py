@@ -132,9 +132,10 @@ def _in_place(old: Placement, new: Placement, pipeline: int) -> bool:
 def weight_transfers(model: ModelSpec, current: CurrentState | None, new: Placement,
                      readable: set[str], picker: _SourcePicker) -> list[Transfer]:
     rep_new, new_class = _classes(new.config)
-    if current is None:
-        old_rep, old_class, holders = None, [], {}
-    else:
+    old_rep: ParallelConfig | None = None
+    old_class: list[int] = []
+    holders: dict[tuple[int, int, int], list[GpuId]] = {}
+    if current is not None:
         old = current.placement
         old_rep, old_class = _classes(old.config)
         holders = _holder_index(old, old_class, readable)

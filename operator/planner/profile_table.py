@@ -60,7 +60,7 @@ class ProfileTable:
         try:
             return cls(
                 name=str(data.get("name", default_name)), layer_num=int(data["layer_num"]),
-                padded_layer_num=int(data.get("padded_layer_num", data["layer_num"])),
+                padded_layer_num=int(data.get("padded_layer_num") or data["layer_num"]),
                 final_fix_factor=float(data.get("final_fix_factor", 1.0)),
                 pp_init_comm=float(data.get("pp_init_comm", 0.0)),
                 pp_incr_comm=float(data.get("pp_incr_comm", 0.0)),
