@@ -1,0 +1,155 @@
+"""One simulation setup (`Setup`), the approaches over it, and their runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from spotserve.catalog import Catalog, InstanceType
+from spotserve.errors import SpotserveError
+from spotserve.models import resolve_model
+
+from ..planner.cost_model import Workload
+from ..planner.heterogeneous import HeteroLimits
+from ..planner.profile_table import ProfileTable
+from ..planner.request import cost_model, search_limits
+from . import report
+from .engine import ClusterSpec, Policy, Simulation
+from .policies import Reparallelize, Reroute, SpotServe, Variant, best_shape
+from .scenario import Scenario
+from .traces import Trace, TraceEvent
+from .workload import Arrival
+
+BASELINES = ("spotserve", "reparallelize", "reroute", "ondemand")
+# cumulative, as in the paper: each drops one more component
+ABLATIONS = {
+    "no-controller": Variant(controller=False),
+    "no-migration-planner": Variant(controller=False, migration_planner=False),
+    "no-arranger": Variant(controller=False, migration_planner=False, arranger=False),
+    "no-device-mapper": Variant(False, False, False, False),
+}
+APPROACHES = BASELINES + tuple(ABLATIONS)
+GROUPS = {"all": BASELINES, "ablation": ("spotserve", *ABLATIONS), "every": APPROACHES}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything but the approach: model and planning inputs, cluster, trace, requests."""
+
+    model: str
+    trace: Trace
+    arrivals: tuple[Arrival, ...]
+    rate: float                       # the planner's required rate α at the start
+    profile: Path | None = None
+    min_gpus_per_replica: int = 1
+    max_batch: int = 4
+    instance_type: str = "g4dn.12xlarge"
+    node_types: dict[str, str] = field(default_factory=dict)
+    spot_prices: dict[str, float] = field(default_factory=dict)
+    on_demand_nodes: frozenset[str] = frozenset()
+    ondemand_instances: int | None = None
+    grace_s: float = 30.0
+    boot_s: float = 0.0
+    storage_gbps: float = 16.0       # checkpoint reads from storage, Gbit/s in all
+    migration_overhead_s: float = 2.0
+    workload: Workload = field(default_factory=Workload)
+    strategy: str = "auto"
+    latency_slo_s: float | None = None
+
+    def scenario(self) -> Scenario:
+        model = resolve_model(self.model)
+        table = ProfileTable.load(self.profile) if self.profile else None
+        limits = search_limits({"max_batch": self.max_batch,
+                                "min_gpus_per_replica": self.min_gpus_per_replica},
+                               table, "simulate")
+        slo = None if self.latency_slo_s is None else self.latency_slo_s * 1000
+        return Scenario(model, cost_model(model, table), self.workload, limits,
+                        HeteroLimits(max_batch=self.max_batch, latency_slo_ms=slo),
+                        self.strategy, self.migration_overhead_s, self.storage_gbps * 1e9 / 8)
+
+    def cluster(self, catalog: Catalog) -> ClusterSpec:
+        default = catalog.instance(self.instance_type)
+        types = {n: catalog.instance(t) for n, t in self.node_types.items()}
+
+        def node_type(node: str) -> InstanceType:
+            return types.get(node, default)
+
+        return ClusterSpec(node_type, self.on_demand_nodes, dict(self.spot_prices),
+                           self.grace_s, self.boot_s)
+
+
+def run(setup: Setup, approach: str, catalog: Catalog | None = None) -> dict[str, Any]:
+    """Simulate one approach; the report entry (see report.summarize)."""
+    if approach not in APPROACHES:
+        raise SpotserveError(f"unknown approach {approach!r}; choose from "
+                             f"{', '.join(APPROACHES)}, all, ablation or every")
+    catalog = catalog or Catalog.load()
+    scenario = setup.scenario()
+    started = time.perf_counter()
+    if approach == "ondemand":
+        setup = _ondemand(setup, scenario, catalog)
+    cluster = setup.cluster(catalog)
+    sim = Simulation(setup.trace, setup.arrivals, cluster, _placeholder(), setup.rate)
+    sim.policy = policy(approach, setup, scenario, sim)
+    sim.run()
+    entry = report.summarize(approach, sim)
+    entry["wall_s"] = round(time.perf_counter() - started, 3)
+    return entry
+
+
+def policy(approach: str, setup: Setup, scenario: Scenario, sim: Simulation) -> Policy:
+    if approach in ("spotserve", "ondemand"):
+        return SpotServe(scenario, approach)
+    if approach == "reparallelize":
+        return Reparallelize(scenario)
+    shape = _max_shape(setup, scenario, sim)
+    if approach == "reroute":
+        if shape is None:
+            raise SpotserveError(f"{setup.model} fits on no configuration of the trace's "
+                                 f"{setup.trace.max_instances} instances")
+        return Reroute(scenario, shape, sim.cluster.node_type(setup.trace.nodes()[0]).gpus)
+    return SpotServe(scenario, approach, ABLATIONS[approach], shape)
+
+
+def _max_shape(setup: Setup, scenario: Scenario, sim: Simulation):  # type: ignore[no-untyped-def]
+    from ..planner.cluster import Instance
+
+    names = setup.trace.nodes()
+    count = setup.trace.max_instances
+    instances = tuple(Instance(f"max-{k}", sim.cluster.node_type(names[0]),
+                               spot_price=sim.cluster.price(names[0])) for k in range(count))
+    return best_shape(scenario, setup.rate, instances)
+
+
+def _ondemand(setup: Setup, scenario: Scenario, catalog: Catalog) -> Setup:
+    """A fixed on-demand fleet for the trace's duration: `ondemand_instances`, else the
+    fewest instances whose best configuration reaches the rate."""
+    from ..planner.cluster import Instance
+    from ..planner.planner import plan
+
+    itype = catalog.instance(setup.instance_type)
+    count = setup.ondemand_instances
+    if count is None:
+        count = 1
+        probe = plan(scenario.request((Instance("probe-0", itype, "on-demand"),), setup.rate))
+        if probe.config is None or not probe.meets_rate:
+            count += probe.extra_instances
+    names = tuple(f"ondemand-{k}" for k in range(count))
+    trace = Trace((TraceEvent(0.0, "add", names),), setup.trace.end_s, setup.trace.source)
+    return replace(setup, trace=trace, on_demand_nodes=frozenset(names), node_types={})
+
+
+class _placeholder:
+    name = "none"
+
+    def start(self, sim: Simulation) -> None: ...
+    def on_notice(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
+    def on_ready(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
+    def on_removed(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
+    def on_rate(self, sim: Simulation) -> None: ...
+
+
+def approaches(name: str) -> tuple[str, ...]:
+    return GROUPS.get(name, (name,))
