@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_pieces_tile_every_needed_slice_and_kept_pieces_are_really_held(example:
                 assert len(parts) == 1
                 continue
             assert parts[0][0] == want.start and parts[-1][1] == want.stop
-            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
         kept = [p for p in job.pieces if p.kind == KEPT]
         if old is None:
             assert not kept and all(p.kind == "checkpoint" for p in job.pieces)
