@@ -188,7 +188,7 @@ def write_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     path = out / f"{name}.json"
     result = {"benchmark": "engine vs transformers.generate", "model": MODEL,
               "device": device, "threads": args.threads, "torch": torch.__version__,
-              "rows": rows}
+              "load_average_at_end": os.getloadavg(), "rows": rows}
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

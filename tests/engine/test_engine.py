@@ -125,3 +125,21 @@ def test_drain_stops_after_exactly_k_steps(checkpoint: Path) -> None:
     state = engine.export("a")
     assert len(state.output_token_ids) == 4 and state.kv.shape[2] == state.num_computed == 10
     assert [s.num_computed for s in engine.export_all()] == [0]   # b never started
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_half_precision_tracks_cpu_fp32(checkpoint: Path, dtype: str) -> None:
+    from spotserve.worker.model.attention import AttentionBatch, SequenceChunk
+    prompt = PROMPTS["c"]
+    logits = []
+    for engine in (_engine(checkpoint), _engine(checkpoint, dtype=dtype, device="cuda")):
+        model, cache = engine.runner.model, engine.runner.cache
+        batch = AttentionBatch.build([SequenceChunk(len(prompt), len(prompt), range(8))], 4,
+                                     model.device)
+        with torch.inference_mode():
+            hidden = model(torch.tensor(prompt, device=model.device), batch, cache.layers)
+            logits.append(model.compute_logits(hidden).cpu())
+    scale = float(logits[0].abs().max())
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.05 * scale)
+    assert (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean() > 0.9

@@ -22,7 +22,7 @@ def _forward(model: StageModel, cache: KVCache, chunks: list[tuple[list[int], in
              ) -> torch.Tensor:
     """Run one step: each chunk is (new token ids, context length after, block table)."""
     batch = AttentionBatch.build([SequenceChunk(len(t), ctx, table) for t, ctx, table in chunks],
-                                 BLOCK)
+                                 BLOCK, sliding_window=model.sliding_window)
     ids = torch.tensor([t for tokens, _, _ in chunks for t in tokens])
     with torch.no_grad():
         return model.compute_logits(model(ids, batch, cache.layers))
@@ -33,9 +33,13 @@ def _load(folder: Path) -> tuple[StageModel, KVCache]:
     return model, KVCache.for_stage(model, num_blocks=32, block_size=BLOCK)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_logits_match_transformers(tmp_path: Path, family: str) -> None:
-    hf = build_hf_model(family, seed=3)
+CASES = {**{f: (f, {}) for f in FAMILIES}, "mistral-window4": ("mistral", {"sliding_window": 4})}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path: Path, case: str) -> None:
+    family, overrides = CASES[case]
+    hf = build_hf_model(family, seed=3, **overrides)
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     model, cache = _load(tmp_path)

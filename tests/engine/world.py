@@ -102,29 +102,26 @@ def _run_phases(folder: str, phases: list[Phase]) -> list[dict[str, list[int]]]:
     import torch.distributed as dist
 
     from spotserve.model_spec import ModelSpec
-    from spotserve.worker.engine.builder import build_runner
-    from spotserve.worker.engine.engine import Engine
-    from spotserve.worker.model.parallel import EpochGroups
+    from spotserve.worker.engine.builder import open_epoch
     spec = ModelSpec.from_hf_config(Path(folder))
     states: list[Any] = []
     held: dict[Position, dict[str, Any]] = {}     # old position → its published KV pieces
     previous: ParallelConfig | None = None
     outputs: list[dict[str, list[int]]] = []
-    for epoch, phase in enumerate(phases):
-        groups = EpochGroups.create(epoch, phase.config, phase.rank_map())
+    for number, phase in enumerate(phases):
+        epoch = open_epoch(folder, number, phase.config, phase.rank_map(), phase.engine)
         carry: Any = None
         published: tuple[Any, dict[str, Any]] = (None, {})
-        if groups.position is not None:
-            runner = build_runner(folder, groups, phase.engine)
+        if epoch.runner is not None:
+            position = epoch.groups.position
             if phase.resume and held and previous is not None:
-                _stage_pieces(spec, previous, phase.config, groups.position, held, runner)
-            if groups.is_driver:
-                engine = Engine(runner, phase.engine)
-                carry = _drive(engine, phase, states if phase.resume else [], bool(held))
+                _stage_pieces(spec, previous, phase.config, position, held, epoch.runner)
+            if epoch.engine is not None:
+                carry = _drive(epoch.engine, phase, states if phase.resume else [], bool(held))
             else:
-                runner.serve_forever()
-            published = (groups.position, runner.published)
-        groups.destroy()
+                epoch.runner.serve_forever()
+            published = (position, epoch.runner.published)
+        epoch.close()
         box = [carry]
         dist.broadcast_object_list(box, src=phase.rank_map()[Position(0, 0, 0)])
         states, produced = box[0]

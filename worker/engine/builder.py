@@ -1,28 +1,75 @@
 """Assemble a rank's runner (stage model + KV cache) for a configuration epoch, and the
-driver's engine on top of it."""
+driver's engine on top of it.
+
+What the worker service does at each epoch, in order:
+
+    epoch = open_epoch(folder, n, config, ranks, engine_config)    # collective, all ranks
+    if epoch.engine is None: epoch.runner.serve_forever()          # followers
+    else: ... epoch.engine.submit / step / drain / publish / adopt ... ; epoch.engine.shutdown()
+    epoch.close()                                                  # before the next epoch
+
+Weights come from the checkpoint folder, or (after a migration) from `tensors` already
+pulled from peers: name → this position's slice, as `position_slices` lists them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from spotserve.layout import ParallelConfig
+from spotserve.layout import ParallelConfig, Position
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.kv_cache import KVCache
 from spotserve.worker.engine.runner import StageRunner
-from spotserve.worker.model.loader import load_stage
+from spotserve.worker.model.decoder import StageModel
+from spotserve.worker.model.loader import load_into, load_stage
 from spotserve.worker.model.parallel import EpochGroups
 
 
 def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, *,
-                 dtype: str | None = None, device: torch.device | str = "cpu") -> StageRunner:
-    """Load this rank's slice of the checkpoint and allocate its KV cache."""
+                 dtype: str | None = None, device: torch.device | str = "cpu",
+                 tensors: dict[str, torch.Tensor] | None = None) -> StageRunner:
+    """Load this rank's slice (from the checkpoint, or from `tensors`) and allocate its KV
+    cache."""
     assert groups.position is not None, "this process has no position in the epoch"
-    model = load_stage(folder, groups.config, groups.position, dtype=dtype, tp=groups.tp,
-                       device=device)
+    if tensors is None:
+        model = load_stage(folder, groups.config, groups.position, dtype=dtype, tp=groups.tp,
+                           device=device)
+    else:
+        from spotserve.model_spec import ModelSpec
+        spec = ModelSpec.from_hf_config(Path(folder), dtype=dtype)
+        model = StageModel(spec, groups.config, groups.position, groups.tp, device)
+        load_into(model, tensors)
     cache = KVCache.for_stage(model, config.num_blocks, config.block_size)
     return StageRunner(model, cache, groups)
+
+
+@dataclass
+class Epoch:
+    """One process's part in a configuration epoch."""
+
+    groups: EpochGroups
+    runner: StageRunner | None = None   # None: this process sits the epoch out
+    engine: Engine | None = None        # on the pipeline driver only
+
+    def close(self) -> None:
+        self.groups.destroy()
+
+
+def open_epoch(folder: str | Path, epoch: int, config: ParallelConfig,
+               ranks: dict[Position, int], engine_config: EngineConfig, *,
+               dtype: str | None = None, device: torch.device | str = "cpu",
+               tensors: dict[str, torch.Tensor] | None = None) -> Epoch:
+    """Collective over the world: regroup, then load and allocate this rank's share."""
+    groups = EpochGroups.create(epoch, config, ranks)
+    if groups.position is None:
+        return Epoch(groups)
+    runner = build_runner(folder, groups, engine_config, dtype=dtype, device=device,
+                          tensors=tensors)
+    engine = Engine(runner, engine_config) if groups.is_driver else None
+    return Epoch(groups, runner, engine)
 
 
 def local_engine(folder: str | Path, config: EngineConfig | None = None, *,

@@ -6,8 +6,11 @@ Single-threaded; the worker service wraps it (its own lock or loop). Contract:
 - `drain(k)` lets exactly k more steps run (no new request starts); then `step` does
   nothing and every unfinished request keeps its KV cache for `export`.
 - `export(request_id)` returns the request's `RequestState` (tokens and, unless asked not
-  to, its KV cache) and removes it; `resume(state)` continues it here: from the imported KV
-  cache when the state carries one, else by re-prefilling prompt + generated tokens.
+  to, its KV cache gathered on the driver) and removes it; `resume(state)` continues it
+  here: from the imported KV cache when the state carries one, else by re-prefilling
+  prompt + generated tokens.
+- `publish()` / `adopt(state)` do the same rank to rank: each rank keeps its own share of
+  the KV cache for the transfer service, and the new ranks write what they were sent.
 Either way the request's next tokens are the ones it would have produced uninterrupted.
 """
 

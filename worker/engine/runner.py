@@ -117,7 +117,8 @@ class StageRunner:
         model, groups = self.model, self.groups
         chunks = [SequenceChunk(len(c.token_ids), c.context_len, c.block_table)
                   for c in plan.chunks]
-        batch = AttentionBatch.build(chunks, self.cache.block_size, model.device)
+        batch = AttentionBatch.build(chunks, self.cache.block_size, model.device,
+                                     model.sliding_window)
         if model.is_first:
             inputs = torch.tensor([t for c in plan.chunks for t in c.token_ids],
                                   device=model.device)

@@ -44,7 +44,10 @@ class AttentionBatch:
 
     @classmethod
     def build(cls, chunks: Sequence[SequenceChunk], block_size: int,
-              device: torch.device | str = "cpu") -> AttentionBatch:
+              device: torch.device | str = "cpu", sliding_window: int | None = None
+              ) -> AttentionBatch:
+        """Index tensors for a step; with `sliding_window` W, query i sees only the last W
+        positions up to its own (Mistral)."""
         max_new = max(c.num_new for c in chunks)
         max_blocks = max(-(-c.context_len // block_size) for c in chunks)
         positions, query_index, output_index = [], [], []
@@ -66,7 +69,10 @@ class AttentionBatch:
         owner = torch.repeat_interleave(torch.arange(len(chunks)),
                                         torch.tensor([c.num_new for c in chunks]))
         slots = tables[owner, pos // block_size] * block_size + pos % block_size
-        mask = torch.arange(max_blocks * block_size)[None, None, :] <= limits[:, :, None]
+        keys = torch.arange(max_blocks * block_size)[None, None, :]
+        mask = keys <= limits[:, :, None]
+        if sliding_window is not None:
+            mask &= keys > limits[:, :, None] - sliding_window
         return cls(positions=pos.to(device), slot_mapping=slots.to(device),
                    query_index=torch.cat(query_index).to(device),
                    output_index=torch.cat(output_index).to(device),

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spotserve.errors import SpotserveError
 from spotserve.layout import ParallelConfig, Position, kv_heads, position_slices, shard_units
 from spotserve.model_spec import ModelSpec
 from spotserve.worker.model.attention import AttentionBatch
@@ -71,6 +72,7 @@ class StageModel(nn.Module):
         vocab = [shard_units(model.vocab_size, stage.tp, r) for r in range(stage.tp)]
         self.vocab_ranges = vocab
         self.rotary = RotaryEmbedding(model, self.device)
+        self.sliding_window = sliding_window(model)
 
     # ---- forward ----------------------------------------------------------------------
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -114,6 +116,15 @@ class StageModel(nn.Module):
     def kv_head_range(self) -> tuple[int, int]:
         """The KV heads [start, stop) this rank caches."""
         return kv_heads(self.spec, self.stage_tp, self.position.tp_rank)
+
+
+def sliding_window(model: ModelSpec) -> int | None:
+    """Mistral's attention window (None: full attention)."""
+    config = model.hf_config
+    if model.family == "qwen2" and config.get("use_sliding_window"):
+        raise SpotserveError("Qwen2 with use_sliding_window is not supported")
+    window = config.get("sliding_window") if model.family == "mistral" else None
+    return int(window) if window else None
 
 
 class _Head(nn.Module):

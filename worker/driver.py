@@ -1,0 +1,283 @@
+"""A pipeline driver's engine on its own thread: requests in, token events out.
+
+The engine is single-threaded and every step is a collective over the pipeline, so one
+thread owns it. gRPC handlers talk to it through `Driver`'s methods, each of which queues a
+command and returns a `concurrent.futures.Future`; tokens go to each request's `sink`
+(called on the engine thread; the server forwards them to the request's asyncio queue).
+
+A drain (by steps or by a wall-clock deadline) lets the engine run its allowed steps, then
+exports every unfinished request with its KV cache into `PausedRequests`, ends their
+streams with FINISH_REASON_PAUSED and reports each one's progress. `stop` is a drain of
+zero steps followed by releasing the pipeline's other ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from spotserve.errors import SpotserveError
+from spotserve.v1 import common_pb2
+from spotserve.worker.engine.engine import Engine
+from spotserve.worker.engine.sequence import FinishReason, RequestState
+from spotserve.worker.kv_store import PausedRequests
+
+log = logging.getLogger(__name__)
+FR = common_pb2.FinishReason
+FINISH = {FinishReason.LENGTH: FR.FINISH_REASON_LENGTH, FinishReason.STOP: FR.FINISH_REASON_STOP,
+          FinishReason.ABORT: FR.FINISH_REASON_CANCELLED}
+DRAIN_ALL = 1 << 40   # "no step limit" while a deadline drain runs
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A token (or just an end) of one request; `finish` 0 while it goes on. `error` set:
+    the pipeline broke and the request must resume elsewhere."""
+
+    index: int
+    token_id: int | None = None
+    finish: int = 0
+    error: str = ""
+
+
+Sink = Callable[[StreamEvent], None]
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    steps_run: int
+    requests: list[common_pb2.RequestProgress]
+
+
+@dataclass
+class Snapshot:
+    """Counters the engine thread publishes after every step, for Status and metrics."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    step_seconds: float = 0.0
+    steps: int = 0
+    progress: list[common_pb2.RequestProgress] = field(default_factory=list)
+
+
+class Driver:
+    def __init__(self, engine: Engine, paused: PausedRequests,
+                 on_step: Callable[[float, Snapshot], None] | None = None) -> None:
+        self.engine, self.paused, self.on_step = engine, paused, on_step
+        self.snapshot = Snapshot(kv_blocks_total=engine.config.num_blocks)
+        self.draining = False
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
+            queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._drain: Future[DrainResult] | None = None
+        self._deadline: float | None = None
+        self._drain_steps = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    def start(self) -> Driver:
+        self._thread.start()
+        return self
+
+    # ---- commands (any thread) ----------------------------------------------------------
+    def _call(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        if self._stopped or not self._thread.is_alive():
+            future.set_exception(SpotserveError("the pipeline driver has stopped"))
+        else:
+            self._commands.put((fn, future))
+        return future
+
+    def submit(self, state: RequestState, sink: Sink) -> Future[None]:
+        """Start (or resume, from `state.kv` or by re-prefill) a request."""
+        return self._call(lambda: self._submit(state, sink))
+
+    def cancel(self, request_id: str) -> Future[bool]:
+        return self._call(lambda: self._cancel(request_id))
+
+    def drain(self, steps: int | None = None, deadline_unix: float | None = None
+              ) -> Future[DrainResult]:
+        """Stop after `steps` more steps, or before `deadline_unix`; KV kept."""
+        done: Future[DrainResult] = Future()
+        self._call(lambda: self._start_drain(steps, deadline_unix, done))
+        return done
+
+    def undrain(self) -> Future[None]:
+        return self._call(self._undrain)
+
+    def stop(self) -> Future[DrainResult]:
+        """Pause every request (KV kept) and release the pipeline's other ranks."""
+        done: Future[DrainResult] = Future()
+        self._call(lambda: self._stop(done))
+        return done
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # ---- the engine thread ------------------------------------------------------------------
+    def _can_step(self) -> bool:
+        return self.engine.has_unfinished and self.engine.steps_left != 0
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._run_commands(block=not self._can_step())
+                if not self._stopped and self._can_step():
+                    self._step()
+                self._finish_drain_if_done()
+        except Exception as exc:   # a broken pipeline: every stream must resume elsewhere
+            log.exception("pipeline driver failed")
+            self._fail_all(f"pipeline failed: {exc}")
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+                if not isinstance(exc, SpotserveError):
+                    raise
+            if self._stopped:
+                return
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        if self._deadline is not None and \
+                time.time() + self.snapshot.step_seconds >= self._deadline:
+            self.engine.drain(0)
+            return
+        start = time.perf_counter()
+        events = self.engine.step()
+        seconds = time.perf_counter() - start
+        if self.draining:
+            self._drain_steps += 1
+        self._publish(seconds)
+        for event in events:
+            finish = FINISH[event.finish_reason] if event.finish_reason else 0
+            sink = self._sinks.pop(event.request_id) if finish else \
+                self._sinks.get(event.request_id)
+            if sink is not None:
+                sink(StreamEvent(event.index, event.token_id, finish))
+
+    def _publish(self, seconds: float) -> None:
+        snap, engine = self.snapshot, self.engine
+        scheduler = engine.scheduler
+        ema = seconds if snap.step_seconds == 0 else 0.8 * snap.step_seconds + 0.2 * seconds
+        self.snapshot = Snapshot(
+            len(scheduler.running), len(scheduler.waiting),
+            engine.blocks.num_blocks - engine.blocks.num_free, engine.blocks.num_blocks,
+            ema if seconds else snap.step_seconds, snap.steps + (1 if seconds else 0),
+            [_progress(s) for s in (*scheduler.running, *scheduler.waiting)])
+        if self.on_step is not None:
+            self.on_step(seconds, self.snapshot)
+
+    def _submit(self, state: RequestState, sink: Sink) -> None:
+        if self.draining:
+            raise SpotserveError("the pipeline is drained; it takes no new requests")
+        if self.engine.scheduler.get(state.request_id) is not None:
+            raise SpotserveError(f"request {state.request_id} is already running here")
+        if state.kv is None and not state.output_token_ids:
+            self.engine.submit(state.request_id, state.prompt_token_ids, state.params)
+        else:
+            self.engine.resume(state)
+        self._sinks[state.request_id] = sink
+        self._publish(0.0)
+
+    def _cancel(self, request_id: str) -> bool:
+        seq = self.engine.scheduler.get(request_id)
+        if seq is None or not self.engine.abort(request_id):
+            return False
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink(StreamEvent(len(seq.output_token_ids), None, FR.FINISH_REASON_CANCELLED))
+        self._publish(0.0)
+        return True
+
+    def _start_drain(self, steps: int | None, deadline: float | None,
+                     done: Future[DrainResult]) -> None:
+        if self._drain is not None:   # a second drain replaces the first's limit
+            self._drain.add_done_callback(lambda f: _copy_result(f, done))
+        else:
+            self._drain, self._drain_steps = done, 0
+        self.draining, self._deadline = True, deadline
+        self.engine.drain(DRAIN_ALL if steps is None else steps)
+
+    def _undrain(self) -> None:
+        self.draining, self._deadline = False, None
+        self.engine.undrain()
+
+    def _finish_drain_if_done(self) -> None:
+        if self._drain is None or self._can_step():
+            return
+        self.engine.drain(0)
+        result = DrainResult(self._drain_steps, self._pause_all())
+        self._drain, future = None, self._drain
+        future.set_result(result)
+
+    def _pause_all(self) -> list[common_pb2.RequestProgress]:
+        progress = []
+        for request_id in self.engine.request_ids():
+            state = self.engine.export(request_id, with_kv=True)
+            self.paused.put_state(state)
+            progress.append(common_pb2.RequestProgress(
+                request_id=request_id, prompt_tokens=len(state.prompt_token_ids),
+                generated_tokens=len(state.output_token_ids), kv_tokens=state.num_computed,
+                kv_kept=state.kv is not None))
+            sink = self._sinks.pop(request_id, None)
+            if sink is not None:
+                sink(StreamEvent(len(state.output_token_ids), None, FR.FINISH_REASON_PAUSED))
+        self._publish(0.0)
+        return progress
+
+    def _stop(self, done: Future[DrainResult]) -> None:
+        self.draining = True
+        self.engine.drain(0)
+        result = DrainResult(self._drain_steps, self._pause_all())
+        if self._drain is not None:
+            self._drain.set_result(result)
+            self._drain = None
+        self._stopped = True
+        self.engine.shutdown()
+        done.set_result(result)
+
+    def _fail_all(self, reason: str) -> None:
+        self._stopped = True
+        for sink in self._sinks.values():
+            sink(StreamEvent(0, None, 0, reason))
+        self._sinks.clear()
+        for future in (self._drain,):
+            if future is not None and not future.done():
+                future.set_exception(SpotserveError(reason))
+        while not self._commands.empty():
+            _, future = self._commands.get_nowait()
+            future.set_exception(SpotserveError(reason))
+
+
+def _progress(seq: Any) -> common_pb2.RequestProgress:
+    return common_pb2.RequestProgress(
+        request_id=seq.request_id, prompt_tokens=len(seq.prompt_token_ids),
+        generated_tokens=len(seq.output_token_ids), kv_tokens=seq.num_computed,
+        kv_kept=seq.num_computed > 0)
+
+
+def _copy_result(source: Future[DrainResult], target: Future[DrainResult]) -> None:
+    if source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())

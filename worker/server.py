@@ -1,0 +1,519 @@
+"""The Worker gRPC service of one GPU: configure epochs, drive requests, drain, stream
+tensors, report status.
+
+State machine (`WorkerState`): STANDBY → (Configure) LOADING → READY ⇄ DRAINING → DRAINED,
+and STOPPING on shutdown. Configure gathers the role's weights (kept / peers / checkpoint,
+see `weights`) and the KV caches it imports while the previous epoch keeps serving, then
+stops the previous epoch (its paused requests keep their KV), joins the new pipeline
+world and builds the stage. A Configure whose role and rendezvous group are unchanged only
+moves the epoch on and imports KV (the scale-out fast path: the pipeline never stops).
+
+Blocking work (joining a world, building a stage, the engine itself) runs on threads, so
+the event loop keeps answering peers' `PullTensors` while this worker is reconfiguring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import torch
+
+from spotserve.errors import SpotserveError
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import common_pb2, worker_pb2
+from spotserve.worker.driver import Driver, DrainResult, Snapshot, StreamEvent
+from spotserve.worker.engine.engine import Engine, EngineConfig
+from spotserve.worker.engine.runner import StageRunner
+from spotserve.worker.engine.sequence import RequestState, SamplingParams
+from spotserve.worker.epoch import EpochRole, join_world, leave_world, parse_role, role_key
+from spotserve.worker.kv_store import PausedRequests
+from spotserve.worker.metrics import WorkerMetrics
+from spotserve.worker.model.decoder import TORCH_DTYPES
+from spotserve.worker.model.parallel import EpochGroups, backend_for
+from spotserve.worker.peer_service import TensorServicer
+from spotserve.worker.tensor_store import TensorStore
+from spotserve.worker.transfer import CHANNEL_OPTIONS, PullItem, TransferError, pull
+from spotserve.worker.weights import GatherStats, as_bytes, build_runner, gather, hold
+
+log = logging.getLogger(__name__)
+WS = worker_pb2.WorkerState
+FR = common_pb2.FinishReason
+KV_MODE = common_pb2.RESUME_MODE_KV
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    address: str = ""                     # as peers and the router reach this worker
+    checkpoint: Path | None = None        # default model folder (ModelRef may override)
+    dtype: str | None = None
+    device: str = "cpu"
+    token: str = ""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    join_timeout_s: float = 60.0
+    streams_per_peer: int = 2
+    send_bytes_per_s: float = 0.0         # 0: no limit on what peers pull from here
+    kv_keep_seconds: float = 600.0
+
+
+class WorkerServicer(TensorServicer):
+    def __init__(self, options: WorkerOptions, metrics: WorkerMetrics | None = None) -> None:
+        self.paused = PausedRequests(options.kv_keep_seconds)
+        super().__init__(TensorStore(), self.paused.blob)
+        self.options, self.metrics = options, metrics or WorkerMetrics()
+        self.state, self.epoch = WS.WORKER_STATE_STANDBY, 0
+        self.role_message = worker_pb2.Role()
+        self.role: EpochRole | None = None
+        self.spec: ModelSpec | None = None
+        self.weight_bytes = 0
+        self._key = b""
+        self._groups: EpochGroups | None = None
+        self._runner: StageRunner | None = None
+        self.driver: Driver | None = None
+        self._follower: threading.Thread | None = None
+        self._preloaded: tuple[bytes, dict[str, torch.Tensor]] | None = None
+        self._staged: dict[str, torch.Tensor] = {}
+        self._configure_lock = asyncio.Lock()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return self._channels[address]
+
+    async def _pull(self, items: list[PullItem]) -> object:
+        return await pull(items, self._channel, token=self.options.token, epoch=self.epoch,
+                          streams_per_peer=self.options.streams_per_peer)
+
+    def _spec_for(self, model: worker_pb2.ModelRef) -> tuple[ModelSpec, Path | None]:
+        folder = Path(model.checkpoint_path) if model.checkpoint_path else self.options.checkpoint
+        if folder is None:
+            raise SpotserveError("no model: give model.checkpoint_path or start with --model")
+        spec = ModelSpec.from_hf_config(folder, dtype=model.dtype or self.options.dtype)
+        if not spec.is_llama_family:
+            raise SpotserveError(f"{folder}: family {spec.family!r} cannot be served")
+        return spec, folder
+
+    def _engine_config(self, role: worker_pb2.Role, spec: ModelSpec) -> EngineConfig:
+        config = self.options.engine
+        scheduler = replace(config.scheduler, max_model_len=min(config.scheduler.max_model_len,
+                                                                spec.max_position))
+        if role.max_batch:
+            scheduler = replace(scheduler, max_num_seqs=role.max_batch)
+        return replace(config, scheduler=scheduler)
+
+    def _log(self, event: str, **fields: Any) -> None:
+        log.info(event, extra={"fields": {"epoch": self.epoch, **fields}})
+
+    # ---- Configure ------------------------------------------------------------------------
+    async def Configure(self, request: worker_pb2.ConfigureRequest,
+                        context: grpc.aio.ServicerContext) -> worker_pb2.ConfigureResponse:
+        async with self._configure_lock:
+            if self.state == WS.WORKER_STATE_STOPPING:
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
+            start = time.perf_counter()
+            try:
+                reply = await self._configure(request)
+            except SpotserveError as exc:
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception as exc:   # a peer, the rendezvous or the device failed
+                log.exception("configure failed")
+                if self.state == WS.WORKER_STATE_LOADING:
+                    self.state = WS.WORKER_STATE_STANDBY
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"configure failed: {exc}")
+            reply.seconds = time.perf_counter() - start
+            self.metrics.epoch.set(self.epoch)
+            self._log("configured", state=WS.Name(self.state), seconds=round(reply.seconds, 3),
+                      kept=reply.bytes_kept, pulled=reply.bytes_pulled,
+                      checkpoint=reply.bytes_from_checkpoint)
+            return reply
+
+    async def _configure(self, request: worker_pb2.ConfigureRequest
+                         ) -> worker_pb2.ConfigureResponse:
+        reply = worker_pb2.ConfigureResponse(epoch=request.epoch)
+        if not request.HasField("role"):
+            await self._teardown()
+            self.epoch, self.state = request.epoch, WS.WORKER_STATE_STANDBY
+            reply.state = self.state
+            return reply
+        spec, folder = self._spec_for(request.model)
+        role = parse_role(request, spec)
+        key = role_key(request)
+        fast = key == self._key and not request.preload_only and \
+            self.state in (WS.WORKER_STATE_READY, WS.WORKER_STATE_DRAINED)
+        before = self.state
+        if not fast:
+            self.state = WS.WORKER_STATE_LOADING
+        try:
+            stats, kv_bytes = await self._gather(request, spec, folder, role, key, fast)
+        except BaseException:
+            self.state = before
+            raise
+        reply.bytes_kept, reply.bytes_from_checkpoint = stats.bytes_kept, \
+            stats.bytes_from_checkpoint
+        reply.bytes_pulled = stats.bytes_pulled + kv_bytes
+        if request.preload_only:
+            self.state = before
+        elif fast:
+            self.epoch = request.epoch
+            if self.driver is not None:
+                await asyncio.wrap_future(self.driver.undrain())
+            self.state = WS.WORKER_STATE_READY
+        else:
+            await self._start(request, spec, role, key)
+        reply.state = self.state
+        return reply
+
+    async def _gather(self, request: worker_pb2.ConfigureRequest, spec: ModelSpec,
+                      folder: Path | None, role: EpochRole, key: bytes, fast: bool
+                      ) -> tuple[GatherStats, int]:
+        async def weights() -> tuple[dict[str, torch.Tensor], GatherStats]:
+            if fast:
+                return {}, GatherStats(bytes_kept=self.weight_bytes)
+            if self._preloaded is not None and self._preloaded[0] == key:
+                tensors = self._preloaded[1]
+                return tensors, GatherStats(bytes_kept=sum(t.nbytes for t in tensors.values()))
+            return await gather(spec, role.config, role.position, request.weights, self.store,
+                                folder, self._pull)
+
+        (tensors, stats), kv_bytes = await asyncio.gather(
+            weights(), self._import_kv(request.kv_imports, spec))
+        self._preloaded = (key, tensors) if request.preload_only else None
+        self._staged = tensors
+        for source, count in (("kept", stats.bytes_kept), ("peer", stats.bytes_pulled + kv_bytes),
+                              ("checkpoint", stats.bytes_from_checkpoint)):
+            self.metrics.bytes_in.labels(source).inc(count)
+        self.metrics.transfer_seconds.observe(stats.seconds)
+        for failure in stats.failovers:
+            self._log("failover to the checkpoint", reason=failure)
+        return stats, kv_bytes
+
+    async def _import_kv(self, imports: Any, spec: ModelSpec) -> int:
+        """Pull imported requests' KV pieces and keep each complete request's whole cache."""
+        if not imports:
+            return 0
+        dtype = TORCH_DTYPES[spec.dtype]
+        shape = (spec.num_layers, 2, 0, spec.num_kv_heads, spec.head_dim)
+        by_request: dict[str, list[tuple[Any, PullItem, torch.Tensor]]] = {}
+        for entry in imports:
+            s = entry.slice
+            if not (s.layer_start < s.layer_end <= shape[0] and s.head_start < s.head_stop
+                    <= shape[3] and s.token_start < s.token_stop):
+                raise SpotserveError(f"KV import of {s.request_id!r}: empty or out-of-range slice")
+            piece = torch.empty(s.layer_end - s.layer_start, 2, s.token_stop - s.token_start,
+                                s.head_stop - s.head_start, spec.head_dim, dtype=dtype)
+            item = PullItem(as_bytes(piece), list(entry.peers), kv=s)
+            by_request.setdefault(s.request_id, []).append((s, item, piece))
+        items = [item for pieces in by_request.values() for _, item, _ in pieces]
+        failed: set[int] = set()
+        try:
+            await self._pull(items)
+        except TransferError as exc:
+            failed = {id(i) for i in exc.failed}
+            self._log("KV import failed; those requests will re-prefill", reason=str(exc))
+        total = 0
+        for request_id, pieces in by_request.items():
+            if any(id(item) in failed for _, item, _ in pieces):
+                continue
+            tokens = max(s.token_stop for s, _, _ in pieces)
+            kv = torch.zeros(shape[0], 2, tokens, shape[3], shape[4], dtype=dtype)
+            volume = 0
+            for s, _, piece in pieces:
+                kv[s.layer_start:s.layer_end, :, s.token_start:s.token_stop,
+                   s.head_start:s.head_stop] = piece
+                volume += piece.numel()
+                total += piece.nbytes
+            if volume == kv.numel():
+                self.paused.put_kv(request_id, kv)
+            else:
+                self._log("KV import incomplete; will re-prefill", request_id=request_id)
+        return total
+
+    async def _start(self, request: worker_pb2.ConfigureRequest, spec: ModelSpec,
+                     role: EpochRole, key: bytes) -> None:
+        tensors, self._staged = self._staged, {}
+        await self._teardown()
+        config = self._engine_config(request.role, spec)
+        await asyncio.to_thread(self._build, role, spec, tensors, config)
+        self.epoch, self.role, self.spec, self._key = request.epoch, role, spec, key
+        self.role_message = request.role
+        self.state = WS.WORKER_STATE_READY
+
+    def _build(self, role: EpochRole, spec: ModelSpec, tensors: dict[str, torch.Tensor],
+               config: EngineConfig) -> None:
+        backend = backend_for(self.options.device)
+        join_world(role, backend, self.options.join_timeout_s)
+        if role.world_size == 1:
+            groups = EpochGroups.single(role.config)
+        else:
+            groups = EpochGroups.create(role.epoch, role.config, role.ranks())
+        runner = build_runner(spec, groups, tensors, config, self.options.device)
+        tensors.clear()
+        self.weight_bytes = hold(self.store, runner.model)
+        self._groups, self._runner = groups, runner
+        if role.is_driver:
+            self.driver = Driver(Engine(runner, config), self.paused, self._on_step).start()
+            self.metrics.kv_blocks_total.set(config.num_blocks)
+        else:
+            self._follower = threading.Thread(target=self._follow, args=(runner,),
+                                              name="follower", daemon=True)
+            self._follower.start()
+
+    def _follow(self, runner: StageRunner) -> None:
+        try:
+            runner.serve_forever()
+        except Exception:
+            log.exception("pipeline follower failed")
+            self.state = WS.WORKER_STATE_STANDBY
+
+    def _on_step(self, seconds: float, snapshot: Snapshot) -> None:
+        if seconds:
+            self.metrics.decode_steps.inc()
+            self.metrics.step_seconds.observe(seconds)
+        self.metrics.running.set(snapshot.running)
+        self.metrics.waiting.set(snapshot.waiting)
+        self.metrics.kv_blocks_used.set(snapshot.kv_blocks_used)
+
+    async def _teardown(self) -> None:
+        """Leave the current epoch: pause its requests (KV kept), release the pipeline."""
+        if self.driver is not None:
+            result = await asyncio.wrap_future(self.driver.stop())
+            await asyncio.to_thread(self.driver.join, self.options.join_timeout_s)
+            self._log("stopped the pipeline", paused=len(result.requests))
+            self.driver = None
+        if self._follower is not None:
+            await asyncio.to_thread(self._follower.join, self.options.join_timeout_s)
+            if self._follower.is_alive():
+                raise SpotserveError("the previous epoch's driver has not released this "
+                                     "worker yet; configure its driver first")
+            self._follower = None
+        if self._groups is not None:
+            groups, self._groups = self._groups, None
+            await asyncio.to_thread(_leave, groups)
+        self._runner, self.role, self._key = None, None, b""
+        self.role_message = worker_pb2.Role()
+
+    # ---- requests ------------------------------------------------------------------------
+    async def Submit(self, request: worker_pb2.SubmitRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.TokenDelta]:
+        driver = self.driver
+        if driver is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"this worker is not a pipeline driver (state "
+                         f"{WS.Name(self.state)})")
+        if self.state != WS.WORKER_STATE_READY:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                         f"the pipeline is not serving (state {WS.Name(self.state)})")
+        try:
+            state = self._request_state(request)
+        except SpotserveError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LookupError as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        try:
+            await asyncio.wrap_future(driver.submit(
+                state, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)))
+        except SpotserveError as exc:
+            code = grpc.StatusCode.UNAVAILABLE if "drain" in str(exc) or "stopped" in str(exc) \
+                else grpc.StatusCode.INVALID_ARGUMENT
+            await _abort(context, code, str(exc))
+        finished = False
+        try:
+            while not finished:
+                delta, finished, error = _coalesce(request, await events.get(), events)
+                if error:
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE, error)
+                yield delta
+        finally:
+            if not finished:   # the client went away or its deadline passed
+                driver.cancel(request.request_id)
+
+    def _request_state(self, request: worker_pb2.SubmitRequest) -> RequestState:
+        spec = self.spec
+        assert spec is not None
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        generated = list(request.resume.generated_token_ids)
+        if not rid:
+            raise SpotserveError("request_id is empty")
+        if not prompt:
+            raise SpotserveError("prompt_token_ids is empty")
+        params = sampling_params(request)
+        if any(not 0 <= t < spec.vocab_size for t in (*prompt, *generated)):
+            raise SpotserveError(f"token ids must be in [0, {spec.vocab_size})")
+        limit = self.options.engine.scheduler.max_model_len
+        if len(prompt) + params.max_tokens > min(limit, spec.max_position):
+            raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                                 f"exceeds the context length {min(limit, spec.max_position)}")
+        if len(generated) >= params.max_tokens:
+            raise SpotserveError(f"request {rid} already has its {params.max_tokens} tokens")
+        state = RequestState(rid, prompt, generated, params)
+        if request.resume.mode != KV_MODE:
+            return state
+        held = self.paused.pop(rid)
+        if held is None or held.kv is None:
+            raise LookupError(f"no KV cache for request {rid!r} here; resume by re-prefill")
+        if held.state is not None and (held.state.prompt_token_ids != prompt or
+                                       held.state.output_token_ids[:len(generated)] != generated):
+            raise LookupError(f"request {rid!r}: the kept KV cache belongs to other tokens")
+        usable = min(held.kv_tokens, len(prompt) + len(generated) - 1)
+        state.num_computed, state.kv = usable, held.kv[:, :, :usable].contiguous()
+        return state
+
+    async def Cancel(self, request: worker_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> worker_pb2.CancelResponse:
+        if not request.request_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        found = self.paused.pop(request.request_id) is not None
+        if self.driver is not None:
+            try:
+                found = await asyncio.wrap_future(self.driver.cancel(request.request_id)) or found
+            except SpotserveError:
+                pass
+        return worker_pb2.CancelResponse(found=found)
+
+    async def Drain(self, request: worker_pb2.DrainRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.DrainResponse:
+        driver = self.driver
+        if driver is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         "this worker is not a pipeline driver")
+        if request.epoch and request.epoch != self.epoch:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"drain for epoch {request.epoch}; this worker is in {self.epoch}")
+        limit = request.WhichOneof("limit")
+        if limit is None:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "give steps or deadline_unix")
+        self.state = WS.WORKER_STATE_DRAINING
+        future = driver.drain(steps=request.steps) if limit == "steps" else \
+            driver.drain(deadline_unix=request.deadline_unix)
+        try:
+            result: DrainResult = await asyncio.wrap_future(future)
+        except SpotserveError as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        if self.state == WS.WORKER_STATE_DRAINING:
+            self.state = WS.WORKER_STATE_DRAINED
+        self._log("drained", steps=result.steps_run, paused=len(result.requests))
+        return worker_pb2.DrainResponse(requests=result.requests, steps_run=result.steps_run)
+
+    # ---- peers and status -----------------------------------------------------------------
+    async def PullTensors(self, request: worker_pb2.PullTensorsRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[worker_pb2.TensorChunk]:
+        rate = self.options.send_bytes_per_s
+        async for chunk in super().PullTensors(request, context):
+            self.metrics.bytes_out.inc(len(chunk.data))
+            yield chunk
+            if rate:
+                await asyncio.sleep(len(chunk.data) / rate)
+
+    async def Status(self, request: worker_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
+        return self.status()
+
+    def status(self) -> worker_pb2.WorkerStatus:
+        reply = worker_pb2.WorkerStatus(epoch=self.epoch, state=self.state,
+                                        role=self.role_message, device=self.options.device,
+                                        weight_bytes=self.weight_bytes)
+        if self.driver is not None:
+            snap = self.driver.snapshot
+            reply.running, reply.waiting = snap.running, snap.waiting
+            reply.kv_blocks_used, reply.kv_blocks_total = snap.kv_blocks_used, \
+                snap.kv_blocks_total
+            reply.decode_step_seconds = snap.step_seconds
+            reply.requests.extend(snap.progress)
+        for rid in self.paused.ids():
+            held = self.paused.get(rid)
+            if held is not None:
+                reply.requests.append(_paused_progress(rid, held))
+        return reply
+
+    def serving(self, service: str) -> bool | None:
+        """Health: the process is live unless stopping; the Worker service is ready when
+        it serves a role."""
+        if service == "":
+            return self.state != WS.WORKER_STATE_STOPPING
+        if service == "spotserve.v1.Worker":
+            return self.state == WS.WORKER_STATE_READY
+        return None
+
+    async def shutdown(self, grace_s: float) -> None:
+        """SIGTERM: stop taking requests, let running ones finish until half the grace
+        period, pause the rest with their KV (peers may still pull it), leave the epoch."""
+        self.state = WS.WORKER_STATE_STOPPING
+        if self.driver is not None:
+            future = self.driver.drain(deadline_unix=time.time() + grace_s / 2)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(future), grace_s / 2 + 5)
+            except (TimeoutError, SpotserveError):
+                log.warning("drain on shutdown did not finish")
+        try:
+            await asyncio.wait_for(self._teardown(), 10)
+        except (TimeoutError, SpotserveError):
+            log.warning("could not leave the epoch cleanly")
+        for channel in self._channels.values():
+            await channel.close()
+
+
+def sampling_params(request: worker_pb2.SubmitRequest) -> SamplingParams:
+    s = request.sampling
+    if s.max_tokens <= 0:
+        raise SpotserveError("sampling.max_tokens must be positive")
+    seed = s.seed if s.HasField("seed") else zlib.crc32(request.request_id.encode())
+    return SamplingParams(
+        max_tokens=s.max_tokens, temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0, seed=seed,
+        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+
+
+def _coalesce(request: worker_pb2.SubmitRequest, first: StreamEvent,
+              events: asyncio.Queue[StreamEvent]) -> tuple[worker_pb2.TokenDelta, bool, str]:
+    """One delta from `first` and the token events already queued behind it."""
+    tokens, event = [], first
+    position = first.index
+    while True:
+        if event.error:
+            return worker_pb2.TokenDelta(), True, event.error
+        if event.token_id is not None:
+            tokens.append(event.token_id)
+        if event.finish or events.empty():
+            break
+        event = events.get_nowait()
+    delta = worker_pb2.TokenDelta(request_id=request.request_id, token_ids=tokens,
+                                  position=position, finish_reason=event.finish)  # type: ignore
+    if event.finish:
+        delta.usage.prompt_tokens = len(request.prompt_token_ids)
+        delta.usage.completion_tokens = position + len(tokens)
+    return delta, bool(event.finish), ""
+
+
+def _paused_progress(request_id: str, held: Any) -> common_pb2.RequestProgress:
+    state = held.state
+    return common_pb2.RequestProgress(
+        request_id=request_id,
+        prompt_tokens=len(state.prompt_token_ids) if state else 0,
+        generated_tokens=len(state.output_token_ids) if state else 0,
+        kv_tokens=held.kv_tokens, kv_kept=held.kv is not None)
+
+
+def _leave(groups: EpochGroups) -> None:
+    groups.destroy()
+    leave_world()
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                 message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")
