@@ -157,3 +157,19 @@ async def test_api_keys_and_internal_token(start_worker: StartWorker,
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (info.value.details() or "").startswith("pipelines[0].driver_address")
     await channel.close()
+
+
+async def test_duplicate_request_id_and_no_pipeline(start_worker: StartWorker,
+                                                    start_router: StartRouter) -> None:
+    _, _, address = await start_worker(step_seconds=0.01)
+    app = await start_router([Pipeline("p0", address)], queue_timeout=0.3)
+    first = asyncio.create_task(generate(app, "hello", 50, request_id="same"))
+    while not app.router.stats().requests:
+        await asyncio.sleep(0.005)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(app, "hello", 5, request_id="same")
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (await first).completion_tokens == 50
+    await app.router.update_topology(2, [], [])
+    status, body, _ = await _post(app.http_port, "/v1/completions", GOOD)
+    assert status == 503 and "no pipeline is serving" in body["error"]["message"]
