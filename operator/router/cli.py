@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", action="append", default=[], metavar="ID=HOST:PORT",
                         help="a static pipeline driver (repeatable), optionally "
                              "ID=HOST:PORT@CAPACITY")
-    parser.add_argument("--token-file", type=Path, metavar="FILE",
+    parser.add_argument("--token-file", metavar="FILE",
                         help="shared internal token (else $SPOTSERVE_TOKEN); required on "
                              "Control calls and sent to workers")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -66,18 +66,11 @@ def parse_pipeline(spec: str) -> tuple[str, str, float]:
         raise SpotserveError(f"--pipeline {spec!r}: capacity must be a number") from None
 
 
-def read_token(path: Path | None) -> str | None:
-    if path is None:
-        return os.environ.get("SPOTSERVE_TOKEN") or None
-    try:
-        return path.read_text().strip() or None
-    except OSError as exc:
-        raise SpotserveError(f"--token-file {path}: {exc.strerror}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+
+    from spotserve.auth import load_token
 
     from .app import RouterApp
 
@@ -88,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     pipelines = [parse_pipeline(spec) for spec in args.pipeline]
     api_keys = args.api_key or [k for k in os.environ.get("SPOTSERVE_API_KEYS", "").split(",")
                                 if k]
-    app = RouterApp.from_args(args, pipelines=pipelines, token=read_token(args.token_file),
+    app = RouterApp.from_args(args, pipelines=pipelines, token=load_token(args.token_file) or None,
                               api_keys=api_keys)
     asyncio.run(app.serve_forever())
     return 0

@@ -52,8 +52,8 @@ KV = common_pb2.RESUME_MODE_KV
 REPREFILL = common_pb2.RESUME_MODE_REPREFILL
 MODE_NAMES: dict[int, str] = {KV: "kv", REPREFILL: "reprefill"}
 # Worker statuses that no other pipeline would answer differently.
-FINAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
-               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
+FINAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+               grpc.StatusCode.UNIMPLEMENTED}
 
 
 @dataclass(frozen=True)
@@ -296,6 +296,9 @@ class Router:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise RouterError(ErrorKind.DEADLINE_EXCEEDED,
                               f"request {request.request_id} passed its deadline {where}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:  # e.g. a shorter context than ours
+            raise RouterError(ErrorKind.INVALID_ARGUMENT, f"pipeline {attempt.pipeline_id} "
+                              f"refused the request: {detail}")
         if code in FINAL_CODES:
             raise RouterError(ErrorKind.INTERNAL, f"pipeline {attempt.pipeline_id} refused "
                               f"request {request.request_id}: {code.name}: {detail}")

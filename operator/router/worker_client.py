@@ -11,6 +11,7 @@ import logging
 
 import grpc
 
+from spotserve.auth import call_metadata
 from spotserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,7 @@ CHANNEL_OPTIONS = [
 
 class WorkerClients:
     def __init__(self, token: str | None) -> None:
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ())
+        self.metadata = tuple(call_metadata(token or ""))
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self._closing: set[asyncio.Task[None]] = set()

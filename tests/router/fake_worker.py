@@ -52,8 +52,9 @@ class _Running:
 
 class FakeWorker(worker_pb2_grpc.WorkerServicer):
     def __init__(self, *, vocab_size: int, step_seconds: float = 0.005,
-                 token: str | None = None) -> None:
+                 token: str | None = None, max_context: int = 1 << 30) -> None:
         self.vocab_size = vocab_size
+        self.max_context = max_context
         self.step_seconds = step_seconds
         self.token = token
         self.kv: dict[str, tuple[list[int], list[int]]] = {}
@@ -68,6 +69,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "drained")
         done = list(request.resume.generated_token_ids)
         prompt = list(request.prompt_token_ids)
+        if len(prompt) + request.sampling.max_tokens > self.max_context:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"exceeds the context length {self.max_context}")
         if request.resume.mode == common_pb2.RESUME_MODE_KV:
             kept = self.kv.pop(request.request_id, None)
             if kept is None or kept != (prompt, done):

@@ -173,3 +173,12 @@ async def test_duplicate_request_id_and_no_pipeline(start_worker: StartWorker,
     await app.router.update_topology(2, [], [])
     status, body, _ = await _post(app.http_port, "/v1/completions", GOOD)
     assert status == 503 and "no pipeline is serving" in body["error"]["message"]
+
+
+async def test_a_driver_refusing_the_request_is_invalid_argument(
+        start_worker: StartWorker, start_router: StartRouter) -> None:
+    _, _, address = await start_worker(max_context=32)
+    app = await start_router([Pipeline("p0", address)])
+    status, body, _ = await _post(app.http_port, "/v1/completions",
+                                  {**GOOD, "max_tokens": 40})
+    assert status == 400 and "context length 32" in body["error"]["message"]
