@@ -6,6 +6,10 @@ has sent (the commit log), and resumes a request on another pipeline when its pi
 drains, dies or disappears, so that the client sees one uninterrupted stream.
 
 Layout: pure logic (no sockets, no torch) in `validation`, `commit_log`, `dispatch`,
-`topology`, `load_signal`, `text`; async core in `scheduler` and `router`; thin I/O shells
-in `worker_client`, `server` (gRPC), `openai_http` (aiohttp), `metrics` and `cli`.
+`topology`, `load_signal`, `text`, `errors` and `auth`; the async core in `scheduler`
+(bounded queue, slots) and `router` (one request's life, resume); thin I/O shells in
+`worker_client` (calls to drivers), `server` (gRPC Inference and Control), `openai_http`
+(aiohttp), `metrics` (Prometheus), `tokenizer` (HF tokenizers, chat template), `app` (one
+process: both servers in one event loop) and `cli`. The resume rules are in `router`'s
+docstring.
 """
