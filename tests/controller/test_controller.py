@@ -1,0 +1,194 @@
+"""The control loop against a recording actuator: cold start, notices, joins, losses,
+overlapping notices and restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from spotserve.models import resolve_model
+from spotserve.operator.controller.actuator import (
+    Actuator,
+    ActuatorError,
+    DrainedRequest,
+    PipelineStatus,
+    Resume,
+    RoutedPipeline,
+)
+from spotserve.operator.controller.controller import Controller, ControllerSettings
+from spotserve.operator.controller.epoch import CHECKPOINT, WorkerAssignment
+from spotserve.operator.controller.events import (
+    InstanceLost,
+    InstanceReady,
+    LoadChanged,
+    NoticeReceived,
+)
+from spotserve.operator.controller.journal import Journal
+from spotserve.operator.planner.cluster import GpuId
+from spotserve.operator.planner.homogeneous import SearchLimits
+from spotserve.operator.planner.roofline import RooflineCostModel
+
+NODE = "g4dn.12xlarge"
+
+
+class Recorder(Actuator):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.topology: list[RoutedPipeline] = []
+        self.resumes: list[Resume] = []
+        self.lost: set[str] = set()
+        self.on_configure: list[object] = []
+        self.capacity: list[tuple[str, int, str]] = []
+        self.jobs: dict[GpuId, WorkerAssignment] = {}
+
+    async def progress(self) -> Mapping[str, PipelineStatus]:
+        return {p.pipeline_id: PipelineStatus(cached_tokens=900, remaining_steps=60,
+                                              decode_step_ms=50)
+                for p in self.topology if p.state == "serving"}
+
+    async def drain(self, epoch: int, pipeline_id: str, driver: GpuId,
+                    steps: int) -> Sequence[DrainedRequest]:
+        self.calls.append(("drain", (pipeline_id, steps)))
+        if driver.instance in self.lost:
+            raise ActuatorError(f"{driver} does not answer")
+        return [DrainedRequest(f"{pipeline_id}-r{i}", 512, 10 + steps, 522 + steps)
+                for i in range(2)]
+
+    async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                        kv: Mapping[int, Sequence[DrainedRequest]]) -> None:
+        self.calls.append(("configure", epoch))
+        self.jobs = dict(jobs)
+        if self.on_configure:
+            await self.on_configure.pop(0)  # type: ignore[misc]
+
+    async def set_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
+                           resume: Sequence[Resume]) -> None:
+        self.calls.append(("topology", epoch))
+        self.topology, self.resumes = list(pipelines), list(resume)
+
+    async def release(self, instances: Sequence[str]) -> None:
+        self.calls.append(("release", tuple(instances)))
+
+    async def request_capacity(self, instance_type: str, count: int, capacity: str) -> None:
+        self.capacity.append((instance_type, count, capacity))
+
+    def serving(self) -> list[RoutedPipeline]:
+        return [p for p in self.topology if p.state == "serving"]
+
+
+def settings() -> ControllerSettings:
+    model = resolve_model("opt-6.7b")
+    return ControllerSettings(model=model, cost=RooflineCostModel(model),
+                              limits=SearchLimits(max_batch=4, min_gpus_per_replica=4,
+                                                  tp_across_instances=False))
+
+
+def ready(*names: str) -> list[InstanceReady]:
+    return [InstanceReady(n, NODE) for n in names]
+
+
+async def started(actuator: Recorder, journal: Journal | None = None,
+                  names: Sequence[str] = ("a", "b", "c")) -> Controller:
+    controller = Controller(settings(), actuator, journal, clock=lambda: 1000.0)
+    await controller.handle([LoadChanged(1.5), *ready(*names)])
+    return controller
+
+
+async def test_cold_start_loads_from_the_checkpoint_and_routes_every_pipeline() -> None:
+    actuator = Recorder()
+    controller = await started(actuator)
+    assert controller.epoch == 1 and controller.placement is not None
+    assert ("configure", 1) in actuator.calls and not any(c[0] == "drain"
+                                                          for c in actuator.calls)
+    assert all(p.kind == CHECKPOINT for job in actuator.jobs.values() for p in job.pieces)
+    assert len(actuator.serving()) == controller.placement.config.data >= 1
+    assert {g.instance for g in actuator.jobs} <= {"a", "b", "c"}
+
+
+async def test_notice_requests_a_replacement_drains_and_resumes_by_kv_or_reprefill() -> None:
+    actuator = Recorder()
+    controller = await started(actuator)
+    before = {p.pipeline_id: p for p in actuator.serving()}
+    doomed_pipeline = next(p for p in before.values() if p.driver.instance == "b")
+    await controller.handle([NoticeReceived("b", deadline=1030.0)])
+    assert actuator.capacity[0] == (NODE, 1, "spot")  # asked at once for a replacement
+    drains = [c[1] for c in actuator.calls if c[0] == "drain"]
+    assert drains and drains[0][0] == doomed_pipeline.pipeline_id
+    assert all(job.gpu.instance != "b" for job in actuator.jobs.values())
+    assert doomed_pipeline.pipeline_id not in {p.pipeline_id for p in actuator.serving()}
+    resumed = {r.request_id: r for r in actuator.resumes}
+    assert set(resumed) == {f"{doomed_pipeline.pipeline_id}-r{i}" for i in range(2)}
+    # pipelines that were not on b kept serving untouched
+    untouched = [p for p in before.values() if p.driver.instance != "b"]
+    assert all(p.pipeline_id in {q.pipeline_id for q in actuator.serving()} for p in untouched)
+    assert all(job.unchanged for job in actuator.jobs.values()
+               if job.pipeline_id in {p.pipeline_id for p in untouched})
+
+
+async def test_join_scales_out_without_touching_running_pipelines() -> None:
+    actuator = Recorder()
+    controller = await started(actuator, names=("a", "b"))
+    before = {p.pipeline_id for p in actuator.serving()}
+    actuator.calls.clear()
+    await controller.handle(ready("c"))
+    assert not any(c[0] == "drain" for c in actuator.calls)
+    after = {p.pipeline_id for p in actuator.serving()}
+    assert before < after
+    new_jobs = [j for j in actuator.jobs.values() if not j.unchanged]
+    assert new_jobs and all(j.gpu.instance == "c" for j in new_jobs)
+
+
+async def test_loss_without_notice_resumes_by_reprefill() -> None:
+    actuator = Recorder()
+    controller = await started(actuator)
+    lost = next(p for p in actuator.serving() if p.driver.instance == "c")
+    actuator.lost.add("c")
+    await controller.handle([InstanceLost("c")])
+    assert lost.pipeline_id in {p.pipeline_id for p in actuator.topology if p.state == "gone"}
+    assert all(job.gpu.instance != "c" for job in actuator.jobs.values())
+    assert controller.journal.entries[-1]["kind"] in ("serving", "released")
+    assert any(e["kind"] == "drain-failed" for e in controller.journal.entries)
+
+
+async def test_second_notice_during_a_migration_replans_from_the_state_reached() -> None:
+    actuator = Recorder()
+    controller = await started(actuator, names=("a", "b", "c", "d"))
+
+    async def second_notice() -> None:
+        await controller.submit(NoticeReceived("c", deadline=1040.0))
+
+    actuator.on_configure.append(second_notice())
+    await controller.handle([NoticeReceived("b", deadline=1030.0)])
+    kinds = [e["kind"] for e in controller.journal.entries]
+    assert "aborted" in kinds
+    assert kinds.index("aborted") < len(kinds) - 1 - kinds[::-1].index("planned")
+    assert controller.placement is not None
+    assert controller.placement.instances() <= {"a", "d"}
+    assert all(p.driver.instance in {"a", "d"} for p in actuator.serving())
+
+
+async def test_restart_resumes_the_view_and_placement(tmp_path: Path) -> None:
+    actuator = Recorder()
+    first = await started(actuator, Journal(tmp_path))
+    await first.handle([NoticeReceived("b", deadline=1030.0)])
+    second = Controller(settings(), actuator, Journal(tmp_path), clock=lambda: 1001.0)
+    assert second.epoch == first.epoch and second.placement == first.placement
+    assert second.pipeline_ids == first.pipeline_ids
+    assert second.view.instances["b"].state == "notice"
+    assert (tmp_path / "events.jsonl").read_text().count('"kind": "resumed"') == 1
+
+
+async def test_small_load_changes_do_not_replan() -> None:
+    actuator = Recorder()
+    controller = await started(actuator)
+    epoch = controller.epoch
+    await controller.handle([LoadChanged(1.6)])
+    assert controller.epoch == epoch
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> None:
+    asyncio.get_event_loop_policy()
