@@ -41,10 +41,12 @@ def _authorized(metadata: Any, token: str) -> bool:
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Reject every call without the shared token with UNAUTHENTICATED."""
+    """Reject every call without the shared token with UNAUTHENTICATED, except the methods
+    in `open_methods` (full names, e.g. the gRPC health check kubelet probes call)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, open_methods: frozenset[str] = frozenset()) -> None:
         self._token = token
+        self._open = open_methods
 
         async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -57,7 +59,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
             details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if not self._token or _authorized(details.invocation_metadata, self._token):
+        if not self._token or details.method in self._open or \
+                _authorized(details.invocation_metadata, self._token):
             return handler
         if handler is not None and handler.response_streaming:
             return self._deny_stream

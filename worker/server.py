@@ -15,6 +15,7 @@ the event loop keeps answering peers' `PullTensors` while this worker is reconfi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -27,10 +28,12 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
+from spotserve.auth import TokenInterceptor
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
-from spotserve.v1 import common_pb2, worker_pb2
-from spotserve.worker.driver import Driver, DrainResult, Snapshot, StreamEvent
+from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from spotserve.worker import health
+from spotserve.worker.driver import DrainResult, Driver, Snapshot, StreamEvent
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.engine.sequence import RequestState, SamplingParams
@@ -376,10 +379,8 @@ class WorkerServicer(TensorServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         found = self.paused.pop(request.request_id) is not None
         if self.driver is not None:
-            try:
+            with contextlib.suppress(SpotserveError):
                 found = await asyncio.wrap_future(self.driver.cancel(request.request_id)) or found
-            except SpotserveError:
-                pass
         return worker_pb2.CancelResponse(found=found)
 
     async def Drain(self, request: worker_pb2.DrainRequest,
@@ -464,6 +465,22 @@ class WorkerServicer(TensorServicer):
             log.warning("could not leave the epoch cleanly")
         for channel in self._channels.values():
             await channel.close()
+
+
+async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetrics | None = None
+                       ) -> tuple[grpc.aio.Server, WorkerServicer, str]:
+    """Serve the Worker service (and the gRPC health check) on `listen`; the server, its
+    servicer and the address it is reachable at (the real port when `listen` asks for 0)."""
+    server = grpc.aio.server(
+        interceptors=[TokenInterceptor(options.token, frozenset({health.CHECK}))],
+        options=CHANNEL_OPTIONS)
+    port = server.add_insecure_port(listen)
+    address = f"{listen.rsplit(':', 1)[0]}:{port}"
+    servicer = WorkerServicer(replace(options, address=options.address or address), metrics)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers([health.handler(servicer.serving)])
+    await server.start()
+    return server, servicer, address
 
 
 def sampling_params(request: worker_pb2.SubmitRequest) -> SamplingParams:

@@ -70,3 +70,35 @@ def kv_imports(model: ModelSpec, progress: Iterable[common_pb2.RequestProgress],
                                    token_stop=request.kv_tokens)
         out.append(worker_pb2.KVImport(slice=piece, peers=holders))
     return out
+
+
+def role_message(config: ParallelConfig, position: Position, addresses: Mapping[Position, str],
+                 pipeline_id: str = "") -> worker_pb2.Role:
+    """The `Role` of the worker at `position` (a position of `config`), whose pipeline's
+    workers are `addresses`."""
+    pipe = config.pipelines[position.pipeline]
+    stage = pipe.stages[position.stage]
+
+    def driver_of(s: int) -> str:
+        if not 0 <= s < len(pipe.stages):
+            return ""
+        return addresses[Position(position.pipeline, s, 0)]
+
+    return worker_pb2.Role(
+        pipeline=position.pipeline, stage=position.stage, tp_rank=position.tp_rank,
+        tp_size=stage.tp, layer_start=stage.layer_start, layer_end=stage.layer_end,
+        num_stages=len(pipe.stages), max_batch=config.batch,
+        tp_peers=[addresses[Position(position.pipeline, position.stage, t)]
+                  for t in range(stage.tp)],
+        prev_stage=driver_of(position.stage - 1), next_stage=driver_of(position.stage + 1),
+        pipeline_id=pipeline_id or f"p{position.pipeline}",
+        stages=[worker_pb2.StageShape(layer_start=s.layer_start, layer_end=s.layer_end,
+                                      tp_size=s.tp) for s in pipe.stages])
+
+
+def rendezvous(config: ParallelConfig, position: Position, master_address: str,
+               group_id: str) -> worker_pb2.Rendezvous:
+    """The pipeline's world: rank = the position's index in its pipeline, stage by stage."""
+    mine = [p for p in config.positions() if p.pipeline == position.pipeline]
+    return worker_pb2.Rendezvous(master_address=master_address, world_size=len(mine),
+                                 rank=mine.index(position), group_id=group_id)

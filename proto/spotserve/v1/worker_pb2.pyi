@@ -37,7 +37,7 @@ SOURCE_KIND_PEER: SourceKind
 SOURCE_KIND_CHECKPOINT: SourceKind
 
 class Role(_message.Message):
-    __slots__ = ("pipeline", "stage", "tp_rank", "tp_size", "layer_start", "layer_end", "num_stages", "tp_peers", "prev_stage", "next_stage", "max_batch", "pipeline_id")
+    __slots__ = ("pipeline", "stage", "tp_rank", "tp_size", "layer_start", "layer_end", "num_stages", "tp_peers", "prev_stage", "next_stage", "max_batch", "pipeline_id", "stages")
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class Role(_message.Message):
     NEXT_STAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     pipeline: int
     stage: int
     tp_rank: int
@@ -62,7 +63,18 @@ class Role(_message.Message):
     next_stage: str
     max_batch: int
     pipeline_id: str
-    def __init__(self, pipeline: _Optional[int] = ..., stage: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_stages: _Optional[int] = ..., tp_peers: _Optional[_Iterable[str]] = ..., prev_stage: _Optional[str] = ..., next_stage: _Optional[str] = ..., max_batch: _Optional[int] = ..., pipeline_id: _Optional[str] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StageShape]
+    def __init__(self, pipeline: _Optional[int] = ..., stage: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_stages: _Optional[int] = ..., tp_peers: _Optional[_Iterable[str]] = ..., prev_stage: _Optional[str] = ..., next_stage: _Optional[str] = ..., max_batch: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageShape, _Mapping]]] = ...) -> None: ...
+
+class StageShape(_message.Message):
+    __slots__ = ("layer_start", "layer_end", "tp_size")
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    layer_start: int
+    layer_end: int
+    tp_size: int
+    def __init__(self, layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class Rendezvous(_message.Message):
     __slots__ = ("master_address", "world_size", "rank", "group_id")

@@ -1,0 +1,116 @@
+"""`spotserve worker`: one process per GPU serving the Worker gRPC service.
+
+Prints `worker listening HOST:PORT` on stdout once it accepts calls (tests and the local
+backend wait for that line). Logs are JSON lines on stderr. SIGTERM (or SIGINT) drains:
+running requests finish until half the grace period, the rest pause with their KV kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+HELP = "run one GPU's worker: the Worker gRPC service (engine, tensor streaming, drain/resume)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="0.0.0.0:50061",
+                        help="host:port to serve on (port 0: any free port)")
+    parser.add_argument("--advertise", default=None,
+                        help="address peers use to reach this worker (default: --listen)")
+    parser.add_argument("--model", default=None,
+                        help="HF model folder used when Configure names none")
+    parser.add_argument("--dtype", default=None, help="float32/bfloat16/float16 "
+                        "(default: the model's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N "
+                        "(default: cuda if available)")
+    parser.add_argument("--token-file", default=None,
+                        help="file with the shared token (default: $SPOTSERVE_TOKEN)")
+    parser.add_argument("--kv-blocks", type=int, default=512, help="KV-cache blocks (512)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per block (16)")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="batch limit (32)")
+    parser.add_argument("--max-batched-tokens", type=int, default=2048,
+                        help="token budget per step (2048)")
+    parser.add_argument("--max-model-len", type=int, default=4096,
+                        help="longest prompt + output (4096, capped by the model)")
+    parser.add_argument("--streams-per-peer", type=int, default=2,
+                        help="parallel PullTensors streams per peer (2)")
+    parser.add_argument("--send-limit-mbps", type=float, default=0.0,
+                        help="cap on bytes/s (MB/s) served to peers, 0 = none")
+    parser.add_argument("--join-timeout", type=float, default=60.0,
+                        help="seconds to wait for a pipeline's ranks to join (60)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds between SIGTERM and exit (30)")
+    parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                        help="serve Prometheus metrics here")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--log-level", default="INFO")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    import torch
+
+    from spotserve.auth import load_token
+    from spotserve.worker.engine.engine import EngineConfig
+    from spotserve.worker.engine.scheduler import SchedulerConfig
+    from spotserve.worker.server import WorkerOptions
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = EngineConfig(args.kv_blocks, args.block_size, SchedulerConfig(
+        args.max_num_seqs, args.max_batched_tokens, args.max_model_len))
+    options = WorkerOptions(
+        address=args.advertise or "", checkpoint=Path(args.model) if args.model else None,
+        dtype=args.dtype, device=device,
+        token=load_token(args.token_file), engine=engine, join_timeout_s=args.join_timeout,
+        streams_per_peer=args.streams_per_peer, send_bytes_per_s=args.send_limit_mbps * 1e6)
+    return asyncio.run(_serve(args, options))
+
+
+async def _serve(args: argparse.Namespace, options: Any) -> int:
+    import asyncio
+    import signal
+
+    from spotserve.worker.metrics import WorkerMetrics
+    from spotserve.worker.server import start_server
+
+    metrics = WorkerMetrics()
+    if args.metrics:
+        host, port = args.metrics.rsplit(":", 1)
+        metrics.serve(host, int(port))
+    server, servicer, address = await start_server(args.listen, options, metrics)
+    print(f"worker listening {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("stopping", extra={"fields": {"grace": args.grace}})
+    await servicer.shutdown(args.grace * 0.8)
+    await server.stop(args.grace * 0.2)
+    return 0
