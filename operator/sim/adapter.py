@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 
 from spotserve.catalog import InstanceType
 from spotserve.layout import ParallelConfig, Position
@@ -46,7 +46,7 @@ def timing(cost: CostModel, stages: tuple[StageHardware, ...], prefill_micro: in
     """b requests → (prefill s, decode step s, per-batch overhead s), from `pipeline_times`
     with the micro-batch counts that divide b."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def of(batch: int) -> tuple[float, float, float]:
         times = pipeline_times(cost, stages, batch, math.gcd(prefill_micro, batch),
                                math.gcd(decode_micro, batch), workload)

@@ -10,9 +10,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .report import PERCENTILES  # noqa: E402
+from .report import PERCENTILES
 
 
 def latency_plot(path: Path, entries: Sequence[dict[str, Any]]) -> Path:
