@@ -66,6 +66,7 @@ class Scheduler:
             self._waiters.appendleft(waiter)
         else:
             self._waiters.append(waiter)
+        self.pump()  # a slot may be free for this one even if not for those ahead of it
         granted = False
         try:
             pipeline_id = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
