@@ -1,0 +1,79 @@
+"""A source worker dies (SIGKILL) while a new worker pulls its weights from it.
+
+Epoch 1: (P=1, M=2) on A and B serves two requests and is drained mid-generation. A is a
+slow sender (its outbound transfers are rate-limited), so when worker C starts pulling
+its (P=1, M=1) weights from A and B, A is killed mid-stream: C must fail over to the
+checkpoint for what only A held, and become ready. A's KV cache is gone with it, so a KV
+resume is refused and the requests continue on C by re-prefill (as the router does) with
+tokens identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from spotserve.layout import ParallelConfig, Position
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import common_pb2, worker_pb2
+from tests.worker.cluster import META, Stream, configure_pipeline, spawn, submit_request
+from tests.worker.conftest import MAX_TOKENS, PROMPTS
+
+pytestmark = pytest.mark.timeout(240)
+KV, REPREFILL = common_pb2.RESUME_MODE_KV, common_pb2.RESUME_MODE_REPREFILL
+
+
+async def _kill_when_loading(victim: object, receiver: object) -> None:
+    for _ in range(400):
+        if (await receiver.status()).state == worker_pb2.WORKER_STATE_LOADING:  # type: ignore
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    victim.process.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+
+
+async def test_sigkill_of_a_source_fails_over_to_the_checkpoint_then_reprefill(
+        checkpoint: Path, reference: Callable[[list[int], int], list[int]],
+        tmp_path: Path) -> None:
+    spec = ModelSpec.from_hf_config(checkpoint)
+    a, b, c = await asyncio.gather(
+        spawn("127.0.0.5", checkpoint, tmp_path, "--send-limit-mbps", "0.05"),
+        spawn("127.0.0.6", checkpoint, tmp_path), spawn("127.0.0.7", checkpoint, tmp_path))
+    try:
+        old = ParallelConfig.uniform(spec.num_layers, 1, 1, 2, batch=8)
+        old_placement = {Position(0, 0, 0): a, Position(0, 0, 1): b}
+        await configure_pipeline(spec, 1, old, old_placement)
+        rids = ["r1", "r2"]
+        streams = {rid: Stream(a, submit_request(rid, PROMPTS[rid], MAX_TOKENS)) for rid in rids}
+        await asyncio.wait_for(asyncio.gather(*(s.first.wait() for s in streams.values())), 60)
+        await a.stub.Drain(worker_pb2.DrainRequest(steps=1), metadata=META, timeout=60)
+        before = {rid: await s.result() for rid, s in streams.items()}
+        assert all(0 < len(t) < MAX_TOKENS for t in before.values())
+
+        single = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+        configured, _ = await asyncio.gather(
+            configure_pipeline(spec, 2, single, {Position(0, 0, 0): c}, old=old,
+                               old_placement=old_placement),
+            _kill_when_loading(a, c))
+        assert await a.process.wait() == -signal.SIGKILL
+        (reply,) = configured
+        assert reply.state == worker_pb2.WORKER_STATE_READY
+        assert reply.bytes_pulled > 0, "what B held comes from B"
+        assert reply.bytes_from_checkpoint > 0, "what only A held comes from the checkpoint"
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await Stream(c, submit_request("r1", PROMPTS["r1"], MAX_TOKENS, before["r1"],
+                                           KV)).result()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no KV cache" in (err.value.details() or "")
+        resumed = {rid: Stream(c, submit_request(rid, PROMPTS[rid], MAX_TOKENS, before[rid],
+                                                 REPREFILL)) for rid in rids}
+        for rid, stream in resumed.items():
+            assert await stream.result() == reference(PROMPTS[rid], MAX_TOKENS), rid
+    finally:
+        await asyncio.gather(*(w.stop(timeout=15) for w in (a, b, c)))
