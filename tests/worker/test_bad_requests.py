@@ -1,0 +1,162 @@
+"""Bad calls to a real worker process get clear gRPC errors, and the worker keeps serving:
+missing token, unknown request ids, out-of-range slices, oversized messages, invalid
+sampling and roles; plus cancellation and deadlines that free the request's KV blocks, the
+health check, and Status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from spotserve.layout import ParallelConfig, Position
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import common_pb2, worker_pb2
+from spotserve.worker import health
+from tests.worker.cluster import (
+    FR,
+    META,
+    Stream,
+    Worker,
+    configure_pipeline,
+    configure_request,
+    spawn,
+    submit_request,
+)
+from tests.worker.conftest import MAX_TOKENS, PROMPTS
+
+pytestmark = pytest.mark.timeout(180)
+SC = grpc.StatusCode
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def worker(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> AsyncIterator[Worker]:
+    spec = ModelSpec.from_hf_config(checkpoint)
+    w = await spawn("127.0.0.8", checkpoint, tmp_path_factory.mktemp("bad"))
+    try:
+        config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+        await configure_pipeline(spec, 1, config, {Position(0, 0, 0): w})
+        yield w
+    finally:
+        await w.stop()
+
+
+async def _error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        result = await call if not hasattr(call, "__aiter__") else [x async for x in call]
+        del result
+    return err.value
+
+
+def _submit(w: Worker, request: worker_pb2.SubmitRequest, **kwargs: Any) -> Any:
+    return w.stub.Submit(request, metadata=kwargs.pop("metadata", META), timeout=30, **kwargs)
+
+
+def _kv(rid: str, layers: tuple[int, int] = (0, 1)) -> common_pb2.KVSlice:
+    return common_pb2.KVSlice(request_id=rid, layer_start=layers[0], layer_end=layers[1],
+                              head_start=0, head_stop=1, token_start=0, token_stop=1)
+
+
+BAD_SUBMITS = {
+    "empty prompt": (submit_request("x", [], 4), SC.INVALID_ARGUMENT, "prompt_token_ids"),
+    "no max_tokens": (submit_request("x", [1, 2], 0), SC.INVALID_ARGUMENT, "max_tokens"),
+    "token outside vocab": (submit_request("x", [1, 10_000], 4), SC.INVALID_ARGUMENT,
+                            "token ids"),
+    "too long": (submit_request("x", [1] * 500, 100), SC.INVALID_ARGUMENT, "context length"),
+    "no request id": (submit_request("", [1, 2], 4), SC.INVALID_ARGUMENT, "request_id"),
+    "unknown request resumed from KV": (
+        submit_request("ghost", [1, 2], 8, [3], common_pb2.RESUME_MODE_KV),
+        SC.FAILED_PRECONDITION, "no KV cache"),
+    "already complete": (submit_request("x", [1, 2], 2, [3, 4], common_pb2.RESUME_MODE_REPREFILL),
+                         SC.INVALID_ARGUMENT, "already has"),
+}
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("case", list(BAD_SUBMITS))
+async def test_bad_submits(worker: Worker, case: str) -> None:
+    request, code, text = BAD_SUBMITS[case]
+    err = await _error(_submit(worker, request))
+    assert err.code() == code and text in (err.details() or ""), err
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_bad_calls_get_clear_errors(worker: Worker, checkpoint: Path) -> None:
+    stub = worker.stub
+    err = await _error(stub.Status(worker_pb2.StatusRequest(), timeout=10))
+    assert err.code() == SC.UNAUTHENTICATED
+    err = await _error(stub.Status(worker_pb2.StatusRequest(), timeout=10,
+                                   metadata=[("authorization", "Bearer wrong")]))
+    assert err.code() == SC.UNAUTHENTICATED
+    err = await _error(_submit(worker, submit_request("x", [1] * 6_000_000, 4)))
+    assert err.code() == SC.RESOURCE_EXHAUSTED
+    pulls = {
+        "unknown KV request": (worker_pb2.PullTensorsRequest(kv=[_kv("ghost")]), SC.NOT_FOUND,
+                               "no KV cache held"),
+        "slice out of range": (worker_pb2.PullTensorsRequest(weights=[common_pb2.TensorSlice(
+            tensor="model.norm.weight", dim=0, start=0, stop=10_000)]), SC.NOT_FOUND,
+            "outside the held"),
+        "unknown tensor": (worker_pb2.PullTensorsRequest(weights=[common_pb2.TensorSlice(
+            tensor="nope", dim=-1)]), SC.NOT_FOUND, "not held"),
+    }
+    for name, (request, code, text) in pulls.items():
+        err = await _error(stub.PullTensors(request, metadata=META, timeout=10))
+        assert err.code() == code and text in (err.details() or ""), name
+    err = await _error(stub.Drain(worker_pb2.DrainRequest(), metadata=META, timeout=10))
+    assert err.code() == SC.INVALID_ARGUMENT and "steps or deadline" in (err.details() or "")
+    err = await _error(stub.Drain(worker_pb2.DrainRequest(epoch=99, steps=0), metadata=META,
+                                  timeout=10))
+    assert err.code() == SC.FAILED_PRECONDITION and "epoch" in (err.details() or "")
+    spec = ModelSpec.from_hf_config(checkpoint)
+    config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+    bad_role = configure_request(spec, 2, config, Position(0, 0, 0), {Position(0, 0, 0): worker})
+    bad_role.role.layer_end = bad_role.role.stages[0].layer_end = spec.num_layers - 1
+    err = await _error(stub.Configure(bad_role, metadata=META, timeout=30))
+    assert err.code() == SC.INVALID_ARGUMENT and "covers" in (err.details() or "")
+    bad_source = configure_request(spec, 2, config, Position(0, 0, 0), {Position(0, 0, 0): worker})
+    bad_source.weights.add(slice=common_pb2.TensorSlice(tensor="nope", dim=-1))
+    err = await _error(stub.Configure(bad_source, metadata=META, timeout=30))
+    assert err.code() == SC.INVALID_ARGUMENT and "not part of this role" in (err.details() or "")
+    cancel = await stub.Cancel(worker_pb2.CancelRequest(request_id="ghost"), metadata=META)
+    assert not cancel.found
+    # ... and the worker still serves, in its epoch, with nothing left over
+    status = await worker.status()
+    assert status.state == worker_pb2.WORKER_STATE_READY and status.epoch == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_serves_after_bad_calls(worker: Worker,
+                                      reference: Callable[[list[int], int], list[int]]) -> None:
+    stream = Stream(worker, submit_request("ok", PROMPTS["r1"], MAX_TOKENS))
+    assert await stream.result() == reference(PROMPTS["r1"], MAX_TOKENS)
+    assert stream.finish == FR.FINISH_REASON_LENGTH
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        assert await health.check(channel)                    # no token needed
+        assert await health.check(channel, "spotserve.v1.Worker")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_cancel_and_deadline_free_the_kv(worker: Worker) -> None:
+    long = submit_request("long", PROMPTS["r2"], 400)
+    stream = Stream(worker, long)
+    await asyncio.wait_for(stream.first.wait(), 30)
+    reply = await worker.stub.Cancel(worker_pb2.CancelRequest(request_id="long"),
+                                     metadata=META)
+    assert reply.found
+    await stream.result()
+    assert stream.finish == FR.FINISH_REASON_CANCELLED
+    err = await _error(worker.stub.Submit(submit_request("late", PROMPTS["r2"], 400),
+                                          metadata=META, timeout=0.5))
+    assert err.code() == SC.DEADLINE_EXCEEDED
+    for _ in range(100):
+        status = await worker.status()
+        if status.running == 0 and status.kv_blocks_used == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert status.running == 0 and status.kv_blocks_used == 0
