@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 from spotserve.catalog import InstanceType
 from spotserve.errors import SpotserveError
@@ -22,10 +23,11 @@ STATES = ("running", "joining", "doomed", "lost")
 CAPACITY_TYPES = ("spot", "on-demand")
 
 
-@dataclass(frozen=True, order=True)
-class GpuId:
+class GpuId(NamedTuple):
+    """One GPU: `instance/index`. A tuple, so that sorting thousands of them is cheap."""
+
     instance: str
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, on purpose: the GPU's index
 
     def __str__(self) -> str:
         return f"{self.instance}/{self.index}"
@@ -97,11 +99,18 @@ class Placement:
     def by_gpu(self) -> dict[GpuId, Position]:
         return {g: p for p, g in self.assignment}
 
+    @cached_property
+    def by_pipeline(self) -> dict[int, list[tuple[Position, GpuId]]]:
+        out: dict[int, list[tuple[Position, GpuId]]] = {}
+        for pos, gpu in self.assignment:
+            out.setdefault(pos.pipeline, []).append((pos, gpu))
+        return out
+
     def instances(self) -> set[str]:
         return {g.instance for _, g in self.assignment}
 
     def pipeline_instances(self, pipeline: int) -> set[str]:
-        return {g.instance for p, g in self.assignment if p.pipeline == pipeline}
+        return {g.instance for _, g in self.by_pipeline.get(pipeline, ())}
 
 
 @dataclass(frozen=True)

@@ -123,10 +123,20 @@ def grouped_pipeline_times(cost: CostModel, groups: Sequence[tuple[StageHardware
         - cost.hop_ms(last, batch, Phase.PREFILL, workload)
     hop2 = sum(n * cost.hop_ms(s, batch, Phase.DECODE, workload) for s, n in groups) \
         - cost.hop_ms(last, batch, Phase.DECODE, workload)
-    t1 = s1 * (p + prefill_micro - 1) / prefill_micro + hop1 / prefill_micro
-    t2 = s2 * (p + decode_micro - 1) + hop2 / decode_micro
-    latency = (t1 + workload.output_tokens * t2 + cost.overhead_ms(batch)) * cost.fix_factor
-    return StepTimes(t1 * cost.fix_factor, t2 * cost.fix_factor, latency,
+    return spotserve_times(p, s1, s2, hop1, hop2, batch, prefill_micro, decode_micro,
+                           workload.output_tokens, cost.overhead_ms(batch), cost.fix_factor,
+                           replicas)
+
+
+def spotserve_times(stages: int, s1: float, s2: float, hop1: float, hop2: float, batch: int,
+                    prefill_micro: int, decode_micro: int, output_tokens: int,
+                    overhead_ms: float, fix_factor: float, replicas: int = 1) -> StepTimes:
+    """The formula itself, from the slowest stage's prefill (`s1`) and decode-step (`s2`)
+    times and the summed hop times: the one place it is written down."""
+    t1 = s1 * (stages + prefill_micro - 1) / prefill_micro + hop1 / prefill_micro
+    t2 = s2 * (stages + decode_micro - 1) + hop2 / decode_micro
+    latency = (t1 + output_tokens * t2 + overhead_ms) * fix_factor
+    return StepTimes(t1 * fix_factor, t2 * fix_factor, latency,
                      replicas * batch / latency * 1000.0)
 
 

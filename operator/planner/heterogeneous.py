@@ -26,9 +26,11 @@ from .cost_model import (
     CostModel,
     Phase,
     StageHardware,
+    StepTimes,
     Workload,
     batch_sizes,
     micro_batch_counts,
+    spotserve_times,
 )
 from .memory import USABLE_FRACTION, stage_fits
 
@@ -145,13 +147,10 @@ class _Search:
                 self.cost.hop_ms(hw, self.batch, Phase.PREFILL, w),
                 self.cost.hop_ms(hw, self.batch, Phase.DECODE, w))
 
-    def _times(self, n: int, s1: float, s2: float, hop1: float, hop2: float
-               ) -> tuple[float, float, float]:
-        """(prefill ms, decode step ms, latency ms) before the fix factor."""
-        m1, m2 = self.m1, self.m2
-        t1 = s1 * (n + m1 - 1) / m1 + hop1 / m1
-        t2 = s2 * (n + m2 - 1) + hop2 / m2
-        return t1, t2, t1 + self.workload.output_tokens * t2 + self.cost.overhead_ms(self.batch)
+    def _times(self, n: int, s1: float, s2: float, hop1: float, hop2: float) -> StepTimes:
+        return spotserve_times(n, s1, s2, hop1, hop2, self.batch, self.m1, self.m2,
+                               self.workload.output_tokens, self.cost.overhead_ms(self.batch),
+                               self.cost.fix_factor)
 
     def _score(self, latency: float, price: float) -> float:
         throughput = self.batch / latency * 1000.0
@@ -162,12 +161,10 @@ class _Search:
         return score
 
     def finish(self, p: _Partial) -> HeteroPipeline:
-        fix = self.cost.fix_factor
-        t1, t2, latency = self._times(len(p.stages), p.s1, p.s2, p.hop1, p.hop2)
-        latency *= fix
-        return HeteroPipeline(p.stages, t1 * fix, t2 * fix, latency,
-                              self.batch / latency * 1000.0, p.price,
-                              self._score(latency, p.price))
+        times = self._times(len(p.stages), p.s1, p.s2, p.hop1, p.hop2)
+        return HeteroPipeline(p.stages, times.prefill_ms, times.decode_step_ms,
+                              times.latency_ms, times.throughput, p.price,
+                              self._score(times.latency_ms, p.price))
 
     def extend(self, p: _Partial, t: int, start: int, end: int,
                worst: float = float("inf")) -> _Partial | None:
@@ -179,7 +176,7 @@ class _Search:
         s1, s2 = max(p.s1, cost[0]), max(p.s2, cost[1])
         hop1, hop2 = p.hop1 + p.last_hop1, p.hop2 + p.last_hop2
         price = p.price + self.prices[t]
-        latency = self._times(len(p.stages) + 1, s1, s2, hop1, hop2)[2] * self.cost.fix_factor
+        latency = self._times(len(p.stages) + 1, s1, s2, hop1, hop2).latency_ms
         rank = -self._score(latency, price)
         if rank >= worst:
             return _REJECTED

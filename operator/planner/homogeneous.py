@@ -22,12 +22,13 @@ from spotserve.model_spec import ModelSpec
 
 from .cost_model import (
     CostModel,
+    Phase,
     StageHardware,
     StepTimes,
     Workload,
     batch_sizes,
-    grouped_pipeline_times,
     micro_batch_counts,
+    spotserve_times,
 )
 from .memory import USABLE_FRACTION, stage_fits
 
@@ -146,18 +147,55 @@ def pipeline_shapes(model: ModelSpec, cost: CostModel, itype: InstanceType,
                     workload: Workload, limits: SearchLimits) -> list[PipelineShape]:
     """Every shape that fits in memory, in SpotServe's enumeration order (M, B, M1, M2, P)."""
     shapes = []
+    batches = batch_sizes(limits.max_batch)
     for m in tp_degrees(model, cost, itype, limits):
         pipelines = [p for p in range(max(1, -(-limits.min_gpus_per_replica // m)),
                                       model.num_layers + 1)
                      if not limits.pipeline_divides or limits.pipeline_divides % p == 0]
-        groups = {p: stage_groups(model, itype, p, m) for p in pipelines}
-        for b in batch_sizes(limits.max_batch):
+        tables = {p: _StageTable(cost, stage_groups(model, itype, p, m), workload)
+                  for p in pipelines}
+        for b in batches:
             fitting = [p for p in pipelines if _fits(model, itype, p, m, b, workload, limits)]
+            overhead = cost.overhead_ms(b)
             for m1 in micro_batch_counts(b):
                 for m2 in micro_batch_counts(b):
-                    shapes += [PipelineShape(p, m, b, m1, m2, grouped_pipeline_times(
-                        cost, groups[p], b, m1, m2, workload)) for p in fitting]
+                    shapes += [PipelineShape(p, m, b, m1, m2, tables[p].times(
+                        b, m1, m2, workload.output_tokens, overhead, cost.fix_factor))
+                        for p in fitting]
     return shapes
+
+
+class _StageTable:
+    """A uniform pipeline's slowest-stage and hop times, memoised per micro-batch size."""
+
+    def __init__(self, cost: CostModel, groups: list[tuple[StageHardware, int]],
+                 workload: Workload) -> None:
+        self.cost, self.groups, self.workload = cost, groups, workload
+        self.stages = sum(n for _, n in groups)
+        self._slowest: dict[tuple[int, bool], float] = {}
+        self._hops: dict[tuple[int, bool], float] = {}
+
+    def slowest(self, micro_batch: int, phase: Phase) -> float:
+        key = (micro_batch, phase is Phase.PREFILL)
+        if key not in self._slowest:
+            self._slowest[key] = max(self.cost.stage_ms(s, micro_batch, phase, self.workload)
+                                     for s, _ in self.groups)
+        return self._slowest[key]
+
+    def hops(self, batch: int, phase: Phase) -> float:
+        key = (batch, phase is Phase.PREFILL)
+        if key not in self._hops:
+            hop = [self.cost.hop_ms(s, batch, phase, self.workload) for s, _ in self.groups]
+            self._hops[key] = sum(h * n for h, (_, n) in zip(hop, self.groups, strict=True)) \
+                - hop[-1]
+        return self._hops[key]
+
+    def times(self, batch: int, m1: int, m2: int, output_tokens: int, overhead: float,
+              fix_factor: float) -> StepTimes:
+        return spotserve_times(self.stages, self.slowest(batch // m1, Phase.PREFILL),
+                               self.slowest(batch // m2, Phase.DECODE),
+                               self.hops(batch, Phase.PREFILL), self.hops(batch, Phase.DECODE),
+                               batch, m1, m2, output_tokens, overhead, fix_factor)
 
 
 def _fits(model: ModelSpec, itype: InstanceType, pipeline: int, tensor: int, batch: int,
@@ -201,11 +239,11 @@ def choose(shapes: Sequence[PipelineShape], prices: Sequence[float], gpus_per_in
 def extra_instances_needed(shapes: Sequence[PipelineShape], instances: int,
                            gpus_per_instance: int, rate: float) -> int:
     """The fewest more instances with which some shape reaches `rate` (0: unreachable)."""
-    for extra in range(1, MAX_EXTRA_INSTANCES + 1):
-        if any(s.replicas_on(instances + extra, gpus_per_instance) * s.times.throughput >= rate
-               for s in shapes):
-            return extra
-    return 0
+    extra = MAX_EXTRA_INSTANCES + 1
+    for s in shapes:
+        replicas = math.ceil(rate / s.times.throughput - 1e-12)
+        extra = min(extra, s.instances_for(max(1, replicas), gpus_per_instance) - instances)
+    return max(1, extra) if extra <= MAX_EXTRA_INSTANCES else 0
 
 
 def search(model: ModelSpec, cost: CostModel, itype: InstanceType, prices: Sequence[float],

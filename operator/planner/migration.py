@@ -14,8 +14,10 @@ inside an instance over its intra-node link) plus a fixed overhead for regroupin
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
 
 from spotserve.layout import (
     ParallelConfig,
@@ -34,8 +36,7 @@ CHECKPOINT = "checkpoint"
 _SOURCE_WINDOW = 8
 
 
-@dataclass(frozen=True)
-class Transfer:
+class Transfer(NamedTuple):
     """Copy `nbytes` of one weight slice (`tensor` rows/cols [start, stop) along `dim`) or
     one layer's KV heads [start, stop) of old pipeline `kv_pipeline` from `src` (None: the
     checkpoint store) to `dst`."""
@@ -93,6 +94,19 @@ def _classes(config: ParallelConfig) -> tuple[ParallelConfig, list[int]]:
     return ParallelConfig(tuple(layouts), config.batch), klass
 
 
+class _Holders:
+    """The GPUs holding one piece, indexed for the picker."""
+
+    def __init__(self, gpus: Sequence[GpuId], doomed: set[str]) -> None:
+        self.gpus = frozenset(gpus)
+        self.by_instance: dict[str, GpuId] = {}
+        for g in sorted(gpus, reverse=True):
+            self.by_instance[g.instance] = g
+        safe = sorted(g for g in gpus if g.instance not in doomed)
+        self.pool = safe or sorted(gpus)
+        self.urgent = not safe
+
+
 class _SourcePicker:
     """Chooses a holder per piece: own instance, else least-loaded survivor, else doomed."""
 
@@ -100,31 +114,42 @@ class _SourcePicker:
         self.doomed = doomed
         self.load: dict[str, int] = defaultdict(int)
         self.turn: dict[tuple[object, ...], int] = defaultdict(int)
+        self._holders: dict[tuple[object, ...], _Holders] = {}
 
-    def pick(self, key: tuple[object, ...], holders: Sequence[GpuId], dst: GpuId,
+    def holders(self, key: tuple[object, ...],
+                gpus: Callable[[], Sequence[GpuId]]) -> _Holders:
+        """The GPUs `gpus()` lists, indexed once per `key` (a key always means the same
+        GPUs)."""
+        found = self._holders.get(key)
+        if found is None:
+            found = self._holders[key] = _Holders(gpus(), self.doomed)
+        return found
+
+    def pick(self, key: tuple[object, ...], holders: _Holders, dst: GpuId,
              nbytes: int) -> tuple[GpuId, bool]:
-        local = next((h for h in holders if h.instance == dst.instance), None)
+        local = holders.by_instance.get(dst.instance)
         if local is not None:
             return local, local.instance in self.doomed
-        safe = [h for h in holders if h.instance not in self.doomed]
-        pool = safe or list(holders)
+        pool = holders.pool
         start = self.turn[key] % len(pool)
         self.turn[key] += 1
         window = [pool[(start + k) % len(pool)] for k in range(min(_SOURCE_WINDOW, len(pool)))]
         best = min(window, key=lambda h: self.load[h.instance])
         self.load[best.instance] += nbytes
-        return best, not safe
+        return best, holders.urgent
 
 
-def _in_place(old: Placement, new: Placement, pipeline: int) -> bool:
-    """Every GPU of the new pipeline already runs exactly its position."""
+def _in_place(old: Placement, new: Placement, pipeline: int,
+              old_pipeline: int | None = None) -> bool:
+    """Every GPU of the new pipeline already runs exactly its position (in `old_pipeline`,
+    when given: what matters for its KV cache; any pipeline of the same layout will do for
+    weights)."""
     old_by_gpu = old.by_gpu
-    for pos, gpu in new.assignment:
-        if pos.pipeline != pipeline:
-            continue
+    for pos, gpu in new.by_pipeline.get(pipeline, ()):
         before = old_by_gpu.get(gpu)
         if (before is None or before.stage != pos.stage or before.tp_rank != pos.tp_rank
-                or old.config.pipelines[before.pipeline] != new.config.pipelines[pipeline]):
+                or old.config.pipelines[before.pipeline] != new.config.pipelines[pipeline]
+                or old_pipeline not in (None, before.pipeline)):
             return False
     return True
 
@@ -140,17 +165,19 @@ def weight_transfers(model: ModelSpec, current: CurrentState | None, new: Placem
         old_rep, old_class = _classes(old.config)
         holders = _holder_index(old, old_class, readable)
     moves = reshard_plan(model, old_rep, rep_new)
-    by_class: dict[int, list[tuple[Position, TensorSlice, tuple[Position, ...]]]]
-    by_class = defaultdict(list)
+    by_class: dict[int, list[_Piece]] = defaultdict(list)
     for mv in moves:
-        by_class[mv.dst.pipeline].append((mv.dst, mv.piece, mv.sources))
+        spec = model.tensor(mv.piece.tensor)
+        by_class[mv.dst.pipeline].append(_Piece(
+            mv.dst, mv.piece, mv.sources, mv.piece.numel(spec.shape) * model.dtype_bytes,
+            _layer_key(model, mv.piece.tensor)))
     out: list[Transfer] = []
     for d, klass in enumerate(new_class):
         if current is not None and _in_place(current.placement, new, d):
             continue
-        for dst_rep, piece, sources in by_class[klass]:
-            dst = new.by_position[Position(d, dst_rep.stage, dst_rep.tp_rank)]
-            out.extend(_piece_transfer(model, dst, piece, sources, holders, picker))
+        for piece in by_class[klass]:
+            dst = new.by_position[Position(d, piece.dst.stage, piece.dst.tp_rank)]
+            out.extend(_piece_transfer(dst, piece, holders, picker))
     return out
 
 
@@ -163,22 +190,34 @@ def _holder_index(old: Placement, old_class: list[int], readable: set[str]
     return index
 
 
-def _piece_transfer(model: ModelSpec, dst: GpuId, piece: TensorSlice,
-                    sources: tuple[Position, ...],
+class _Piece(NamedTuple):
+    """A piece a representative position needs, with its size and transfer order."""
+
+    dst: Position
+    slice: TensorSlice
+    sources: tuple[Position, ...]
+    nbytes: int
+    layer: int
+
+
+def _piece_transfer(dst: GpuId, piece: _Piece,
                     holders: Mapping[tuple[int, int, int], list[GpuId]],
                     picker: _SourcePicker) -> list[Transfer]:
-    gpus = [g for s in sources for g in holders.get((s.pipeline, s.stage, s.tp_rank), ())]
-    if dst in gpus:
+    if not holders:  # a cold start: everything comes from the checkpoint
+        cut = piece.slice
+        return [Transfer(dst, None, cut.tensor, cut.dim, cut.start, cut.stop, piece.layer,
+                         piece.nbytes)]
+    held = picker.holders(("w", piece.sources), lambda: [
+        g for s in piece.sources for g in holders.get((s.pipeline, s.stage, s.tp_rank), ())])
+    if dst in held.gpus:
         return []
-    spec = model.tensor(piece.tensor)
-    nbytes = piece.numel(spec.shape) * model.dtype_bytes
-    layer = _layer_key(model, piece.tensor)
-    if not gpus:
-        return [Transfer(dst, None, piece.tensor, piece.dim, piece.start, piece.stop, layer,
-                         nbytes)]
-    src, urgent = picker.pick((piece.tensor, piece.start, tuple(sources)), gpus, dst, nbytes)
-    return [Transfer(dst, src, piece.tensor, piece.dim, piece.start, piece.stop, layer,
-                     nbytes, urgent)]
+    cut = piece.slice
+    if not held.gpus:
+        return [Transfer(dst, None, cut.tensor, cut.dim, cut.start, cut.stop, piece.layer,
+                         piece.nbytes)]
+    src, urgent = picker.pick((cut.tensor, cut.start, piece.sources), held, dst, piece.nbytes)
+    return [Transfer(dst, src, cut.tensor, cut.dim, cut.start, cut.stop, piece.layer,
+                     piece.nbytes, urgent)]
 
 
 def kv_transfers(model: ModelSpec, current: CurrentState, new: Placement,
@@ -188,7 +227,7 @@ def kv_transfers(model: ModelSpec, current: CurrentState, new: Placement,
     out: list[Transfer] = []
     for new_pipe, old_pipe in inherits:
         tokens = current.progress_of(old_pipe).cached_tokens
-        if tokens <= 0 or (old_pipe == new_pipe and _in_place(old, new, new_pipe)):
+        if tokens <= 0 or _in_place(old, new, new_pipe, old_pipe):
             continue
         old_one = ParallelConfig((old.config.pipelines[old_pipe],), old.config.batch)
         new_one = ParallelConfig((new.config.pipelines[new_pipe],), new.config.batch)
@@ -200,11 +239,16 @@ def kv_transfers(model: ModelSpec, current: CurrentState, new: Placement,
                 continue
             nbytes = 2 * (mv.head_stop - mv.head_start) * model.head_dim * model.dtype_bytes \
                 * tokens
-            src, urgent = picker.pick(("kv", old_pipe, mv.layer, mv.head_start), gpus, dst,
+            key = ("kv", old_pipe, mv.layer, mv.head_start, mv.head_stop)
+            src, urgent = picker.pick(key, picker.holders(key, partial(list, gpus)), dst,
                                       nbytes)
             out.append(Transfer(dst, src, "kv", 2, mv.head_start, mv.head_stop, mv.layer,
                                 nbytes, urgent, old_pipe))
     return out
+
+
+def _order(t: Transfer) -> tuple[bool, int, bool, GpuId, str, int]:
+    return (not t.urgent, t.layer, t.kv_pipeline is not None, t.dst, t.tensor, t.start)
 
 
 def estimate_seconds(transfers: Sequence[Transfer], instances: Mapping[str, Instance],
@@ -244,7 +288,7 @@ def migration_plan(model: ModelSpec, current: CurrentState | None, new: Placemen
     transfers = weight_transfers(model, current, new, readable, picker)
     if current is not None:
         transfers += kv_transfers(model, current, new, inherits, readable, picker)
-    transfers.sort(key=lambda t: (not t.urgent, t.layer, t.kind, t.dst, t.tensor, t.start))
+    transfers.sort(key=_order)
     seconds, inbound, outbound = estimate_seconds(transfers, index, overhead_s,
                                                   checkpoint_bytes_per_s)
     checkpoint = sum(t.nbytes for t in transfers if t.src is None)

@@ -34,6 +34,10 @@ class RooflineCostModel:
 
     def stage_ms(self, stage: StageHardware, micro_batch: int, phase: Phase,
                  workload: Workload) -> float:
+        return _stage_ms(self, stage, micro_batch, phase, workload)
+
+    def _stage_ms(self, stage: StageHardware, micro_batch: int, phase: Phase,
+                  workload: Workload) -> float:
         one_layer = replace(stage, layers=1, last=False, next_bytes_per_s=0.0)
         seconds = _layer_seconds(self, one_layer, micro_batch, phase, workload) * stage.layers
         if stage.last:
@@ -87,6 +91,12 @@ class RooflineCostModel:
     def _logits_seconds(self, stage: StageHardware, micro_batch: int) -> float:
         m = self.model
         return self._matmul(stage, micro_batch, m.hidden_size, m.vocab_size // stage.tp)
+
+
+@lru_cache(maxsize=65536)
+def _stage_ms(cost: RooflineCostModel, stage: StageHardware, micro_batch: int, phase: Phase,
+              workload: Workload) -> float:
+    return cost._stage_ms(stage, micro_batch, phase, workload)
 
 
 @lru_cache(maxsize=65536)

@@ -116,3 +116,14 @@ def test_cold_start_loads_from_the_checkpoint_over_each_nic() -> None:
     busiest = max(plan.inbound_bytes.values())
     assert plan.seconds == pytest.approx(busiest / itype.nic_bytes_per_s + FIXED_OVERHEAD_S)
     assert [t.layer for t in plan.transfers] == sorted(t.layer for t in plan.transfers)
+
+
+def test_kv_follows_its_own_pipeline_when_pipelines_are_rebuilt_from_halves() -> None:
+    model = tiny_model(4)
+    itype = small_type("one", 1)
+    old = ParallelConfig.uniform(4, 3, 1, 2, 2)  # TP pairs (n0,n1) (n2,n3) (n4,n5)
+    placement = place(model, old, pool(itype, 6))
+    current = CurrentState(placement, tuple(PipelineProgress(d, 30, 5) for d in range(3)))
+    now = pool(itype, 6, states={1: "doomed", 2: "doomed"})
+    _, plan = check_plan(model, current, ParallelConfig.uniform(4, 2, 1, 2, 2), now)
+    assert any(t.kind == "kv" for t in plan.transfers)
