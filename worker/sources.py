@@ -102,3 +102,22 @@ def rendezvous(config: ParallelConfig, position: Position, master_address: str,
     mine = [p for p in config.positions() if p.pipeline == position.pipeline]
     return worker_pb2.Rendezvous(master_address=master_address, world_size=len(mine),
                                  rank=mine.index(position), group_id=group_id)
+
+
+def configure_request(model: ModelSpec, epoch: int, config: ParallelConfig, position: Position,
+                      addresses: Mapping[Position, str], *, master_address: str = "",
+                      old: ParallelConfig | None = None,
+                      old_addresses: Mapping[Position, str] | None = None,
+                      kv: Iterable[worker_pb2.KVImport] = ()) -> worker_pb2.ConfigureRequest:
+    """The whole `Configure` call for the worker at `position` of `config` (placed on
+    `addresses`), coming from `old` (placed on `old_addresses`, the survivors)."""
+    old_addresses = old_addresses or {}
+    me = addresses[position]
+    kept_from = next((p for p, a in old_addresses.items() if a == me), None)
+    group = f"epoch{epoch}-p{position.pipeline}"
+    return worker_pb2.ConfigureRequest(
+        epoch=epoch, role=role_message(config, position, addresses),
+        rendezvous=rendezvous(config, position, master_address, group),
+        weights=weight_sources(model, old, old_addresses, config, position,
+                               kept_from=kept_from),
+        kv_imports=list(kv))

@@ -19,7 +19,7 @@ from spotserve.auth import call_metadata
 from spotserve.layout import ParallelConfig, Position
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from spotserve.worker.sources import rendezvous, role_message, weight_sources
+from spotserve.worker import sources
 from spotserve.worker.transfer import CHANNEL_OPTIONS
 
 TOKEN = "worker-test-token"
@@ -89,18 +89,12 @@ def configure_request(spec: ModelSpec, epoch: int, config: ParallelConfig, posit
                       kv_imports: Sequence[worker_pb2.KVImport] = ()
                       ) -> worker_pb2.ConfigureRequest:
     """What a controller sends the worker at `position` of `config` (one pipeline)."""
-    addresses = {p: w.address for p, w in placement.items()}
     driver = placement[Position(position.pipeline, 0, 0)]
-    old_addresses = {p: w.address for p, w in (old_placement or {}).items()}
-    me = placement[position]
-    kept_from = next((p for p, w in (old_placement or {}).items() if w is me), None)
     master = f"{driver.host}:{free_port(driver.host)}" if config.num_gpus > 1 else ""
-    return worker_pb2.ConfigureRequest(
-        epoch=epoch, role=role_message(config, position, addresses),
-        rendezvous=rendezvous(config, position, master, f"epoch{epoch}-p{position.pipeline}"),
-        weights=weight_sources(spec, old, old_addresses, config, position,
-                               kept_from=kept_from),
-        kv_imports=kv_imports)
+    return sources.configure_request(
+        spec, epoch, config, position, {p: w.address for p, w in placement.items()},
+        master_address=master, old=old,
+        old_addresses={p: w.address for p, w in (old_placement or {}).items()}, kv=kv_imports)
 
 
 async def configure_pipeline(spec: ModelSpec, epoch: int, config: ParallelConfig,
