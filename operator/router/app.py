@@ -34,6 +34,7 @@ class RouterApp:
     internal_token: str | None
     api_keys: list[str]
     static_pipelines: list[tuple[str, str, float]]
+    shutdown_grace: float = 10.0
     grpc_port: int = 0
     http_port: int = 0
     _grpc: grpc.aio.Server | None = None
@@ -49,7 +50,8 @@ class RouterApp:
             queue_timeout=args.queue_timeout, request_timeout=args.request_timeout,
             resume_timeout=args.resume_timeout, hint_wait=args.hint_wait)
         router = Router(config, tokenizer, WorkerClients(token))
-        return cls(router, args.grpc, args.http, token, api_keys, pipelines)
+        return cls(router, args.grpc, args.http, token, api_keys, pipelines,
+                   shutdown_grace=args.shutdown_grace)
 
     async def start(self) -> None:
         if not self.internal_token:
@@ -63,7 +65,8 @@ class RouterApp:
                 [self.internal_token] if self.internal_token else []),
             api_keys=BearerCheck(self.api_keys))
         self._http = web.AppRunner(build_app(self.router, BearerCheck(self.api_keys)),
-                                   handler_cancellation=True, access_log=None)
+                                   handler_cancellation=True, access_log=None,
+                                   shutdown_timeout=self.shutdown_grace)
         await self._http.setup()
         host, _, port = self.http_address.rpartition(":")
         site = web.TCPSite(self._http, host, int(port))
@@ -75,10 +78,15 @@ class RouterApp:
               f"http={host}:{self.http_port}", flush=True)
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting requests (and say so on /readyz); give running ones `grace`
+        seconds to finish on both servers at once; then close the driver channels."""
+        self.router.closing = True
+        stops = []
         if self._http is not None:
-            await self._http.cleanup()
+            stops.append(self._http.cleanup())  # waits up to shutdown_grace
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            stops.append(self._grpc.stop(grace))
+        await asyncio.gather(*stops)
         await self.router.close()
 
     async def serve_forever(self) -> None:
@@ -89,4 +97,4 @@ class RouterApp:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("router stopping", file=sys.stderr, flush=True)
-        await self.stop()
+        await self.stop(grace=self.shutdown_grace)

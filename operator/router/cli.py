@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hint-wait", type=float, default=10.0, metavar="S",
                         help="how long a drained request waits for a KV resume hint "
                              "(default 10)")
+    parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                        help="on SIGTERM, how long running requests may finish (default 10)")
     parser.add_argument("--log-level", default="INFO")
 
 

@@ -147,6 +147,7 @@ class Router:
         self._attempts: dict[str, set[_Attempt]] = {}
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self.closing = False  # shutting down: not ready for new traffic
 
     # ---- the request path -------------------------------------------------------------
 
@@ -500,7 +501,7 @@ class Router:
             epoch=self.topology.epoch)
 
     def ready(self) -> bool:
-        return bool(self.topology.serving())
+        return not self.closing and bool(self.topology.serving())
 
     async def close(self) -> None:
         await self.workers.close()

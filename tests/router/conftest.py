@@ -57,7 +57,7 @@ def router_args(model_dir: Path, **overrides: object) -> argparse.Namespace:
         "model": model_dir, "served_model_name": "tiny", "max_context": None,
         "grpc": "127.0.0.1:0", "http": "127.0.0.1:0", "max_queue": 64, "max_concurrency": 8,
         "queue_timeout": 5.0, "request_timeout": 30.0, "resume_timeout": 5.0,
-        "hint_wait": 2.0}
+        "hint_wait": 2.0, "shutdown_grace": 1.0}
     values.update(overrides)
     return argparse.Namespace(**values)
 

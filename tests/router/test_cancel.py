@@ -71,3 +71,17 @@ async def test_http_client_disconnect_reaches_the_worker(start_worker: StartWork
         assert worker.running
         response.close()
     await _settled(app, worker)
+
+
+async def test_shutdown_lets_running_requests_finish(start_worker: StartWorker,
+                                                     start_router: StartRouter) -> None:
+    from .helpers import generate
+
+    _, _, address = await start_worker(step_seconds=0.005)
+    app = await start_router([Pipeline("p0", address)])
+    task = asyncio.create_task(generate(app, "finish me", 60))
+    while not app.router.stats().requests:
+        await asyncio.sleep(0.005)
+    await app.stop(grace=5.0)
+    assert not app.router.ready()
+    assert (await task).completion_tokens == 60
