@@ -30,6 +30,7 @@ from spotserve.layout import (
 from spotserve.model_spec import ModelSpec
 
 from .cluster import CurrentState, GpuId, Instance, Placement
+from .layer_order import wave_peaks
 
 FIXED_OVERHEAD_S = 2.0
 CHECKPOINT = "checkpoint"
@@ -64,6 +65,8 @@ class MigrationPlan:
     inbound_bytes: Mapping[str, int]
     outbound_bytes: Mapping[str, int]
     checkpoint_bytes: int
+    peak_gpu_bytes: int = 0  # largest weight footprint of any GPU during the layer waves
+    peak_over_footprint_bytes: int = 0  # how far any GPU rises above max(old, new) footprint
 
     @property
     def total_bytes(self) -> int:
@@ -292,4 +295,7 @@ def migration_plan(model: ModelSpec, current: CurrentState | None, new: Placemen
     seconds, inbound, outbound = estimate_seconds(transfers, index, overhead_s,
                                                   checkpoint_bytes_per_s)
     checkpoint = sum(t.nbytes for t in transfers if t.src is None)
-    return MigrationPlan(tuple(transfers), seconds, inbound, outbound, checkpoint)
+    peaks = wave_peaks(model, current.placement if current else None, new).values()
+    return MigrationPlan(tuple(transfers), seconds, inbound, outbound, checkpoint,
+                         max((p.peak_bytes for p in peaks), default=0),
+                         max((p.over_footprint for p in peaks), default=0))

@@ -69,6 +69,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
          **({"old_pipeline": t.kv_pipeline} if t.kv_pipeline is not None else {})}
         for t in mig.transfers]
     out["migration_seconds"] = None if mig is None else round(mig.seconds, 3)
+    out["migration_peak_gpu_bytes"] = None if mig is None else mig.peak_gpu_bytes
+    out["migration_peak_over_footprint_bytes"] = (None if mig is None
+                                                  else mig.peak_over_footprint_bytes)
     out["arrangement"] = [{"pipeline": a.pipeline, "steps": a.steps,
                            "remaining_steps": a.remaining_steps, "action": a.action,
                            "stop_after_s": round(a.stop_after_s, 3), "overruns": a.overruns}
@@ -104,6 +107,8 @@ def plan_summary(plan: Plan) -> str:
         lines.append(f"  migration: {len(mig.transfers)} transfers, {mig.total_bytes / GB:.2f}"
                      f" GB ({mig.urgent_bytes / GB:.2f} GB urgent), ~{mig.seconds:.1f} s; "
                      f"reused {m.reused_bytes / GB:.2f} GB in place")
+        lines.append(f"  migration memory: peak {mig.peak_gpu_bytes / GB:.2f} GB/GPU, "
+                     f"{mig.peak_over_footprint_bytes / GB:.2f} GB above the larger footprint")
     for a in plan.arrangement:
         lines.append(f"  pipeline {a.pipeline} (doomed): {a.action}")
     if plan.requeued_pipelines:

@@ -50,6 +50,8 @@ def check_plan(model, current, new, instances):  # type: ignore[no-untyped-def]
                     if s.tensor == t.tensor]
             assert any(s.dim is None or (s.start <= t.start and t.stop <= s.stop)
                        for s in held), "the source does not hold the piece"
+    one_layer = model.weight_bytes_per_layer + model.global_params * model.dtype_bytes
+    assert plan.peak_over_footprint_bytes <= one_layer, "layer waves bound the memory peak"
     urgent = [t.urgent for t in plan.transfers]
     assert urgent == sorted(urgent, reverse=True), "urgent transfers go first"
     for pos, gpu in mapping.placement.assignment:
