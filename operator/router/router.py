@@ -43,7 +43,7 @@ from .text import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ModelTokenizer
 from .topology import ResumeHint, Topology, check_pipelines
 from .validation import ModelLimits, validate
-from .worker_client import WorkerClients
+from .worker_client import SubmitCall, WorkerClients
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class _Attempt:
     pipeline_id: str
     address: str
     mode: int
-    call: grpc.aio.UnaryStreamCall | None = None
+    call: SubmitCall | None = None
     evicted: bool = False
     outcome: Outcome = Outcome.INTERRUPTED
     reason: str = "stream ended without a finish reason"
@@ -254,7 +254,7 @@ class Router:
         try:
             while True:
                 delta = await call.read()
-                if delta is grpc.aio.EOF:
+                if not isinstance(delta, worker_pb2.TokenDelta):  # grpc.aio.EOF
                     return
                 try:
                     fresh = commit.accept(delta.position, delta.token_ids)

@@ -6,6 +6,7 @@ Thin adapters: they turn messages into `Router` calls and `RouterError`s into st
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -36,14 +37,15 @@ STATES = {control_pb2.PIPELINE_STATE_SERVING: PipelineState.SERVING,
           control_pb2.PIPELINE_STATE_DRAINING: PipelineState.DRAINING,
           control_pb2.PIPELINE_STATE_GONE: PipelineState.GONE}
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+async def abort(context: Context, exc: RouterError) -> None:
     trailing = (("retry-after", f"{exc.retry_after:.0f}"),) if exc.retry_after else ()
     await context.abort(GRPC_CODES[exc.kind], exc.message, trailing_metadata=trailing)
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+def _authorization(context: Context) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             return str(value)
@@ -56,7 +58,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.api_keys = api_keys
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext,
+                       context: Context,
                        ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         if not self.api_keys.allows(_authorization(context)):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
@@ -85,13 +87,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         raise invalid("prompt", "set either text or token_ids")
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
+                         context: Context) -> inference_pb2.ListModelsResponse:
         limits = self.router.limits
         return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelInfo(
             name=limits.name, max_context=limits.max_context)])
 
     async def Health(self, request: common_pb2.HealthRequest,
-                     context: grpc.aio.ServicerContext) -> common_pb2.HealthResponse:
+                     context: Context) -> common_pb2.HealthResponse:
         serving = len(self.router.topology.serving())
         status = (common_pb2.HealthResponse.STATUS_SERVING if serving
                   else common_pb2.HealthResponse.STATUS_NOT_SERVING)
@@ -105,7 +107,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self.token = token
 
     async def UpdateTopology(self, request: control_pb2.Topology,
-                             context: grpc.aio.ServicerContext) -> control_pb2.TopologyAck:
+                             context: Context) -> control_pb2.TopologyAck:
         await self._check_token(context)
         try:
             pipelines = [_pipeline(i, p) for i, p in enumerate(request.pipelines)]
@@ -116,11 +118,11 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return control_pb2.TopologyAck(epoch=epoch)
 
     async def Stats(self, request: control_pb2.StatsRequest,
-                    context: grpc.aio.ServicerContext) -> control_pb2.RouterStats:
+                    context: Context) -> control_pb2.RouterStats:
         await self._check_token(context)
         return self.router.stats()
 
-    async def _check_token(self, context: grpc.aio.ServicerContext) -> None:
+    async def _check_token(self, context: Context) -> None:
         if not self.token.allows(_authorization(context)):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong internal token (authorization: Bearer ...)")

@@ -16,6 +16,7 @@ from spotserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+SubmitCall = grpc.aio.UnaryStreamCall[worker_pb2.SubmitRequest, worker_pb2.TokenDelta]
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -40,8 +41,8 @@ class WorkerClients:
         return self._stubs[address]
 
     def submit(self, address: str, request: worker_pb2.SubmitRequest,
-               timeout: float | None) -> grpc.aio.UnaryStreamCall:
-        call: grpc.aio.UnaryStreamCall = self.stub(address).Submit(
+               timeout: float | None) -> SubmitCall:
+        call: SubmitCall = self.stub(address).Submit(
             request, timeout=timeout, metadata=self.metadata)
         return call
 
