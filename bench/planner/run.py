@@ -10,6 +10,10 @@ preemption is also planned with a baseline that ignores the running placement (p
 laid out in instance order, the plan a reconfiguration without matching would make), to
 show what the matching keeps in place. A 30-instance pool of three GPU types exercises the
 heterogeneous search. Targets: < 1 s for 128×8 homogeneous, < 5 s heterogeneous.
+
+With the SpotServe artifact's reference data present (../shared/reference), it also prints
+the configurations `spotserve plan` chooses for the paper's three models at 3–10 4×T4
+instances with the T4 profiles, and the roofline model's error against those profiles.
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ from spotserve.models import resolve_model
 from spotserve.operator.planner import (
     CurrentState,
     Instance,
+    Phase,
     PipelineProgress,
     PlanRequest,
+    ProfileTable,
     RooflineCostModel,
     SearchLimits,
     map_devices,
     migration_plan,
+    parse_request,
     plan,
 )
+from spotserve.operator.planner.profile_table import compare_with_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "llama-3.1-70b"
@@ -42,6 +50,11 @@ TYPES = {4: "g6.12xlarge", 8: "g6.48xlarge"}
 HETERO = ("g5.12xlarge", "g6.12xlarge", "g6e.12xlarge")
 HOMOGENEOUS_TARGET_S, HETERO_TARGET_S = 1.0, 5.0
 GB = 1e9
+REFERENCE = ROOT.parent / "shared" / "reference" / "spotserve-artifact"
+# model: (profile, min GPUs per replica, α) — the paper's setup
+PAPER = {"opt-6.7b": ("megatron_6.7B_profile.json", 4, 2.0),
+         "gpt-20b": ("megatron_h6144_profile.json", 12, 0.4),
+         "opt-30b": ("megatron_h7168_profile.json", 16, 0.2)}
 
 
 def timed(fn: Any, repeat: int) -> tuple[float, Any]:
@@ -103,11 +116,76 @@ def hetero_case(repeat: int) -> dict[str, Any]:
             "plan_vs_target": round(seconds / HETERO_TARGET_S, 3)}
 
 
+def paper_table(reference: Path) -> list[dict[str, Any]]:
+    """`spotserve plan --model M --gpu T4 --instances N --gpus-per-instance 4 --rate α
+    --profile P --min-gpus-per-replica K --max-batch 4`, for N = 3..10."""
+    rows = []
+    for model, (profile, min_gpus, rate) in PAPER.items():
+        for count in range(3, 11):
+            doc = {"model": model, "rate": rate, "max_batch": 4, "min_gpus_per_replica": min_gpus,
+                   "profile": str(reference / "profiles" / profile),
+                   "cluster": {"spot_prices": {"g4dn.12xlarge": 1.9046}, "instances": [
+                       {"name": f"node-{i}", "type": "g4dn.12xlarge"} for i in range(count)]}}
+            result = plan(parse_request(doc))
+            lean = plan(parse_request({**doc, "fill": False}))
+            cfg = result.config
+            rows.append({
+                "model": model, "instances": count, "rate": rate,
+                "D": cfg.data if cfg else None, "P": cfg.pipeline_degree if cfg else None,
+                "M": cfg.tensor_degree if cfg else None, "B": cfg.batch if cfg else None,
+                "M1": result.prefill_micro if cfg else None,
+                "M2": result.decode_micro if cfg else None,
+                "latency_s": round(result.latency_ms / 1000, 3) if cfg else None,
+                "throughput": round(result.throughput, 3), "meets_rate": result.meets_rate,
+                "extra_instances": result.extra_instances,
+                "fewest_D": lean.config.data if lean.config else None})
+    return rows
+
+
+def roofline_table(reference: Path) -> list[dict[str, Any]]:
+    rows = []
+    itype = Catalog.load().instance("g4dn.12xlarge")
+    for model, (profile, _, _) in PAPER.items():
+        table = ProfileTable.load(reference / "profiles" / profile)
+        cells = compare_with_profile(RooflineCostModel(resolve_model(model)), table, itype)
+        for phase in Phase:
+            errs = [c.relative for c in cells if c.phase is phase]
+            rows.append({"model": model, "phase": phase.value, "cells": len(errs),
+                         "mean_abs_error": round(sum(map(abs, errs)) / len(errs), 3),
+                         "max_abs_error": round(max(map(abs, errs)), 3),
+                         "mean_signed_error": round(sum(errs) / len(errs), 3)})
+    return rows
+
+
+def print_reference(paper: list[dict[str, Any]], errors: list[dict[str, Any]]) -> None:
+    print("\nSpotServe setup (4xT4 g4dn.12xlarge, fp32, T4 profiles, batch <= 4):")
+    print(f"{'model':<9} {'N':>2} {'rate':>5} {'D':>2} {'P':>2} {'M':>2} {'B':>2} {'M1':>2} "
+          f"{'M2':>2} {'lat s':>6} {'req/s':>6} {'meets':>5} {'extra':>5} {'fewest D':>8}")
+    for r in paper:
+        cells = [r[k] if r[k] is not None else "-" for k in ("D", "P", "M", "B", "M1", "M2")]
+        lat = f"{r['latency_s']:.2f}" if r["latency_s"] is not None else "-"
+        print(f"{r['model']:<9} {r['instances']:>2} {r['rate']:>5} "
+              + " ".join(f"{c:>2}" for c in cells)
+              + f" {lat:>6} {r['throughput']:>6.3f} {r['meets_rate']!s:>5} "
+              f"{r['extra_instances']:>5} {r['fewest_D'] or '-':>8}")
+    print("\nroofline vs T4 profiles (per layer, all TP x batch cells):")
+    print(f"{'model':<9} {'phase':<8} {'cells':>5} {'mean |err|':>10} {'max |err|':>9} "
+          f"{'mean err':>8}")
+    for e in errors:
+        print(f"{e['model']:<9} {e['phase']:<8} {e['cells']:>5} {e['mean_abs_error']:>10.1%} "
+              f"{e['max_abs_error']:>9.1%} {e['mean_signed_error']:>+8.1%}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (best is kept)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "planner.json")
+    parser.add_argument("--only-reference", action="store_true",
+                        help="skip the timing runs; print the paper and roofline tables")
     args = parser.parse_args()
+    if args.only_reference:
+        print_reference(paper_table(REFERENCE), roofline_table(REFERENCE))
+        return 0
     rows = [homogeneous_case(n, g, args.repeat) for g in (4, 8) for n in (16, 64, 128)]
     header = (f"{'pool':>9} {'config (after preemption)':<26} {'cold s':>7} {'replan s':>8} "
               f"{'/target':>7} {'KM GB':>7} {'base GB':>8} {'KM mig s':>8} {'base mig s':>10}")
@@ -123,10 +201,16 @@ def main() -> int:
     print(f"  {het['config']}")
     print(f"  plan {het['plan_s']:.3f} s ({het['plan_vs_target']:.2f} of the {HETERO_TARGET_S:g} s "
           f"target), {het['pipelines']} pipelines, {het['throughput']} req/s")
+    paper, errors = [], []
+    if REFERENCE.is_dir():
+        paper, errors = paper_table(REFERENCE), roofline_table(REFERENCE)
+        print_reference(paper, errors)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"bench": "planner", "machine": platform.node(),
                                     "python": platform.python_version(),
-                                    "homogeneous": rows, "heterogeneous": het}, indent=1))
+                                    "homogeneous": rows, "heterogeneous": het,
+                                    "paper_configurations": paper,
+                                    "roofline_vs_t4_profiles": errors}, indent=1))
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spotserve.catalog import GPUSpec
+from spotserve.catalog import GPUSpec, InstanceType
 from spotserve.errors import SpotserveError
 
-from .cost_model import Phase, StageHardware, Workload
+from .cost_model import CostModel, Phase, StageHardware, Workload
 
 _EMBED_BATCHES = (1, 2, 4, 8)
 
@@ -140,3 +140,34 @@ class ProfileCostModel:
 
     def overhead_ms(self, batch: int) -> float:
         return 2 * self.table.embed_ms(batch)
+
+
+@dataclass(frozen=True)
+class ProfileError:
+    """One cell of a profile table against another cost model's estimate (ms per layer)."""
+
+    tp: int
+    batch: int
+    phase: Phase
+    measured_ms: float
+    predicted_ms: float
+
+    @property
+    def relative(self) -> float:
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+
+def compare_with_profile(cost: CostModel, table: ProfileTable,
+                         itype: InstanceType) -> tuple[ProfileError, ...]:
+    """How far `cost` is from every measured (TP, batch, phase) cell of `table`, for one
+    middle layer on `itype` (TP over the intra-node link, or the NIC when it spans
+    instances)."""
+    out = []
+    for tp in table.tp_degrees:
+        link = itype.intra_node_bytes_per_s if tp <= itype.gpus else itype.nic_bytes_per_s
+        layer = StageHardware(itype.gpu, tp, 1, link, itype.nic_bytes_per_s)
+        for batch, _, _ in table.layers[tp]:
+            for phase in Phase:
+                out.append(ProfileError(tp, batch, phase, table.layer_ms(tp, batch, phase),
+                                        cost.stage_ms(layer, batch, phase, Workload())))
+    return tuple(out)

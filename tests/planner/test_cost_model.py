@@ -19,7 +19,7 @@ from spotserve.operator.planner import (
     Workload,
     pipeline_times,
 )
-from spotserve.operator.planner.homogeneous import stage_hardware
+from spotserve.operator.planner.profile_table import compare_with_profile
 
 from .support import T4X4
 
@@ -76,16 +76,9 @@ def roofline_errors(reference: Path) -> dict[tuple[str, str], float]:
     out = {}
     for name, file in PAPER.items():
         table = ProfileTable.load(reference / "profiles" / file)
-        roof = RooflineCostModel(resolve_model(name))
+        cells = compare_with_profile(RooflineCostModel(resolve_model(name)), table, T4X4)
         for phase in Phase:
-            errs = []
-            for tp in table.tp_degrees:
-                hw = stage_hardware(resolve_model(name), T4X4, 1, tp)[0]
-                one = StageHardware(hw.gpu, tp, 1, hw.tp_bytes_per_s, hw.next_bytes_per_s)
-                for batch in (1, 2, 4, 8):
-                    measured = table.layer_ms(tp, batch, phase)
-                    errs.append(abs(roof.stage_ms(one, batch, phase, Workload()) - measured)
-                                / measured)
+            errs = [abs(c.relative) for c in cells if c.phase is phase]
             out[(name, phase.value)] = sum(errs) / len(errs)
     return out
 
