@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= worker,operator,dev
+# Never let the working directory shadow the standard library (the repo has an operator/ folder).
+export PYTHONSAFEPATH := 1
 
 .PHONY: install demo test lint proto bench clean
 
