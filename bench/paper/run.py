@@ -227,12 +227,13 @@ def ratio_table(rows: list[dict[str, Any]]) -> str:
 
 def hetero_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | pool | config | planned req/s | $/h | req/s per $/h | interrupted "
-             "| served req/s | avg s | P99 s | failed |", "|" + "---|" * 11]
+             "| served req/s | avg s | P99 s | $/1k tok (all held) | failed |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['model']} | {r['pool']} | {r['config']} | {r['plan_throughput']} "
                      f"| {r['usd_per_hour']} | {r['throughput_per_usd_hour']} | "
                      f"{'yes' if r['interruption'] else 'no'} | {r['throughput_req_s']} | "
-                     f"{_f(r['avg_s'])} | {_f(r['p99_s'])} | {r['failed']} |")
+                     f"{_f(r['avg_s'])} | {_f(r['p99_s'])} | {_f(r['usd_per_1k_tokens'], 4)} | "
+                     f"{r['failed']} |")
     return "\n".join(lines)
 
 

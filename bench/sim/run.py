@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -41,19 +42,20 @@ def main() -> None:
                   min_gpus_per_replica=12, spot_prices={"g4dn.12xlarge": 1.9046})
     rows = []
     for name in args.approaches.split(","):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         entry = run(setup, name)
-        wall = time.perf_counter() - started
-        rows.append({"approach": name, "wall_s": round(wall, 2),
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        rows.append({"approach": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                      "ratio_to_target": round(wall / TARGET_S, 3),
                      "requests": entry["requests"], "completed": entry["completed"],
                      "replans": entry["replans"], "p99_s": entry["latency"]["p99_s"],
                      "cost_usd": entry["cost_usd"]})
-        print(f"{name:>14}: {wall:6.2f} s wall for {entry['requests']} requests over "
-              f"{trace.end_s / 3600:.1f} h ({entry['replans']} re-plans) — "
+        print(f"{name:>14}: {wall:6.2f} s wall ({cpu:.2f} s CPU) for {entry['requests']} "
+              f"requests over {trace.end_s / 3600:.1f} h ({entry['replans']} re-plans) — "
               f"{wall / TARGET_S:.2f}× the {TARGET_S:.0f} s target")
     result = {"bench": "sim", "trace": "g4dn.csv", "duration_s": trace.end_s,
               "target_s": TARGET_S, "machine": platform.processor() or platform.machine(),
+              "load_average": [round(x, 2) for x in os.getloadavg()],
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

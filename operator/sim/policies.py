@@ -27,7 +27,7 @@ from ..planner.arrangement import arrange
 from ..planner.cluster import CurrentState, Instance, PipelineProgress, Placement
 from ..planner.device_mapper import choose_inheritance, map_devices
 from ..planner.homogeneous import PipelineShape, pipeline_shapes, search
-from ..planner.migration import migration_plan
+from ..planner.migration import MigrationPlan, estimate_seconds, migration_plan
 from ..planner.planner import plan
 from . import adapter
 from .engine import Pipeline, Request, Simulation
@@ -80,16 +80,22 @@ class _Deployer:
         sim.keep_committed_on_loss = self.resumes
 
     def cold_load_s(self, sim: Simulation, placement: Placement,
-                    instances: tuple[Instance, ...]) -> float:
-        """Loading `placement` from storage (0 for the warm start at time 0)."""
+                    instances: tuple[Instance, ...], cold: MigrationPlan | None = None
+                    ) -> float:
+        """Loading `placement` from storage (0 for the warm start at time 0). `cold`: the
+        planner's cold-start migration for it, when it has one already."""
         if sim.now == 0:
             return 0.0
-        migration = migration_plan(self.scenario.model, None, placement, (), instances,
-                                   self.scenario.migration_overhead_s,
-                                   self.scenario.storage_bytes_per_s)
+        scenario = self.scenario
+        if cold is None:
+            cold = migration_plan(scenario.model, None, placement, (), instances,
+                                  scenario.migration_overhead_s)
+        seconds, _, _ = estimate_seconds(cold.transfers, {i.name: i for i in instances},
+                                         scenario.migration_overhead_s,
+                                         scenario.storage_bytes_per_s)
         sim.counters.reloads += 1
-        sim.counters.bytes_moved += migration.total_bytes
-        return migration.seconds
+        sim.counters.bytes_moved += cold.total_bytes
+        return seconds
 
 
 class SpotServe(_Deployer):
@@ -345,7 +351,7 @@ class Reparallelize(_Deployer):
             sim.record("no-config", "none")
             return
         placement = result.mapping.placement
-        available = sim.now + self.cold_load_s(sim, placement, instances)
+        available = sim.now + self.cold_load_s(sim, placement, instances, result.migration)
         for d in range(result.config.data):
             sim.add_pipeline(self.pipeline(sim, placement, d, (result.prefill_micro,
                                                                result.decode_micro), available))
