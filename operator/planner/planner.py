@@ -98,7 +98,8 @@ def _plan(request: PlanRequest, c: _Choice, mapping: MappingResult | None,
         extra_instances=c.extra, extra_instance_type=c.extra_type,
         extra_capacity=request.extra_capacity, pipeline_weights=c.weights,
         pipeline_latency_ms=c.latencies, mapping=mapping, migration=migration,
-        arrangement=arrangement, requeued_pipelines=_requeued(request.current, mapping),
+        arrangement=arrangement,
+        requeued_pipelines=_requeued(request.current, mapping, arrangement),
         idle_instances=tuple(sorted(i.name for i in hosts if i.name not in used)),
         cost_model=request.cost.name)
 
@@ -150,11 +151,14 @@ def _heterogeneous(request: PlanRequest, hosts: list[Instance]) -> _Choice:
                    tuple(p.latency_ms for p in result.pipelines))
 
 
-def _requeued(current: CurrentState | None, mapping: MappingResult | None) -> tuple[int, ...]:
-    """Old pipelines whose requests restart from their committed tokens (KV not kept)."""
+def _requeued(current: CurrentState | None, mapping: MappingResult | None,
+              arrangement: tuple[Arrangement, ...]) -> tuple[int, ...]:
+    """Old pipelines whose unfinished requests restart from their committed tokens: their KV
+    cache is neither inherited nor finished off before the deadline."""
     if current is None:
         return ()
     kept = {o for _, o in mapping.inherits} if mapping else set()
+    kept |= {a.pipeline for a in arrangement if a.finishes}
     return tuple(d for d in range(current.placement.config.data)
                  if current.progress_of(d).remaining_steps > 0 and d not in kept)
 

@@ -30,6 +30,7 @@ def test_every_example_plans(example: Path, capsys: pytest.CaptureFixture[str]) 
     assert plan["meets_rate"]
     for key in ("pipelines", "mapping", "transfers", "migration_seconds", "arrangement"):
         assert key in plan
+    assert sum(p["weight"] for p in plan["pipelines"]) == pytest.approx(1.0, abs=1e-4)
     gpus = [g for p in plan["pipelines"] for s in p["stages"] for g in s["gpus"]]
     assert len(gpus) == len(set(gpus)) == len(plan["mapping"]["positions"])
 
@@ -49,8 +50,9 @@ def test_paper_shorthand(reference_dir: Path, capsys: pytest.CaptureFixture[str]
     assert short["extra"] == {"instances": 2, "type": "g4dn.12xlarge", "capacity": "on-demand"}
 
 
-def test_output_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
-    example = next(p for p in EXAMPLES if p.stem == "preemption")
+@pytest.mark.parametrize("stem", ["preemption", "heterogeneous"])
+def test_output_is_deterministic(stem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    example = next(p for p in EXAMPLES if p.stem == stem)
     assert run_json(capsys, str(example)) == run_json(capsys, str(example))
 
 
