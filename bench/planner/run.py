@@ -114,9 +114,15 @@ def hetero_case(repeat: int) -> dict[str, Any]:
     pool = [Instance(f"{name.split('.')[0]}-{i}", catalog.instance(name),
                      spot_price=catalog.instance(name).price / 2)
             for name in HETERO for i in range(10)]
-    seconds, cpu, result = timed(lambda: plan(replace(request(pool), rate=3.0)), repeat)
+    seconds, cpu, result = timed(lambda: plan(replace(request(pool), rate=5.0)), repeat)
     assert result.config is not None
-    return {"instances": len(pool), "types": list(HETERO), "config": result.config.describe(),
+    shapes: dict[str, int] = {}
+    for pipe in result.config.pipelines:
+        key = "+".join(f"{st.gpu_type}x{st.tp}[{st.layer_start}:{st.layer_end}]"
+                       for st in pipe.stages)
+        shapes[key] = shapes.get(key, 0) + 1
+    config = ", ".join(f"{n} x {key}" for key, n in shapes.items())
+    return {"instances": len(pool), "types": list(HETERO), "config": config,
             "pipelines": result.config.data, "throughput": round(result.throughput, 3),
             "plan_s": round(seconds, 4), "plan_cpu_s": round(cpu, 4),
             "target_s": HETERO_TARGET_S, "plan_vs_target": round(seconds / HETERO_TARGET_S, 3)}
