@@ -7,9 +7,10 @@ drains, dies or disappears, so that the client sees one uninterrupted stream.
 
 Layout: pure logic (no sockets, no torch) in `validation`, `commit_log`, `dispatch`,
 `topology`, `load_signal`, `text`, `errors` and `auth`; the async core in `scheduler`
-(bounded queue, slots) and `router` (one request's life, resume); thin I/O shells in
+(bounded queue, slots), `resume` (where and how an interrupted request continues) and
+`router` (one request's life); thin I/O shells in
 `worker_client` (calls to drivers), `server` (gRPC Inference and Control), `openai_http`
 (aiohttp), `metrics` (Prometheus), `tokenizer` (HF tokenizers, chat template), `app` (one
-process: both servers in one event loop) and `cli`. The resume rules are in `router`'s
+process: both servers in one event loop) and `cli`. The resume rules are in `resume`'s
 docstring.
 """

@@ -2,20 +2,11 @@
 wherever its pipeline is interrupted.
 
 A request's life: validated → queued (bounded) → submitted to a pipeline driver → its
-tokens go through the commit log to the client. When the stream is interrupted — the
-driver paused it (a drain, KV kept), the driver failed, or the controller declared the
-pipeline gone — the request is submitted again on a pipeline chosen as follows, with the
-tokens committed so far as its resume state:
-
-1. a resume hint from the controller naming a pipeline and mode KV → that pipeline, mode KV
-   (its KV cache was migrated there);
-2. paused, no hint, and its own pipeline is serving again → the same pipeline, mode KV;
-3. otherwise any serving pipeline, mode REPREFILL (prompt + committed tokens recomputed).
-
-A paused request waits up to `hint_wait` seconds for a hint. A KV resumption that fails
-falls back to re-prefill. A request that cannot resume within `resume_timeout` of its
-interruption (or by its own deadline) fails with UNAVAILABLE / DEADLINE_EXCEEDED and a
-message saying how far it got.
+tokens go through the commit log (no gap, no duplicate) and the detokenizer to the client.
+When the stream is interrupted, `resume.Resumer` picks where and how it continues (read its
+docstring for the rules) and the request is submitted again with the committed tokens as
+its resume state; the client's stream just goes on. The router also applies the
+controller's topology (moving requests off pipelines that are gone) and answers `Stats`.
 """
 
 from __future__ import annotations
@@ -38,6 +29,7 @@ from .dispatch import Pipeline, PipelineState
 from .errors import ErrorKind, RouterError, invalid
 from .load_signal import ArrivalRate, LatencyWindow
 from .metrics import RouterMetrics
+from .resume import KV, MODE_NAMES, Interruption, Resumer
 from .scheduler import Scheduler
 from .text import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ModelTokenizer
@@ -48,9 +40,6 @@ from .worker_client import SubmitCall, WorkerClients
 log = logging.getLogger(__name__)
 
 FR = common_pb2.FinishReason
-KV = common_pb2.RESUME_MODE_KV
-REPREFILL = common_pb2.RESUME_MODE_REPREFILL
-MODE_NAMES: dict[int, str] = {KV: "kv", REPREFILL: "reprefill"}
 # Worker statuses that no other pipeline would answer differently.
 FINAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                grpc.StatusCode.UNIMPLEMENTED}
@@ -140,6 +129,10 @@ class Router:
         self.scheduler = Scheduler(self.topology, max_queue=config.max_queue,
                                    default_cap=config.default_concurrency,
                                    failure_cooldown=config.failure_cooldown)
+        self.resumer = Resumer(self.topology, self.scheduler,
+                               resume_timeout=config.resume_timeout,
+                               hint_wait=config.hint_wait,
+                               topology_changed=self._topology_changed)
         self.metrics = RouterMetrics(config.model_name)
         self.arrivals = ArrivalRate(start=time.monotonic())
         self.counters = _Counters()
@@ -310,71 +303,22 @@ class Router:
 
     async def _resume(self, flight: _InFlight, attempt: _Attempt, deadline: float,
                       failures: int) -> tuple[str, int]:
-        """Pick where and how an interrupted request continues (see the module doc)."""
         commit = flight.log
         log.info("request %s interrupted after %d tokens: %s", commit.request_id,
                  commit.committed, attempt.reason)
-        give_up = min(deadline, time.monotonic() + self.config.resume_timeout)
-        flight.queued, flight.paused = True, attempt.outcome is Outcome.PAUSED
+        interruption = Interruption(attempt.pipeline_id, attempt.outcome is Outcome.PAUSED,
+                                    attempt.reason)
+        flight.queued, flight.paused = True, interruption.paused
         try:
-            if failures > 1:  # repeated failures without progress: back off a little
-                await asyncio.sleep(min(0.05 * 2 ** (failures - 2), 1.0))
-            if flight.paused:
-                hint = await self._await_hint(commit.request_id, attempt, give_up)
-            else:
-                hint = self.topology.hints.pop(commit.request_id, None)
-            target = self._kv_target(attempt, hint)
-            if target is not None:
-                wait = min(self.config.hint_wait, give_up - time.monotonic())
-                with contextlib.suppress(RouterError):
-                    pipeline_id = await self.scheduler.acquire(timeout=max(wait, 0.0),
-                                                               only=target, priority=True)
-                    return self._resumed(commit, pipeline_id, KV)
-            pipeline_id = await self._acquire_for_resume(flight, attempt, hint, give_up)
-            return self._resumed(commit, pipeline_id, REPREFILL)
+            pipeline_id, mode = await self.resumer.next_pipeline(commit, interruption,
+                                                                 deadline, failures)
         finally:
             flight.queued = flight.paused = False
+        return self._resumed(commit, pipeline_id, mode)
 
-    async def _acquire_for_resume(self, flight: _InFlight, attempt: _Attempt,
-                                  hint: ResumeHint | None, give_up: float) -> str:
-        only = hint.pipeline_id if hint and hint.mode == "reprefill" and hint.pipeline_id \
-            else None
-        avoid = frozenset() if attempt.outcome is Outcome.PAUSED else \
-            frozenset({attempt.pipeline_id})
-        try:
-            if only is not None:
-                with contextlib.suppress(RouterError):
-                    wait = min(self.config.hint_wait, give_up - time.monotonic())
-                    return await self.scheduler.acquire(timeout=max(wait, 0.0), only=only,
-                                                        priority=True)
-            return await self.scheduler.acquire(timeout=max(give_up - time.monotonic(), 0.0),
-                                                priority=True, avoid=avoid)
-        except RouterError as exc:
-            raise RouterError(exc.kind, f"request {flight.log.request_id} was interrupted "
-                              f"after {flight.log.committed} tokens ({attempt.reason}) and "
-                              f"could not resume: {exc.message}") from None
-
-    async def _await_hint(self, request_id: str, attempt: _Attempt,
-                          give_up: float) -> ResumeHint | None:
-        """A paused request: wait for the controller to say where its KV went."""
-        until = min(give_up, time.monotonic() + self.config.hint_wait)
-        while True:
-            hint = self.topology.hints.pop(request_id, None)
-            source = self.topology.pipelines.get(attempt.pipeline_id)
-            if hint is not None or source is None or source.state is not \
-                    PipelineState.DRAINING or time.monotonic() >= until:
-                return hint
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), until - time.monotonic())
-
-    def _kv_target(self, attempt: _Attempt, hint: ResumeHint | None) -> str | None:
-        if hint is not None:
-            return hint.pipeline_id if hint.mode == "kv" and hint.pipeline_id else None
-        source = self.topology.pipelines.get(attempt.pipeline_id)
-        if attempt.outcome is Outcome.PAUSED and source is not None and \
-                source.state is PipelineState.SERVING:
-            return source.id  # the drain was called off: its KV is still there
-        return None
+    async def _topology_changed(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
 
     def _resumed(self, commit: CommitLog, pipeline_id: str, mode: int) -> tuple[str, int]:
         commit.record_resume(MODE_NAMES[mode], pipeline_id)

@@ -21,7 +21,8 @@ from spotserve.v1 import (
 from .auth import BearerCheck
 from .dispatch import Pipeline, PipelineState
 from .errors import ErrorKind, RouterError, invalid
-from .router import MODE_NAMES, Router
+from .resume import MODE_NAMES
+from .router import Router
 from .topology import ResumeHint
 
 GRPC_CODES = {
