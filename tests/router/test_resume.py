@@ -167,3 +167,21 @@ async def test_called_off_drain_resumes_from_kv_on_the_same_pipeline(
     ids, text = expected(tokenizer, PROMPTS[1], TOKENS)
     assert out.token_ids == ids and out.text == text
     assert [s.mode for s in worker.submissions] == [0, common_pb2.RESUME_MODE_KV]
+
+
+async def test_reprefill_hint_names_the_pipeline(start_worker: StartWorker,
+                                                 start_router: StartRouter,
+                                                 tokenizer: ModelTokenizer) -> None:
+    _, _, a = await start_worker("127.0.0.2", step_seconds=0.01)
+    other, _, b = await start_worker("127.0.0.3", step_seconds=0.01)
+    chosen, _, c = await start_worker("127.0.0.4", step_seconds=0.01)
+    app = await start_router([Pipeline("p0", a)])
+    task = asyncio.create_task(generate(app, PROMPTS[2], TOKENS, request_id="r2"))
+    await _wait_for_progress(app, 5, 1)
+    await app.router.update_topology(2, [Pipeline("p0", a, state=PipelineState.GONE),
+                                         Pipeline("p1", b, capacity=10.0), Pipeline("p2", c)],
+                                     [ResumeHint("r2", "p2", "reprefill")])
+    out = await task
+    assert out.token_ids == expected(tokenizer, PROMPTS[2], TOKENS)[0]
+    assert not other.submissions
+    assert [s.mode for s in chosen.submissions] == [common_pb2.RESUME_MODE_REPREFILL]
