@@ -1,7 +1,9 @@
 """`spotserve plan`: a parallel configuration, placement and migration for a cluster.
 
 Either a plan input file (YAML or JSON, see `spotserve.operator.planner.request`) or the
-homogeneous shorthand `--model --gpu --instances --gpus-per-instance --rate`.
+homogeneous shorthand `--model --gpu --instances --gpus-per-instance --rate`. Exit status:
+0 with a configuration, 1 when nothing fits the usable instances (the plan still says how
+many more would do), 2 on bad input.
 Only the standard library and the core are imported at module level.
 """
 
@@ -100,4 +102,4 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(result.summary())
-    return 0
+    return 0 if result.config is not None else 1

@@ -119,6 +119,9 @@ def _search(request: PlanRequest, hosts: list[Instance]) -> _Choice:
 
 def _homogeneous(request: PlanRequest, hosts: list[Instance]) -> _Choice:
     itype = hosts[0].type
+    if not any(request.cost.supports(itype.gpu, m) for m in range(1, 4 * itype.gpus + 1)):
+        raise SpotserveError(f"the {request.cost.name} cost model cannot cost {itype.gpu.name} "
+                             f"GPUs (a profile table covers only the GPU it was measured on)")
     result = homogeneous.search(request.model, request.cost, itype, [h.price for h in hosts],
                                 request.workload, request.rate, request.limits)
     best = result.best

@@ -91,6 +91,24 @@ def test_a_plan_fed_back_as_current_moves_nothing(tmp_path: Path,
     assert second["mapping"]["reused_weight_bytes"] > 0
 
 
+def test_nothing_fits_exits_1_and_says_what_would(reference_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    profile = reference_dir / "profiles" / "megatron_h7168_profile.json"
+    argv = ["plan", "--model", "30b", "--gpu", "T4", "--instances", "3", "--gpus-per-instance",
+            "4", "--rate", "0.2", "--profile", str(profile), "--min-gpus-per-replica", "16"]
+    assert main(argv) == 1
+    assert "1 more on-demand g4dn.12xlarge instance(s)" in capsys.readouterr().out
+
+
+def test_a_profile_only_costs_its_own_gpu(reference_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    profile = reference_dir / "profiles" / "megatron_6.7B_profile.json"
+    argv = ["plan", "--model", "6.7b", "--gpu", "A10G", "--instances", "3",
+            "--gpus-per-instance", "4", "--profile", str(profile)]
+    assert main(argv) == 2
+    assert "cannot cost A10G" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "nope", "--gpu", "T4", "--instances", "2", "--gpus-per-instance", "4"],
      "unknown model"),
