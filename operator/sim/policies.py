@@ -250,6 +250,11 @@ class SpotServe(_Deployer):
     # -- transitions ------------------------------------------------------------------
     def _switch(self, sim: Simulation, decision: Decision) -> None:
         new = decision.placement
+        if not new.instances() <= set(sim.usable()):
+            # an instance of the new placement went away before the switch: plan again
+            self.busy_until = sim.now
+            self.replan(sim)
+            return
         kept = self._kept(sim, new) if self.variant.migration_planner else {}
         heirs = {old: n for n, old in decision.inherits.items()} if self.variant.arranger else {}
         carried: dict[int, list[Request]] = {}

@@ -11,7 +11,13 @@ import pytest
 
 from spotserve.catalog import Catalog
 from spotserve.models import resolve_model
-from spotserve.operator.planner import ProfileCostModel, ProfileTable, Workload, pipeline_times
+from spotserve.operator.planner import (
+    ProfileCostModel,
+    ProfileTable,
+    Workload,
+    pipeline_times,
+    plan,
+)
 from spotserve.operator.planner.homogeneous import SearchLimits, search, stage_hardware
 from spotserve.operator.sim import policies
 from spotserve.operator.sim.engine import ClusterSpec, Simulation
@@ -87,7 +93,7 @@ def test_costs_are_instance_hours_times_price(reference_dir: Path) -> None:
 
 def recorded_plans(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     seen: list[Any] = []
-    real = policies.plan
+    real = plan
 
     def spy(request: Any) -> Any:
         result = real(request)
