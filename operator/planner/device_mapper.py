@@ -115,34 +115,20 @@ def instance_kinds(instances: Sequence[Instance]) -> dict[str | None, tuple[str,
     return kinds
 
 
-class _ReuseTable:
-    """Reused bytes for (old GPU, new position) pairs, computed once per distinct pair of
-    stage shapes and broadcast with numpy."""
-
-    def __init__(self, model: ModelSpec, old: ParallelConfig, new: ParallelConfig) -> None:
-        self.model, self.old, self.new = model, old, new
-        self._old_keys: dict[tuple[object, ...], Position] = {}
-        self._new_keys: dict[tuple[object, ...], Position] = {}
-
-    def keys(self, config: ParallelConfig, positions: Sequence[Position],
-             table: dict[tuple[object, ...], Position]) -> NDArray[np.int64]:
-        index: dict[tuple[object, ...], int] = {k: i for i, k in enumerate(table)}
-        out = np.empty(len(positions), dtype=np.int64)
-        for n, pos in enumerate(positions):
-            key = (config.stage_of(pos), pos.stage == 0, config.is_last_stage(pos), pos.tp_rank)
-            if key not in index:
-                index[key] = len(table)
-                table[key] = pos
-            out[n] = index[key]
-        return out
-
-    def matrices(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        olds, news = list(self._old_keys.values()), list(self._new_keys.values())
-        weights = np.array([[shared_weight_bytes(self.model, self.old, a, self.new, b)
-                             for b in news] for a in olds], dtype=np.float64)
-        kv = np.array([[shared_kv_bytes(self.model, self.old, a, self.new, b, 1)
-                        for b in news] for a in olds], dtype=np.float64)
-        return weights.reshape(len(olds), len(news)), kv.reshape(len(olds), len(news))
+def _shape_classes(config: ParallelConfig, positions: Sequence[Position]
+                   ) -> tuple[NDArray[np.int64], list[Position]]:
+    """Group positions that hold the same bytes (same stage range, ends and rank): each
+    position's class index, and one representative per class."""
+    index: dict[tuple[object, ...], int] = {}
+    representatives: list[Position] = []
+    out = np.empty(len(positions), dtype=np.int64)
+    for n, pos in enumerate(positions):
+        key = (config.stage_of(pos), pos.stage == 0, config.is_last_stage(pos), pos.tp_rank)
+        if key not in index:
+            index[key] = len(representatives)
+            representatives.append(pos)
+        out[n] = index[key]
+    return out, representatives
 
 
 def reuse_matrix(model: ModelSpec, current: CurrentState | None, new: ParallelConfig,
@@ -159,12 +145,15 @@ def reuse_matrix(model: ModelSpec, current: CurrentState | None, new: ParallelCo
     cols = [j for j, p in enumerate(positions) if p is not None]
     if not rows or not cols:
         return weights, kv
-    table = _ReuseTable(model, old.config, new)
     old_pos = [old.by_gpu[gpus[i]] for i in rows]
     new_pos = [p for p in positions if p is not None]
-    ko = table.keys(old.config, old_pos, table._old_keys)
-    kn = table.keys(new, new_pos, table._new_keys)
-    w_small, kv_small = table.matrices()
+    ko, olds = _shape_classes(old.config, old_pos)
+    kn, news = _shape_classes(new, new_pos)
+    # reused bytes per pair of classes, from the layout math; KV per cached token
+    w_small = np.array([[shared_weight_bytes(model, old.config, a, new, b) for b in news]
+                        for a in olds], dtype=np.float64)
+    kv_small = np.array([[shared_kv_bytes(model, old.config, a, new, b, 1) for b in news]
+                         for a in olds], dtype=np.float64)
     r, c = np.ix_(rows, cols)
     weights[r, c] = w_small[np.ix_(ko, kn)]
     old_pipe = np.array([p.pipeline for p in old_pos])

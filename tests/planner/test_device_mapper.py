@@ -147,3 +147,20 @@ def test_lost_instances_lend_nothing() -> None:
     result = map_devices(model, ParallelConfig.uniform(4, 2, 1, 2, 2), now, current)
     assert "n0" not in result.placement.instances()
     assert result.inherits == ((1, 1),)
+
+
+@settings(max_examples=15, deadline=None)
+@given(scenarios())
+def test_mapping_and_migration_are_deterministic(scenario) -> None:  # type: ignore[no-untyped-def]
+    from spotserve.operator.planner import migration_plan
+
+    model, current, new, instances = scenario
+    hosts = [i for i in instances if i.usable]
+    if not hosts or len(pack_slots(new, instance_kinds(hosts))) > len(hosts):
+        return
+    first = map_devices(model, new, instances, current)
+    again = map_devices(model, new, list(instances), current)
+    assert first == again
+    plans = [migration_plan(model, current, m.placement, m.inherits, instances)
+             for m in (first, again)]
+    assert plans[0] == plans[1]

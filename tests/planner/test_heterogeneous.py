@@ -82,3 +82,22 @@ def test_replicas_fill_the_pool_with_weights_by_throughput() -> None:
         for stage in pipe.stages:
             assert stage.tp == (2 if stage.gpu_type == "fast-gpu" else 1)
     config.validate(model)
+
+
+def test_plan_places_each_stage_on_one_instance_of_its_gpu_type() -> None:
+    from spotserve.operator.planner import PlanRequest, plan
+
+    model = tiny_model(6)
+    instances = pool(FAST, 2, "f") + pool(SLOW, 3, "s")
+    result = plan(PlanRequest(model, tuple(instances), RooflineCostModel(model), rate=0.0,
+                              workload=WORK, hetero=HeteroLimits(max_batch=1)))
+    assert result.strategy == "heterogeneous" and result.config is not None
+    assert result.mapping is not None
+    by_name = {i.name: i for i in instances}
+    placement = result.mapping.placement
+    for d, pipe in enumerate(result.config.pipelines):
+        for s, stage in enumerate(pipe.stages):
+            homes = {g.instance for p, g in placement.assignment
+                     if (p.pipeline, p.stage) == (d, s)}
+            assert len(homes) == 1
+            assert by_name[homes.pop()].type.gpu.name == stage.gpu_type
