@@ -8,7 +8,7 @@ Phases: `direct` (clients call Worker.Submit on the drivers, round robin), `rout
 (Inference.Generate) and `router-http` (OpenAI /v1/completions, SSE). Each reports
 throughput, TTFT and end-to-end P50/P99 and errors; the router's overhead per token is
 the difference in end-to-end latency per token against `direct`, and the router
-process's CPU time per token. Writes JSON under bench/results/.
+process's CPU time per token. Writes bench/results/router.json (or --out DIR).
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ def cli() -> int:
     report = asyncio.run(main(args))
     print_table(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"router-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    path = args.out / "router.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     phases = report["phases"]
