@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-tokens", type=int)
     parser.add_argument("--output-tokens", type=int)
     parser.add_argument("--fewest-instances", action="store_true",
-                        help="use the fewest instances that reach the rate, not all of them")
+                        help="use the fewest instances that reach the rate, not all of them "
+                             "(SpotServe gives every instance a replica)")
+    parser.add_argument("--tp-within-instance", action="store_true",
+                        help="never let a TP group span instances (by default one may fill "
+                             "whole instances, as SpotServe's TP=8 on 4-GPU T4 instances)")
     parser.add_argument("--json", action="store_true", help="print the full plan as JSON")
 
 
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         data["profile"] = str(Path(args.profile).resolve())
     if args.fewest_instances:
         data["fill"] = False
+    if args.tp_within_instance:
+        data["tp_across_instances"] = False
     request = parse_request(data, base=Path(base), source=args.input or "command line")
     result = plan(request)
     if args.json:

@@ -140,7 +140,12 @@ def parse_request(data: Any, base: Path = Path("."), source: str = "plan input")
     slo = data.get("latency_slo_s")
     hetero = HeteroLimits(max_batch=limits.max_batch, latency_slo_ms=(
         None if slo is None else _num(data, "latency_slo_s", 0, source, positive=True) * 1000))
-    current, steps = parse_current(data.get("current"), model, instances, source)
+    try:
+        current, steps = parse_current(data.get("current"), model, instances, source)
+    except (TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, SpotserveError):
+            raise
+        raise SpotserveError(f"{source}: current: malformed entry ({exc})") from None
     return PlanRequest(
         model=model, instances=instances, cost=cost, rate=_num(data, "rate", 0.0, source),
         workload=Workload(_int(data, "input_tokens", 512, source),
@@ -201,6 +206,9 @@ def parse_instances(cluster: Any, catalog: Catalog, source: str) -> tuple[Instan
             raise SpotserveError(f"{where}: needs at least a 'type'")
         itype = catalog.instance(str(entry["type"]))
         price = entry.get("spot_price", spot_prices.get(itype.name))
+        if price is not None and (isinstance(price, bool) or not isinstance(price, (int, float))
+                                  or price < 0):
+            raise SpotserveError(f"{where}: spot_price must be a number ≥ 0 (got {price!r})")
         out.append(Instance(str(entry.get("name", f"node-{n}")), itype,
                             str(entry.get("capacity", "spot")), str(entry.get("zone", "")),
                             str(entry.get("state", "running")),

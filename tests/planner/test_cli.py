@@ -100,6 +100,18 @@ def test_nothing_fits_exits_1_and_says_what_would(reference_dir: Path,
     assert "1 more on-demand g4dn.12xlarge instance(s)" in capsys.readouterr().out
 
 
+def test_tp_can_be_kept_inside_instances(reference_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    profile = reference_dir / "profiles" / "megatron_h6144_profile.json"
+    plan = run_json(capsys, "--model", "20b", "--gpu", "T4", "--instances", "8",
+                    "--gpus-per-instance", "4", "--rate", "0.4", "--profile", str(profile),
+                    "--min-gpus-per-replica", "12", "--tp-within-instance")
+    assert plan["config"]["M"] <= 4 and plan["meets_rate"]
+    for pipe in plan["pipelines"]:
+        for stage in pipe["stages"]:
+            assert len({g.split("/")[0] for g in stage["gpus"]}) == 1
+
+
 def test_a_profile_only_costs_its_own_gpu(reference_dir: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     profile = reference_dir / "profiles" / "megatron_6.7B_profile.json"
@@ -134,6 +146,11 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str,
     ("model: 6.7b\ncluster: {instances: [{type: g4dn.12xlarge, name: a}]}\n"
      "current: {pipelines: [{stages: [{layers: [0, 30], gpus: [a/0]}]}]}", "covers 30 of 32"),
     ("[1, 2", "malformed"),
+    ("model: 6.7b\ncluster: {instances: [{type: g4dn.12xlarge, name: a}]}\n"
+     "current: {pipelines: [{stages: [{layers: [0, 32], gpus: [a/0]}], "
+     "progress: {cached_tokens: lots}}]}", "malformed entry"),
+    ("model: 6.7b\ncluster: {instances: [{type: g4dn.12xlarge, spot_price: cheap}]}",
+     "spot_price"),
 ])
 def test_bad_plan_files_are_one_line_and_exit_2(doc: str, message: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
