@@ -26,13 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-instance", type=int, help="GPUs per instance (shorthand)")
     parser.add_argument("--rate", type=float, help="required requests per second (α)")
     parser.add_argument("--profile", help="SpotServe profile JSON (else the roofline model)")
-    parser.add_argument("--min-gpus-per-replica", type=int)
-    parser.add_argument("--max-batch", type=int)
-    parser.add_argument("--max-tp", type=int)
+    parser.add_argument("--min-gpus-per-replica", type=int,
+                        help="GPUs a replica needs at least (SpotServe: 4, 12, 16)")
+    parser.add_argument("--max-batch", type=int, help="largest batch B (default 4)")
+    parser.add_argument("--max-tp", type=int, help="largest TP degree M (default: the "
+                                                   "profile's max_tp, else no limit)")
     parser.add_argument("--dtype", help="override the model's dtype (e.g. float32)")
     parser.add_argument("--spot-price", type=float, help="USD per instance-hour (shorthand)")
-    parser.add_argument("--input-tokens", type=int)
-    parser.add_argument("--output-tokens", type=int)
+    parser.add_argument("--input-tokens", type=int, help="prompt tokens S_in (default 512)")
+    parser.add_argument("--output-tokens", type=int,
+                        help="generated tokens S_out (default 128)")
     parser.add_argument("--fewest-instances", action="store_true",
                         help="use the fewest instances that reach the rate, not all of them "
                              "(SpotServe gives every instance a replica)")
