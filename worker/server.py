@@ -84,6 +84,7 @@ class WorkerServicer(TensorServicer):
         self._follower: threading.Thread | None = None
         self._preloaded: tuple[bytes, dict[str, torch.Tensor]] | None = None
         self._staged: dict[str, torch.Tensor] = {}
+        self._gather_seconds = 0.0
         self._configure_lock = asyncio.Lock()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -136,8 +137,8 @@ class WorkerServicer(TensorServicer):
             reply.seconds = time.perf_counter() - start
             self.metrics.epoch.set(self.epoch)
             self._log("configured", state=WS.Name(self.state), seconds=round(reply.seconds, 3),
-                      kept=reply.bytes_kept, pulled=reply.bytes_pulled,
-                      checkpoint=reply.bytes_from_checkpoint)
+                      gather_seconds=round(self._gather_seconds, 3), kept=reply.bytes_kept,
+                      pulled=reply.bytes_pulled, checkpoint=reply.bytes_from_checkpoint)
             return reply
 
     async def _configure(self, request: worker_pb2.ConfigureRequest
@@ -157,7 +158,9 @@ class WorkerServicer(TensorServicer):
         if not fast:
             self.state = WS.WORKER_STATE_LOADING
         try:
+            gather_start = time.perf_counter()
             stats, kv_bytes = await self._gather(request, spec, folder, role, key, fast)
+            self._gather_seconds = time.perf_counter() - gather_start
         except BaseException:
             self.state = before
             raise
@@ -324,13 +327,16 @@ class WorkerServicer(TensorServicer):
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        accepted = driver.submit(state, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         try:
-            await asyncio.wrap_future(driver.submit(
-                state, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)))
+            await asyncio.wrap_future(accepted)
         except SpotserveError as exc:
             code = grpc.StatusCode.UNAVAILABLE if "drain" in str(exc) or "stopped" in str(exc) \
                 else grpc.StatusCode.INVALID_ARGUMENT
             await _abort(context, code, str(exc))
+        except asyncio.CancelledError:   # the deadline passed before the engine took it
+            driver.cancel(request.request_id)
+            raise
         finished = False
         try:
             while not finished:
@@ -358,6 +364,11 @@ class WorkerServicer(TensorServicer):
         if len(prompt) + params.max_tokens > min(limit, spec.max_position):
             raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
                                  f"exceeds the context length {min(limit, spec.max_position)}")
+        engine = self.options.engine
+        if len(prompt) + params.max_tokens > engine.num_blocks * engine.block_size:
+            raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                                 f"exceeds this worker's KV cache of "
+                                 f"{engine.num_blocks * engine.block_size} tokens")
         if len(generated) >= params.max_tokens:
             raise SpotserveError(f"request {rid} already has its {params.max_tokens} tokens")
         state = RequestState(rid, prompt, generated, params)
@@ -451,18 +462,18 @@ class WorkerServicer(TensorServicer):
 
     async def shutdown(self, grace_s: float) -> None:
         """SIGTERM: stop taking requests, let running ones finish until half the grace
-        period, pause the rest with their KV (peers may still pull it), leave the epoch."""
+        period, pause the rest with their KV (peers may still pull it until the server
+        stops), and release the pipeline's other ranks. A follower just goes: its driver
+        sees the pipeline break and its requests resume elsewhere."""
         self.state = WS.WORKER_STATE_STOPPING
-        if self.driver is not None:
-            future = self.driver.drain(deadline_unix=time.time() + grace_s / 2)
+        driver = self.driver
+        if driver is not None:
             try:
-                await asyncio.wait_for(asyncio.wrap_future(future), grace_s / 2 + 5)
+                drain = driver.drain(deadline_unix=time.time() + grace_s / 2)
+                await asyncio.wait_for(asyncio.wrap_future(drain), grace_s / 2 + 5)
+                await asyncio.wait_for(asyncio.wrap_future(driver.stop()), 10)
             except (TimeoutError, SpotserveError):
-                log.warning("drain on shutdown did not finish")
-        try:
-            await asyncio.wait_for(self._teardown(), 10)
-        except (TimeoutError, SpotserveError):
-            log.warning("could not leave the epoch cleanly")
+                log.warning("the pipeline did not stop cleanly")
         for channel in self._channels.values():
             await channel.close()
 

@@ -5,7 +5,11 @@ them over the Worker service's `PullTensors`; it also serves the same bytes over
 sockets. The puller, in this process, fetches everything into preallocated buffers with
 1, 2 and 4 parallel streams each way and reports GB/s and the gRPC/TCP ratio.
 
+Then (`bench/transfer/resume.py`) the time from `Drain` to the resumed first token when a
+(P=1, M=2) pipeline of real worker processes hands its requests to a third worker.
+
     python bench/transfer/run.py [--gib 1] [--streams 1,2,4] [--out bench/results]
+    python bench/transfer/run.py --parts resume      # only the drain-to-resume case
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from spotserve.v1 import common_pb2, worker_pb2_grpc
 from spotserve.worker.peer_service import TensorServicer
 from spotserve.worker.tensor_store import HeldTensor, TensorStore
 from spotserve.worker.transfer import CHANNEL_OPTIONS, PullItem, pull
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resume import add_resume_arguments, run_resume
 
 TENSOR_BYTES = 16 << 20  # one tensor = 16 MiB, a typical projection slice of a 7-8B model
 TOKEN = "bench"
@@ -111,7 +118,24 @@ def main() -> int:
     parser.add_argument("--streams", default="1,2,4", help="parallel stream counts")
     parser.add_argument("--repeat", type=int, default=2, help="runs per case; best is kept")
     parser.add_argument("--out", default="bench/results", help="folder for transfer.json")
+    parser.add_argument("--parts", default="transfer,resume",
+                        help="transfer (gRPC vs TCP), resume (drain to resumed first token)")
+    add_resume_arguments(parser)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    result: dict[str, object] = {}
+    if "transfer" in parts:
+        result.update(_transfer(args))
+    if "resume" in parts:
+        result["drain_resume"] = run_resume(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'transfer.json'}")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> dict[str, object]:
     total = int(args.gib * (1 << 30)) // TENSOR_BYTES * TENSOR_BYTES
     count = total // TENSOR_BYTES
     ready: mp.Queue = mp.get_context("spawn").Queue()  # type: ignore[type-arg]
@@ -133,11 +157,7 @@ def main() -> int:
         print(f"{streams:>7} {row['grpc_gbps']:>10.2f} {row['tcp_gbps']:>9.2f} "
               f"{row['ratio']:>6.2f}")
     holder.terminate()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer.json").write_text(json.dumps({"bytes": total, "rows": rows}, indent=2))
-    print(f"wrote {out / 'transfer.json'}")
-    return 0
+    return {"bytes": total, "rows": rows}
 
 
 if __name__ == "__main__":

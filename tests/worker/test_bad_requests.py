@@ -69,6 +69,8 @@ BAD_SUBMITS = {
     "token outside vocab": (submit_request("x", [1, 10_000], 4), SC.INVALID_ARGUMENT,
                             "token ids"),
     "too long": (submit_request("x", [1] * 500, 100), SC.INVALID_ARGUMENT, "context length"),
+    "larger than the KV cache": (submit_request("x", [1] * 200, 100), SC.INVALID_ARGUMENT,
+                                 "KV cache"),
     "no request id": (submit_request("", [1, 2], 4), SC.INVALID_ARGUMENT, "request_id"),
     "unknown request resumed from KV": (
         submit_request("ghost", [1, 2], 8, [3], common_pb2.RESUME_MODE_KV),
@@ -143,7 +145,7 @@ async def test_serves_after_bad_calls(worker: Worker,
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_cancel_and_deadline_free_the_kv(worker: Worker) -> None:
-    long = submit_request("long", PROMPTS["r2"], 400)
+    long = submit_request("long", PROMPTS["r2"], 240)
     stream = Stream(worker, long)
     await asyncio.wait_for(stream.first.wait(), 30)
     reply = await worker.stub.Cancel(worker_pb2.CancelRequest(request_id="long"),
@@ -151,8 +153,8 @@ async def test_cancel_and_deadline_free_the_kv(worker: Worker) -> None:
     assert reply.found
     await stream.result()
     assert stream.finish == FR.FINISH_REASON_CANCELLED
-    err = await _error(worker.stub.Submit(submit_request("late", PROMPTS["r2"], 400),
-                                          metadata=META, timeout=0.5))
+    err = await _error(worker.stub.Submit(submit_request("late", PROMPTS["r2"], 240),
+                                          metadata=META, timeout=0.05))
     assert err.code() == SC.DEADLINE_EXCEEDED
     for _ in range(100):
         status = await worker.status()
@@ -160,3 +162,24 @@ async def test_cancel_and_deadline_free_the_kv(worker: Worker) -> None:
             break
         await asyncio.sleep(0.05)
     assert status.running == 0 and status.kv_blocks_used == 0
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_scale_out_fast_path_keeps_serving(
+        worker: Worker, checkpoint: Path,
+        reference: Callable[[list[int], int], list[int]]) -> None:
+    """A Configure that leaves the worker's role and group as they are (a new epoch that
+    only adds pipelines elsewhere) moves the epoch on without disturbing its requests."""
+    spec = ModelSpec.from_hf_config(checkpoint)
+    config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+    stream = Stream(worker, submit_request("steady", PROMPTS["r3"], 200))
+    await asyncio.wait_for(stream.first.wait(), 30)
+    same = configure_request(spec, 7, config, Position(0, 0, 0), {Position(0, 0, 0): worker})
+    same.rendezvous.group_id = "epoch1-p0"   # the controller keeps untouched groups
+    reply = await worker.stub.Configure(same, metadata=META, timeout=30)
+    assert reply.state == worker_pb2.WORKER_STATE_READY and reply.bytes_pulled == 0
+    assert reply.bytes_kept > 0 and reply.bytes_from_checkpoint == 0
+    assert not stream.task.done(), "the request must still be running during the Configure"
+    assert await stream.result() == reference(PROMPTS["r3"], 200)
+    assert stream.finish == FR.FINISH_REASON_LENGTH
+    assert (await worker.status()).epoch == 7

@@ -1,0 +1,217 @@
+"""Benchmark part: time from `Drain` to the resumed first token, on real worker processes.
+
+A random Llama (hidden 768, 12 layers, 12 heads / 4 KV heads, vocab 16384: ~100M
+parameters, ~400 MB in fp32) is saved as safetensors. Workers A and B serve it as one
+(P=1, M=2) pipeline on 127.0.0.2/3; `--requests` requests with `--prompt`-token prompts
+decode until each has `--before` tokens; then the pipeline is drained (0 more steps, KV
+kept), worker C (127.0.0.4) is configured as (P=1, M=1) pulling every weight slice from A
+and B and the requests' KV caches from A, and the requests are resumed on C from that KV.
+Reported: drain, configure (weights + KV over PullTensors), first resumed token, and the
+same requests resumed by re-prefill instead, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from spotserve.auth import call_metadata
+from spotserve.layout import ParallelConfig, Position
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from spotserve.worker import sources
+from spotserve.worker.transfer import CHANNEL_OPTIONS
+
+MODEL = {"architectures": ["LlamaForCausalLM"], "hidden_size": 768,
+         "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "num_key_value_heads": 4, "vocab_size": 16384, "max_position_embeddings": 2048,
+         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
+         "eos_token_id": 2, "torch_dtype": "float32"}
+TOKEN = "bench"
+META = call_metadata(TOKEN)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=4, help="requests in flight (4)")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (128)")
+    parser.add_argument("--before", type=int, default=16,
+                        help="tokens each request has when the drain comes (16)")
+    parser.add_argument("--worker-threads", type=int, default=1,
+                        help="torch threads per worker process (1)")
+
+
+def save_model(folder: Path) -> ModelSpec:
+    """Random weights under the model's HF names (safetensors), no transformers needed."""
+    import torch
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(MODEL))
+    spec = ModelSpec.from_hf_config(folder)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for t in spec.tensors():
+        if t.name.endswith("norm.weight"):
+            tensors[t.name] = torch.ones(t.shape)
+        else:
+            tensors[t.name] = 0.02 * torch.randn(t.shape, generator=generator)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return spec
+
+
+class _Worker:
+    def __init__(self, process: asyncio.subprocess.Process, address: str) -> None:
+        self.process, self.address = process, address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def _spawn(host: str, model: Path, threads: int) -> _Worker:
+    env = {**os.environ, "SPOTSERVE_TOKEN": TOKEN, "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": str(threads)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{host}:0",
+        "--model", str(model), "--threads", str(threads), "--kv-blocks", "256",
+        "--log-level", "INFO", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL if not os.environ.get("BENCH_LOGS") else None)
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
+    if "worker listening" not in line:
+        raise RuntimeError(f"worker on {host} did not start: {line!r}")
+    return _Worker(process, line.split()[-1])
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def _configure(spec: ModelSpec, epoch: int, config: ParallelConfig,
+                     placement: dict[Position, _Worker], **kwargs: Any
+                     ) -> list[worker_pb2.ConfigureResponse]:
+    driver = placement[Position(0, 0, 0)].address.rsplit(":", 1)[0]
+    master = f"{driver}:{_free_port(driver)}" if config.num_gpus > 1 else ""
+    addresses = {p: w.address for p, w in placement.items()}
+    calls = [w.stub.Configure(sources.configure_request(spec, epoch, config, p, addresses,
+                                                        master_address=master, **kwargs),
+                              metadata=META, timeout=300) for p, w in placement.items()]
+    return list(await asyncio.gather(*calls))
+
+
+def _submit(rid: str, prompt: list[int], max_tokens: int, generated: list[int] | None = None,
+            mode: int = 0) -> worker_pb2.SubmitRequest:
+    request = worker_pb2.SubmitRequest(
+        request_id=rid, prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                           ignore_eos=True))
+    if generated:
+        request.resume.generated_token_ids.extend(generated)
+        request.resume.mode = mode  # type: ignore[assignment]
+    return request
+
+
+async def _first_tokens(worker: _Worker, requests: list[worker_pb2.SubmitRequest],
+                        start: float) -> list[float]:
+    """Seconds from `start` to each request's first new token (then it is cancelled)."""
+    async def one(request: worker_pb2.SubmitRequest) -> float:
+        call = worker.stub.Submit(request, metadata=META, timeout=300)
+        async for delta in call:
+            if delta.token_ids:
+                call.cancel()
+                return time.perf_counter() - start
+        raise RuntimeError(f"{request.request_id} ended without a token")
+    return list(await asyncio.gather(*(one(r) for r in requests)))
+
+
+async def _resume_case(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    spec = save_model(folder)
+    workers = await asyncio.gather(*(_spawn(f"127.0.0.{i}", folder, args.worker_threads)
+                                     for i in (2, 3, 4)))
+    a, b, c = workers
+    try:
+        old = ParallelConfig.uniform(spec.num_layers, 1, 1, 2, batch=args.requests)
+        old_placement = {Position(0, 0, 0): a, Position(0, 0, 1): b}
+        await _configure(spec, 1, old, old_placement)
+        prompts = {f"r{i}": [(17 * i + 31 * j) % 16000 + 3 for j in range(args.prompt)]
+                   for i in range(args.requests)}
+        max_tokens = args.before + 64
+        got: dict[str, list[int]] = {rid: [] for rid in prompts}
+        enough = asyncio.Event()
+
+        async def stream(rid: str) -> None:
+            async for delta in a.stub.Submit(_submit(rid, prompts[rid], max_tokens),
+                                             metadata=META, timeout=600):
+                got[rid].extend(delta.token_ids)
+                if all(len(t) >= args.before for t in got.values()):
+                    enough.set()
+
+        tasks = [asyncio.ensure_future(stream(rid)) for rid in prompts]
+        await asyncio.wait_for(enough.wait(), 600)
+        t0 = time.perf_counter()
+        drained = await a.stub.Drain(worker_pb2.DrainRequest(steps=0), metadata=META,
+                                     timeout=120)
+        t_drain = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+        single = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=args.requests)
+        imports = sources.kv_imports(spec, drained.requests, [a.address])
+        (reply,) = await _configure(spec, 2, single, {Position(0, 0, 0): c}, old=old,
+                                    old_addresses={p: w.address
+                                                   for p, w in old_placement.items()},
+                                    kv=imports)
+        t_configure = time.perf_counter() - t0
+        kv_resumes = [_submit(rid, prompts[rid], max_tokens, got[rid], common_pb2.RESUME_MODE_KV)
+                      for rid in prompts]
+        firsts = await _first_tokens(c, kv_resumes, t0)
+        t1 = time.perf_counter()
+        reprefill = [_submit(rid, prompts[rid], max_tokens, got[rid],
+                             common_pb2.RESUME_MODE_REPREFILL) for rid in prompts]
+        refirsts = await _first_tokens(c, reprefill, t1)
+        kv_bytes = sum(p.kv_tokens for p in drained.requests) * spec.kv_bytes_per_token
+        return {
+            "model_params": spec.num_parameters, "requests": args.requests,
+            "prompt_tokens": args.prompt, "tokens_before_drain": args.before,
+            "drain_s": t_drain, "configure_s": t_configure - t_drain,
+            "weights_bytes_pulled": reply.bytes_pulled - kv_bytes, "kv_bytes_pulled": kv_bytes,
+            "bytes_from_checkpoint": reply.bytes_from_checkpoint,
+            "first_resumed_token_s": min(firsts), "last_resumed_token_s": max(firsts),
+            "reprefill_first_token_s": min(refirsts),
+            "reprefill_last_token_s": max(refirsts),
+        }
+    finally:
+        await asyncio.gather(*(w.stop() for w in workers))
+
+
+def run_resume(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = asyncio.run(_resume_case(args, Path(tmp) / "model"))
+    print(f"\ndrain -> resumed first token: {result['model_params'] / 1e6:.0f}M-parameter "
+          f"Llama, (P=1, M=2) on 2 workers -> (P=1, M=1) on a third, {result['requests']} "
+          f"requests x {result['prompt_tokens']} prompt + {result['tokens_before_drain']} "
+          f"generated tokens")
+    rows = [("drain (0 more steps, KV kept)", result["drain_s"]),
+            (f"configure: pull {result['weights_bytes_pulled'] / 2**20:.0f} MiB weights + "
+             f"{result['kv_bytes_pulled'] / 2**20:.1f} MiB KV", result["configure_s"]),
+            ("Drain -> first resumed token (KV)", result["first_resumed_token_s"]),
+            ("Drain -> every request's first token (KV)", result["last_resumed_token_s"]),
+            ("re-prefill instead: submit -> first token", result["reprefill_first_token_s"]),
+            ("re-prefill: every request's first token", result["reprefill_last_token_s"])]
+    for name, seconds in rows:
+        print(f"  {name:<48} {seconds:>8.3f} s")
+    return result
