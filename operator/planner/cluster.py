@@ -10,7 +10,7 @@ named `instance/index`. A `Placement` pins every `Position` of a `ParallelConfig
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -133,12 +133,3 @@ class CurrentState:
             if p.pipeline == pipeline:
                 return p
         return PipelineProgress(pipeline)
-
-
-def instance_index(instances: Iterable[Instance]) -> dict[str, Instance]:
-    index: dict[str, Instance] = {}
-    for inst in instances:
-        if inst.name in index:
-            raise SpotserveError(f"instance name {inst.name!r} appears twice")
-        index[inst.name] = inst
-    return index

@@ -121,12 +121,6 @@ def tp_degrees(model: ModelSpec, cost: CostModel, itype: InstanceType,
             and cost.supports(itype.gpu, m)]
 
 
-def stage_hardware(model: ModelSpec, itype: InstanceType, pipeline: int,
-                   tensor: int) -> list[StageHardware]:
-    """The stages of a uniform pipeline, in order."""
-    return [s for s, n in stage_groups(model, itype, pipeline, tensor) for _ in range(n)]
-
-
 def stage_groups(model: ModelSpec, itype: InstanceType, pipeline: int,
                  tensor: int) -> list[tuple[StageHardware, int]]:
     """The same as (stage, count) runs: the longer stages, the shorter ones, the last."""
