@@ -16,7 +16,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -107,20 +108,20 @@ def embed_latency(spec: ModelSpec, batches: Sequence[int], device: str, repeats:
                   ) -> list[float]:
     """Embedding lookup + final norm + LM head, one token per sequence, TP 1."""
     config = ParallelConfig((PipelineLayout((StageLayout(0, 1, 1),)),))
-    one_layer = ModelSpec(**{**_fields(spec), "num_layers": 1})
+    one_layer = replace(spec, num_layers=1, hf_config=spec.hf_config)
     model = _randomize(StageModel(one_layer, config, Position(0, 0, 0), device=device))
+    norm = model.model.norm
+    assert norm is not None
+
+    def ends(ids: torch.Tensor) -> torch.Tensor:
+        return model.compute_logits(norm(model.embed(ids)))
+
     out = []
     with torch.inference_mode():
         for batch in batches:
             ids = torch.randint(0, spec.vocab_size, (batch,), device=model.device)
-            out.append(_time_ms(lambda ids=ids: model.compute_logits(
-                model.model.norm(model.embed(ids))), model.device, repeats))
+            out.append(_time_ms(partial(ends, ids), model.device, repeats))
     return out
-
-
-def _fields(spec: ModelSpec) -> dict[str, Any]:
-    from dataclasses import fields
-    return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
 def profile(spec: ModelSpec, settings: ProfileSettings,

@@ -40,7 +40,7 @@ UNEVEN3 = ParallelConfig((PipelineLayout((StageLayout(0, 2, 1), StageLayout(2, 3
                                           StageLayout(3, 4, 1))),))
 MATRIX = {"P1M2": _uniform(1, 2), "P2M1": _uniform(2, 1), "P2M2": _uniform(2, 2),
           "P1M4": _uniform(1, 4), "hetero[0:1]x2+[1:4]x1": HETERO,
-          "uneven[0:2]x1+[2:3]x2+[3:4]x1": UNEVEN3}
+          "uneven[0:2]x1+[2:3]x2+[3:4]x1": UNEVEN3, "D2P1M2": ParallelConfig.uniform(4, 2, 1, 2)}
 
 
 @pytest.fixture(scope="module")

@@ -116,15 +116,19 @@ def _run_phases(folder: str, phases: list[Phase]) -> list[dict[str, list[int]]]:
             position = epoch.groups.position
             if phase.resume and held and previous is not None:
                 _stage_pieces(spec, previous, phase.config, position, held, epoch.runner)
-            if epoch.engine is not None:
-                carry = _drive(epoch.engine, phase, states if phase.resume else [], bool(held))
+            if epoch.engine is not None:   # every pipeline's driver plays the same script
+                resumed = states if phase.resume and position.pipeline == 0 else []
+                carry = (position.pipeline, _drive(epoch.engine, phase, resumed, bool(held)))
             else:
                 epoch.runner.serve_forever()
             published = (position, epoch.runner.published)
         epoch.close()
-        box = [carry]
-        dist.broadcast_object_list(box, src=phase.rank_map()[Position(0, 0, 0)])
-        states, produced = box[0]
+        carries: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(carries, carry)
+        by_pipeline = dict(c for c in carries if c is not None)
+        states, produced = by_pipeline[0]
+        for d, (_, other) in by_pipeline.items():
+            assert other == produced, f"pipeline {d} produced other tokens than pipeline 0"
         outputs.append(produced)
         everything: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everything, published)
