@@ -10,15 +10,17 @@ from typing import Any
 import pytest
 
 from spotserve.catalog import Catalog
+from spotserve.layout import split_layers
 from spotserve.models import resolve_model
 from spotserve.operator.planner import (
     ProfileCostModel,
     ProfileTable,
+    StageHardware,
     Workload,
     pipeline_times,
     plan,
 )
-from spotserve.operator.planner.homogeneous import SearchLimits, search, stage_hardware
+from spotserve.operator.planner.homogeneous import SearchLimits, search
 from spotserve.operator.sim import policies
 from spotserve.operator.sim.engine import ClusterSpec, Simulation
 from spotserve.operator.sim.runner import run
@@ -30,11 +32,18 @@ from .support import every, paper_setup, trace
 T4X4 = Catalog.load().instance("g4dn.12xlarge")
 
 
+def stage_hardware(pipeline: int, tensor: int) -> list[StageHardware]:
+    """OPT-6.7B split evenly over `pipeline` stages of `tensor` T4s inside g4dn.12xlarge."""
+    bounds = split_layers(resolve_model("6.7b").num_layers, pipeline)
+    return [StageHardware(T4X4.gpu, tensor, b - a, T4X4.intra_node_bytes_per_s,
+                          T4X4.nic_bytes_per_s, last=k == pipeline - 1)
+            for k, (a, b) in enumerate(bounds)]
+
+
 def latency_s(reference: Path, batch: int, pipeline: int = 1, tensor: int = 4) -> float:
     """The planner's request latency for OPT-6.7B at (P, M) and `batch` requests."""
     table = ProfileTable.load(reference / "profiles" / "megatron_6.7B_profile.json")
-    model = resolve_model("6.7b")
-    stages = stage_hardware(model, T4X4, pipeline, tensor)
+    stages = stage_hardware(pipeline, tensor)
     times = pipeline_times(ProfileCostModel(table), stages, batch, 1, 1, Workload(512, 128))
     return times.latency_ms / 1000
 
@@ -61,7 +70,7 @@ def test_waiting_requests_batch_up_to_b(reference_dir: Path) -> None:
                   Workload(512, 128), 2.0, limits).best
     assert best is not None and best.shape.batch == 4
     shape = best.shape
-    stages = stage_hardware(resolve_model("6.7b"), T4X4, shape.pipeline, shape.tensor)
+    stages = stage_hardware(shape.pipeline, shape.tensor)
 
     def seconds(b: int) -> float:
         times = pipeline_times(ProfileCostModel(table), stages, b, gcd(shape.prefill_micro, b),
@@ -194,3 +203,25 @@ class _Idle:
     def on_ready(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
     def on_removed(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
     def on_rate(self, sim: Simulation) -> None: ...
+
+
+def test_a_rate_change_in_the_trace_replans(reference_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    plans = recorded_plans(monkeypatch)
+    setup = paper_setup(reference_dir, "6.7b", trace(4, 600, TraceEvent(300.0, "rate", (), 3.0)),
+                        every(5.0, 600), 0.2)
+    entry = run(setup, "spotserve")
+    assert [request.rate for request, _ in plans] == [0.2, 3.0]
+    assert entry["replans"] == 2 and entry["completed"] == entry["requests"]
+
+
+def test_mixed_instance_types_plan_heterogeneously() -> None:
+    from spotserve.operator.sim.runner import Setup
+
+    the_trace = trace(2, 300, TraceEvent(150.0, "remove", ("node-1",)))
+    setup = Setup(model="llama-3.1-8b", trace=the_trace, arrivals=every(10.0, 300), rate=0.1,
+                  instance_type="g5.12xlarge", node_types={"node-1": "g6e.xlarge"})
+    entry = run(setup, "spotserve")
+    assert [t["event"] for t in entry["timeline"]].count("switch") >= 1
+    assert entry["replans"] >= 2  # the start and the notice for node-1
+    assert entry["completed"] == entry["requests"] and entry["restarts"] == 0
