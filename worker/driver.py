@@ -119,6 +119,10 @@ class Driver:
         self._call(lambda: self._stop(done))
         return done
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 

@@ -434,7 +434,14 @@ class WorkerServicer(TensorServicer):
                      context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
         return self.status()
 
+    def _check_pipeline(self) -> None:
+        """A driver whose pipeline broke (a peer died) no longer serves its role."""
+        if self.driver is not None and not self.driver.alive and \
+                self.state in (WS.WORKER_STATE_READY, WS.WORKER_STATE_DRAINED):
+            self.state = WS.WORKER_STATE_STANDBY
+
     def status(self) -> worker_pb2.WorkerStatus:
+        self._check_pipeline()
         reply = worker_pb2.WorkerStatus(epoch=self.epoch, state=self.state,
                                         role=self.role_message, device=self.options.device,
                                         weight_bytes=self.weight_bytes)
@@ -454,6 +461,7 @@ class WorkerServicer(TensorServicer):
     def serving(self, service: str) -> bool | None:
         """Health: the process is live unless stopping; the Worker service is ready when
         it serves a role."""
+        self._check_pipeline()
         if service == "":
             return self.state != WS.WORKER_STATE_STOPPING
         if service == "spotserve.v1.Worker":
@@ -537,8 +545,16 @@ def _paused_progress(request_id: str, held: Any) -> common_pb2.RequestProgress:
 
 
 def _leave(groups: EpochGroups) -> None:
-    groups.destroy()
-    leave_world()
+    """Tear the epoch's groups down; a pipeline that broke (a peer died) may fail to, and
+    that must not stop this worker from joining the next epoch."""
+    try:
+        groups.destroy()
+    except Exception:
+        log.warning("could not destroy the previous epoch's groups", exc_info=True)
+    try:
+        leave_world()
+    except Exception:
+        log.warning("could not leave the previous epoch's world", exc_info=True)
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,

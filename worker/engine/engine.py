@@ -17,7 +17,7 @@ Either way the request's next tokens are the ones it would have produced uninter
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spotserve.errors import SpotserveError
 from spotserve.worker.engine.block_manager import BlockManager
@@ -56,8 +56,11 @@ class Engine:
                 runner.cache.block_size != self.config.block_size:
             raise SpotserveError("the KV cache is smaller than the engine's block budget")
         spec = runner.model.spec
+        limits = self.config.scheduler
+        if limits.max_model_len > spec.max_position:   # never past the model's context
+            limits = replace(limits, max_model_len=spec.max_position)
         self.blocks = BlockManager(self.config.num_blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.blocks, self.config.scheduler, spec.eos_token_ids)
+        self.scheduler = Scheduler(self.blocks, limits, spec.eos_token_ids)
         self.steps_left: int | None = None   # set by drain
         self.num_steps = 0
 
