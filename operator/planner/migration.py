@@ -178,8 +178,14 @@ def weight_transfers(model: ModelSpec, current: CurrentState | None, new: Placem
     for d, klass in enumerate(new_class):
         if current is not None and _in_place(current.placement, new, d):
             continue
+        gpu_of = {(p.stage, p.tp_rank): g for p, g in new.by_pipeline[d]}
+        if not holders:  # nothing to reuse: every piece comes from the checkpoint
+            out.extend(Transfer(gpu_of[(pc.dst.stage, pc.dst.tp_rank)], None, pc.slice.tensor,
+                                pc.slice.dim, pc.slice.start, pc.slice.stop, pc.layer,
+                                pc.nbytes) for pc in by_class[klass])
+            continue
         for piece in by_class[klass]:
-            dst = new.by_position[Position(d, piece.dst.stage, piece.dst.tp_rank)]
+            dst = gpu_of[(piece.dst.stage, piece.dst.tp_rank)]
             out.extend(_piece_transfer(dst, piece, holders, picker))
     return out
 
@@ -206,10 +212,6 @@ class _Piece(NamedTuple):
 def _piece_transfer(dst: GpuId, piece: _Piece,
                     holders: Mapping[tuple[int, int, int], list[GpuId]],
                     picker: _SourcePicker) -> list[Transfer]:
-    if not holders:  # a cold start: everything comes from the checkpoint
-        cut = piece.slice
-        return [Transfer(dst, None, cut.tensor, cut.dim, cut.start, cut.stop, piece.layer,
-                         piece.nbytes)]
     held = picker.holders(("w", piece.sources), lambda: [
         g for s in piece.sources for g in holders.get((s.pipeline, s.stage, s.tp_rank), ())])
     if dst in held.gpus:
@@ -250,8 +252,23 @@ def kv_transfers(model: ModelSpec, current: CurrentState, new: Placement,
     return out
 
 
-def _order(t: Transfer) -> tuple[bool, int, bool, GpuId, str, int]:
-    return (not t.urgent, t.layer, t.kv_pipeline is not None, t.dst, t.tensor, t.start)
+def order_transfers(weights: list[Transfer], kv: list[Transfer]) -> list[Transfer]:
+    """Urgent first; then layer by layer, front to back, weights before KV within a layer;
+    then by destination and slice. Sorted in stable passes, as this runs on ~10⁶ transfers
+    for a cold start of a large cluster."""
+    weights.sort(key=_by_slice)
+    kv.sort(key=_by_slice)
+    merged = weights + kv
+    merged.sort(key=_by_layer)  # stable: weights stay ahead of KV within a layer
+    return [t for t in merged if t.urgent] + [t for t in merged if not t.urgent]
+
+
+def _by_slice(t: Transfer) -> tuple[GpuId, str, int]:
+    return t.dst, t.tensor, t.start
+
+
+def _by_layer(t: Transfer) -> int:
+    return t.layer
 
 
 def estimate_seconds(transfers: Sequence[Transfer], instances: Mapping[str, Instance],
@@ -288,10 +305,9 @@ def migration_plan(model: ModelSpec, current: CurrentState | None, new: Placemen
     index = {i.name: i for i in instances}
     readable = {i.name for i in instances if i.state != "lost"}
     picker = _SourcePicker({i.name for i in instances if i.state == "doomed"})
-    transfers = weight_transfers(model, current, new, readable, picker)
-    if current is not None:
-        transfers += kv_transfers(model, current, new, inherits, readable, picker)
-    transfers.sort(key=_order)
+    transfers = order_transfers(weight_transfers(model, current, new, readable, picker),
+                                [] if current is None else
+                                kv_transfers(model, current, new, inherits, readable, picker))
     seconds, inbound, outbound = estimate_seconds(transfers, index, overhead_s,
                                                   checkpoint_bytes_per_s)
     checkpoint = sum(t.nbytes for t in transfers if t.src is None)
