@@ -89,8 +89,12 @@ def _document(args: argparse.Namespace) -> tuple[dict[str, object], str]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .planner import plan
-    from .request import parse_request
+    try:
+        from .planner import plan
+        from .request import parse_request
+    except ModuleNotFoundError as exc:  # numpy/scipy come with the operator extra
+        raise SpotserveError(f"spotserve plan needs {exc.name}: pip install "
+                             f"'spotserve[operator]'") from None
 
     data, base = _document(args)
     overrides = {"rate": args.rate, "profile": args.profile, "dtype": args.dtype,
