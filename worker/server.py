@@ -256,15 +256,18 @@ class WorkerServicer(TensorServicer):
 
     def _build(self, role: EpochRole, spec: ModelSpec, tensors: dict[str, torch.Tensor],
                config: EngineConfig) -> None:
-        backend = backend_for(self.options.device)
-        join_world(role, backend, self.options.join_timeout_s)
+        start = time.perf_counter()
+        join_world(role, backend_for(self.options.device), self.options.join_timeout_s)
         if role.world_size == 1:
             groups = EpochGroups.single(role.config)
         else:
             groups = EpochGroups.create(role.epoch, role.config, role.ranks())
+        joined = time.perf_counter()
         runner = build_runner(spec, groups, tensors, config, self.options.device)
         tensors.clear()
         self.weight_bytes = hold(self.store, runner.model)
+        self._log("built the stage", epoch=role.epoch, join_seconds=round(joined - start, 3),
+                  build_seconds=round(time.perf_counter() - joined, 3))
         self._groups, self._runner = groups, runner
         if role.is_driver:
             self.driver = Driver(Engine(runner, config), self.paused, self._on_step).start()

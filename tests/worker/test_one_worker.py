@@ -1,11 +1,15 @@
-"""Bad calls to a real worker process get clear gRPC errors, and the worker keeps serving:
-missing token, unknown request ids, out-of-range slices, oversized messages, invalid
-sampling and roles; plus cancellation and deadlines that free the request's KV blocks, the
-health check, and Status."""
+"""One real worker process serving a one-GPU pipeline.
+
+Bad calls get clear gRPC errors and the worker keeps serving: missing token, unknown
+request ids, out-of-range slices, oversized messages, invalid sampling and roles. Also:
+cancellation and deadlines free the request's KV blocks; a drain by deadline pauses
+requests with their KV kept and they resume on the same pipeline once a Configure that
+keeps its role (the scale-out fast path) puts it back in service; the health check."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -183,3 +187,34 @@ async def test_scale_out_fast_path_keeps_serving(
     assert await stream.result() == reference(PROMPTS["r3"], 200)
     assert stream.finish == FR.FINISH_REASON_LENGTH
     assert (await worker.status()).epoch == 7
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_drain_by_deadline_then_resume_here_from_the_kept_kv(
+        worker: Worker, checkpoint: Path,
+        reference: Callable[[list[int], int], list[int]]) -> None:
+    spec = ModelSpec.from_hf_config(checkpoint)
+    status = await worker.status()
+    streams = {rid: Stream(worker, submit_request(rid, PROMPTS[rid], 200)) for rid in PROMPTS}
+    await asyncio.wait_for(asyncio.gather(*(s.first.wait() for s in streams.values())), 30)
+    deadline = time.time() + 0.05
+    drained = await worker.stub.Drain(worker_pb2.DrainRequest(deadline_unix=deadline),
+                                      metadata=META, timeout=30)
+    assert time.time() < deadline + 1.0
+    before = {rid: await s.result() for rid, s in streams.items()}
+    assert all(s.finish == FR.FINISH_REASON_PAUSED for s in streams.values())
+    assert all(0 < len(tokens) < 200 for tokens in before.values())
+    assert {p.request_id for p in drained.requests} == set(PROMPTS)
+    err = await _error(_submit(worker, submit_request("new", [1, 2], 4)))
+    assert err.code() == SC.UNAVAILABLE and "DRAINED" in (err.details() or "")
+    config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+    same = configure_request(spec, status.epoch + 1, config, Position(0, 0, 0),
+                             {Position(0, 0, 0): worker})
+    same.rendezvous.group_id = "epoch1-p0"
+    reply = await worker.stub.Configure(same, metadata=META, timeout=30)
+    assert reply.state == worker_pb2.WORKER_STATE_READY
+    resumed = {rid: Stream(worker, submit_request(rid, PROMPTS[rid], 200, before[rid],
+                                                  common_pb2.RESUME_MODE_KV))
+               for rid in PROMPTS}
+    for rid, stream in resumed.items():
+        assert await stream.result() == reference(PROMPTS[rid], 200), rid
