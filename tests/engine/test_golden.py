@@ -72,3 +72,22 @@ def test_kv_cache_read_write_by_layer_head_token(tmp_path: Path) -> None:
     torch.testing.assert_close(cache.read([4, 1], (3, 4), (2, 3), (2, 6)), data[1:, :, 2:6, 1:])
     with pytest.raises(ValueError, match="not held here"):
         cache.read([4, 1], (0, 4), (1, 3), (0, 7))
+
+
+def test_runner_from_pulled_tensors_equals_checkpoint(tmp_path: Path) -> None:
+    """After a migration, weights arrive as slices from peers instead of the checkpoint."""
+    from spotserve.worker.engine.builder import build_runner
+    from spotserve.worker.engine.engine import EngineConfig
+    from spotserve.worker.model.loader import read_slices
+    from spotserve.worker.model.parallel import EpochGroups
+    build_hf_model("qwen2", seed=1).save_pretrained(tmp_path, max_shard_size="40KB")
+    config = EngineConfig(num_blocks=8, block_size=BLOCK)
+    groups = EpochGroups.single(ParallelConfig.uniform(4, 1, 1, 1))
+    from_disk = build_runner(tmp_path, groups, config)
+    pulled = read_slices(tmp_path, from_disk.model.slices, torch.float32)
+    from_peers = build_runner(tmp_path, groups, config, tensors=pulled)
+    step = [([3, 1, 4, 1, 5, 9, 2, 6], 8, [0, 1])]
+    torch.testing.assert_close(_forward(from_peers.model, from_peers.cache, step),
+                               _forward(from_disk.model, from_disk.cache, step))
+    with pytest.raises(ValueError, match="missing"):
+        build_runner(tmp_path, groups, config, tensors={})
