@@ -157,9 +157,7 @@ class Simulation:
                 break
             self.now = time_s
             fn(*args)
-            if upcoming is None and self.all_done():
-                break
-        self._settle_cost(min(self.trace.end_s, max(self.now, self.trace.end_s)))
+        self._settle_cost(self.trace.end_s)
 
     def all_done(self) -> bool:
         return not self.queue and all(p.running is None and not p.resume

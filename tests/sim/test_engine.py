@@ -225,3 +225,12 @@ def test_mixed_instance_types_plan_heterogeneously() -> None:
     assert [t["event"] for t in entry["timeline"]].count("switch") >= 1
     assert entry["replans"] >= 2  # the start and the notice for node-1
     assert entry["completed"] == entry["requests"] and entry["restarts"] == 0
+
+
+def test_instances_are_paid_until_they_go_even_after_the_last_request(
+        reference_dir: Path) -> None:
+    late = TraceEvent(1800.0, "remove", ("node-1",))
+    setup = paper_setup(reference_dir, "6.7b", trace(2, 3600, late), every(60.0, 120), 0.05)
+    entry = run(setup, "reroute")
+    assert entry["completed"] == 2
+    assert entry["cost_usd"] == pytest.approx(1.5 * 1.9046)
