@@ -52,6 +52,7 @@ from .actuator import (
 from .epoch import assignments, pipeline_ids, pipelines_to_drain
 from .events import Event, InstanceReady, LoadChanged, NoticeReceived, is_urgent
 from .journal import ControllerState, Journal, placement_to_dict
+from .metrics import ControllerMetrics
 from .view import NOTICE, ClusterView
 
 log = logging.getLogger("spotserve.controller")
@@ -77,9 +78,12 @@ class MigrationAborted(Exception):
 
 class Controller:
     def __init__(self, settings: ControllerSettings, actuator: Actuator,
-                 journal: Journal | None = None, clock: Callable[[], float] = time.time) -> None:
+                 journal: Journal | None = None, clock: Callable[[], float] = time.time,
+                 metrics: ControllerMetrics | None = None) -> None:
         self.settings, self.actuator = settings, actuator
         self.journal = journal or Journal()
+        self.metrics = metrics or ControllerMetrics()
+        self._notice_at: float | None = None
         self.clock = clock
         self.view = ClusterView()
         self.placement: Placement | None = None
@@ -128,12 +132,17 @@ class Controller:
             record = self.view.instances[event.name]
             await self._ask_capacity(record.instance_type, 1, self.settings.replacement_capacity,
                                      why=f"replace {event.name}")
+            self._notice_at = self._notice_at or self.clock()
+            self.metrics.replans.labels("notice").inc()
             return f"notice on {event.name}"
         if isinstance(event, LoadChanged):
             base = max(self._planned_rate, 1e-9)
             if abs(event.rate - self._planned_rate) / base <= self.settings.replan_threshold:
                 return None
+            self.metrics.replans.labels("load").inc()
             return f"load {self._planned_rate:g} → {event.rate:g} req/s"
+        kind = "join" if isinstance(event, InstanceReady) else "loss"
+        self.metrics.replans.labels(kind).inc()
         if isinstance(event, InstanceReady):
             return f"{event.name} joined"
         return f"{type(event).__name__} {getattr(event, 'name', '')}".strip()
@@ -159,6 +168,7 @@ class Controller:
         for event in [self.queue.get_nowait() for _ in range(self.queue.qsize())]:
             self.view = self.view.apply(event, self.clock())
         self.journal.record("aborted", self.epoch, phase=self.phase, reason=reason)
+        self.metrics.migrations.labels("aborted").inc()
         raise MigrationAborted(reason)
 
     # ---- planning -------------------------------------------------------------------
@@ -242,9 +252,29 @@ class Controller:
                                          self._resumes(drained, inherits, new_ids))
         self.placement, self.pipeline_ids = new, new_ids
         self._set_phase("serving")
+        self._count_migration(result, drained, inherits)
         self.journal.record("serving", epoch, config=result.config.describe(),
                             pipelines=new_ids)
         await self._release(result)
+
+    def _count_migration(self, result: Plan, drained: Mapping[int, Sequence[DrainedRequest]],
+                         inherits: Mapping[int, int]) -> None:
+        m = self.metrics
+        m.migrations.labels("completed").inc()
+        m.epoch.set(self.epoch)
+        m.bytes_planned.inc(result.migration.total_bytes if result.migration else 0)
+        heirs = set(inherits.values())
+        for old, requests in drained.items():
+            m.resumed.labels("kv" if old in heirs else "reprefill").inc(len(requests))
+        for state in ("booting", "ready", "notice", "gone"):
+            m.instances.labels(state).set(len(self.view.in_state(state)))
+        now = self.clock()
+        deadline = self.view.earliest_deadline()
+        if deadline is not None and now > deadline:
+            m.deadline_misses.inc()
+        if self._notice_at is not None:
+            m.notice_to_serving.observe(max(0.0, now - self._notice_at))
+            self._notice_at = None
 
     async def _drain(self, epoch: int, result: Plan, old: Placement | None,
                      old_ids: Sequence[str], new: Placement

@@ -192,3 +192,18 @@ async def test_small_load_changes_do_not_replan() -> None:
 @pytest.fixture(autouse=True)
 def _bounded() -> None:
     asyncio.get_event_loop_policy()
+
+
+async def test_metrics_count_replans_migrations_and_resumes() -> None:
+    actuator = Recorder()
+    controller = await started(actuator)
+    await controller.handle([NoticeReceived("b", deadline=1030.0)])
+    sample = controller.metrics.registry.get_sample_value
+    assert sample("spotserve_replans_total", {"reason": "notice"}) == 1
+    assert sample("spotserve_replans_total", {"reason": "join"}) == 3
+    assert sample("spotserve_migrations_total", {"outcome": "completed"}) == 2
+    assert sample("spotserve_epoch") == 2
+    resumed = sum(sample("spotserve_controller_resumed_requests_total", {"mode": m}) or 0
+                  for m in ("kv", "reprefill"))
+    assert resumed == 2
+    assert sample("spotserve_notice_to_serving_seconds_count") == 1
