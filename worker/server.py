@@ -34,6 +34,7 @@ from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from spotserve.worker import health
 from spotserve.worker.driver import DrainResult, Driver, Snapshot, StreamEvent
+from spotserve.worker.engine.builder import build_runner
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.engine.sequence import RequestState, SamplingParams
@@ -45,7 +46,7 @@ from spotserve.worker.model.parallel import EpochGroups, backend_for
 from spotserve.worker.peer_service import TensorServicer
 from spotserve.worker.tensor_store import TensorStore
 from spotserve.worker.transfer import CHANNEL_OPTIONS, PullItem, TransferError, pull
-from spotserve.worker.weights import GatherStats, as_bytes, build_runner, gather, hold
+from spotserve.worker.weights import GatherStats, as_bytes, gather, hold
 
 log = logging.getLogger(__name__)
 WS = worker_pb2.WorkerState
@@ -98,7 +99,7 @@ class WorkerServicer(TensorServicer):
         return await pull(items, self._channel, token=self.options.token, epoch=self.epoch,
                           streams_per_peer=self.options.streams_per_peer)
 
-    def _spec_for(self, model: worker_pb2.ModelRef) -> tuple[ModelSpec, Path | None]:
+    def _spec_for(self, model: worker_pb2.ModelRef) -> tuple[ModelSpec, Path]:
         folder = Path(model.checkpoint_path) if model.checkpoint_path else self.options.checkpoint
         if folder is None:
             raise SpotserveError("no model: give model.checkpoint_path or start with --model")
@@ -175,7 +176,7 @@ class WorkerServicer(TensorServicer):
                 await asyncio.wrap_future(self.driver.undrain())
             self.state = WS.WORKER_STATE_READY
         else:
-            await self._start(request, spec, role, key)
+            await self._start(request, spec, folder, role, key)
         reply.state = self.state
         return reply
 
@@ -245,17 +246,17 @@ class WorkerServicer(TensorServicer):
         return total
 
     async def _start(self, request: worker_pb2.ConfigureRequest, spec: ModelSpec,
-                     role: EpochRole, key: bytes) -> None:
+                     folder: Path, role: EpochRole, key: bytes) -> None:
         tensors, self._staged = self._staged, {}
         await self._teardown()
         config = self._engine_config(request.role, spec)
-        await asyncio.to_thread(self._build, role, spec, tensors, config)
+        await asyncio.to_thread(self._build, role, spec, folder, tensors, config)
         self.epoch, self.role, self.spec, self._key = request.epoch, role, spec, key
         self.role_message = request.role
         self.state = WS.WORKER_STATE_READY
 
-    def _build(self, role: EpochRole, spec: ModelSpec, tensors: dict[str, torch.Tensor],
-               config: EngineConfig) -> None:
+    def _build(self, role: EpochRole, spec: ModelSpec, folder: Path,
+               tensors: dict[str, torch.Tensor], config: EngineConfig) -> None:
         start = time.perf_counter()
         join_world(role, backend_for(self.options.device), self.options.join_timeout_s)
         if role.world_size == 1:
@@ -263,7 +264,8 @@ class WorkerServicer(TensorServicer):
         else:
             groups = EpochGroups.create(role.epoch, role.config, role.ranks())
         joined = time.perf_counter()
-        runner = build_runner(spec, groups, tensors, config, self.options.device)
+        runner = build_runner(folder, groups, config, dtype=spec.dtype,
+                              device=self.options.device, tensors=tensors)
         tensors.clear()
         self.weight_bytes = hold(self.store, runner.model)
         self._log("built the stage", epoch=role.epoch, join_seconds=round(joined - start, 3),

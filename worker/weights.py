@@ -9,8 +9,8 @@ slicing. A piece whose peers all fail falls back to the checkpoint; a KEPT piece
 worker no longer holds does too. Pieces the request does not mention are KEPT when held,
 else read from the checkpoint.
 
-The engine builds stages from a checkpoint folder (`load_stage`); `build_runner` here is
-the adapter that builds one from in-memory tensors with the model's public pieces.
+The engine's `build_runner(..., tensors=...)` turns the gathered slices into the stage;
+`hold` then serves the stage's live parameters to peers.
 """
 
 from __future__ import annotations
@@ -28,12 +28,8 @@ from spotserve.errors import SpotserveError
 from spotserve.layout import ParallelConfig, Position, TensorSlice, position_slices
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import worker_pb2
-from spotserve.worker.engine.engine import EngineConfig
-from spotserve.worker.engine.kv_cache import KVCache
-from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.model.decoder import TORCH_DTYPES, StageModel
-from spotserve.worker.model.loader import load_into, read_slices
-from spotserve.worker.model.parallel import EpochGroups
+from spotserve.worker.model.loader import read_slices
 from spotserve.worker.sources import layout_slice, slice_message
 from spotserve.worker.tensor_store import HeldTensor, SliceError, TensorStore
 from spotserve.worker.transfer import PullItem, TransferError
@@ -171,18 +167,7 @@ def _read_checkpoint(folder: Path | None, pieces: list[_Piece], dests: dict[str,
         piece.region(dests[piece.want.tensor]).copy_(tensor)
 
 
-# ---- building the stage ------------------------------------------------------------------
-def build_runner(spec: ModelSpec, groups: EpochGroups, tensors: dict[str, torch.Tensor],
-                 config: EngineConfig, device: torch.device | str = "cpu") -> StageRunner:
-    """A rank's runner from in-memory weight slices (instead of a checkpoint folder)."""
-    assert groups.position is not None
-    model = StageModel(spec, groups.config, groups.position, groups.tp, device)
-    load_into(model, {k: v.to(device) for k, v in tensors.items()})
-    model.eval()
-    cache = KVCache.for_stage(model, config.num_blocks, config.block_size)
-    return StageRunner(model, cache, groups)
-
-
+# ---- serving the stage's weights ----------------------------------------------------------
 def hold(store: TensorStore, model: StageModel) -> int:
     """Serve the model's live parameters to peers (no copy on CPU); the bytes held."""
     slices = {s.tensor: s for s in model.slices}
