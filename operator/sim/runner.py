@@ -11,8 +11,10 @@ from spotserve.catalog import Catalog, InstanceType
 from spotserve.errors import SpotserveError
 from spotserve.models import resolve_model
 
+from ..planner.cluster import Instance
 from ..planner.cost_model import Workload
 from ..planner.heterogeneous import HeteroLimits
+from ..planner.homogeneous import PipelineShape
 from ..planner.profile_table import ProfileTable
 from ..planner.request import cost_model, search_limits
 from . import report
@@ -91,42 +93,41 @@ def run(setup: Setup, approach: str, catalog: Catalog | None = None) -> dict[str
     if approach == "ondemand":
         setup = _ondemand(setup, scenario, catalog)
     cluster = setup.cluster(catalog)
-    sim = Simulation(setup.trace, setup.arrivals, cluster, _placeholder(), setup.rate)
-    sim.policy = policy(approach, setup, scenario, sim)
+    sim = Simulation(setup.trace, setup.arrivals, cluster,
+                     policy(approach, setup, scenario, cluster), setup.rate)
     sim.run()
     entry = report.summarize(approach, sim)
     entry["wall_s"] = round(time.perf_counter() - started, 3)
     return entry
 
 
-def policy(approach: str, setup: Setup, scenario: Scenario, sim: Simulation) -> Policy:
+def policy(approach: str, setup: Setup, scenario: Scenario, cluster: ClusterSpec) -> Policy:
     if approach in ("spotserve", "ondemand"):
         return SpotServe(scenario, approach)
     if approach == "reparallelize":
         return Reparallelize(scenario)
-    shape = _max_shape(setup, scenario, sim)
+    shape = _max_shape(setup, scenario, cluster)
     if approach == "reroute":
         if shape is None:
             raise SpotserveError(f"{setup.model} fits on no configuration of the trace's "
                                  f"{setup.trace.max_instances} instances")
-        return Reroute(scenario, shape, sim.cluster.node_type(setup.trace.nodes()[0]).gpus)
+        return Reroute(scenario, shape, cluster.node_type(setup.trace.nodes()[0]).gpus)
     return SpotServe(scenario, approach, ABLATIONS[approach], shape)
 
 
-def _max_shape(setup: Setup, scenario: Scenario, sim: Simulation):  # type: ignore[no-untyped-def]
-    from ..planner.cluster import Instance
-
-    names = setup.trace.nodes()
-    count = setup.trace.max_instances
-    instances = tuple(Instance(f"max-{k}", sim.cluster.node_type(names[0]),
-                               spot_price=sim.cluster.price(names[0])) for k in range(count))
+def _max_shape(setup: Setup, scenario: Scenario, cluster: ClusterSpec
+               ) -> PipelineShape | None:
+    """The planner's shape for the most instances the trace ever holds."""
+    first = setup.trace.nodes()[0]
+    instances = tuple(Instance(f"max-{k}", cluster.node_type(first),
+                               spot_price=cluster.price(first))
+                      for k in range(setup.trace.max_instances))
     return best_shape(scenario, setup.rate, instances)
 
 
 def _ondemand(setup: Setup, scenario: Scenario, catalog: Catalog) -> Setup:
     """A fixed on-demand fleet for the trace's duration: `ondemand_instances`, else the
     fewest instances whose best configuration reaches the rate."""
-    from ..planner.cluster import Instance
     from ..planner.planner import plan
 
     itype = catalog.instance(setup.instance_type)
@@ -139,16 +140,6 @@ def _ondemand(setup: Setup, scenario: Scenario, catalog: Catalog) -> Setup:
     names = tuple(f"ondemand-{k}" for k in range(count))
     trace = Trace((TraceEvent(0.0, "add", names),), setup.trace.end_s, setup.trace.source)
     return replace(setup, trace=trace, on_demand_nodes=frozenset(names), node_types={})
-
-
-class _placeholder:
-    name = "none"
-
-    def start(self, sim: Simulation) -> None: ...
-    def on_notice(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
-    def on_ready(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
-    def on_removed(self, sim: Simulation, nodes: tuple[str, ...]) -> None: ...
-    def on_rate(self, sim: Simulation) -> None: ...
 
 
 def approaches(name: str) -> tuple[str, ...]:
