@@ -218,3 +218,32 @@ async def test_drain_by_deadline_then_resume_here_from_the_kept_kv(
                for rid in PROMPTS}
     for rid, stream in resumed.items():
         assert await stream.result() == reference(PROMPTS[rid], 200), rid
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_standby_keeps_weights_then_preload_and_rejoin(
+        worker: Worker, checkpoint: Path,
+        reference: Callable[[list[int], int], list[int]]) -> None:
+    """Standby leaves the pipeline but keeps the weights for peers; a preload gathers a
+    future role without joining; the Configure that follows uses what was preloaded."""
+    spec = ModelSpec.from_hf_config(checkpoint)
+    reply = await worker.stub.Configure(worker_pb2.ConfigureRequest(epoch=20), metadata=META,
+                                        timeout=30)
+    assert reply.state == worker_pb2.WORKER_STATE_STANDBY
+    err = await _error(_submit(worker, submit_request("x", [1, 2], 4)))
+    assert err.code() == SC.FAILED_PRECONDITION and "not a pipeline driver" in err.details()
+    pulled = [c async for c in worker.stub.PullTensors(worker_pb2.PullTensorsRequest(
+        weights=[common_pb2.TensorSlice(tensor="model.norm.weight", dim=-1)]), metadata=META)]
+    assert sum(len(c.data) for c in pulled) == spec.hidden_size * 4
+    config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+    request = configure_request(spec, 21, config, Position(0, 0, 0), {Position(0, 0, 0): worker})
+    del request.weights[:]   # unnamed sources: kept when held, else the checkpoint
+    request.preload_only = True
+    reply = await worker.stub.Configure(request, metadata=META, timeout=30)
+    assert reply.state == worker_pb2.WORKER_STATE_STANDBY and reply.bytes_kept > 0
+    request.preload_only = False
+    reply = await worker.stub.Configure(request, metadata=META, timeout=30)
+    assert reply.state == worker_pb2.WORKER_STATE_READY
+    assert reply.bytes_pulled == reply.bytes_from_checkpoint == 0
+    stream = Stream(worker, submit_request("again", PROMPTS["r2"], MAX_TOKENS))
+    assert await stream.result() == reference(PROMPTS["r2"], MAX_TOKENS)
