@@ -3,22 +3,26 @@
 A drain exports each unfinished request from the engine (tokens + its whole KV cache,
 [layers, 2, tokens, kv_heads, head_dim]); the driver keeps them here, serves slices of them
 to the new owner over `PullTensors`, and resumes them itself if the router comes back to
-this pipeline. A new owner assembles imported pieces here too. Entries expire after
-`keep_seconds` so a request nobody resumes does not pin memory forever.
+this pipeline. A new owner pulls and assembles imported pieces here too (`import_kv`).
+Entries expire after `keep_seconds` so a request nobody resumes does not pin memory.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from spotserve.v1 import common_pb2
+from spotserve.errors import SpotserveError
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import common_pb2, worker_pb2
 from spotserve.worker.engine.sequence import RequestState
+from spotserve.worker.model.decoder import TORCH_DTYPES
 from spotserve.worker.tensor_store import SliceError
-from spotserve.worker.transfer import Blob
+from spotserve.worker.transfer import Blob, PullItem, TransferError
 
 
 @dataclass
@@ -91,3 +95,45 @@ class PausedRequests:
         with self._lock:
             for rid in [r for r, p in self._items.items() if p.since < cutoff]:
                 del self._items[rid]
+
+
+async def import_kv(imports: Sequence[worker_pb2.KVImport], spec: ModelSpec,
+                    puller: Callable[[list[PullItem]], Awaitable[object]],
+                    paused: PausedRequests) -> tuple[int, list[str]]:
+    """Pull every import's KV pieces and keep each request whose pieces all arrived and
+    cover its whole cache. The bytes pulled, and why any request was left out (it will
+    resume by re-prefill)."""
+    dtype = TORCH_DTYPES[spec.dtype]
+    layers, heads = spec.num_layers, spec.num_kv_heads
+    by_request: dict[str, list[tuple[common_pb2.KVSlice, PullItem, torch.Tensor]]] = {}
+    for entry in imports:
+        s = entry.slice
+        if not (s.layer_start < s.layer_end <= layers and s.head_start < s.head_stop <= heads
+                and s.token_start < s.token_stop):
+            raise SpotserveError(f"KV import of {s.request_id!r}: empty or out-of-range slice")
+        piece = torch.empty(s.layer_end - s.layer_start, 2, s.token_stop - s.token_start,
+                            s.head_stop - s.head_start, spec.head_dim, dtype=dtype)
+        view = memoryview(piece.view(-1).view(torch.uint8).numpy()).cast("B")
+        by_request.setdefault(s.request_id, []).append(
+            (s, PullItem(view, list(entry.peers), kv=s), piece))
+    failed: set[int] = set()
+    problems: list[str] = []
+    try:
+        await puller([item for pieces in by_request.values() for _, item, _ in pieces])
+    except TransferError as exc:
+        failed, problems = {id(i) for i in exc.failed}, [str(exc)]
+    total = 0
+    for request_id, pieces in by_request.items():
+        if any(id(item) in failed for _, item, _ in pieces):
+            continue
+        tokens = max(s.token_stop for s, _, _ in pieces)
+        kv = torch.zeros(layers, 2, tokens, heads, spec.head_dim, dtype=dtype)
+        for s, _, piece in pieces:
+            kv[s.layer_start:s.layer_end, :, s.token_start:s.token_stop,
+               s.head_start:s.head_stop] = piece
+            total += piece.nbytes
+        if sum(piece.numel() for _, _, piece in pieces) == kv.numel():
+            paused.put_kv(request_id, kv)
+        else:
+            problems.append(f"KV pieces of {request_id!r} do not cover its cache")
+    return total, problems

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import threading
 import time
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,16 +36,15 @@ from spotserve.worker.driver import DrainResult, Driver, Snapshot, StreamEvent
 from spotserve.worker.engine.builder import build_runner
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.runner import StageRunner
-from spotserve.worker.engine.sequence import RequestState, SamplingParams
 from spotserve.worker.epoch import EpochRole, join_world, leave_world, parse_role, role_key
-from spotserve.worker.kv_store import PausedRequests
+from spotserve.worker.kv_store import PausedRequests, import_kv
 from spotserve.worker.metrics import WorkerMetrics
-from spotserve.worker.model.decoder import TORCH_DTYPES
 from spotserve.worker.model.parallel import EpochGroups, backend_for
 from spotserve.worker.peer_service import TensorServicer
+from spotserve.worker.requests import KVUnavailable, coalesce, request_state
 from spotserve.worker.tensor_store import TensorStore
-from spotserve.worker.transfer import CHANNEL_OPTIONS, PullItem, TransferError, pull
-from spotserve.worker.weights import GatherStats, as_bytes, gather, hold
+from spotserve.worker.transfer import CHANNEL_OPTIONS, PullItem, pull
+from spotserve.worker.weights import GatherStats, gather, hold
 
 log = logging.getLogger(__name__)
 WS = worker_pb2.WorkerState
@@ -205,45 +203,12 @@ class WorkerServicer(TensorServicer):
         return stats, kv_bytes
 
     async def _import_kv(self, imports: Any, spec: ModelSpec) -> int:
-        """Pull imported requests' KV pieces and keep each complete request's whole cache."""
         if not imports:
             return 0
-        dtype = TORCH_DTYPES[spec.dtype]
-        shape = (spec.num_layers, 2, 0, spec.num_kv_heads, spec.head_dim)
-        by_request: dict[str, list[tuple[Any, PullItem, torch.Tensor]]] = {}
-        for entry in imports:
-            s = entry.slice
-            if not (s.layer_start < s.layer_end <= shape[0] and s.head_start < s.head_stop
-                    <= shape[3] and s.token_start < s.token_stop):
-                raise SpotserveError(f"KV import of {s.request_id!r}: empty or out-of-range slice")
-            piece = torch.empty(s.layer_end - s.layer_start, 2, s.token_stop - s.token_start,
-                                s.head_stop - s.head_start, spec.head_dim, dtype=dtype)
-            item = PullItem(as_bytes(piece), list(entry.peers), kv=s)
-            by_request.setdefault(s.request_id, []).append((s, item, piece))
-        items = [item for pieces in by_request.values() for _, item, _ in pieces]
-        failed: set[int] = set()
-        try:
-            await self._pull(items)
-        except TransferError as exc:
-            failed = {id(i) for i in exc.failed}
-            self._log("KV import failed; those requests will re-prefill", reason=str(exc))
-        total = 0
-        for request_id, pieces in by_request.items():
-            if any(id(item) in failed for _, item, _ in pieces):
-                continue
-            tokens = max(s.token_stop for s, _, _ in pieces)
-            kv = torch.zeros(shape[0], 2, tokens, shape[3], shape[4], dtype=dtype)
-            volume = 0
-            for s, _, piece in pieces:
-                kv[s.layer_start:s.layer_end, :, s.token_start:s.token_stop,
-                   s.head_start:s.head_stop] = piece
-                volume += piece.numel()
-                total += piece.nbytes
-            if volume == kv.numel():
-                self.paused.put_kv(request_id, kv)
-            else:
-                self._log("KV import incomplete; will re-prefill", request_id=request_id)
-        return total
+        pulled, problems = await import_kv(imports, spec, self._pull, self.paused)
+        for problem in problems:
+            self._log("KV import failed; those requests will re-prefill", reason=problem)
+        return pulled
 
     async def _start(self, request: worker_pb2.ConfigureRequest, spec: ModelSpec,
                      folder: Path, role: EpochRole, key: bytes) -> None:
@@ -324,11 +289,12 @@ class WorkerServicer(TensorServicer):
         if self.state != WS.WORKER_STATE_READY:
             await _abort(context, grpc.StatusCode.UNAVAILABLE,
                          f"the pipeline is not serving (state {WS.Name(self.state)})")
+        assert self.spec is not None
         try:
-            state = self._request_state(request)
+            state = request_state(request, self.spec, self.options.engine, self.paused)
         except SpotserveError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except LookupError as exc:
+        except KVUnavailable as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -345,49 +311,13 @@ class WorkerServicer(TensorServicer):
         finished = False
         try:
             while not finished:
-                delta, finished, error = _coalesce(request, await events.get(), events)
+                delta, finished, error = coalesce(request, await events.get(), events)
                 if error:
                     await _abort(context, grpc.StatusCode.UNAVAILABLE, error)
                 yield delta
         finally:
             if not finished:   # the client went away or its deadline passed
                 driver.cancel(request.request_id)
-
-    def _request_state(self, request: worker_pb2.SubmitRequest) -> RequestState:
-        spec = self.spec
-        assert spec is not None
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
-        generated = list(request.resume.generated_token_ids)
-        if not rid:
-            raise SpotserveError("request_id is empty")
-        if not prompt:
-            raise SpotserveError("prompt_token_ids is empty")
-        params = sampling_params(request)
-        if any(not 0 <= t < spec.vocab_size for t in (*prompt, *generated)):
-            raise SpotserveError(f"token ids must be in [0, {spec.vocab_size})")
-        limit = self.options.engine.scheduler.max_model_len
-        if len(prompt) + params.max_tokens > min(limit, spec.max_position):
-            raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
-                                 f"exceeds the context length {min(limit, spec.max_position)}")
-        engine = self.options.engine
-        if len(prompt) + params.max_tokens > engine.num_blocks * engine.block_size:
-            raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
-                                 f"exceeds this worker's KV cache of "
-                                 f"{engine.num_blocks * engine.block_size} tokens")
-        if len(generated) >= params.max_tokens:
-            raise SpotserveError(f"request {rid} already has its {params.max_tokens} tokens")
-        state = RequestState(rid, prompt, generated, params)
-        if request.resume.mode != KV_MODE:
-            return state
-        held = self.paused.pop(rid)
-        if held is None or held.kv is None:
-            raise LookupError(f"no KV cache for request {rid!r} here; resume by re-prefill")
-        if held.state is not None and (held.state.prompt_token_ids != prompt or
-                                       held.state.output_token_ids[:len(generated)] != generated):
-            raise LookupError(f"request {rid!r}: the kept KV cache belongs to other tokens")
-        usable = min(held.kv_tokens, len(prompt) + len(generated) - 1)
-        state.num_computed, state.kv = usable, held.kv[:, :, :usable].contiguous()
-        return state
 
     async def Cancel(self, request: worker_pb2.CancelRequest,
                      context: grpc.aio.ServicerContext) -> worker_pb2.CancelResponse:
@@ -505,39 +435,6 @@ async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetri
     server.add_generic_rpc_handlers([health.handler(servicer.serving)])
     await server.start()
     return server, servicer, address
-
-
-def sampling_params(request: worker_pb2.SubmitRequest) -> SamplingParams:
-    s = request.sampling
-    if s.max_tokens <= 0:
-        raise SpotserveError("sampling.max_tokens must be positive")
-    seed = s.seed if s.HasField("seed") else zlib.crc32(request.request_id.encode())
-    return SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature if s.HasField("temperature") else 1.0,
-        top_k=s.top_k if s.HasField("top_k") else 0,
-        top_p=s.top_p if s.HasField("top_p") else 1.0, seed=seed,
-        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
-
-
-def _coalesce(request: worker_pb2.SubmitRequest, first: StreamEvent,
-              events: asyncio.Queue[StreamEvent]) -> tuple[worker_pb2.TokenDelta, bool, str]:
-    """One delta from `first` and the token events already queued behind it."""
-    tokens, event = [], first
-    position = first.index
-    while True:
-        if event.error:
-            return worker_pb2.TokenDelta(), True, event.error
-        if event.token_id is not None:
-            tokens.append(event.token_id)
-        if event.finish or events.empty():
-            break
-        event = events.get_nowait()
-    delta = worker_pb2.TokenDelta(request_id=request.request_id, token_ids=tokens,
-                                  position=position, finish_reason=event.finish)  # type: ignore
-    if event.finish:
-        delta.usage.prompt_tokens = len(request.prompt_token_ids)
-        delta.usage.completion_tokens = position + len(tokens)
-    return delta, bool(event.finish), ""
 
 
 def _paused_progress(request_id: str, held: Any) -> common_pb2.RequestProgress:

@@ -15,7 +15,7 @@ from spotserve.v1 import common_pb2, worker_pb2
 from spotserve.worker import health, sources
 from spotserve.worker.epoch import parse_role
 from spotserve.worker.kv_store import PausedRequests
-from spotserve.worker.server import sampling_params
+from spotserve.worker.requests import sampling_params
 from spotserve.worker.tensor_store import SliceError
 
 SPEC = ModelSpec.from_hf_config({

@@ -1,0 +1,100 @@
+"""Submit's side of the Worker service: a `SubmitRequest` checked and turned into the
+engine's `RequestState` (fresh, resumed by re-prefill, or resumed from a KV cache held
+here), and the engine's token events turned back into `TokenDelta`s. No gRPC server here:
+errors are `SpotserveError` (a bad request) or `KVUnavailable` (resume by re-prefill)."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+from spotserve.errors import SpotserveError
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import common_pb2, worker_pb2
+from spotserve.worker.driver import StreamEvent
+from spotserve.worker.engine.engine import EngineConfig
+from spotserve.worker.engine.sequence import RequestState, SamplingParams
+from spotserve.worker.kv_store import PausedRequests
+
+
+class KVUnavailable(LookupError):
+    """A KV resume asked for a cache this worker does not hold (FAILED_PRECONDITION)."""
+
+
+def sampling_params(request: worker_pb2.SubmitRequest) -> SamplingParams:
+    """The engine's parameters, with the contract's defaults for unset fields."""
+    s = request.sampling
+    if s.max_tokens <= 0:
+        raise SpotserveError("sampling.max_tokens must be positive")
+    seed = s.seed if s.HasField("seed") else zlib.crc32(request.request_id.encode())
+    return SamplingParams(
+        max_tokens=s.max_tokens, temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0, seed=seed,
+        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+
+
+def _check(request: worker_pb2.SubmitRequest, params: SamplingParams, spec: ModelSpec,
+           engine: EngineConfig) -> None:
+    prompt, generated = request.prompt_token_ids, request.resume.generated_token_ids
+    if not request.request_id:
+        raise SpotserveError("request_id is empty")
+    if not prompt:
+        raise SpotserveError("prompt_token_ids is empty")
+    if any(not 0 <= t < spec.vocab_size for t in (*prompt, *generated)):
+        raise SpotserveError(f"token ids must be in [0, {spec.vocab_size})")
+    context = min(engine.scheduler.max_model_len, spec.max_position)
+    if len(prompt) + params.max_tokens > context:
+        raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the context length {context}")
+    cache_tokens = engine.num_blocks * engine.block_size
+    if len(prompt) + params.max_tokens > cache_tokens:
+        raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                             f"exceeds this worker's KV cache of {cache_tokens} tokens")
+    if len(generated) >= params.max_tokens:
+        raise SpotserveError(f"request {request.request_id} already has its "
+                             f"{params.max_tokens} tokens")
+
+
+def request_state(request: worker_pb2.SubmitRequest, spec: ModelSpec, engine: EngineConfig,
+                  paused: PausedRequests) -> RequestState:
+    """What the engine runs for `request`; a KV resume takes the cache out of `paused`."""
+    params = sampling_params(request)
+    _check(request, params, spec, engine)
+    rid, prompt = request.request_id, list(request.prompt_token_ids)
+    generated = list(request.resume.generated_token_ids)
+    state = RequestState(rid, prompt, generated, params)
+    if request.resume.mode != common_pb2.RESUME_MODE_KV:
+        return state
+    held = paused.pop(rid)
+    if held is None or held.kv is None:
+        raise KVUnavailable(f"no KV cache for request {rid!r} here; resume by re-prefill")
+    if held.state is not None and (held.state.prompt_token_ids != prompt or
+                                   held.state.output_token_ids[:len(generated)] != generated):
+        raise KVUnavailable(f"request {rid!r}: the kept KV cache belongs to other tokens")
+    # the router may have committed fewer tokens than were computed: use the prefix
+    usable = min(held.kv_tokens, len(prompt) + len(generated) - 1)
+    state.num_computed, state.kv = usable, held.kv[:, :, :usable].contiguous()
+    return state
+
+
+def coalesce(request: worker_pb2.SubmitRequest, first: StreamEvent,
+             events: asyncio.Queue[StreamEvent]) -> tuple[worker_pb2.TokenDelta, bool, str]:
+    """One delta from `first` and the token events already queued behind it; whether the
+    stream is over; the pipeline's error, if it broke."""
+    tokens, event = [], first
+    while True:
+        if event.error:
+            return worker_pb2.TokenDelta(), True, event.error
+        if event.token_id is not None:
+            tokens.append(event.token_id)
+        if event.finish or events.empty():
+            break
+        event = events.get_nowait()
+    delta = worker_pb2.TokenDelta(request_id=request.request_id, token_ids=tokens,
+                                  position=first.index,
+                                  finish_reason=event.finish)  # type: ignore[arg-type]
+    if event.finish:
+        delta.usage.prompt_tokens = len(request.prompt_token_ids)
+        delta.usage.completion_tokens = first.index + len(tokens)
+    return delta, bool(event.finish), ""
