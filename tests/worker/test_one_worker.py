@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tests.worker.cluster import (
     Worker,
     configure_pipeline,
     configure_request,
+    free_port,
     spawn,
     submit_request,
 )
@@ -42,7 +44,9 @@ SC = grpc.StatusCode
 async def worker(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> AsyncIterator[Worker]:
     spec = ModelSpec.from_hf_config(checkpoint)
-    w = await spawn("127.0.0.8", checkpoint, tmp_path_factory.mktemp("bad"))
+    metrics = f"127.0.0.8:{free_port('127.0.0.8')}"
+    w = await spawn("127.0.0.8", checkpoint, tmp_path_factory.mktemp("one"), "--metrics", metrics)
+    w.metrics = metrics  # type: ignore[attr-defined]
     try:
         config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
         await configure_pipeline(spec, 1, config, {Position(0, 0, 0): w})
@@ -247,3 +251,20 @@ async def test_standby_keeps_weights_then_preload_and_rejoin(
     assert reply.bytes_pulled == reply.bytes_from_checkpoint == 0
     stream = Stream(worker, submit_request("again", PROMPTS["r2"], MAX_TOKENS))
     assert await stream.result() == reference(PROMPTS["r2"], MAX_TOKENS)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_prometheus_metrics(worker: Worker) -> None:
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://{worker.metrics}/metrics", timeout=10) as reply:  # type: ignore[attr-defined]
+            return str(reply.read().decode())
+
+    text = await asyncio.to_thread(scrape)
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("spotserve_worker_")}
+    assert values["spotserve_worker_decode_steps_total"] > 0
+    assert values['spotserve_worker_bytes_in_total{source="checkpoint"}'] > 0
+    assert values["spotserve_worker_bytes_out_total"] > 0      # the standby test's pull
+    assert values["spotserve_worker_running_requests"] == 0
+    assert values["spotserve_worker_kv_blocks_total"] == 64
+    assert "spotserve_worker_transfer_seconds_count" in values
