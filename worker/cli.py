@@ -18,7 +18,7 @@ HELP = "run one GPU's worker: the Worker gRPC service (engine, tensor streaming,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default="0.0.0.0:50061",
+    parser.add_argument("--listen", default="0.0.0.0:50051",
                         help="host:port to serve on (port 0: any free port)")
     parser.add_argument("--advertise", default=None,
                         help="address peers use to reach this worker (default: --listen)")
