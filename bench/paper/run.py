@@ -46,6 +46,9 @@ TRACES = {"A_S": "trace_0304_real.txt", "B_S": "trace_0506_real.txt",
 BASELINES = ("reparallelize", "reroute")
 
 
+BATCHING = ["static"]
+
+
 def setup(ref: Path, model: str, trace_name: str, **extra: Any) -> Setup:
     profile, min_gpus, queries, rate = MODELS[model]
     trace = load_trace(ref / "traces" / trace_name)
@@ -59,7 +62,7 @@ def setup(ref: Path, model: str, trace_name: str, **extra: Any) -> Setup:
     fields: dict[str, Any] = dict(model=model, trace=trace, arrivals=arrivals, rate=rate,
                                   profile=ref / "profiles" / profile,
                                   min_gpus_per_replica=min_gpus, spot_prices=SPOT,
-                                  on_demand_nodes=on_demand)
+                                  on_demand_nodes=on_demand, batching=BATCHING[0])
     fields.update(extra)
     return Setup(**fields)
 
@@ -166,7 +169,7 @@ def _hetero_sim(model: str, rate: float, nodes: tuple[str, ...], types: dict[str
     trace = Trace(tuple(events), end, "synthetic")
     arrivals = generated((rate,), 60.0, end, 1.0, 0, 512, 128)
     s = Setup(model=model, trace=trace, arrivals=arrivals, rate=rate, node_types=node_types,
-              instance_type=types[nodes[0]], spot_prices={})
+              instance_type=types[nodes[0]], spot_prices={}, batching=BATCHING[0])
     entry = run(s, "spotserve")
     lat = entry["latency"]
     return {"requests": entry["requests"], "failed": entry["failed"],
@@ -245,12 +248,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", type=Path, default=REFERENCE)
     p.add_argument("--only", default="main,fluctuating,ablation,ondemand,hetero")
+    p.add_argument("--batching", choices=("static", "continuous"), default="static",
+                   help="static: SpotServe's engine (the paper's setting)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper")
     args = p.parse_args()
+    BATCHING[0] = args.batching
     wanted = args.only.split(",")
     result: dict[str, Any] = {}
     md = ["# SpotServe reproduction (simulated)", "",
-          f"Command: `python bench/paper/run.py --only {args.only}`", ""]
+          f"Command: `python bench/paper/run.py --only {args.only} --batching {args.batching}`",
+          ""]
     for name in wanted:
         started = time.perf_counter()
         if name == "hetero":

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace add → instance usable, s")
     parser.add_argument("--storage-gbps", type=float, default=16.0,
                         help="checkpoint storage read bandwidth, Gbit/s")
+    parser.add_argument("--batching", choices=("static", "continuous"), default="static",
+                        help="static batches (SpotServe's engine, default) or continuous "
+                        "batching (this project's worker engine)")
     parser.add_argument("--input-tokens", type=int, default=512)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--out", help="directory for report.json, report.md and plots")
@@ -109,7 +112,7 @@ def build_setup(args: argparse.Namespace) -> Any:
         on_demand_nodes=frozenset(n for n in args.on_demand_nodes.split(",") if n),
         ondemand_instances=args.ondemand_instances, grace_s=args.grace,
         boot_s=args.boot_delay, storage_gbps=args.storage_gbps,
-        workload=Workload(args.input_tokens, args.output_tokens))
+        workload=Workload(args.input_tokens, args.output_tokens), batching=args.batching)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     entries = [simulate(setup, name, catalog) for name in names]
     meta = {"model": setup.model, "trace": setup.trace.source, "duration_s": setup.trace.end_s,
             "requests": len(setup.arrivals), "plan_rate": setup.rate, "grace_s": setup.grace_s,
-            "seed": args.seed}
+            "seed": args.seed, "batching": setup.batching}
     if args.out:
         report.write(Path(args.out), entries, meta, plots=not args.no_plots)
     if args.json:

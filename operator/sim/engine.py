@@ -1,13 +1,18 @@
 """Discrete-event simulation at request granularity: requests, pipelines, instances, money.
 
 The engine owns the clock and the state every approach shares; a `Policy` (policies.py)
-decides what happens when the cluster changes. Pipelines batch as SpotServe's engine and
-cost model assume: an idle pipeline takes up to B waiting requests, prefills them (unless
-their KV cache is already on it) and decodes until the longest is done; each request
-finishes after its own last token. Batch times come from the planner's `pipeline_times`
-for the batch size actually taken. Cluster events come from the trace: an instance is
-usable a boot delay after its `add`, gets a notice a grace period before its `remove`,
-and its GPUs (with their data) are gone at the `remove`.
+decides what happens when the cluster changes. Pipelines batch in one of two ways:
+
+- static (SpotServe's engine and cost model, the default): an idle pipeline takes up to B
+  waiting requests, prefills them (unless their KV cache is already on it) and decodes
+  until the longest is done; each request finishes after its own last token;
+- continuous (this project's worker engine): waiting requests join a running batch with
+  room between decode steps (their prefill stalls the batch) and leave when done.
+
+Step times come from the planner's `pipeline_times` for the batch size actually running.
+Cluster events come from the trace: an instance is usable a boot delay after its `add`,
+gets a notice a grace period before its `remove`, and its GPUs (with their data) are gone
+at the `remove`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Batch:
     prefill_end_s: float
     step_s: float
     end_s: float
+    overhead_s: float = 0.0
 
     def decoded(self, request: Request, now: float) -> int:
         if now < self.prefill_end_s:
@@ -110,8 +116,10 @@ class Counters:
 
 class Simulation:
     def __init__(self, trace: Trace, arrivals: Iterable[Arrival], cluster: ClusterSpec,
-                 policy: Policy, rate: float, drain_s: float = 3600.0) -> None:
+                 policy: Policy, rate: float, drain_s: float = 3600.0,
+                 continuous: bool = False) -> None:
         self.trace, self.cluster, self.policy, self.rate = trace, cluster, policy, rate
+        self.continuous = continuous
         self.now = 0.0
         self.requests = [Request(a) for a in arrivals]
         self.queue: deque[Request] = deque()
@@ -265,35 +273,60 @@ class Simulation:
 
     def dispatch(self) -> None:
         for p in sorted(self.pipelines.values(), key=lambda p: p.uid):
-            if p.running is not None or p.draining or p.available_s > self.now:
+            if p.draining or p.available_s > self.now:
                 continue
-            take = p.resume[:p.batch]
-            p.resume = p.resume[p.batch:]
-            while len(take) < p.batch and self.queue:
-                take.append(self.queue.popleft())
-            if take:
-                self._start(p, take)
+            if p.running is not None:
+                if self.continuous and self._has_room(p):
+                    self._start(p, self.interrupt(p, keep_kv=True))
+                continue
+            self._start(p, [])
 
-    def _start(self, p: Pipeline, requests: list[Request]) -> None:
-        prefill_s, step_s, overhead_s = p.timing(len(requests))
-        needs_prefill = any(r.kv_pipeline != p.uid for r in requests)
-        prefill_end = self.now + (prefill_s if needs_prefill else 0.0)
-        for r in requests:
+    def _has_room(self, p: Pipeline) -> bool:
+        """Continuous batching admits waiting requests between decode steps."""
+        batch = p.running
+        return (batch is not None and len(batch.requests) < p.batch
+                and bool(p.resume or self.queue) and self.now >= batch.prefill_end_s)
+
+    def _start(self, p: Pipeline, members: list[Request]) -> None:
+        """Run `members` plus waiting requests (up to B) until the batch ends (static) or
+        its first request finishes (continuous)."""
+        room = p.batch - len(members)
+        take = members + p.resume[:room]
+        p.resume = p.resume[room:]
+        while len(take) < p.batch and self.queue:
+            take.append(self.queue.popleft())
+        if not take:
+            return
+        fresh = sum(r.kv_pipeline != p.uid for r in take)
+        _, step_s, overhead_s = p.timing(len(take))
+        prefill_end = self.now + (p.timing(fresh)[0] if fresh else 0.0)
+        for r in take:
             r.kv_pipeline = p.uid
-        end = prefill_end + max(r.remaining for r in requests) * step_s + overhead_s
-        batch = Batch(requests, self.now, prefill_end, step_s, end)
+        longest = (min if self.continuous else max)(r.remaining for r in take)
+        end = prefill_end + longest * step_s + (0.0 if self.continuous else overhead_s)
+        batch = Batch(take, self.now, prefill_end, step_s, end, overhead_s)
         p.running = batch
         self.at(end, self._finish, p, batch)
+        if self.continuous and fresh:
+            self.at(prefill_end, self.dispatch)
 
     def _finish(self, p: Pipeline, batch: Batch) -> None:
         if p.running is not batch:
             return
         p.running = None
-        overhead = batch.end_s - batch.prefill_end_s \
-            - max(r.remaining for r in batch.requests) * batch.step_s
+        steps = round((batch.end_s - batch.prefill_end_s - (
+            0.0 if self.continuous else batch.overhead_s)) / batch.step_s)
+        going = []
         for r in batch.requests:
-            r.finish_s = batch.prefill_end_s + r.remaining * batch.step_s + overhead
-            r.done_tokens = r.arrival.output_tokens
+            if r.remaining <= steps:
+                r.finish_s = batch.prefill_end_s + r.remaining * batch.step_s \
+                    + batch.overhead_s
+                r.done_tokens = r.arrival.output_tokens
+            else:
+                r.done_tokens += steps
+                going.append(r)
+        if going:
+            self._start(p, going)
         self.dispatch()
 
     # -- bookkeeping ------------------------------------------------------------------

@@ -59,6 +59,7 @@ class Setup:
     workload: Workload = field(default_factory=Workload)
     strategy: str = "auto"
     latency_slo_s: float | None = None
+    batching: str = "static"          # static (SpotServe) | continuous (the worker engine)
 
     def scenario(self) -> Scenario:
         model = resolve_model(self.model)
@@ -84,6 +85,8 @@ class Setup:
 
 def run(setup: Setup, approach: str, catalog: Catalog | None = None) -> dict[str, Any]:
     """Simulate one approach; the report entry (see report.summarize)."""
+    if setup.batching not in ("static", "continuous"):
+        raise SpotserveError(f"batching must be static or continuous (got {setup.batching!r})")
     if approach not in APPROACHES:
         raise SpotserveError(f"unknown approach {approach!r}; choose from "
                              f"{', '.join(APPROACHES)}, all, ablation or every")
@@ -94,7 +97,8 @@ def run(setup: Setup, approach: str, catalog: Catalog | None = None) -> dict[str
         setup = _ondemand(setup, scenario, catalog)
     cluster = setup.cluster(catalog)
     sim = Simulation(setup.trace, setup.arrivals, cluster,
-                     policy(approach, setup, scenario, cluster), setup.rate)
+                     policy(approach, setup, scenario, cluster), setup.rate,
+                     continuous=setup.batching == "continuous")
     sim.run()
     entry = report.summarize(approach, sim)
     entry["wall_s"] = round(time.perf_counter() - started, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from math import gcd
 from pathlib import Path
 from typing import Any
@@ -234,3 +235,34 @@ def test_instances_are_paid_until_they_go_even_after_the_last_request(
     entry = run(setup, "reroute")
     assert entry["completed"] == 2
     assert entry["cost_usd"] == pytest.approx(1.5 * 1.9046)
+
+
+def test_continuous_batching_admits_requests_between_steps(reference_dir: Path) -> None:
+    arrivals = (Arrival(0, 1.0, 512, 128), Arrival(1, 3.0, 512, 128))
+    static = paper_setup(reference_dir, "6.7b", trace(1, 100), arrivals, 2.0)
+    continuous = replace(static, batching="continuous")
+    lone = latency_s(reference_dir, 1)
+    first_static, second_static = latencies(run(static, "spotserve"))
+    assert first_static == pytest.approx(lone, rel=1e-3)
+    assert second_static == pytest.approx(lone + (lone - 2.0), rel=1e-3)  # waits its turn
+    first, second = latencies(run(continuous, "spotserve"))
+    assert second < second_static - 1.0  # joined the running batch
+    assert first > first_static  # and stalled it for its prefill, then shared the steps
+
+
+def test_continuous_batching_at_low_load_is_the_steady_state(reference_dir: Path) -> None:
+    setup = paper_setup(reference_dir, "6.7b", trace(1, 600), every(20.0, 600), 0.05,
+                        batching="continuous")
+    entry = run(setup, "spotserve")
+    assert latencies(entry) == pytest.approx([latency_s(reference_dir, 1)] * 30, rel=1e-3)
+
+
+def test_continuous_batching_survives_a_preemption(reference_dir: Path) -> None:
+    removal = TraceEvent(300.0, "remove", ("node-2",))
+    arrivals = generated((0.5,), 60, 600, 1.0, 1, 512, 128)
+    for grace in (30.0, 0.0):
+        setup = paper_setup(reference_dir, "20b", trace(6, 600, removal), arrivals, 0.35,
+                            batching="continuous", grace_s=grace)
+        for name in ("spotserve", "reparallelize", "reroute"):
+            entry = run(setup, name)
+            assert entry["completed"] == entry["requests"], (grace, name)
