@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 HELP = "run one GPU's worker: the Worker gRPC service (engine, tensor streaming, drain/resume)"
 
@@ -65,7 +66,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> NoReturn:
     import asyncio
     from pathlib import Path
 
@@ -89,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=device,
         token=load_token(args.token_file), engine=engine, join_timeout_s=args.join_timeout,
         streams_per_peer=args.streams_per_peer, send_bytes_per_s=args.send_limit_mbps * 1e6)
-    return asyncio.run(_serve(args, options))
+    code = asyncio.run(_serve(args, options))
+    # A follower may still sit in a collective of a pipeline that is gone; tearing its
+    # native threads down at interpreter exit would abort, so leave right away.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _serve(args: argparse.Namespace, options: Any) -> int:

@@ -77,3 +77,25 @@ async def test_sigkill_of_a_source_fails_over_to_the_checkpoint_then_reprefill(
             assert await stream.result() == reference(PROMPTS[rid], MAX_TOKENS), rid
     finally:
         await asyncio.gather(*(w.stop(timeout=15) for w in (a, b, c)))
+
+
+async def test_sigterm_on_a_follower_exits_and_the_driver_hands_requests_back(
+        checkpoint: Path, tmp_path: Path) -> None:
+    """A follower's node is reclaimed (SIGTERM): it exits promptly; its driver's streams
+    end with UNAVAILABLE (so the router resumes them elsewhere) and it reports it no longer
+    serves a role."""
+    spec = ModelSpec.from_hf_config(checkpoint)
+    a, b = await asyncio.gather(spawn("127.0.0.12", checkpoint, tmp_path),
+                                spawn("127.0.0.13", checkpoint, tmp_path))
+    try:
+        config = ParallelConfig.uniform(spec.num_layers, 1, 1, 2, batch=8)
+        await configure_pipeline(spec, 1, config, {Position(0, 0, 0): a, Position(0, 0, 1): b})
+        stream = Stream(a, submit_request("r1", PROMPTS["r1"], 200))
+        await asyncio.wait_for(stream.first.wait(), 60)
+        assert await b.stop(signal.SIGTERM, timeout=20) == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stream.result()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (await a.status()).state == worker_pb2.WORKER_STATE_STANDBY
+    finally:
+        await asyncio.gather(*(w.stop(timeout=15) for w in (a, b)))
