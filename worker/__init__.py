@@ -1,1 +1,18 @@
-"""Data plane: the sharded model, the inference engine, and the worker gRPC service."""
+"""Data plane: the sharded model, the inference engine, and the worker gRPC service.
+
+`model/` and `engine/` know nothing of gRPC (see their own docstrings). The service, one
+concept per module:
+
+- `server`: the Worker servicer and its state machine (Configure, Submit, Cancel, Drain,
+  PullTensors, Status), `start_server`; `cli`: `spotserve worker`.
+- `epoch`: a Configure's role → the pipeline's `ParallelConfig`, position and rank; each
+  pipeline of an epoch is its own torch.distributed world.
+- `weights`: gather a role's weight slices (kept / peer / checkpoint, failing over to the
+  checkpoint) and serve the built stage's parameters to peers; `sources`: the controller's
+  side, the sources and KV imports of a Configure from the layout math.
+- `driver`: the pipeline driver's engine on its own thread; drains pause requests with
+  their KV into `kv_store`, which serves them to peers and assembles imported ones.
+- `requests`: a SubmitRequest checked and turned into engine state; token events into
+  deltas. `transfer`, `tensor_store`, `peer_service`: chunked tensor streaming.
+- `health` (grpc.health.v1 without a dependency), `metrics` (Prometheus).
+"""
