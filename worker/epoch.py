@@ -48,9 +48,11 @@ class EpochRole:
 
 
 def role_key(request: worker_pb2.ConfigureRequest) -> bytes:
-    """What must match for a worker to keep serving untouched (the fast path)."""
-    return request.role.SerializeToString(deterministic=True) + \
-        request.rendezvous.group_id.encode()
+    """What must match for a worker to keep serving untouched (the fast path): the same
+    model, role and process group."""
+    return b"\0".join((request.model.SerializeToString(deterministic=True),
+                       request.role.SerializeToString(deterministic=True),
+                       request.rendezvous.group_id.encode()))
 
 
 def _stages(role: worker_pb2.Role) -> tuple[StageLayout, ...]:

@@ -151,6 +151,7 @@ class WorkerServicer(TensorServicer):
         spec, folder = self._spec_for(request.model)
         role = parse_role(request, spec)
         key = role_key(request)
+        self._check_pipeline()
         fast = key == self._key and not request.preload_only and \
             self.state in (WS.WORKER_STATE_READY, WS.WORKER_STATE_DRAINED)
         before = self.state
