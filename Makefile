@@ -30,7 +30,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	$(PY) scripts/typecheck.py
 	$(PY) scripts/lint_imports.py
 
 proto: install

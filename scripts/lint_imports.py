@@ -26,7 +26,7 @@ def assemble(dest: Path) -> None:
     # parents before children, so a child folder lands inside its parent's copy
     for package, folder in sorted(dirs.items(), key=lambda kv: kv[0].count(".")):
         target = dest.joinpath(*package.split("."))
-        for src in (ROOT / folder).rglob("*.py"):
+        for src in [*(ROOT / folder).rglob("*.py"), *(ROOT / folder).rglob("*.pyi")]:
             rel = src.relative_to(ROOT / folder)
             if rel.parts and (ROOT / folder / rel.parts[0]).resolve() in _mapped_folders(dirs):
                 continue  # a folder mapped to its own package

@@ -151,9 +151,9 @@ async def start_grpc(router: Router, address: str, *, internal_token: BearerChec
     """Start both services on `address` (host:port; port 0 = any); return the bound port."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
+    inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceService(router, api_keys), server)
-    control_pb2_grpc.add_ControlServicer_to_server(  # type: ignore[no-untyped-call]
+    control_pb2_grpc.add_ControlServicer_to_server(
         ControlService(router, internal_token), server)
     port = server.add_insecure_port(address)
     if port == 0:

@@ -37,7 +37,7 @@ class WorkerClients:
         if address not in self._stubs:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
-            self._stubs[address] = worker_pb2_grpc.WorkerStub(channel)  # type: ignore[no-untyped-call]
+            self._stubs[address] = worker_pb2_grpc.WorkerStub(channel)
         return self._stubs[address]
 
     def submit(self, address: str, request: worker_pb2.SubmitRequest,
