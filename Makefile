@@ -33,6 +33,15 @@ lint: install
 	$(PY) scripts/typecheck.py
 	$(PY) scripts/lint_imports.py
 
+# Benchmarks: each prints a table and writes JSON under bench/results/ (see README).
+bench: install
+	$(PY) bench/planner/run.py
+	$(PY) bench/engine/run.py
+	$(PY) bench/transfer/run.py
+	$(PY) bench/router/bench_router.py
+	@if [ -d ../shared/reference ]; then $(PY) bench/sim/run.py && $(PY) bench/paper/run.py; \
+	else echo "bench/sim and bench/paper need ../shared/reference (the SpotServe traces)"; fi
+
 proto: install
 	$(PY) scripts/gen_proto.py
 
