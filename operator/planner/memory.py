@@ -19,9 +19,8 @@ from spotserve.layout import (
     position_kv_bytes_per_token,
     position_weight_bytes,
 )
+from spotserve.memory import USABLE_FRACTION, usable_memory_bytes
 from spotserve.model_spec import ModelSpec
-
-USABLE_FRACTION = 0.9
 
 
 def stage_bytes(model: ModelSpec, tp: int, layer_start: int, layer_end: int, batch: int,
@@ -83,7 +82,7 @@ def _measured_bytes(model: ModelSpec, tp: int, layer_start: int, layer_end: int,
 def stage_fits(model: ModelSpec, gpu: GPUSpec, tp: int, layer_start: int, layer_end: int,
                batch: int, tokens: int, usable_fraction: float = USABLE_FRACTION) -> bool:
     need = stage_bytes(model, tp, layer_start, layer_end, batch, tokens)
-    return need <= gpu.memory_bytes * usable_fraction
+    return need <= usable_memory_bytes(gpu, usable_fraction)
 
 
 def config_fits(model: ModelSpec, gpu: GPUSpec, config: ParallelConfig, tokens: int,
