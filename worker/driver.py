@@ -230,9 +230,8 @@ class Driver:
         if self._drain is None or self._can_step():
             return
         self.engine.drain(0)
-        result = DrainResult(self._drain_steps, self._pause_all())
-        self._drain, future = None, self._drain
-        future.set_result(result)
+        future, self._drain = self._drain, None
+        future.set_result(DrainResult(self._drain_steps, self._pause_all()))
 
     def _pause_all(self) -> list[common_pb2.RequestProgress]:
         progress = []
@@ -282,6 +281,6 @@ def _progress(seq: Any) -> common_pb2.RequestProgress:
 
 def _copy_result(source: Future[DrainResult], target: Future[DrainResult]) -> None:
     if source.exception() is not None:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
+        target.set_exception(source.exception())
     else:
         target.set_result(source.result())

@@ -102,9 +102,10 @@ def join_world(role: EpochRole, backend: str, timeout_s: float) -> None:
     if host.startswith("127.") and backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, int(port), role.world_size, is_master=role.rank == 0,
-                          timeout=timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore(role.group_id, store),
+    store = dist.TCPStore(host, int(port), role.world_size,  # type: ignore[attr-defined]
+                          is_master=role.rank == 0, timeout=timeout)
+    prefixed = dist.PrefixStore(role.group_id, store)  # type: ignore[attr-defined]
+    dist.init_process_group(backend, store=prefixed,
                             rank=role.rank, world_size=role.world_size, timeout=timeout)
 
 

@@ -5,6 +5,7 @@ by hand. Kubernetes' gRPC probes and `grpc_health_probe` call it; it needs no to
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -23,20 +24,20 @@ def _decode_service(request: bytes) -> str:
 def handler(is_serving: Callable[[str], bool | None]) -> grpc.GenericRpcHandler:
     """`is_serving(service)`: True/False, or None for a service this server does not know."""
 
-    async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def check(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         status = is_serving(_decode_service(request))
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
         return bytes([0x08, SERVING if status else NOT_SERVING])
 
-    method = grpc.unary_unary_rpc_method_handler(check, request_deserializer=None,
+    method: Any = grpc.unary_unary_rpc_method_handler(check, request_deserializer=None,
                                                  response_serializer=None)
     return grpc.method_handlers_generic_handler(SERVICE, {"Check": method})
 
 
 async def check(channel: grpc.aio.Channel, service: str = "", timeout: float = 5.0) -> bool:
     """Client side: True when the server answers SERVING."""
-    call = channel.unary_unary(CHECK, request_serializer=None, response_deserializer=None)
+    call: Any = channel.unary_unary(CHECK, request_serializer=None, response_deserializer=None)
     encoded = service.encode()
     request = bytes([0x0A, len(encoded)]) + encoded if encoded else b""
     reply: bytes = await call(request, timeout=timeout)

@@ -86,7 +86,7 @@ class PausedRequests:
         if held is None or held.kv is None:
             raise SliceError(f"no KV cache held for request {piece.request_id!r}")
         part = kv_slice(held.kv, piece).contiguous()
-        data = memoryview(part.view(-1).view(torch.uint8).numpy()).cast("B")
+        data = part.view(-1).view(torch.uint8).numpy().data
         dtype = str(part.dtype).removeprefix("torch.")
         return Blob(dtype, tuple(part.shape), data)
 
@@ -113,7 +113,7 @@ async def import_kv(imports: Sequence[worker_pb2.KVImport], spec: ModelSpec,
             raise SpotserveError(f"KV import of {s.request_id!r}: empty or out-of-range slice")
         piece = torch.empty(s.layer_end - s.layer_start, 2, s.token_stop - s.token_start,
                             s.head_stop - s.head_start, spec.head_dim, dtype=dtype)
-        view = memoryview(piece.view(-1).view(torch.uint8).numpy()).cast("B")
+        view = piece.view(-1).view(torch.uint8).numpy().data
         by_request.setdefault(s.request_id, []).append(
             (s, PullItem(view, list(entry.peers), kv=s), piece))
     failed: set[int] = set()

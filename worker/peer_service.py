@@ -8,6 +8,7 @@ extends it with Configure, Submit, Drain and the rest.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -34,7 +35,7 @@ class TensorServicer(worker_pb2_grpc.WorkerServicer):
         return blobs
 
     async def PullTensors(self, request: worker_pb2.PullTensorsRequest,
-                          context: grpc.aio.ServicerContext
+                          context: grpc.aio.ServicerContext[Any, Any]
                           ) -> AsyncIterator[worker_pb2.TensorChunk]:
         count = len(request.weights) + len(request.kv)
         if count == 0 or count > MAX_SLICES_PER_CALL:

@@ -49,7 +49,7 @@ from spotserve.worker.weights import GatherStats, gather, hold
 log = logging.getLogger(__name__)
 WS = worker_pb2.WorkerState
 FR = common_pb2.FinishReason
-KV_MODE = common_pb2.RESUME_MODE_KV
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class WorkerServicer(TensorServicer):
 
     # ---- Configure ------------------------------------------------------------------------
     async def Configure(self, request: worker_pb2.ConfigureRequest,
-                        context: grpc.aio.ServicerContext) -> worker_pb2.ConfigureResponse:
+                        context: Context) -> worker_pb2.ConfigureResponse:
         async with self._configure_lock:
             if self.state == WS.WORKER_STATE_STOPPING:
                 await _abort(context, grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
@@ -281,7 +281,7 @@ class WorkerServicer(TensorServicer):
 
     # ---- requests ------------------------------------------------------------------------
     async def Submit(self, request: worker_pb2.SubmitRequest,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.TokenDelta]:
+                     context: Context) -> AsyncIterator[worker_pb2.TokenDelta]:
         driver = self.driver
         if driver is None:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -299,7 +299,10 @@ class WorkerServicer(TensorServicer):
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        accepted = driver.submit(state, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        def sink(event: StreamEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        accepted = driver.submit(state, sink)
         try:
             await asyncio.wrap_future(accepted)
         except SpotserveError as exc:
@@ -321,7 +324,7 @@ class WorkerServicer(TensorServicer):
                 driver.cancel(request.request_id)
 
     async def Cancel(self, request: worker_pb2.CancelRequest,
-                     context: grpc.aio.ServicerContext) -> worker_pb2.CancelResponse:
+                     context: Context) -> worker_pb2.CancelResponse:
         if not request.request_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         found = self.paused.pop(request.request_id) is not None
@@ -331,7 +334,7 @@ class WorkerServicer(TensorServicer):
         return worker_pb2.CancelResponse(found=found)
 
     async def Drain(self, request: worker_pb2.DrainRequest,
-                    context: grpc.aio.ServicerContext) -> worker_pb2.DrainResponse:
+                    context: Context) -> worker_pb2.DrainResponse:
         driver = self.driver
         if driver is None:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -357,7 +360,7 @@ class WorkerServicer(TensorServicer):
 
     # ---- peers and status -----------------------------------------------------------------
     async def PullTensors(self, request: worker_pb2.PullTensorsRequest,
-                          context: grpc.aio.ServicerContext
+                          context: Context
                           ) -> AsyncIterator[worker_pb2.TensorChunk]:
         rate = self.options.send_bytes_per_s
         async for chunk in super().PullTensors(request, context):
@@ -367,7 +370,7 @@ class WorkerServicer(TensorServicer):
                 await asyncio.sleep(len(chunk.data) / rate)
 
     async def Status(self, request: worker_pb2.StatusRequest,
-                     context: grpc.aio.ServicerContext) -> worker_pb2.WorkerStatus:
+                     context: Context) -> worker_pb2.WorkerStatus:
         return self.status()
 
     def _check_pipeline(self) -> None:
@@ -460,7 +463,7 @@ def _leave(groups: EpochGroups) -> None:
         log.warning("could not leave the previous epoch's world", exc_info=True)
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+async def _abort(context: Context, code: grpc.StatusCode,
                  message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable")

@@ -44,7 +44,7 @@ class HeldTensor:
         if want.dim < 0:
             if self.dim >= 0:
                 raise SliceError(f"{want.tensor}: only a slice along dim {self.dim} is held")
-            return Blob(self.dtype, self.shape, memoryview(self.raw).cast("B"))
+            return Blob(self.dtype, self.shape, self.raw.data.cast("B"))
         if want.dim >= len(self.shape):
             raise SliceError(f"{want.tensor}: dim {want.dim} out of range for shape {self.shape}")
         held_dim = want.dim if self.dim < 0 else self.dim
@@ -60,7 +60,7 @@ class HeldTensor:
         index[want.dim] = slice(lo * item, hi * item)
         part = np.ascontiguousarray(self.raw[tuple(index)])
         shape = tuple(hi - lo if i == want.dim else n for i, n in enumerate(self.shape))
-        return Blob(self.dtype, shape, memoryview(part).cast("B"))
+        return Blob(self.dtype, shape, part.data.cast("B"))
 
 
 class TensorStore:

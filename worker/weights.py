@@ -62,7 +62,7 @@ class _Piece:
 
 def as_bytes(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor (any dtype)."""
-    return memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
+    return tensor.view(-1).view(torch.uint8).numpy().data
 
 
 def _plan(spec: ModelSpec, needed: Sequence[TensorSlice],
