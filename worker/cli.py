@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> NoReturn:
         dtype=args.dtype, device=device,
         token=load_token(args.token_file), engine=engine, join_timeout_s=args.join_timeout,
         streams_per_peer=args.streams_per_peer, send_bytes_per_s=args.send_limit_mbps * 1e6)
+    if not options.token:
+        logging.getLogger(__name__).warning(
+            "no shared token (--token-file or $SPOTSERVE_TOKEN): every call is accepted")
     code = asyncio.run(_serve(args, options))
     # A follower may still sit in a collective of a pipeline that is gone; tearing its
     # native threads down at interpreter exit would abort, so leave right away.
