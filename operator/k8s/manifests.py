@@ -1,0 +1,313 @@
+"""The Kubernetes objects an LLMService owns, built as plain dicts (pure: no API calls).
+
+- a worker pod per GPU, pinned to its node, with the pool's selector and tolerations, one
+  `nvidia.com/gpu`, the shared token mounted, and `karpenter.sh/do-not-disrupt` while the
+  service migrates;
+- the router Deployment and Service;
+- the namespace's copy of the shared-token Secret;
+- "capacity request" pods: pause containers asking for a whole instance of a pool, so the
+  cluster autoscaler or Karpenter starts one; they are deleted once the node has joined.
+
+Every object carries the labels docs/kubernetes.md promises (the chart's NetworkPolicy and
+ServiceMonitor select by them) and an owner reference to the LLMService.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Manifest = dict[str, Any]
+
+GROUP, VERSION, PLURAL, KIND = "spotserve.dev", "v1alpha1", "llmservices", "LLMService"
+SERVICE_LABEL = "spotserve.dev/service"
+EPOCH_LABEL, POOL_LABEL, NODE_LABEL = "spotserve.dev/epoch", "spotserve.dev/pool", \
+    "spotserve.dev/node"
+GPU_LABEL = "spotserve.dev/gpu"
+DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
+TOKEN_KEY, TOKEN_DIR, MODEL_DIR = "token", "/var/run/spotserve", "/models"
+PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
+WORKER, ROUTER, CAPACITY = "worker", "router", "capacity"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The LLMService the objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> Owner:
+        meta = body.get("metadata") or {}
+        return cls(str(meta.get("name", "")), str(meta.get("namespace") or "default"),
+                   str(meta.get("uid") or ""))
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the operator's own environment supplies (SPOTSERVE_* variables)."""
+
+    worker_image: str = "ghcr.io/spotserve/spotserve-worker:latest"
+    router_image: str = "ghcr.io/spotserve/spotserve-operator:latest"
+    token_secret: str = "spotserve-token"
+    router_placement: Mapping[str, Any] | None = None
+
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/part-of": "spotserve", "app.kubernetes.io/component": component,
+            "app.kubernetes.io/instance": owner.name, SERVICE_LABEL: owner.name}
+
+
+def selector(owner: Owner, component: str = WORKER) -> str:
+    """The label selector of a component's pods (the scale subresource's for workers)."""
+    return ",".join(f"{k}={v}" for k, v in labels(owner, component).items())
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": owner.name,
+            "uid": owner.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(owner: Owner, name: str, component: str,
+              extra_labels: Mapping[str, str] | None = None,
+              annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": owner.namespace,
+                            "labels": {**labels(owner, component), **(extra_labels or {})},
+                            "ownerReferences": [owner_reference(owner)]}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def dns_name(*parts: object, limit: int = 63) -> str:
+    """A DNS label made of `parts` (lower case, [a-z0-9-], at most `limit` characters)."""
+    text = re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")
+    if len(text) <= limit:
+        return text
+    digest = format(zlib.crc32(text.encode()) % 16**6, "06x")
+    return f"{text[:limit - 7].rstrip('-')}-{digest}"
+
+
+def worker_pod_name(owner: Owner, node: str, gpu_index: int) -> str:
+    # a pod name may be 253 characters; keep it a DNS label anyway, for its hostname
+    return dns_name(owner.name, "w", node, gpu_index, limit=253)
+
+
+def token_secret_name(owner: Owner) -> str:
+    return dns_name(owner.name, "token", limit=253)
+
+
+def router_name(owner: Owner) -> str:
+    return dns_name(owner.name, "router")
+
+
+# ---- worker pods ------------------------------------------------------------------------
+def _tolerations(pool: Mapping[str, Any]) -> list[dict[str, Any]]:
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    own = [dict(t) for t in pool.get("tolerations") or ()]
+    return own + ([gpu] if all(t.get("key") != "nvidia.com/gpu" for t in own) else [])
+
+
+def _model_volume(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """The model's volume and the directory the worker reads it from."""
+    model = spec.get("model") or {}
+    volume = model.get("volume")
+    if volume:
+        path = str(volume.get("path") or ".")
+        source = {"persistentVolumeClaim": {"claimName": volume["claimName"],
+                                            "readOnly": True}}
+        return [{"name": "model", **source}], f"{MODEL_DIR}/{path}".rstrip("/.") or MODEL_DIR
+    return [{"name": "model", "emptyDir": {}}], MODEL_DIR
+
+
+def _download_step(spec: Mapping[str, Any], image: str) -> list[dict[str, Any]]:
+    """An init container fetching a Hub repository or URL into the model volume."""
+    model = spec.get("model") or {}
+    if model.get("volume"):
+        return []
+    hub = model.get("huggingFace")
+    if hub:
+        args = ["download", "--hf", str(hub["repoId"]), "--revision",
+                str(hub.get("revision") or "main"), "--to", MODEL_DIR]
+    else:
+        args = ["download", "--url", str(model.get("url", "")), "--to", MODEL_DIR]
+    step: dict[str, Any] = {"name": "download", "image": image, "args": args,
+                            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}]}
+    if model.get("credentialsSecret"):
+        step["envFrom"] = [{"secretRef": {"name": model["credentialsSecret"]}}]
+    return [step]
+
+
+def _gpu_resources(resources: Mapping[str, Any] | None, gpus: int) -> dict[str, Any]:
+    out: dict[str, Any] = {k: dict(v) for k, v in (resources or {}).items()}
+    out.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+    out.setdefault("requests", {})["nvidia.com/gpu"] = gpus
+    return out
+
+
+def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], node: str,
+               gpu_index: int, epoch: int, *, migrating: bool = False,
+               defaults: Defaults = Defaults()) -> Manifest:
+    """The pod serving GPU `gpu_index` of `node` (one GPU each; the device plugin picks it)."""
+    worker = spec.get("worker") or {}
+    port = int(worker.get("port") or 50051)
+    image = str(worker.get("image") or defaults.worker_image)
+    volumes, model_dir = _model_volume(spec)
+    dtype = str((spec.get("model") or {}).get("dtype") or "auto")
+    args = ["worker", f"--listen=0.0.0.0:{port}", f"--advertise=$(POD_IP):{port}",
+            f"--model={model_dir}", f"--token-file={TOKEN_DIR}/{TOKEN_KEY}"]
+    if dtype != "auto":
+        args.append(f"--dtype={dtype}")
+    container: dict[str, Any] = {
+        "name": "worker", "image": image, "args": args,
+        "ports": [{"name": "grpc", "containerPort": port}],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                *[dict(e) for e in worker.get("env") or ()]],
+        "resources": _gpu_resources(worker.get("resources"), 1),
+        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
+        "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                         {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
+                         {"name": "shm", "mountPath": "/dev/shm"}],
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if worker.get("imagePullPolicy"):
+        container["imagePullPolicy"] = worker["imagePullPolicy"]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # a failed worker is re-planned around, not restarted
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
+        "nodeSelector": dict(pool.get("nodeSelector") or {}),
+        "tolerations": _tolerations(pool),
+        "initContainers": _download_step(spec, image),
+        "containers": [container],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        "volumes": [{"name": "token", "secret": {"secretName": token_secret_name(owner)}},
+                    *volumes,
+                    {"name": "shm", "emptyDir": {"medium": "Memory",
+                                                 "sizeLimit": str(worker.get("shmSize",
+                                                                             "8Gi"))}}],
+    }
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [dict(s) for s in spec["imagePullSecrets"]]
+    extra = {EPOCH_LABEL: str(epoch), POOL_LABEL: str(pool.get("name", "")),
+             NODE_LABEL: dns_name(node), GPU_LABEL: str(gpu_index)}
+    annotations = {DO_NOT_DISRUPT: "true"} if migrating else None
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": _metadata(owner, worker_pod_name(owner, node, gpu_index), WORKER,
+                                  extra, annotations),
+            "spec": pod_spec}
+
+
+def disruption_annotation(migrating: bool) -> dict[str, Any]:
+    """Merge patch turning `karpenter.sh/do-not-disrupt` on or off on a worker pod."""
+    return {"metadata": {"annotations": {DO_NOT_DISRUPT: "true" if migrating else None}}}
+
+
+# ---- capacity requests ------------------------------------------------------------------
+def capacity_pod(owner: Owner, pool: Mapping[str, Any], gpus: int, index: int) -> Manifest:
+    """A pending pod asking for one whole instance of `pool` (its GPUs), to be provisioned."""
+    selector_ = dict(pool.get("nodeSelector") or {})
+    if pool.get("instanceType"):
+        selector_.setdefault("node.kubernetes.io/instance-type", str(pool["instanceType"]))
+    name = dns_name(owner.name, "capacity", pool.get("name", ""), index, limit=253)
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": _metadata(owner, name, CAPACITY, {POOL_LABEL: str(pool.get("name"))}),
+            "spec": {"nodeSelector": selector_, "tolerations": _tolerations(pool),
+                     "terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "hold", "image": PAUSE_IMAGE,
+                                     "resources": _gpu_resources(None, max(1, gpus))}]}}
+
+
+# ---- router -----------------------------------------------------------------------------
+def _router_placement(spec: Mapping[str, Any], defaults: Defaults) -> dict[str, Any]:
+    router = spec.get("router") or {}
+    base = dict(defaults.router_placement or {})
+    out: dict[str, Any] = {}
+    if base.get("affinity"):
+        out["affinity"] = base["affinity"]
+    selector_ = router.get("nodeSelector") or base.get("nodeSelector")
+    tolerations = router.get("tolerations") or base.get("tolerations")
+    if selector_:
+        out["nodeSelector"] = dict(selector_)
+    if tolerations:
+        out["tolerations"] = [dict(t) for t in tolerations]
+    return out
+
+
+def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
+                      defaults: Defaults = Defaults()) -> Manifest:
+    router = spec.get("router") or {}
+    grpc_port, http_port = int(router.get("grpcPort") or 50051), \
+        int(router.get("httpPort") or 8000)
+    volumes, model_dir = _model_volume(spec)
+    image = str(router.get("image") or defaults.router_image)
+    container: dict[str, Any] = {
+        "name": "router", "image": image,
+        "args": ["router", f"--model={model_dir}", f"--served-model-name={model_name}",
+                 f"--grpc=0.0.0.0:{grpc_port}", f"--http=0.0.0.0:{http_port}",
+                 f"--token-file={TOKEN_DIR}/{TOKEN_KEY}"],
+        "ports": [{"name": "grpc", "containerPort": grpc_port},
+                  {"name": "http", "containerPort": http_port}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"},
+                           "periodSeconds": 5},
+        "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                         {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if router.get("resources"):
+        container["resources"] = {k: dict(v) for k, v in router["resources"].items()}
+    if router.get("imagePullPolicy"):
+        container["imagePullPolicy"] = router["imagePullPolicy"]
+    pod_spec: dict[str, Any] = {
+        **_router_placement(spec, defaults),
+        "initContainers": _download_step(spec, image), "containers": [container],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        "volumes": [{"name": "token", "secret": {"secretName": token_secret_name(owner)}},
+                    *volumes]}
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [dict(s) for s in spec["imagePullSecrets"]]
+    pod_labels = labels(owner, ROUTER)
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _metadata(owner, router_name(owner), ROUTER),
+            "spec": {"replicas": 1, "selector": {"matchLabels": pod_labels},
+                     "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
+
+
+def router_service(owner: Owner, spec: Mapping[str, Any]) -> Manifest:
+    router = spec.get("router") or {}
+    grpc_port, http_port = int(router.get("grpcPort") or 50051), \
+        int(router.get("httpPort") or 8000)
+    meta = _metadata(owner, router_name(owner), ROUTER,
+                     annotations=router.get("serviceAnnotations") or None)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+            "spec": {"type": str(router.get("serviceType") or "ClusterIP"),
+                     "selector": labels(owner, ROUTER),
+                     "ports": [{"name": "grpc", "port": grpc_port, "targetPort": "grpc"},
+                               {"name": "http", "port": http_port, "targetPort": "http"}]}}
+
+
+def endpoint(owner: Owner, spec: Mapping[str, Any]) -> dict[str, str]:
+    router = spec.get("router") or {}
+    host = f"{router_name(owner)}.{owner.namespace}.svc"
+    return {"service": router_name(owner),
+            "grpc": f"{host}:{int(router.get('grpcPort') or 50051)}",
+            "http": f"http://{host}:{int(router.get('httpPort') or 8000)}/v1"}
+
+
+def token_secret(owner: Owner, token: str) -> Manifest:
+    meta = _metadata(owner, token_secret_name(owner), "token")
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque",
+            "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
+
+
+def names(objects: Sequence[Manifest]) -> list[str]:
+    return [str(o["metadata"]["name"]) for o in objects]

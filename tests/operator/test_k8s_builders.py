@@ -1,0 +1,174 @@
+"""Pure builders of the Kubernetes operator: manifests, spec validation and status."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from spotserve.operator.k8s import manifests as m
+from spotserve.operator.k8s import status as st
+from spotserve.operator.k8s.spec import Problem, ServiceSpec, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((ROOT / "crds" / "llmservices.spotserve.dev.yaml").read_text())
+SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+OWNER = m.Owner("llama", "llm", "uid-1")
+POOL = {"name": "a10g-spot", "capacityType": "spot", "instanceType": "g5.12xlarge",
+        "maxInstances": 4, "nodeSelector": {"karpenter.sh/capacity-type": "spot"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                         "effect": "NoSchedule"}]}
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"huggingFace": {"repoId": "meta-llama/Llama-3.1-8B-Instruct"}},
+        "gpuPools": [copy.deepcopy(POOL)], "instances": {"min": 1, "max": 4},
+        "serving": {"maxBatch": 4}}
+    base.update(changes)
+    return base
+
+
+# ---- manifests --------------------------------------------------------------------------
+def test_worker_pod_is_pinned_owned_labelled_and_mounts_the_token() -> None:
+    pod = m.worker_pod(OWNER, spec(), POOL, "ip-10-0-0-1", 2, 3, migrating=True)
+    meta = pod["metadata"]
+    assert meta["ownerReferences"][0]["uid"] == "uid-1"
+    assert meta["ownerReferences"][0]["kind"] == "LLMService"
+    assert meta["labels"]["app.kubernetes.io/component"] == "worker"
+    assert meta["labels"]["spotserve.dev/service"] == "llama"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "spotserve"
+    assert meta["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}
+    terms = pod["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["ip-10-0-0-1"]
+    assert pod["spec"]["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
+    assert len(pod["spec"]["tolerations"]) == 1
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["grpc"]["port"] == 50051
+    assert {"name": "token", "secret": {"secretName": "llama-token"}} in pod["spec"]["volumes"]
+    assert pod["spec"]["initContainers"][0]["name"] == "download"
+    calm = m.worker_pod(OWNER, spec(), POOL, "ip-10-0-0-1", 2, 3)
+    assert "annotations" not in calm["metadata"]
+    assert m.disruption_annotation(False)["metadata"]["annotations"] == \
+        {"karpenter.sh/do-not-disrupt": None}
+
+
+def test_names_are_dns_labels_even_for_long_nodes() -> None:
+    name = m.dns_name("x" * 80, "router")
+    assert len(name) <= 63 and name == m.dns_name("x" * 80, "router")
+    assert m.worker_pod_name(OWNER, "Node_A.b", 0) == "llama-w-node-a-b-0"
+
+
+def test_volume_model_is_mounted_read_only_without_a_download_step() -> None:
+    s = spec(model={"volume": {"claimName": "weights", "path": "Llama-3.1-8B"}})
+    pod = m.worker_pod(OWNER, s, POOL, "n", 0, 1)
+    assert pod["spec"]["initContainers"] == []
+    assert "--model=/models/Llama-3.1-8B" in pod["spec"]["containers"][0]["args"]
+    claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "model")
+    assert claim["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+
+
+def test_router_capacity_and_secret() -> None:
+    dep = m.router_deployment(OWNER, spec(), "llama")
+    svc = m.router_service(OWNER, spec())
+    assert dep["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert dep["spec"]["template"]["metadata"]["labels"][
+        "app.kubernetes.io/component"] == "router"
+    assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "http"}
+    assert m.endpoint(OWNER, spec())["grpc"] == "llama-router.llm.svc:50051"
+    cap = m.capacity_pod(OWNER, POOL, 4, 0)
+    assert cap["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] == "g5.12xlarge"
+    assert cap["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 4
+    secret = m.token_secret(OWNER, "s3cret")
+    assert secret["data"]["token"] == "czNjcmV0"
+    assert secret["metadata"]["ownerReferences"][0]["name"] == "llama"
+
+
+def test_pod_manifests_pass_the_kubernetes_schema() -> None:
+    validate_k8s = pytest.importorskip("kubernetes_validate")
+    for obj in (m.worker_pod(OWNER, spec(), POOL, "n", 0, 1), m.capacity_pod(OWNER, POOL, 4, 0),
+                m.router_deployment(OWNER, spec(), "llama"), m.router_service(OWNER, spec()),
+                m.token_secret(OWNER, "t")):
+        validate_k8s.validate(obj, "1.28", strict=True)
+
+
+# ---- spec -------------------------------------------------------------------------------
+def test_valid_spec_gives_settings() -> None:
+    result = validate(spec())
+    assert isinstance(result, ServiceSpec)
+    assert result.model.name == "llama-3.1-8b" and result.pools[0].name == "a10g-spot"
+    assert result.settings.limits.max_batch == 4 and result.grace["aws"] == 120
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"model": {"huggingFace": {"repoId": "acme/unknown-model"}}},
+     "spec.model.huggingFace.repoId"),
+    ({"model": {"url": "ftp://x"}}, "spec.model.url"),
+    ({"model": {}}, "spec.model"),
+    ({"instances": {"min": 5, "max": 2}}, "spec.instances.min"),
+    ({"gpuPools": [{**POOL, "gpuType": "Z9000"}]}, "spec.gpuPools[0].gpuType"),
+    ({"gpuPools": [{**POOL, "instanceType": "m9.huge"}]}, "spec.gpuPools[0].instanceType"),
+    ({"gpuPools": [{**POOL, "fallbackPool": "nope"}]}, "spec.gpuPools[0].fallbackPool"),
+    ({"slo": {"latencySeconds": -1}}, "spec.slo.latencySeconds"),
+    ({"gpuPools": []}, "spec.gpuPools"),
+])
+def test_invalid_specs_name_the_field(changes: dict[str, Any], field: str) -> None:
+    result = validate(spec(**changes))
+    assert isinstance(result, list)
+    assert field in [p.field for p in result], result
+
+
+def test_garbage_never_raises() -> None:
+    for junk in ({"gpuPools": "x"}, {"gpuPools": [1, None]}, {"instances": {"max": "a"}}, {}):
+        assert isinstance(validate(junk), list)
+
+
+# ---- status -----------------------------------------------------------------------------
+def status_schema() -> dict[str, Any]:
+    return dict(SCHEMA["properties"]["status"])
+
+
+def test_status_matches_the_crd_and_derives_ready() -> None:
+    slots = [st.Slot(0, 0, r, f"p{r}", "n1", "a10g-spot", "spot", "A10G", "us-east-1a",
+                     f"10.0.0.{r}:50051", True) for r in range(4)]
+    seen = st.Observed(generation=2, now=1_700_000_000, current=st.Shape(1, 1, 4, 8, (
+        (0, 32, 4, "A10G"),)), slots=slots, router_ready=True, capacity_available=True,
+        migration=st.Migration("e1", "idle", "cold start"), selector=m.selector(OWNER),
+        endpoint=m.endpoint(OWNER, spec()))
+    out = st.build(seen)
+    jsonschema.validate(out, status_schema())
+    kinds = {c["type"]: c["status"] for c in out["conditions"]}
+    assert set(kinds) == set(st.CONDITIONS)
+    assert kinds["Ready"] == "True" and kinds["Migrating"] == "False"
+    assert out["parallelism"]["current"]["summary"] == "1/1/4"
+    assert out["replicas"]["instances"] == 1 and out["replicas"]["readyWorkers"] == 4
+    moving = st.build(st.Observed(generation=2, now=1_700_000_100, slots=slots[:3] + [
+        st.Slot(0, 0, 3, "p3", "n1", "a10g-spot", "spot", "A10G", "", "", False)],
+        router_ready=True, capacity_available=True,
+        migration=st.Migration("e2", "draining", "notice on n1", "aws", ("n1",),
+                               1_700_000_050, 1_700_000_170, 10, 0)), out)
+    jsonschema.validate(moving, status_schema())
+    kinds = {c["type"]: c for c in moving["conditions"]}
+    assert kinds["Ready"]["status"] == "False" and kinds["Migrating"]["status"] == "True"
+    assert kinds["RouterReady"]["lastTransitionTime"] == \
+        next(c for c in out["conditions"] if c["type"] == "RouterReady")["lastTransitionTime"]
+    assert moving["migration"]["phase"] == "Draining"
+    assert moving["migration"]["deadline"].endswith("Z")
+
+
+def test_degraded_names_the_field_and_keeps_ten_errors() -> None:
+    problems = [Problem("spec.instances.min", "min must not exceed spec.instances.max")]
+    out = st.build(st.Observed(generation=1, now=0, problems=problems))
+    jsonschema.validate(out, status_schema())
+    degraded = next(c for c in out["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpecInstancesMin"
+    assert "spec.instances.min" in degraded["message"]
+    assert out["lastErrors"][0]["field"] == "spec.instances.min"
+    many = [{"time": "x", "reason": "R", "field": f"f{i}", "message": "m"} for i in range(12)]
+    assert len(st.error_entries(problems, 0, many)) == 10
