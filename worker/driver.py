@@ -35,6 +35,14 @@ FINISH = {FinishReason.LENGTH: FR.FINISH_REASON_LENGTH, FinishReason.STOP: FR.FI
 DRAIN_ALL = 1 << 40   # "no step limit" while a deadline drain runs
 
 
+class NotServing(SpotserveError):
+    """The pipeline is drained, stopped or broken: try again elsewhere (UNAVAILABLE)."""
+
+
+class DuplicateRequest(SpotserveError):
+    """A request with this id is already running here (ALREADY_EXISTS)."""
+
+
 @dataclass(frozen=True)
 class StreamEvent:
     """A token (or just an end) of one request; `finish` 0 while it goes on. `error` set:
@@ -91,7 +99,7 @@ class Driver:
     def _call(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
         if self._stopped or not self._thread.is_alive():
-            future.set_exception(SpotserveError("the pipeline driver has stopped"))
+            future.set_exception(NotServing("the pipeline driver has stopped"))
         else:
             self._commands.put((fn, future))
         return future
@@ -193,9 +201,9 @@ class Driver:
 
     def _submit(self, state: RequestState, sink: Sink) -> None:
         if self.draining:
-            raise SpotserveError("the pipeline is drained; it takes no new requests")
+            raise NotServing("the pipeline is drained; it takes no new requests")
         if self.engine.scheduler.get(state.request_id) is not None:
-            raise SpotserveError(f"request {state.request_id} is already running here")
+            raise DuplicateRequest(f"request {state.request_id} is already running here")
         if state.kv is None and not state.output_token_ids:
             self.engine.submit(state.request_id, state.prompt_token_ids, state.params)
         else:
@@ -266,10 +274,10 @@ class Driver:
         self._sinks.clear()
         for future in (self._drain,):
             if future is not None and not future.done():
-                future.set_exception(SpotserveError(reason))
+                future.set_exception(NotServing(reason))
         while not self._commands.empty():
             _, future = self._commands.get_nowait()
-            future.set_exception(SpotserveError(reason))
+            future.set_exception(NotServing(reason))
 
 
 def _progress(seq: Any) -> common_pb2.RequestProgress:

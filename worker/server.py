@@ -27,12 +27,19 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
-from spotserve.auth import TokenInterceptor
+from spotserve.auth import TokenInterceptor, call_metadata
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from spotserve.worker import health
-from spotserve.worker.driver import DrainResult, Driver, Snapshot, StreamEvent
+from spotserve.worker.driver import (
+    DrainResult,
+    Driver,
+    DuplicateRequest,
+    NotServing,
+    Snapshot,
+    StreamEvent,
+)
 from spotserve.worker.engine.builder import build_runner
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.runner import StageRunner
@@ -299,6 +306,7 @@ class WorkerServicer(TensorServicer):
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
         def sink(event: StreamEvent) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
@@ -306,9 +314,9 @@ class WorkerServicer(TensorServicer):
         try:
             await asyncio.wrap_future(accepted)
         except SpotserveError as exc:
-            code = grpc.StatusCode.UNAVAILABLE if "drain" in str(exc) or "stopped" in str(exc) \
-                else grpc.StatusCode.INVALID_ARGUMENT
-            await _abort(context, code, str(exc))
+            if state.kv is not None:   # not taken: keep the KV for the next attempt
+                self.paused.put_kv(state.request_id, state.kv)
+            await _abort(context, _code_for(exc), str(exc))
         except asyncio.CancelledError:   # the deadline passed before the engine took it
             driver.cancel(request.request_id)
             raise
@@ -409,18 +417,23 @@ class WorkerServicer(TensorServicer):
 
     async def shutdown(self, grace_s: float) -> None:
         """SIGTERM: stop taking requests, let running ones finish until half the grace
-        period, pause the rest with their KV (peers may still pull it until the server
-        stops), and release the pipeline's other ranks. A follower just goes: its driver
-        sees the pipeline break and its requests resume elsewhere."""
+        period and pause the rest with their KV kept (peers may still pull it until the
+        server stops). A driver then releases its pipeline's other ranks; a follower asks
+        its pipeline's driver to drain the same way before it goes."""
         self.state = WS.WORKER_STATE_STOPPING
-        driver = self.driver
-        if driver is not None:
-            try:
-                drain = driver.drain(deadline_unix=time.time() + grace_s / 2)
-                await asyncio.wait_for(asyncio.wrap_future(drain), grace_s / 2 + 5)
-                await asyncio.wait_for(asyncio.wrap_future(driver.stop()), 10)
-            except (TimeoutError, SpotserveError):
-                log.warning("the pipeline did not stop cleanly")
+        deadline = time.time() + grace_s / 2
+        try:
+            if self.driver is not None:
+                drain = asyncio.wrap_future(self.driver.drain(deadline_unix=deadline))
+                await asyncio.wait_for(drain, grace_s / 2 + 5)
+                await asyncio.wait_for(asyncio.wrap_future(self.driver.stop()), 10)
+            elif self._follower is not None and self.role_message.driver:
+                stub = worker_pb2_grpc.WorkerStub(self._channel(self.role_message.driver))
+                await stub.Drain(worker_pb2.DrainRequest(deadline_unix=deadline),
+                                 metadata=call_metadata(self.options.token),
+                                 timeout=grace_s / 2 + 5)
+        except (TimeoutError, SpotserveError, grpc.aio.AioRpcError) as exc:
+            log.warning("the pipeline did not drain cleanly: %s", exc)
         for channel in self._channels.values():
             await channel.close()
 
@@ -439,6 +452,14 @@ async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetri
     server.add_generic_rpc_handlers([health.handler(servicer.serving)])
     await server.start()
     return server, servicer, address
+
+
+def _code_for(error: SpotserveError) -> grpc.StatusCode:
+    if isinstance(error, NotServing):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, DuplicateRequest):
+        return grpc.StatusCode.ALREADY_EXISTS
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _paused_progress(request_id: str, held: Any) -> common_pb2.RequestProgress:

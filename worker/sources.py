@@ -91,7 +91,7 @@ def role_message(config: ParallelConfig, position: Position, addresses: Mapping[
         tp_peers=[addresses[Position(position.pipeline, position.stage, t)]
                   for t in range(stage.tp)],
         prev_stage=driver_of(position.stage - 1), next_stage=driver_of(position.stage + 1),
-        pipeline_id=pipeline_id or f"p{position.pipeline}",
+        pipeline_id=pipeline_id or f"p{position.pipeline}", driver=driver_of(0),
         stages=[worker_pb2.StageShape(layer_start=s.layer_start, layer_end=s.layer_end,
                                       tp_size=s.tp) for s in pipe.stages])
 

@@ -21,7 +21,8 @@ import pytest
 from spotserve.layout import ParallelConfig, Position
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2
-from tests.worker.cluster import META, Stream, configure_pipeline, spawn, submit_request
+from spotserve.worker.sources import kv_imports
+from tests.worker.cluster import FR, META, Stream, configure_pipeline, spawn, submit_request
 from tests.worker.conftest import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.timeout(240)
@@ -79,23 +80,35 @@ async def test_sigkill_of_a_source_fails_over_to_the_checkpoint_then_reprefill(
         await asyncio.gather(*(w.stop(timeout=15) for w in (a, b, c)))
 
 
-async def test_sigterm_on_a_follower_exits_and_the_driver_hands_requests_back(
-        checkpoint: Path, tmp_path: Path) -> None:
-    """A follower's node is reclaimed (SIGTERM): it exits promptly; its driver's streams
-    end with UNAVAILABLE (so the router resumes them elsewhere) and it reports it no longer
-    serves a role."""
+async def test_sigterm_on_a_follower_drains_its_pipeline_first(
+        checkpoint: Path, reference: Callable[[list[int], int], list[int]],
+        tmp_path: Path) -> None:
+    """A follower's node is reclaimed (SIGTERM): it asks its driver to drain (requests
+    pause with their KV kept on the driver) and exits cleanly; the driver still serves
+    that KV, so the request moves to a fresh worker and continues exactly."""
     spec = ModelSpec.from_hf_config(checkpoint)
-    a, b = await asyncio.gather(spawn("127.0.0.12", checkpoint, tmp_path),
-                                spawn("127.0.0.13", checkpoint, tmp_path))
+    a, b, c = await asyncio.gather(spawn("127.0.0.12", checkpoint, tmp_path),
+                                   spawn("127.0.0.13", checkpoint, tmp_path, "--grace", "0.5"),
+                                   spawn("127.0.0.14", checkpoint, tmp_path))
     try:
-        config = ParallelConfig.uniform(spec.num_layers, 1, 1, 2, batch=8)
-        await configure_pipeline(spec, 1, config, {Position(0, 0, 0): a, Position(0, 0, 1): b})
-        stream = Stream(a, submit_request("r1", PROMPTS["r1"], 200))
+        old = ParallelConfig.uniform(spec.num_layers, 1, 1, 2, batch=8)
+        old_placement = {Position(0, 0, 0): a, Position(0, 0, 1): b}
+        await configure_pipeline(spec, 1, old, old_placement)
+        stream = Stream(a, submit_request("r1", PROMPTS["r1"], 240))
         await asyncio.wait_for(stream.first.wait(), 60)
-        assert await b.stop(signal.SIGTERM, timeout=20) == 0
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stream.result()
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert (await a.status()).state == worker_pb2.WORKER_STATE_STANDBY
+        assert await b.stop(signal.SIGTERM, timeout=30) == 0
+        before = await stream.result()
+        assert stream.finish == FR.FINISH_REASON_PAUSED and 0 < len(before) < 240
+        status = await a.status()
+        assert status.state == worker_pb2.WORKER_STATE_DRAINED
+        (progress,) = [p for p in status.requests if p.request_id == "r1"]
+        single = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+        (reply,) = await configure_pipeline(
+            spec, 2, single, {Position(0, 0, 0): c}, old=old,
+            old_placement={Position(0, 0, 0): a},   # B is gone
+            kv_imports=kv_imports(spec, [progress], [a.address]))
+        assert reply.bytes_from_checkpoint > 0 and reply.bytes_pulled > 0
+        resumed = Stream(c, submit_request("r1", PROMPTS["r1"], 240, before, KV))
+        assert await resumed.result() == reference(PROMPTS["r1"], 240)
     finally:
-        await asyncio.gather(*(w.stop(timeout=15) for w in (a, b)))
+        await asyncio.gather(*(w.stop(timeout=15) for w in (a, b, c)))

@@ -156,6 +156,8 @@ async def test_cancel_and_deadline_free_the_kv(worker: Worker) -> None:
     long = submit_request("long", PROMPTS["r2"], 240)
     stream = Stream(worker, long)
     await asyncio.wait_for(stream.first.wait(), 30)
+    err = await _error(_submit(worker, long))
+    assert err.code() == SC.ALREADY_EXISTS and "already running" in (err.details() or "")
     reply = await worker.stub.Cancel(worker_pb2.CancelRequest(request_id="long"),
                                      metadata=META)
     assert reply.found

@@ -37,7 +37,7 @@ SOURCE_KIND_PEER: SourceKind
 SOURCE_KIND_CHECKPOINT: SourceKind
 
 class Role(_message.Message):
-    __slots__ = ("pipeline", "stage", "tp_rank", "tp_size", "layer_start", "layer_end", "num_stages", "tp_peers", "prev_stage", "next_stage", "max_batch", "pipeline_id", "stages")
+    __slots__ = ("pipeline", "stage", "tp_rank", "tp_size", "layer_start", "layer_end", "num_stages", "tp_peers", "prev_stage", "next_stage", "max_batch", "pipeline_id", "stages", "driver")
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class Role(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
     pipeline: int
     stage: int
     tp_rank: int
@@ -64,7 +65,8 @@ class Role(_message.Message):
     max_batch: int
     pipeline_id: str
     stages: _containers.RepeatedCompositeFieldContainer[StageShape]
-    def __init__(self, pipeline: _Optional[int] = ..., stage: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_stages: _Optional[int] = ..., tp_peers: _Optional[_Iterable[str]] = ..., prev_stage: _Optional[str] = ..., next_stage: _Optional[str] = ..., max_batch: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageShape, _Mapping]]] = ...) -> None: ...
+    driver: str
+    def __init__(self, pipeline: _Optional[int] = ..., stage: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_stages: _Optional[int] = ..., tp_peers: _Optional[_Iterable[str]] = ..., prev_stage: _Optional[str] = ..., next_stage: _Optional[str] = ..., max_batch: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageShape, _Mapping]]] = ..., driver: _Optional[str] = ...) -> None: ...
 
 class StageShape(_message.Message):
     __slots__ = ("layer_start", "layer_end", "tp_size")
