@@ -427,8 +427,9 @@ class WorkerServicer(TensorServicer):
                 drain = asyncio.wrap_future(self.driver.drain(deadline_unix=deadline))
                 await asyncio.wait_for(drain, grace_s / 2 + 5)
                 await asyncio.wait_for(asyncio.wrap_future(self.driver.stop()), 10)
-            elif self._follower is not None and self.role_message.driver:
-                stub = worker_pb2_grpc.WorkerStub(self._channel(self.role_message.driver))
+            elif self._follower is not None and _driver_address(self.role_message):
+                stub = worker_pb2_grpc.WorkerStub(
+                    self._channel(_driver_address(self.role_message)))
                 await stub.Drain(worker_pb2.DrainRequest(deadline_unix=deadline),
                                  metadata=call_metadata(self.options.token),
                                  timeout=grace_s / 2 + 5)
@@ -452,6 +453,15 @@ async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetri
     server.add_generic_rpc_handlers([health.handler(servicer.serving)])
     await server.start()
     return server, servicer, address
+
+
+def _driver_address(role: worker_pb2.Role) -> str:
+    """The pipeline driver's address: named in the role, or inferred from its peers."""
+    if role.driver:
+        return role.driver
+    if role.stage == 0 and role.tp_peers:
+        return role.tp_peers[0]
+    return role.prev_stage if role.stage == 1 else ""
 
 
 def _code_for(error: SpotserveError) -> grpc.StatusCode:
