@@ -19,7 +19,8 @@ CONDITIONS = ("Ready", "WorkersReady", "RouterReady", "CapacityAvailable", "Prog
 # controller phase → status.migration.phase
 MIGRATION_PHASES: Mapping[str, str] = {
     "planning": "Planning", "draining": "Draining", "configuring": "Transferring",
-    "switching": "Switching", "serving": "CleaningUp", "idle": "Completed",
+    "switching": "Switching", "releasing": "CleaningUp", "serving": "Completed",
+    "idle": "Completed",
     "completed": "Completed", "failed": "Failed"}
 ACTIVE = ("Planning", "Draining", "Transferring", "Switching", "CleaningUp")
 MAX_ERRORS = 10

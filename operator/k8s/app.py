@@ -1,0 +1,358 @@
+"""The kopf app: node indices and one controller daemon per LLMService.
+
+Three kopf indices keep the cluster's picture: Nodes, Node Events, and pods marked
+`DisruptionTarget` (by node). Each LLMService gets a daemon that validates its spec (a bad
+one gets `Degraded` naming the field, and the daemon waits for a fix), turns the nodes of
+its pools into controller events (ready, notice with its deadline, lost), runs the
+`Controller` with a `KubernetesBackend`, and writes the status every tick. The controller's
+state is kept in the `spotserve.dev/controller-state` annotation, so a restarted operator
+resumes where it stopped. Everything is level-based: each tick recomputes from the indices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from spotserve.catalog import Catalog
+
+from ..controller.actuator import ActuatorError
+from ..controller.controller import Controller
+from ..controller.events import (
+    Event,
+    InstanceBooting,
+    InstanceLost,
+    InstanceReady,
+    LoadChanged,
+    NoticeReceived,
+)
+from ..controller.journal import ControllerState, Journal
+from ..controller.view import GONE
+from . import manifests as m
+from . import status as st
+from .api import Connection, KubeApi
+from .backend import BackendOptions, KubernetesBackend
+from .nodes import NodeInfo, describe_node, disruption_condition, remember
+from .spec import Pool, ServiceSpec, validate
+from .wire import GrpcWire, Wire
+
+log = logging.getLogger("spotserve.operator")
+STATE_ANNOTATION = "spotserve.dev/controller-state"
+DEFAULT_RATE = 1.0  # req/s planned for until the router reports a rate
+
+
+@dataclass
+class Runtime:
+    """What the operator's environment and command line supply."""
+
+    connection: Connection
+    token: str | None = None
+    defaults: m.Defaults = field(default_factory=m.Defaults)
+    options: BackendOptions = field(default_factory=BackendOptions)
+    wire: Callable[[], Wire] | None = None
+    interval: float = 2.0
+    catalog: Catalog = field(default_factory=Catalog.load)
+    first_seen: dict[str, dict[str, float]] = field(default_factory=dict)  # node → sightings
+
+    def make_wire(self) -> Wire:
+        return self.wire() if self.wire else GrpcWire(self.token or "")
+
+
+class StatusJournal(Journal):
+    """A journal whose snapshot the daemon writes into the LLMService."""
+
+    def __init__(self, saved: ControllerState | None) -> None:
+        super().__init__(None)
+        self.saved = saved
+
+    def save(self, state: ControllerState) -> None:
+        self.saved = state
+
+    def load(self) -> ControllerState | None:
+        return self.saved
+
+
+# ---- nodes → events ---------------------------------------------------------------------
+def pool_for(pools: Iterable[Pool], node: Mapping[str, Any]) -> Pool | None:
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    return next((p for p in pools if p.accepts(labels)), None)
+
+
+def instance_type(info: NodeInfo, pool: Pool, catalog: Catalog) -> str | None:
+    if info.instance_type in catalog.instances:
+        return info.instance_type
+    if pool.instance_type:
+        return pool.instance_type
+    gpu = info.gpu_type or pool.gpu_type
+    if gpu is None:
+        return None
+    kinds = catalog.instances_with(gpu, info.gpu_count or None) or catalog.instances_with(gpu)
+    return kinds[0].name if kinds else None
+
+
+def describe(nodes: Mapping[str, Mapping[str, Any]], events: Mapping[str, list[Any]],
+             disrupted: Mapping[str, list[Any]], runtime: Runtime, service: ServiceSpec,
+             now: float) -> dict[str, tuple[NodeInfo, Pool]]:
+    """The GPU nodes of the service's pools, with their notices (sightings remembered)."""
+    out = {}
+    for name, node in nodes.items():
+        pool = pool_for(service.pools, node)
+        if pool is None:
+            continue
+        info = describe_node(node, now=now, catalog=runtime.catalog,
+                             first_seen=runtime.first_seen.get(name),
+                             events=events.get(name, ()), disrupted_pods=disrupted.get(name, ()),
+                             grace=service.grace)
+        runtime.first_seen[name] = remember(runtime.first_seen.get(name, {}), info.notices)
+        if info.gpu_count > 0 or pool.gpus_per_instance:
+            out[name] = (info, pool)
+    return out
+
+
+def node_events(seen: Mapping[str, tuple[NodeInfo, Pool]], known: Iterable[str],
+                catalog: Catalog) -> list[Event]:
+    out: list[Event] = []
+    for name, (info, pool) in sorted(seen.items()):
+        kind = instance_type(info, pool, catalog)
+        if kind is None:
+            continue
+        capacity = info.capacity_type if info.capacity_type in ("spot", "on-demand") \
+            else pool.capacity
+        zone = info.zone or ""
+        notice = info.notice
+        if info.ready or (notice is not None and notice.imminent):
+            out.append(InstanceReady(name, kind, capacity, zone))
+        else:
+            out.append(InstanceBooting(name, kind, capacity, zone))
+        if notice is not None and notice.imminent:
+            out.append(NoticeReceived(name, notice.deadline, notice.cloud))
+    out.extend(InstanceLost(name) for name in sorted(set(known) - set(seen)))
+    return out
+
+
+# ---- one LLMService ---------------------------------------------------------------------
+class ServiceRunner:
+    """The daemon's state for one LLMService: its controller, backend and status."""
+
+    def __init__(self, runtime: Runtime, api: KubeApi, body: Mapping[str, Any]) -> None:
+        self.runtime, self.api = runtime, api
+        self.owner = m.Owner.of(body)
+        self.spec_text = ""
+        self.service: ServiceSpec | None = None
+        self.controller: Controller | None = None
+        self.backend: KubernetesBackend | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.nodes: dict[str, tuple[NodeInfo, Pool]] = {}
+        self.errors: list[st.Problem] = []
+        self.saved_state: str | None = None
+
+    @property
+    def path(self) -> str:
+        o = self.owner
+        return f"/apis/{m.GROUP}/{m.VERSION}/namespaces/{o.namespace}/{m.PLURAL}/{o.name}"
+
+    async def tick(self, body: Mapping[str, Any], indices: tuple[Any, Any, Any]) -> None:
+        spec = dict(body.get("spec") or {})
+        text = json.dumps(spec, sort_keys=True)
+        if text != self.spec_text:
+            await self._reconfigure(body, spec, text)
+        if self.service is None or self.controller is None or self.backend is None:
+            return
+        await self._feed(indices)
+        pending = await self.backend.settle_capacity()
+        await self._write(body, pending)
+
+    async def _reconfigure(self, body: Mapping[str, Any], spec: dict[str, Any],
+                           text: str) -> None:
+        self.spec_text = text
+        result = validate(spec, self.runtime.catalog)
+        await self.stop()
+        if isinstance(result, list):
+            self.service = None
+            log.warning("%s/%s is invalid: %s", self.owner.namespace, self.owner.name,
+                        "; ".join(map(str, result)))
+            await self._patch_status(body, st.Observed(
+                generation=_generation(body), now=time.time(), problems=result,
+                selector=m.selector(self.owner)))
+            return
+        self.service = result
+        self.backend = KubernetesBackend(self.api, self.owner, spec, result,
+                                         self.runtime.make_wire(), self._pool_of,
+                                         self.runtime.defaults, self.runtime.options)
+        await self.backend.ensure_router(self.runtime.token)
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        saved = annotations.get(STATE_ANNOTATION)
+        state = ControllerState.from_dict(json.loads(saved)) if saved else None
+        self.saved_state = saved
+        self.controller = Controller(result.settings, self.backend, StatusJournal(state))
+        rate = result.required_rate or DEFAULT_RATE
+        self.task = asyncio.create_task(self._run(self.controller, rate, state is not None))
+
+    def _pool_of(self, node: str) -> Pool | None:
+        entry = self.nodes.get(node)
+        return entry[1] if entry else None
+
+    async def _run(self, controller: Controller, rate: float, resumed: bool) -> None:
+        """The controller's loop; a backend failure is recorded and retried, never fatal."""
+        retry = resumed and controller.needs_replan_after_restart()
+        await controller.submit(LoadChanged(rate))
+        while True:
+            try:
+                if retry:
+                    retry = False
+                    await controller.reconcile("operator restarted" if resumed else "retry")
+                events = [await controller.queue.get()]
+                while not controller.queue.empty():
+                    events.append(controller.queue.get_nowait())
+                await controller.handle(events)
+            except ActuatorError as exc:
+                log.warning("%s: %s", self.owner.name, exc)
+                self.errors = [st.Problem("status.migration", str(exc))]
+                controller.journal.record("failed", controller.epoch, error=str(exc))
+                controller.phase = "failed"
+                retry = True
+                await asyncio.sleep(self.runtime.interval)
+
+    async def _feed(self, indices: tuple[Any, Any, Any]) -> None:
+        assert self.service is not None and self.controller is not None
+        nodes_index, events_index, disrupted_index = indices
+        nodes = {k: dict(next(iter(v))) for k, v in _items(nodes_index)}
+        events = {k: [dict(e) for e in v] for k, v in _items(events_index)}
+        disrupted = {k: [dict(p) for p in v] for k, v in _items(disrupted_index)}
+        self.nodes = describe(nodes, events, disrupted, self.runtime, self.service, time.time())
+        view = self.controller.view
+        known = [n for n, r in view.instances.items() if r.state != GONE]
+        for event in node_events(self.nodes, known, self.runtime.catalog):
+            if view.apply(event, time.time()) != view:
+                await self.controller.submit(event)
+
+    # ---- status ---------------------------------------------------------------------
+    async def _write(self, body: Mapping[str, Any], pending: int) -> None:
+        assert self.controller is not None and self.backend is not None
+        state = self.controller.journal.load()
+        text = json.dumps(state.to_dict(), sort_keys=True) if state else None
+        if text and text != self.saved_state:
+            await self.api.patch(self.path, {"metadata": {"annotations": {
+                STATE_ANNOTATION: text}}})
+            self.saved_state = text
+        pods = {p["metadata"]["name"]: p for p in await self.backend.worker_pods()}
+        await self._patch_status(body, self.observe(body, pods, pending))
+
+    def observe(self, body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]],
+                pending: int) -> st.Observed:
+        controller, backend = self.controller, self.backend
+        assert controller is not None and backend is not None
+        placement = controller.placement
+        slots = []
+        for position, gpu in placement.assignment if placement else ():
+            name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
+            pod = pods.get(name, {})
+            info, pool = self.nodes.get(gpu.instance, (None, None))
+            slots.append(st.Slot(
+                position.pipeline, position.stage, position.tp_rank, name, gpu.instance,
+                pool.name if pool else "", info.capacity_type if info else "",
+                (info.gpu_type or "") if info else "", (info.zone or "") if info else "",
+                backend.addresses.get(str(gpu), ""), bool(pod) and _ready(pod)))
+        plan = controller.last_plan
+        meets = plan is not None and plan.meets_rate and placement is not None
+        target = plan.config if plan and controller.phase not in ("serving", "idle") else None
+        return st.Observed(
+            generation=_generation(body), now=time.time(), problems=self.errors,
+            current=_shape(placement.config) if placement else None,
+            target=_shape(target) if target else None, slots=slots,
+            migration=self._migration(), router_ready=backend.routed_epoch > 0,
+            capacity_available=meets, capacity_message=(
+                "the plan meets the required rate" if meets else "waiting for GPU nodes"),
+            pending_instances=pending, endpoint=m.endpoint(self.owner, backend.spec),
+            selector=m.selector(self.owner))
+
+    def _migration(self) -> st.Migration | None:
+        controller = self.controller
+        assert controller is not None
+        planned = [e for e in controller.journal.entries if e["kind"] == "planned"]
+        if not planned:
+            return None
+        last = planned[-1]
+        doomed = controller.view.in_state("notice")
+        cloud = next((self.nodes[r.name][0].cloud for r in doomed if r.name in self.nodes),
+                     None)
+        return st.Migration(
+            f"e{last['epoch']}", controller.phase, str(last.get("reason", "")), cloud,
+            tuple(r.name for r in doomed), float(last["time"]),
+            controller.view.earliest_deadline(), int(last.get("bytes") or 0),
+            int(last.get("bytes") or 0) if controller.phase == "serving" else 0)
+
+    async def _patch_status(self, body: Mapping[str, Any], seen: st.Observed) -> None:
+        previous = dict(body.get("status") or {})
+        new = st.build(seen, previous)
+        if "target" not in new["parallelism"]:
+            new["parallelism"]["target"] = None  # merge patch: remove it
+        await self.api.patch(f"{self.path}/status", {"status": new})
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+
+def _items(index: Any) -> list[tuple[Any, Any]]:
+    return [(k, index[k]) for k in list(index)] if index is not None else []
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int((body.get("metadata") or {}).get("generation") or 1)
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or ())
+
+
+def _shape(config: Any) -> st.Shape:
+    first = config.pipelines[0]
+    stages = tuple((s.layer_start, s.layer_end, s.tp, s.gpu_type or "") for s in first.stages)
+    return st.Shape(len(config.pipelines), len(first.stages), first.stages[0].tp,
+                    config.batch, stages)
+
+
+# ---- registration -----------------------------------------------------------------------
+def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    """Put the indices and the daemon into `registry`."""
+
+    @kopf.index("nodes", id="node_index", registry=registry)
+    def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {name: dict(body)}
+
+    @kopf.index("events", id="node_event_index", field="involvedObject.kind", value="Node", registry=registry)
+    def node_event_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {str(body.get("involvedObject", {}).get("name")): dict(body)}
+
+    @kopf.index("pods", id="disruption_index", registry=registry,
+                when=lambda body, **_: disruption_condition(body) is not None)
+    def disruption_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {str(body.get("spec", {}).get("nodeName")): dict(body)}
+
+    @kopf.daemon(m.GROUP, m.VERSION, m.PLURAL, registry=registry, cancellation_timeout=5.0)
+    async def serve(body: kopf.Body, stopped: kopf.DaemonStopped, node_index: kopf.Index[
+            str, Any], node_event_index: kopf.Index[str, Any],
+            disruption_index: kopf.Index[str, Any], **_: Any) -> None:
+        api = KubeApi(runtime.connection)
+        runner = ServiceRunner(runtime, api, body)
+        try:
+            while not stopped:
+                try:
+                    await runner.tick(body, (node_index, node_event_index, disruption_index))
+                except ActuatorError as exc:
+                    log.warning("%s: %s", runner.owner.name, exc)
+                await stopped.wait(runtime.interval)
+        finally:
+            await runner.stop()
+            await api.close()

@@ -1,0 +1,255 @@
+"""KubernetesBackend: the controller's actuator on a cluster.
+
+An instance is a Node; a GPU `node/i` is served by one worker pod pinned to that node. The
+backend creates the pods of an epoch's jobs (marked `karpenter.sh/do-not-disrupt` until the
+switch), waits for their IPs and readiness, configures them over gRPC, points the router
+at the new pipelines, then deletes the pods no job uses and clears the annotation.
+Capacity requests are pending pause pods in a pool (spot first, then its fallback or any
+on-demand pool) that the cluster autoscaler or Karpenter answers with a node.
+Every step is create-if-absent or patch, so a restarted operator can repeat it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..controller.actuator import (
+    Actuator,
+    ActuatorError,
+    DrainedRequest,
+    PipelineStatus,
+    Resume,
+    RoutedPipeline,
+)
+from ..controller.epoch import WorkerAssignment
+from ..planner.cluster import GpuId
+from . import manifests as m
+from .api import KubeApi, collection
+from .spec import Pool, ServiceSpec
+from .wire import Wire
+
+log = logging.getLogger("spotserve.operator.backend")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    ready_timeout: float = 600.0  # pods scheduled, pulled and answering
+    poll_seconds: float = 1.0
+    router_address: str | None = None  # host:port of the router's gRPC (default: its Service)
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return bool(status.get("podIP")) and any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or ())
+
+
+class KubernetesBackend(Actuator):
+    def __init__(self, api: KubeApi, owner: m.Owner, spec: Mapping[str, Any],
+                 service: ServiceSpec, wire: Wire, pool_of: Callable[[str], Pool | None],
+                 defaults: m.Defaults = m.Defaults(),
+                 options: BackendOptions = BackendOptions()) -> None:
+        self.api, self.owner, self.spec, self.service = api, owner, spec, service
+        self.wire, self.pool_of, self.defaults, self.options = wire, pool_of, defaults, options
+        self.port = int((spec.get("worker") or {}).get("port") or 50051)
+        self.drivers: dict[str, GpuId] = {}    # pipeline id → driver GPU
+        self.addresses: dict[str, str] = {}    # "node/index" → host:port
+        self.migrating = False
+        self.current: set[GpuId] = set()       # the GPUs of the latest epoch's jobs
+        self.routed_epoch = 0                  # the last epoch the router accepted
+
+    @property
+    def pods_path(self) -> str:
+        return collection("Pod", self.owner.namespace)
+
+    async def worker_pods(self) -> list[dict[str, Any]]:
+        return await self.api.list(self.pods_path, m.labels(self.owner, m.WORKER))
+
+    # ---- reads ----------------------------------------------------------------------
+    async def progress(self) -> Mapping[str, PipelineStatus]:
+        out = {}
+        for pid, driver in self.drivers.items():
+            address = self.addresses.get(str(driver))
+            if address is None:
+                continue
+            try:
+                out[pid] = await self.wire.status(address)
+            except ActuatorError as exc:
+                log.info("no status from %s: %s", pid, exc)
+        return out
+
+    async def drain(self, epoch: int, pipeline_id: str, driver: GpuId,
+                    steps: int) -> Sequence[DrainedRequest]:
+        address = self.addresses.get(str(driver))
+        if address is None:
+            raise ActuatorError(f"no address for {driver} (pipeline {pipeline_id})")
+        return await self.wire.drain(address, epoch, steps)
+
+    # ---- configure ------------------------------------------------------------------
+    async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                        kv: Mapping[int, Sequence[DrainedRequest]]) -> None:
+        self.migrating = True
+        self.current = set(jobs)
+        for gpu in jobs:
+            await self._ensure_pod(gpu, epoch)
+        await self._wait_ready(list(jobs))
+        changed = [job for job in jobs.values() if not job.unchanged]
+        await asyncio.gather(*(self.wire.configure(epoch, job, dict(self.addresses))
+                               for job in changed))
+        for job in jobs.values():
+            if job.is_driver:
+                self.drivers[job.pipeline_id] = job.gpu
+
+    async def _ensure_pod(self, gpu: GpuId, epoch: int) -> None:
+        pool = self.pool_of(gpu.instance)
+        if pool is None:
+            raise ActuatorError(f"node {gpu.instance} is in none of the service's pools")
+        pod = m.worker_pod(self.owner, self.spec, pool.raw, gpu.instance, gpu.index, epoch,
+                           migrating=True, defaults=self.defaults)
+        if not await self.api.create(pod):
+            name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
+            await self.api.patch(f"{self.pods_path}/{name}", m.disruption_annotation(True))
+
+    async def _wait_ready(self, gpus: Sequence[GpuId]) -> None:
+        wanted = {m.worker_pod_name(self.owner, g.instance, g.index): g for g in gpus}
+        give_up = time.monotonic() + self.options.ready_timeout
+        while True:
+            pods = {p["metadata"]["name"]: p for p in await self.worker_pods()}
+            for name, gpu in wanted.items():
+                pod = pods.get(name)
+                if pod is not None and pod_ready(pod):
+                    self.addresses[str(gpu)] = f"{pod['status']['podIP']}:{self.port}"
+                elif pod is not None and (pod.get("status") or {}).get("phase") == "Failed":
+                    raise ActuatorError(f"worker pod {name} failed")
+            missing = [n for n, g in wanted.items() if str(g) not in self.addresses or
+                       n not in pods or not pod_ready(pods[n])]
+            if not missing:
+                return
+            if time.monotonic() > give_up:
+                raise ActuatorError(f"worker pods not ready: {', '.join(sorted(missing))}")
+            await asyncio.sleep(self.options.poll_seconds)
+
+    # ---- switch and release ---------------------------------------------------------
+    def router_address(self) -> str:
+        if self.options.router_address:
+            return self.options.router_address
+        return m.endpoint(self.owner, self.spec)["grpc"]
+
+    async def set_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
+                           resume: Sequence[Resume]) -> None:
+        routed = [(p, self.addresses.get(str(p.driver), "")) for p in pipelines]
+        await self.wire.topology(self.router_address(), epoch, routed, resume)
+        self.routed_epoch = epoch
+        serving = {p.pipeline_id for p in pipelines if p.state == "serving"}
+        self.drivers = {pid: g for pid, g in self.drivers.items() if pid in serving}
+        await self._clean_up(epoch)
+
+    async def _clean_up(self, epoch: int) -> None:
+        """Delete pods of GPUs no serving pipeline uses; clear do-not-disrupt on the rest."""
+        self.migrating = False
+        for pod in await self.worker_pods():
+            meta = pod["metadata"]
+            labels = meta.get("labels") or {}
+            if int(labels.get(m.EPOCH_LABEL, epoch)) < epoch and \
+                    not self._in_use(labels.get(m.NODE_LABEL, ""), labels.get(m.GPU_LABEL)):
+                await self.api.delete(f"{self.pods_path}/{meta['name']}")
+            elif (meta.get("annotations") or {}).get(m.DO_NOT_DISRUPT):
+                await self.api.patch(f"{self.pods_path}/{meta['name']}",
+                                     m.disruption_annotation(False))
+
+    def _in_use(self, node_label: str, gpu_label: str | None) -> bool:
+        used = {(m.dns_name(g.instance), str(g.index)) for g in self._serving_gpus()}
+        return (node_label, str(gpu_label)) in used
+
+    def _serving_gpus(self) -> set[GpuId]:
+        return self.current
+
+    def forget(self, gpus: Sequence[GpuId]) -> None:
+        for gpu in gpus:
+            self.addresses.pop(str(gpu), None)
+
+    async def release(self, instances: Sequence[str]) -> None:
+        """Delete this service's pods on `instances`; the autoscaler reclaims idle nodes."""
+        gone = {m.dns_name(i) for i in instances}
+        for pod in await self.worker_pods():
+            if (pod["metadata"].get("labels") or {}).get(m.NODE_LABEL) in gone:
+                await self.api.delete(f"{self.pods_path}/{pod['metadata']['name']}")
+        self.addresses = {k: v for k, v in self.addresses.items()
+                          if m.dns_name(k.rpartition("/")[0]) not in gone}
+
+    # ---- capacity -------------------------------------------------------------------
+    async def capacity_pods(self) -> list[dict[str, Any]]:
+        return await self.api.list(self.pods_path, m.labels(self.owner, m.CAPACITY))
+
+    def choose_pool(self, instance_type: str, capacity: str,
+                    held: Mapping[str, int]) -> Pool | None:
+        """The pool to grow: `capacity` pools for this instance type (or GPU) with room,
+        then their fallbacks, then any on-demand pool with room."""
+        catalog = self.service.settings.catalog
+        gpu = catalog.instances[instance_type].gpu.name \
+            if instance_type in catalog.instances else None
+
+        def fits(p: Pool) -> bool:
+            return p.instance_type == instance_type or (p.instance_type is None and
+                                                        p.gpu_type == gpu)
+
+        def room(p: Pool) -> bool:
+            return held.get(p.name, 0) < p.max_instances
+
+        pools = self.service.pools
+        ordered = [p for p in pools if p.capacity == capacity and fits(p)]
+        ordered += [q for p in ordered for q in pools if q.name == p.fallback]
+        ordered += [p for p in pools if p.capacity == "on-demand" and fits(p)]
+        ordered += [p for p in pools if p.capacity == "on-demand"]
+        return next((p for p in ordered if room(p)), None)
+
+    async def request_capacity(self, instance_type: str, count: int, capacity: str) -> None:
+        pending = await self.capacity_pods()
+        held: dict[str, int] = dict(self.held_instances())
+        for pod in pending:
+            pool = (pod["metadata"].get("labels") or {}).get(m.POOL_LABEL, "")
+            held[pool] = held.get(pool, 0) + 1
+        index = len(pending)
+        for _ in range(count):
+            pool = self.choose_pool(instance_type, capacity, held)
+            if pool is None:
+                raise ActuatorError(f"no pool has room for another {instance_type}")
+            gpus = pool.gpus_per_instance or (
+                self.service.settings.catalog.instances[pool.instance_type].gpus
+                if pool.instance_type in self.service.settings.catalog.instances else 1)
+            while not await self.api.create(m.capacity_pod(self.owner, pool.raw, gpus, index)):
+                index += 1
+            held[pool.name] = held.get(pool.name, 0) + 1
+            index += 1
+
+    def held_instances(self) -> Mapping[str, int]:
+        """Pool → instances this service's workers occupy."""
+        out: dict[str, int] = {}
+        for node in {key.rpartition("/")[0] for key in self.addresses}:
+            pool = self.pool_of(node)
+            if pool is not None:
+                out[pool.name] = out.get(pool.name, 0) + 1
+        return out
+
+    async def settle_capacity(self) -> int:
+        """Delete capacity pods that were scheduled (their node joined); count the rest."""
+        waiting = 0
+        for pod in await self.capacity_pods():
+            if (pod.get("spec") or {}).get("nodeName"):
+                await self.api.delete(f"{self.pods_path}/{pod['metadata']['name']}")
+            else:
+                waiting += 1
+        return waiting
+
+    async def ensure_router(self, token: str | None) -> None:
+        if token is not None:
+            await self.api.apply(m.token_secret(self.owner, token))
+        await self.api.apply(m.router_deployment(self.owner, self.spec,
+                                                 self.service.model_name, self.defaults))
+        await self.api.apply(m.router_service(self.owner, self.spec))

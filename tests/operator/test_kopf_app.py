@@ -1,0 +1,260 @@
+"""The real kopf app against kmock's Kubernetes emulator on 127.0.0.1.
+
+Workers are stood in for by the test: it marks each worker pod Ready with a 127.0.0.N IP,
+and a recording `Wire` answers the gRPC calls. Covered: an invalid LLMService gets
+`Degraded` naming the field (and the operator keeps running); a valid one with GPU nodes
+gets worker pods, the router and the token copy (owned by it) and a status with the planned
+D/P/M; a notice on a node (taint, Node Event, DisruptionTarget pod) shows as a migration,
+and the node's pods are replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+
+from spotserve.operator.controller.actuator import (
+    DrainedRequest,
+    PipelineStatus,
+    Resume,
+    RoutedPipeline,
+)
+from spotserve.operator.controller.epoch import WorkerAssignment
+from spotserve.operator.k8s.api import Connection
+from spotserve.operator.k8s.app import Runtime, register
+from spotserve.operator.k8s.backend import BackendOptions
+
+DEBUG = False
+NS = "llm"
+LLMS = f"/apis/spotserve.dev/v1alpha1/namespaces/{NS}/llmservices"
+PODS = f"/api/v1/namespaces/{NS}/pods"
+POOL = {"name": "g4dn-spot", "capacityType": "spot", "instanceType": "g4dn.12xlarge",
+        "maxInstances": 4, "nodeSelector": {"karpenter.sh/capacity-type": "spot"}}
+SPEC = {"model": {"huggingFace": {"repoId": "facebook/opt-6.7b"}},
+        "gpuPools": [POOL], "instances": {"min": 1, "max": 4},
+        "serving": {"maxBatch": 4}, "load": {"requiredRate": 0.5}}
+
+
+class RecordingWire:
+    def __init__(self) -> None:
+        self.configured: list[tuple[int, str]] = []
+        self.topologies: list[tuple[int, list[str]]] = []
+
+    async def status(self, address: str) -> PipelineStatus:
+        return PipelineStatus()
+
+    async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
+        return []
+
+    async def configure(self, epoch: int, job: WorkerAssignment,
+                        addresses: dict[str, str]) -> None:
+        self.configured.append((epoch, str(job.gpu)))
+
+    async def topology(self, router: str, epoch: int,
+                       pipelines: Sequence[tuple[RoutedPipeline, str]],
+                       resume: Sequence[Resume]) -> None:
+        self.topologies.append((epoch, [a for p, a in pipelines if p.state == "serving"]))
+
+
+def node(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": f"uid-{name}", "labels": {
+                "karpenter.sh/capacity-type": "spot", "kubernetes.io/hostname": name,
+                "node.kubernetes.io/instance-type": "g4dn.12xlarge",
+                "topology.kubernetes.io/zone": "us-east-1a"}},
+            "spec": {"providerID": f"aws:///us-east-1a/{name}", **spec},
+            "status": {"capacity": {"nvidia.com/gpu": "4"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def service(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "spotserve.dev/v1alpha1", "kind": "LLMService",
+            "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}",
+                         "generation": 1, "resourceVersion": "1"}, "spec": spec}
+
+
+class Cluster:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.session = aiohttp.ClientSession()
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        kind = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        async with self.session.request(method, self.url + path, json=body,
+                                        headers={"Content-Type": kind}) as r:
+            assert r.status < 300, (method, path, r.status, await r.text())
+            return await r.json()
+
+    async def items(self, path: str) -> list[dict[str, Any]]:
+        return list((await self.call("GET", path))["items"])
+
+    async def get(self, path: str) -> dict[str, Any]:
+        return dict(await self.call("GET", path))
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if loop.time() > end:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.2)
+
+
+async def kubelet(cluster: Cluster) -> None:
+    """Stand in for scheduling: worker pods on live nodes become Ready at 127.0.0.N."""
+    addresses: dict[str, str] = {}
+    while True:
+        for pod in await cluster.items(PODS):
+            meta, status = pod["metadata"], pod.get("status") or {}
+            if meta["labels"].get("app.kubernetes.io/component") != "worker" or \
+                    status.get("podIP"):
+                continue
+            ip = addresses.setdefault(meta["name"], f"127.0.0.{len(addresses) + 2}")
+            await cluster.call("PATCH", f"{PODS}/{meta['name']}/status", {"status": {
+                "phase": "Running", "podIP": ip,
+                "conditions": [{"type": "Ready", "status": "True"}]}})
+        await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def operator(objects: Sequence[dict[str, Any]]
+                   ) -> AsyncIterator[tuple[Cluster, RecordingWire]]:
+    wire = RecordingWire()
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
+        k8s.resources["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False,
+                                                       verbs={"list", "watch", "get",
+                                                              "patch"})
+        for plural, kind in (("pods", "Pod"), ("events", "Event"), ("services", "Service"),
+                             ("secrets", "Secret")):
+            k8s.resources[f"v1/{plural}"] = kmock.ResourceInfo(
+                kind=kind, namespaced=True, verbs={"list", "watch", "get", "create", "patch",
+                                                   "delete"}, subresources={"status"})
+        for plural, kind in (("apiextensions.k8s.io/v1/customresourcedefinitions",
+                              "CustomResourceDefinition"), ("v1/namespaces", "Namespace")):
+            k8s.resources[plural] = kmock.ResourceInfo(kind=kind, namespaced=False,
+                                                       verbs={"list", "watch"})
+        k8s.resources["apps/v1/deployments"] = kmock.ResourceInfo(
+            kind="Deployment", namespaced=True, verbs={"list", "watch", "create", "patch"})
+        k8s.resources["spotserve.dev/v1alpha1/llmservices"] = kmock.ResourceInfo(
+            kind="LLMService", namespaced=True, verbs={"list", "watch", "get", "patch"},
+            subresources={"status", "scale"})
+        cluster = Cluster(str(server.url))
+        for obj in objects:
+            path = "/api/v1/nodes" if obj["kind"] == "Node" else LLMS
+            await cluster.call("POST", path, obj)
+        registry = kopf.OperatorRegistry()
+        url = str(server.url)
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=url, insecure=True)
+
+        runtime = Runtime(Connection(url, insecure=True), token="t", wire=lambda: wire,
+                          options=BackendOptions(ready_timeout=20, poll_seconds=0.2),
+                          interval=0.3)
+        register(registry, runtime)
+        settings = kopf.OperatorSettings()
+        settings.peering.standalone = True
+        settings.posting.enabled = False
+        settings.watching.reconnect_backoff = 0.2
+        stop = asyncio.Event()
+        task = asyncio.create_task(kopf.operator(registry=registry, settings=settings,
+                                                 clusterwide=True, stop_flag=stop))
+        helper = asyncio.create_task(kubelet(cluster))
+        try:
+            yield cluster, wire
+            if DEBUG: print([str(r.method)+' '+str(r.url) for r in k8s._requests][:60])
+            assert not task.done(), "the operator stopped"
+        finally:
+            helper.cancel()
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(task, helper, return_exceptions=True),
+                                       15)
+            await cluster.session.close()
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or ()}
+
+
+@pytest.mark.timeout(60)
+async def test_invalid_service_is_degraded_and_the_operator_runs_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    bad = copy.deepcopy(SPEC)
+    bad["instances"] = {"min": 5, "max": 2}
+    async with operator([service("bad", bad), service("good", SPEC), node("n1")]) as (
+            cluster, _):
+        async def degraded() -> dict[str, Any] | None:
+            c = conditions(await cluster.get(f"{LLMS}/bad")).get("Degraded")
+            return c if c and c["status"] == "True" else None
+        cond = await until(degraded)
+        assert "spec.instances.min" in cond["message"]
+        assert cond["reason"] == "InvalidSpecInstancesMin"
+        obj = await cluster.get(f"{LLMS}/bad")
+        assert obj["status"]["lastErrors"][0]["field"] == "spec.instances.min"
+        assert obj["status"]["conditions"][0]["type"] == "Ready"
+
+        async def good_planned() -> Any:
+            return (await cluster.get(f"{LLMS}/good")).get("status", {}).get("parallelism",
+                                                                             {}).get("current")
+        assert await until(good_planned)
+
+
+@pytest.mark.timeout(90)
+async def test_service_is_planned_placed_and_migrates_on_a_taint() -> None:
+    async with operator([node("n1"), node("n2"), service("llama", SPEC)]) as (cluster, wire):
+        async def ready() -> dict[str, Any] | None:
+            obj = await cluster.get(f"{LLMS}/llama")
+            return obj if conditions(obj).get("Ready", {}).get("status") == "True" else None
+        obj = await until(ready)
+        status = obj["status"]
+        current = status["parallelism"]["current"]
+        assert current["summary"] == f"{current['data']}/{current['pipeline']}/" \
+            f"{current['tensor']}"
+        pods = [p for p in await cluster.items(PODS)
+                if p["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
+        assert len(pods) == len(status["placement"]) == status["replicas"]["workers"]
+        assert all(p["metadata"]["ownerReferences"][0]["uid"] == "uid-llama" for p in pods)
+        deployment = await cluster.get(f"/apis/apps/v1/namespaces/{NS}/deployments/"
+                                       "llama-router")
+        assert deployment["metadata"]["ownerReferences"][0]["name"] == "llama"
+        assert (await cluster.get(f"/api/v1/namespaces/{NS}/secrets/llama-token"))["data"]
+        assert wire.topologies and wire.configured
+        used = {s["node"] for s in status["placement"]}
+        doomed = sorted(used)[0]
+        epoch = wire.topologies[-1][0]
+
+        await cluster.call("PATCH", f"/api/v1/nodes/{doomed}", {"spec": {"taints": [
+            {"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}]}})
+
+        async def moved() -> dict[str, Any] | None:
+            obj = await cluster.get(f"{LLMS}/llama")
+            s = obj.get("status") or {}
+            nodes = {p["node"] for p in s.get("placement") or ()}
+            done = s.get("migration", {}).get("id") != f"e{epoch}" and doomed not in nodes
+            return obj if done and nodes else None
+        obj = await until(moved, 40)
+        migration = obj["status"]["migration"]
+        assert migration["noticeSource"] == "aws"
+        assert "notice" in migration["reason"]
+
+        async def replaced() -> bool:
+            pods = await cluster.items(PODS)
+            return not any(p["metadata"]["labels"].get("spotserve.dev/node") == doomed
+                           for p in pods)
+        assert await until(replaced)
