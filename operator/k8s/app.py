@@ -40,7 +40,7 @@ from . import status as st
 from .api import Connection, KubeApi
 from .backend import BackendOptions, KubernetesBackend
 from .nodes import NodeInfo, describe_node, disruption_condition, remember
-from .spec import Pool, ServiceSpec, validate
+from .spec import Pool, Problem, ServiceSpec, validate
 from .wire import GrpcWire, Wire
 
 log = logging.getLogger("spotserve.operator")
@@ -150,7 +150,7 @@ class ServiceRunner:
         self.backend: KubernetesBackend | None = None
         self.task: asyncio.Task[None] | None = None
         self.nodes: dict[str, tuple[NodeInfo, Pool]] = {}
-        self.errors: list[st.Problem] = []
+        self.errors: list[Problem] = []
         self.saved_state: str | None = None
 
     @property
@@ -214,7 +214,7 @@ class ServiceRunner:
                 await controller.handle(events)
             except ActuatorError as exc:
                 log.warning("%s: %s", self.owner.name, exc)
-                self.errors = [st.Problem("status.migration", str(exc))]
+                self.errors = [Problem("status.migration", str(exc))]
                 controller.journal.record("failed", controller.epoch, error=str(exc))
                 controller.phase = "failed"
                 retry = True
@@ -331,7 +331,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {name: dict(body)}
 
-    @kopf.index("events", id="node_event_index", field="involvedObject.kind", value="Node", registry=registry)
+    @kopf.index("events", id="node_event_index", field="involvedObject.kind", value="Node",
+                registry=registry)
     def node_event_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {str(body.get("involvedObject", {}).get("name")): dict(body)}
 
@@ -341,15 +342,14 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         return {str(body.get("spec", {}).get("nodeName")): dict(body)}
 
     @kopf.daemon(m.GROUP, m.VERSION, m.PLURAL, registry=registry, cancellation_timeout=5.0)
-    async def serve(body: kopf.Body, stopped: kopf.DaemonStopped, node_index: kopf.Index[
-            str, Any], node_event_index: kopf.Index[str, Any],
-            disruption_index: kopf.Index[str, Any], **_: Any) -> None:
+    async def serve(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
+        indices = (kwargs["node_index"], kwargs["node_event_index"], kwargs["disruption_index"])
         api = KubeApi(runtime.connection)
         runner = ServiceRunner(runtime, api, body)
         try:
             while not stopped:
                 try:
-                    await runner.tick(body, (node_index, node_event_index, disruption_index))
+                    await runner.tick(body, indices)
                 except ActuatorError as exc:
                     log.warning("%s: %s", runner.owner.name, exc)
                 await stopped.wait(runtime.interval)

@@ -53,7 +53,7 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
 class KubernetesBackend(Actuator):
     def __init__(self, api: KubeApi, owner: m.Owner, spec: Mapping[str, Any],
                  service: ServiceSpec, wire: Wire, pool_of: Callable[[str], Pool | None],
-                 defaults: m.Defaults = m.Defaults(),
+                 defaults: m.Defaults = m.DEFAULTS,
                  options: BackendOptions = BackendOptions()) -> None:
         self.api, self.owner, self.spec, self.service = api, owner, spec, service
         self.wire, self.pool_of, self.defaults, self.options = wire, pool_of, defaults, options
@@ -220,9 +220,10 @@ class KubernetesBackend(Actuator):
             pool = self.choose_pool(instance_type, capacity, held)
             if pool is None:
                 raise ActuatorError(f"no pool has room for another {instance_type}")
+            known = self.service.settings.catalog.instances
             gpus = pool.gpus_per_instance or (
-                self.service.settings.catalog.instances[pool.instance_type].gpus
-                if pool.instance_type in self.service.settings.catalog.instances else 1)
+                known[pool.instance_type].gpus
+                if pool.instance_type and pool.instance_type in known else 1)
             while not await self.api.create(m.capacity_pod(self.owner, pool.raw, gpus, index)):
                 index += 1
             held[pool.name] = held.get(pool.name, 0) + 1

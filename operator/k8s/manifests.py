@@ -59,6 +59,9 @@ class Defaults:
     router_placement: Mapping[str, Any] | None = None
 
 
+DEFAULTS = Defaults()
+
+
 def labels(owner: Owner, component: str) -> dict[str, str]:
     return {"app.kubernetes.io/part-of": "spotserve", "app.kubernetes.io/component": component,
             "app.kubernetes.io/instance": owner.name, SERVICE_LABEL: owner.name}

@@ -85,7 +85,8 @@ class GrpcWire:
                        for p, address in pipelines],
             resume_hints=[control_pb2.ResumeHint(request_id=r.request_id,
                                                  pipeline_id=r.pipeline_id,
-                                                 mode=MODES.get(r.mode, 0),
+                                                 mode=MODES.get(
+                                                     r.mode, common_pb2.RESUME_MODE_UNSPECIFIED),
                                                  kv_tokens=r.kv_tokens) for r in resume])
         async with grpc.aio.insecure_channel(router) as channel:
             try:

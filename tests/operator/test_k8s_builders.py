@@ -148,8 +148,8 @@ def test_status_matches_the_crd_and_derives_ready() -> None:
     assert kinds["Ready"] == "True" and kinds["Migrating"] == "False"
     assert out["parallelism"]["current"]["summary"] == "1/1/4"
     assert out["replicas"]["instances"] == 1 and out["replicas"]["readyWorkers"] == 4
-    moving = st.build(st.Observed(generation=2, now=1_700_000_100, slots=slots[:3] + [
-        st.Slot(0, 0, 3, "p3", "n1", "a10g-spot", "spot", "A10G", "", "", False)],
+    moving = st.build(st.Observed(generation=2, now=1_700_000_100, slots=[
+        *slots[:3], st.Slot(0, 0, 3, "p3", "n1", "a10g-spot", "spot", "A10G", "", "", False)],
         router_ready=True, capacity_available=True,
         migration=st.Migration("e2", "draining", "notice on n1", "aws", ("n1",),
                                1_700_000_050, 1_700_000_170, 10, 0)), out)

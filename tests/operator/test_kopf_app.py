@@ -33,7 +33,6 @@ from spotserve.operator.k8s.api import Connection
 from spotserve.operator.k8s.app import Runtime, register
 from spotserve.operator.k8s.backend import BackendOptions
 
-DEBUG = False
 NS = "llm"
 LLMS = f"/apis/spotserve.dev/v1alpha1/namespaces/{NS}/llmservices"
 PODS = f"/api/v1/namespaces/{NS}/pods"
@@ -176,7 +175,6 @@ async def operator(objects: Sequence[dict[str, Any]]
         helper = asyncio.create_task(kubelet(cluster))
         try:
             yield cluster, wire
-            if DEBUG: print([str(r.method)+' '+str(r.url) for r in k8s._requests][:60])
             assert not task.done(), "the operator stopped"
         finally:
             helper.cancel()
