@@ -458,10 +458,10 @@ async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetri
 def _driver_address(role: worker_pb2.Role) -> str:
     """The pipeline driver's address: named in the role, or inferred from its peers."""
     if role.driver:
-        return role.driver
+        return str(role.driver)
     if role.stage == 0 and role.tp_peers:
-        return role.tp_peers[0]
-    return role.prev_stage if role.stage == 1 else ""
+        return str(role.tp_peers[0])
+    return str(role.prev_stage) if role.stage == 1 else ""
 
 
 def _code_for(error: SpotserveError) -> grpc.StatusCode:
