@@ -27,6 +27,8 @@ class Connection:
     token: str | None = None
     ca_file: str | None = None
     insecure: bool = False
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 def collection(kind: str, namespace: str, api_version: str = "v1") -> str:
@@ -51,9 +53,10 @@ class KubeApi:
     def _ssl(self) -> ssl.SSLContext | bool:
         if self.connection.insecure:
             return False
-        if self.connection.ca_file:
-            return ssl.create_default_context(cafile=self.connection.ca_file)
-        return True
+        context = ssl.create_default_context(cafile=self.connection.ca_file)
+        if self.connection.cert_file:
+            context.load_cert_chain(self.connection.cert_file, self.connection.key_file)
+        return context
 
     async def _request(self, method: str, path: str, body: Any = None,
                        content_type: str = "application/json",
