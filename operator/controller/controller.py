@@ -70,6 +70,9 @@ class ControllerSettings:
     grace_seconds: float = 30.0
     replan_threshold: float = 0.2  # relative load change that triggers a re-plan
     replacement_capacity: str = "spot"
+    # Idle instances kept as warm standby (spot first) instead of released: the next notice
+    # then has somewhere to move the doomed pipeline's position and KV at once.
+    standby_instances: int = 0
 
 
 class MigrationAborted(Exception):
@@ -241,9 +244,10 @@ class Controller:
         await self._checkpoint(involved)
         self._set_phase("configuring")
         new_ids = pipeline_ids(epoch, old_ids, old, new)
-        jobs = assignments(self.settings.model, epoch, new,
-                           result.migration.transfers if result.migration else (), old, old_ids)
         inherits = dict(result.mapping.inherits)
+        jobs = assignments(self.settings.model, epoch, new,
+                           result.migration.transfers if result.migration else (), old, old_ids,
+                           inherits)
         kv = {o: drained.get(o, ()) for o in inherits.values()}
         await self.actuator.configure(epoch, jobs, kv)
         await self._checkpoint(involved)
@@ -327,6 +331,10 @@ class Controller:
             return
         capacity = {r.name: r.capacity for r in self.view.instances.values()}
         idle.sort(key=lambda n: (capacity.get(n) != "on-demand", n))
+        keep = self.settings.standby_instances
+        idle = idle[:len(idle) - keep] if keep else idle
+        if not idle:
+            return
         try:
             await self.actuator.release(idle)
             self.journal.record("released", self.epoch, instances=idle)

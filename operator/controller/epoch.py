@@ -64,6 +64,10 @@ class WorkerAssignment:
     pieces: tuple[SlicePiece, ...]
     kv: tuple[KVPiece, ...]
     unchanged: bool
+    # The old pipeline whose drained requests this GPU's pipeline resumes, and that old
+    # pipeline's driver (which holds their whole KV caches after the drain).
+    kv_from: int | None = None
+    kv_holder: GpuId | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -141,10 +145,12 @@ def _drivers(gpu_at: Mapping[Position, GpuId], pipeline: int, num_stages: int
 
 
 def assignments(model: ModelSpec, epoch: int, new: Placement, transfers: Sequence[Transfer],
-                old: Placement | None = None, old_ids: Sequence[str] = ()
-                ) -> dict[GpuId, WorkerAssignment]:
-    """What every GPU of `new` does in `epoch`."""
+                old: Placement | None = None, old_ids: Sequence[str] = (),
+                inherits: Mapping[int, int] | None = None) -> dict[GpuId, WorkerAssignment]:
+    """What every GPU of `new` does in `epoch`; `inherits` maps a new pipeline to the old
+    one whose interrupted requests it resumes."""
     config = new.config
+    heirs = dict(inherits or {})
     ids = pipeline_ids(epoch, old_ids, old, new)
     same = unchanged_pipelines(old, new)
     weights: dict[GpuId, list[Transfer]] = defaultdict(list)
@@ -167,8 +173,16 @@ def assignments(model: ModelSpec, epoch: int, new: Placement, transfers: Sequenc
                            for r in range(stage.tp)),
             prev_stage=driver[position.stage - 1], next_stage=driver[position.stage + 1],
             pieces=_pieces(model, config, position, weights.get(gpu, [])),
-            kv=tuple(kv.get(gpu, [])), unchanged=position.pipeline in same)
+            kv=tuple(kv.get(gpu, [])), unchanged=position.pipeline in same,
+            kv_from=heirs.get(position.pipeline),
+            kv_holder=_old_driver(old, heirs.get(position.pipeline)))
     return out
+
+
+def _old_driver(old: Placement | None, pipeline: int | None) -> GpuId | None:
+    if old is None or pipeline is None or pipeline >= old.config.data:
+        return None
+    return old.by_position.get(Position(pipeline, 0, 0))
 
 
 def pipelines_to_drain(old: Placement | None, new: Placement,

@@ -1,0 +1,385 @@
+"""One local-mode run: router + controller + emulated instances + a steady request stream.
+
+`run_local(options)` starts the real router (in this process, gRPC and HTTP on
+127.0.0.1), the `LocalBackend` and the `Controller`; plays the cloud script (boots,
+notices, kills); sends greedy requests at a steady rate through the router's gRPC API;
+optionally restarts the controller mid-run from its state file; and, once the script has
+ended, replays every prompt against the final configuration (the no-preemption
+reference). Every process it starts is stopped on the way out, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from spotserve.catalog import Catalog
+from spotserve.errors import SpotserveError
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+from ..controller.controller import Controller, ControllerSettings, MigrationAborted
+from ..controller.events import LoadChanged
+from ..controller.journal import Journal
+from ..planner.cost_model import Workload
+from ..planner.homogeneous import SearchLimits
+from ..planner.roofline import RooflineCostModel
+from ..router.app import RouterApp
+from .backend import BackendOptions, LocalBackend
+from .cloud import ADD, KILL, NOTICE, RATE, Script
+from .tiny_model import VOCAB
+
+log = logging.getLogger("spotserve.local")
+CATALOG = Path(__file__).with_name("catalog.yaml")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model_dir: Path
+    workdir: Path
+    script: Script
+    instance_type: str = "cpu-1x"
+    grace: float = 10.0
+    rate: float = 2.0                 # requests/s sent to the router
+    planned_rate: float = 1.0         # the rate the controller plans for
+    prompt_tokens: int = 12
+    max_tokens: int = 32
+    min_gpus_per_replica: int = 2
+    standby: int = 1
+    boot_delay: float = 0.0
+    on_demand_limit: int = 0
+    restart_at: float | None = None   # seconds into the run: restart the controller
+    reference: bool = True
+    seed: int = 0
+    progress_every: float = 5.0
+    say: Callable[[str], None] | None = None
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    prompt: list[int]
+    sent: float
+    done: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    finish: int = 0
+    error: str = ""
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.sent
+
+
+@dataclass
+class RunResult:
+    records: list[RequestRecord]
+    reference: dict[str, list[int]]
+    timeline: list[dict[str, Any]]
+    journal: list[dict[str, Any]]
+    configs: list[dict[str, Any]]
+    resumed: dict[str, int]
+    moved: dict[str, int]
+    controller_metrics: dict[str, float]
+    wall_seconds: float
+    script_source: str
+
+    @property
+    def failed(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.error or r.finish != common_pb2.FINISH_REASON_LENGTH]
+
+    @property
+    def mismatched(self) -> list[str]:
+        return [r.request_id for r in self.records if not r.error
+                and r.request_id in self.reference and self.reference[r.request_id] != r.tokens]
+
+
+def settings_for(model: ModelSpec, options: RunOptions) -> ControllerSettings:
+    return ControllerSettings(
+        model=model, cost=RooflineCostModel(model), catalog=Catalog.load(CATALOG),
+        workload=Workload(options.prompt_tokens, options.max_tokens),
+        limits=SearchLimits(max_batch=8, min_gpus_per_replica=options.min_gpus_per_replica),
+        grace_seconds=options.grace, standby_instances=options.standby,
+        replacement_capacity="spot")
+
+
+def _router_args(model_dir: Path) -> argparse.Namespace:
+    return argparse.Namespace(
+        model=model_dir, served_model_name="tiny-llama", max_context=None,
+        grpc="127.0.0.1:0", http="127.0.0.1:0", max_queue=512, max_concurrency=8,
+        queue_timeout=120.0, request_timeout=300.0, resume_timeout=120.0, hint_wait=60.0,
+        shutdown_grace=1.0)
+
+
+class LocalRun:
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        self.model = ModelSpec.from_hf_config(options.model_dir)
+        self.catalog = Catalog.load(CATALOG)
+        self.catalog.instance(options.instance_type)  # fail early on a bad type
+        self.token = secrets.token_hex(16)
+        self.records: list[RequestRecord] = []
+        self.configs: list[dict[str, Any]] = []
+        self.journal = Journal(options.workdir / "controller")
+        self.router: RouterApp | None = None
+        self.backend: LocalBackend | None = None
+        self.controller: Controller | None = None
+        self._controller_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._start, self._wall0 = time.monotonic(), time.time()
+        self._rng = random.Random(options.seed)
+        self._sent = 0
+
+    def say(self, text: str) -> None:
+        if self.options.say is not None:
+            self.options.say(text)
+
+    def now(self) -> float:
+        return time.monotonic() - self._start
+
+    # ---- lifecycle --------------------------------------------------------------------
+    async def run(self) -> RunResult:
+        try:
+            await self._start_all()
+            await self._play()
+            reference = await self._reference() if self.options.reference else {}
+            return self._result(reference)
+        finally:
+            await self._stop_all()
+
+    async def _start_all(self) -> None:
+        self.options.workdir.mkdir(parents=True, exist_ok=True)
+        for stale in ("state.json", "events.jsonl"):
+            (self.options.workdir / "controller" / stale).unlink(missing_ok=True)
+        self.router = RouterApp.from_args(_router_args(self.options.model_dir), pipelines=[],
+                                          token=self.token, api_keys=[])
+        with contextlib.redirect_stdout(io.StringIO()):
+            await self.router.start()
+        address = f"127.0.0.1:{self.router.grpc_port}"
+        self.channel = grpc.aio.insecure_channel(address)
+        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+        self.backend = LocalBackend(self.model, self.catalog, BackendOptions(
+            model_dir=self.options.model_dir, workdir=self.options.workdir / "logs",
+            router_address=address, token=self.token, boot_delay=self.options.boot_delay,
+            on_demand_limit=self.options.on_demand_limit,
+            output_tokens=self.options.max_tokens))
+        self._start, self._wall0 = time.monotonic(), time.time()
+        self._start_controller()
+        await self.backend.events.put(LoadChanged(self.options.planned_rate))
+        self._tasks.append(asyncio.create_task(self._forward_events()))
+
+    def _start_controller(self) -> None:
+        assert self.backend is not None
+        self.controller = Controller(settings_for(self.model, self.options), self.backend,
+                                     self.journal)
+        self._controller_task = asyncio.create_task(self._drive(self.controller))
+
+    async def _drive(self, controller: Controller) -> None:
+        if controller.needs_replan_after_restart():
+            with contextlib.suppress(MigrationAborted):
+                await controller.reconcile("controller restarted")
+        await controller.run()
+
+    async def _forward_events(self) -> None:
+        assert self.backend is not None
+        while True:
+            event = await self.backend.events.get()
+            while self.controller is None:
+                await asyncio.sleep(0.05)
+            await self.controller.submit(event)
+
+    async def _stop_all(self) -> None:
+        for task in [*self._tasks, self._controller_task]:
+            if task is not None:
+                task.cancel()
+        for task in [*self._tasks, self._controller_task]:
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+        if self.backend is not None:
+            await self.backend.close()
+        if self.router is not None:
+            with contextlib.suppress(Exception):
+                await self.channel.close()
+            await self.router.stop(grace=0)
+
+    async def restart_controller(self) -> None:
+        """Stop the controller between migrations and start a new one from the state file."""
+        while self.controller is not None and self.controller.phase not in ("idle", "serving"):
+            await asyncio.sleep(0.1)
+        if self._controller_task is not None:
+            self._controller_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._controller_task
+        self.controller = None
+        self.say(f"[{self.now():6.1f}s] controller restarted (resumes from its state file)")
+        self._start_controller()
+
+    # ---- the script and the load ------------------------------------------------------
+    async def _play(self) -> None:
+        assert self.backend is not None
+        load = asyncio.create_task(self._load())
+        progress = asyncio.create_task(self._progress())
+        self._tasks += [load, progress]
+        events = list(self.options.script.events)
+        restart = self.options.restart_at
+        for event in events:
+            if restart is not None and restart <= event.at:
+                await self._sleep_until(restart)
+                await self.restart_controller()
+                restart = None
+            await self._sleep_until(event.at)
+            await self._cloud(event)
+        if restart is not None:
+            await self._sleep_until(restart)
+            await self.restart_controller()
+        await self._sleep_until(self.options.script.end)
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+        await self._wait_requests()
+        progress.cancel()
+
+    async def _sleep_until(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - self.now()))
+
+    async def _cloud(self, event: Any) -> None:
+        assert self.backend is not None
+        if event.kind == ADD:
+            task = asyncio.create_task(self.backend.add_instance(event.instance,
+                                                                 self.options.instance_type))
+            self._tasks.append(task)
+        elif event.kind == NOTICE:
+            self.say(f"[{self.now():6.1f}s] termination notice for {event.instance} "
+                     f"({self.options.grace:g}s grace)")
+            await self.backend.notice(event.instance, self.options.grace)
+        elif event.kind == KILL:
+            self.say(f"[{self.now():6.1f}s] {event.instance} terminated")
+            await self.backend.kill(event.instance)
+        elif event.kind == RATE and event.rate is not None:
+            await self.backend.set_rate(event.rate)
+
+    async def _load(self) -> None:
+        """A steady stream: one request every 1/rate seconds, once something serves."""
+        while not (self.backend and any(p.state == "serving" for p in self.backend.routed)):
+            await asyncio.sleep(0.2)
+        interval = 1.0 / self.options.rate
+        next_at = self.now()
+        while True:
+            self._send()
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - self.now()))
+
+    def _prompt(self) -> list[int]:
+        vocab = min(self.model.vocab_size, VOCAB)
+        return [self._rng.randrange(3, vocab) for _ in range(self.options.prompt_tokens)]
+
+    def _send(self) -> None:
+        self._sent += 1
+        record = RequestRecord(f"req-{self._sent:04d}", self._prompt(), self.now())
+        self.records.append(record)
+        task = asyncio.create_task(self._generate(record, record.request_id))
+        self._tasks.append(task)
+
+    async def _generate(self, record: RequestRecord, request_id: str) -> None:
+        request = inference_pb2.GenerateRequest(
+            token_ids=inference_pb2.TokenIds(ids=record.prompt), request_id=request_id,
+            sampling=common_pb2.SamplingParams(max_tokens=self.options.max_tokens,
+                                               temperature=0.0, ignore_eos=True))
+        try:
+            async for message in self.inference.Generate(request, timeout=300):
+                record.tokens.extend(message.token_ids)
+                if message.finish_reason:
+                    record.finish = message.finish_reason
+        except grpc.aio.AioRpcError as exc:
+            record.error = f"{exc.code().name}: {exc.details()}"
+        record.done = self.now()
+
+    async def _wait_requests(self) -> None:
+        pending = [t for t in self._tasks if not t.done() and t.get_coro().__name__ ==
+                   "_generate"]  # type: ignore[union-attr]
+        if pending:
+            await asyncio.wait(pending, timeout=120)
+
+    async def _progress(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.progress_every)
+            self.say(self.status_line())
+
+    def status_line(self) -> str:
+        done = [r for r in self.records if r.done]
+        ok = [r for r in done if not r.error]
+        latency = sorted(r.latency for r in ok[-50:])
+        p50 = latency[len(latency) // 2] if latency else 0.0
+        controller = self.controller
+        plan = controller.last_plan if controller else None
+        config = plan.config.describe() if plan and plan.config else "-"
+        backend = self.backend
+        states: dict[str, int] = {}
+        for instance in (backend.instances.values() if backend else ()):
+            states[instance.state] = states.get(instance.state, 0) + 1
+        instances = " ".join(f"{k}={v}" for k, v in sorted(states.items()))
+        return (f"[{self.now():6.1f}s] instances {instances or '-'} | {config} | "
+                f"epoch {controller.epoch if controller else '-'} | requests "
+                f"{len(ok)}/{len(self.records)} done, {len(done) - len(ok)} failed | "
+                f"p50 {p50:.2f}s")
+
+    # ---- the reference and the result -------------------------------------------------
+    async def _reference(self) -> dict[str, list[int]]:
+        """Every prompt again on the final configuration, no preemption in between."""
+        self.say(f"[{self.now():6.1f}s] reference run: {len(self.records)} prompts, "
+                 f"no preemption")
+        out: dict[str, list[int]] = {}
+        limit = asyncio.Semaphore(16)
+
+        async def one(record: RequestRecord) -> None:
+            copy = RequestRecord(record.request_id, record.prompt, 0.0)
+            async with limit:
+                await self._generate(copy, f"ref-{record.request_id}")
+            out[record.request_id] = copy.tokens if not copy.error else []
+
+        await asyncio.gather(*(one(r) for r in self.records if not r.error))
+        return out
+
+    def _result(self, reference: dict[str, list[int]]) -> RunResult:
+        assert self.router is not None and self.backend is not None
+        sample = self.router.router.metrics.registry.get_sample_value
+        resumed = {mode: int(sample("spotserve_requests_resumed_total", {"mode": mode}) or 0)
+                   for mode in ("kv", "reprefill")}
+        moved = self.backend.moved
+        configs = [{"t": round(e["time"] - self._wall0, 3), "epoch": e["epoch"],
+                    "config": e.get("config", ""), "pipelines": e.get("pipelines", [])}
+                   for e in self.journal.entries if e["kind"] == "serving"]
+        controller_metrics = {}
+        if self.controller is not None:
+            get = self.controller.metrics.registry.get_sample_value
+            for reason in ("notice", "join", "loss", "load"):
+                controller_metrics[f"replans_{reason}"] = get("spotserve_replans_total",
+                                                              {"reason": reason}) or 0.0
+            controller_metrics["bytes_planned"] = get(
+                "spotserve_migration_bytes_planned_total") or 0.0
+        return RunResult(
+            records=list(self.records), reference=reference,
+            timeline=list(self.backend.timeline), journal=list(self.journal.entries),
+            configs=configs, resumed=resumed,
+            moved={"kept": moved.kept, "pulled": moved.pulled,
+                   "checkpoint": moved.checkpoint, "configures": moved.configures},
+            controller_metrics=controller_metrics, wall_seconds=self.now(),
+            script_source=self.options.script.source)
+
+
+async def run_local(options: RunOptions) -> RunResult:
+    if not (options.model_dir / "config.json").is_file():
+        raise SpotserveError(f"--model {options.model_dir}: no config.json there")
+    return await LocalRun(options).run()
