@@ -281,8 +281,8 @@ class ServiceRunner:
             return None
         last = planned[-1]
         doomed = controller.view.in_state("notice")
-        cloud = next((self.nodes[r.name][0].cloud for r in doomed if r.name in self.nodes),
-                     None)
+        notices = [self.nodes[r.name][0].notice for r in doomed if r.name in self.nodes]
+        cloud = next((n.cloud for n in notices if n is not None), None)
         return st.Migration(
             f"e{last['epoch']}", controller.phase, str(last.get("reason", "")), cloud,
             tuple(r.name for r in doomed), float(last["time"]),

@@ -118,7 +118,7 @@ async def kubelet(cluster: Cluster) -> None:
     while True:
         for pod in await cluster.items(PODS):
             meta, status = pod["metadata"], pod.get("status") or {}
-            if meta["labels"].get("app.kubernetes.io/component") != "worker" or \
+            if (meta.get("labels") or {}).get("app.kubernetes.io/component") != "worker" or \
                     status.get("podIP"):
                 continue
             ip = addresses.setdefault(meta["name"], f"127.0.0.{len(addresses) + 2}")
@@ -129,9 +129,9 @@ async def kubelet(cluster: Cluster) -> None:
 
 
 @contextlib.asynccontextmanager
-async def operator(objects: Sequence[dict[str, Any]]
-                   ) -> AsyncIterator[tuple[Cluster, RecordingWire]]:
-    wire = RecordingWire()
+async def emulator(objects: Sequence[dict[str, Any]]) -> AsyncIterator[Cluster]:
+    """kmock serving the resources the operator uses, seeded with `objects`, plus the
+    stand-in kubelet."""
     async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
         k8s.resources["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False,
                                                        verbs={"list", "watch", "get",
@@ -154,35 +154,54 @@ async def operator(objects: Sequence[dict[str, Any]]
         for obj in objects:
             path = "/api/v1/nodes" if obj["kind"] == "Node" else LLMS
             await cluster.call("POST", path, obj)
-        registry = kopf.OperatorRegistry()
-        url = str(server.url)
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=url, insecure=True)
-
-        runtime = Runtime(Connection(url, insecure=True), token="t", wire=lambda: wire,
-                          options=BackendOptions(ready_timeout=20, poll_seconds=0.2),
-                          interval=0.3)
-        register(registry, runtime)
-        settings = kopf.OperatorSettings()
-        settings.peering.standalone = True
-        settings.posting.enabled = False
-        settings.watching.reconnect_backoff = 0.2
-        stop = asyncio.Event()
-        task = asyncio.create_task(kopf.operator(registry=registry, settings=settings,
-                                                 clusterwide=True, stop_flag=stop))
         helper = asyncio.create_task(kubelet(cluster))
         try:
-            yield cluster, wire
-            assert not task.done(), "the operator stopped"
+            yield cluster
         finally:
             helper.cancel()
-            stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(task, helper, return_exceptions=True),
-                                       15)
+            await asyncio.gather(helper, return_exceptions=True)
             await cluster.session.close()
+
+
+@contextlib.asynccontextmanager
+async def running(cluster: Cluster, wire: Any) -> AsyncIterator[None]:
+    """The real kopf app (indices + daemons) against `cluster`, stopped on exit."""
+    registry = kopf.OperatorRegistry()
+    url = cluster.url
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=url, insecure=True)
+
+    runtime = Runtime(Connection(url, insecure=True), token="t", wire=lambda: wire,
+                      options=BackendOptions(ready_timeout=20, poll_seconds=0.2),
+                      interval=0.3)
+    register(registry, runtime)
+    settings = kopf.OperatorSettings()
+    settings.peering.standalone = True
+    settings.posting.enabled = False
+    settings.watching.reconnect_backoff = 0.2
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings,
+                                             clusterwide=True, stop_flag=stop))
+    try:
+        yield
+        assert not task.done(), "the operator stopped"
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def operator(objects: Sequence[dict[str, Any]]
+                   ) -> AsyncIterator[tuple[Cluster, RecordingWire]]:
+    wire = RecordingWire()
+    async with emulator(objects) as cluster, running(cluster, wire):
+        yield cluster, wire
 
 
 def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -213,8 +232,48 @@ async def test_invalid_service_is_degraded_and_the_operator_runs_on(
         assert await until(good_planned)
 
 
+def taint(key: str) -> Callable[[Cluster, str], Awaitable[Any]]:
+    async def apply(cluster: Cluster, node_name: str) -> Any:
+        return await cluster.call("PATCH", f"/api/v1/nodes/{node_name}", {"spec": {"taints": [
+            {"key": key, "effect": "NoSchedule"}]}})
+    return apply
+
+
+def node_event(reason: str) -> Callable[[Cluster, str], Awaitable[Any]]:
+    async def apply(cluster: Cluster, node_name: str) -> Any:
+        return await cluster.call("POST", "/api/v1/namespaces/default/events", {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{node_name}.{reason.lower()}", "namespace": "default",
+                         "resourceVersion": "1"},
+            "involvedObject": {"kind": "Node", "name": node_name}, "reason": reason,
+            "type": "Warning", "message": "the instance will be interrupted"})
+    return apply
+
+
+async def disruption_target(cluster: Cluster, node_name: str) -> Any:
+    return await cluster.call("POST", PODS, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "evicted", "namespace": NS, "resourceVersion": "1"},
+        "spec": {"nodeName": node_name, "containers": [{"name": "c", "image": "x"}]},
+        "status": {"conditions": [{"type": "DisruptionTarget", "status": "True",
+                                   "reason": "TerminationByKubelet"}]}})
+
+
+NOTICES = {
+    "taint-aws-spot-itn": (taint("aws-node-termination-handler/spot-itn"), "aws"),
+    "taint-karpenter-disrupted": (taint("karpenter.sh/disrupted"), "aws"),
+    "taint-gke-impending-termination": (taint("cloud.google.com/impending-node-termination"),
+                                        "gcp"),
+    "taint-aks-remediator": (taint("remediator.kubernetes.azure.com/unschedulable"), "azure"),
+    "event-spot-interrupted": (node_event("SpotInterrupted"), "aws"),
+    "pod-disruption-target": (disruption_target, "aws"),
+}
+
+
 @pytest.mark.timeout(90)
-async def test_service_is_planned_placed_and_migrates_on_a_taint() -> None:
+@pytest.mark.parametrize("source", list(NOTICES))
+async def test_service_is_planned_placed_and_migrates_on_a_notice(source: str) -> None:
+    notify, cloud = NOTICES[source]
     async with operator([node("n1"), node("n2"), service("llama", SPEC)]) as (cluster, wire):
         async def ready() -> dict[str, Any] | None:
             obj = await cluster.get(f"{LLMS}/llama")
@@ -237,8 +296,7 @@ async def test_service_is_planned_placed_and_migrates_on_a_taint() -> None:
         doomed = sorted(used)[0]
         epoch = wire.topologies[-1][0]
 
-        await cluster.call("PATCH", f"/api/v1/nodes/{doomed}", {"spec": {"taints": [
-            {"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}]}})
+        await notify(cluster, doomed)
 
         async def moved() -> dict[str, Any] | None:
             obj = await cluster.get(f"{LLMS}/llama")
@@ -248,11 +306,11 @@ async def test_service_is_planned_placed_and_migrates_on_a_taint() -> None:
             return obj if done and nodes else None
         obj = await until(moved, 40)
         migration = obj["status"]["migration"]
-        assert migration["noticeSource"] == "aws"
+        assert migration["noticeSource"] == cloud
         assert "notice" in migration["reason"]
 
         async def replaced() -> bool:
             pods = await cluster.items(PODS)
-            return not any(p["metadata"]["labels"].get("spotserve.dev/node") == doomed
-                           for p in pods)
+            return not any((p["metadata"].get("labels") or {}).get("spotserve.dev/node") ==
+                           doomed for p in pods)
         assert await until(replaced)
