@@ -115,8 +115,7 @@ class Driver:
               ) -> Future[DrainResult]:
         """Stop after `steps` more steps, or before `deadline_unix`; KV kept."""
         done: Future[DrainResult] = Future()
-        self._call(lambda: self._start_drain(steps, deadline_unix, done))
-        return done
+        return self._call_into(lambda: self._start_drain(steps, deadline_unix, done), done)
 
     def undrain(self) -> Future[None]:
         return self._call(self._undrain)
@@ -124,7 +123,18 @@ class Driver:
     def stop(self) -> Future[DrainResult]:
         """Pause every request (KV kept) and release the pipeline's other ranks."""
         done: Future[DrainResult] = Future()
-        self._call(lambda: self._stop(done))
+        return self._call_into(lambda: self._stop(done), done)
+
+    def _call_into(self, fn: Callable[[], Any], done: Future[DrainResult]
+                   ) -> Future[DrainResult]:
+        """Run `fn` (which completes `done`) on the engine thread; when it cannot run (the
+        driver stopped or its pipeline failed), `done` fails instead of waiting forever."""
+        def relay(call: Future[Any]) -> None:
+            error = call.exception()
+            if error is not None and not done.done():
+                done.set_exception(error)
+
+        self._call(fn).add_done_callback(relay)
         return done
 
     @property

@@ -270,9 +270,12 @@ class WorkerServicer(TensorServicer):
     async def _teardown(self) -> None:
         """Leave the current epoch: pause its requests (KV kept), release the pipeline."""
         if self.driver is not None:
-            result = await asyncio.wrap_future(self.driver.stop())
+            try:
+                result = await asyncio.wrap_future(self.driver.stop())
+                self._log("stopped the pipeline", paused=len(result.requests))
+            except NotServing:   # its pipeline already failed (a peer died): nothing to stop
+                self._log("the pipeline had already stopped")
             await asyncio.to_thread(self.driver.join, self.options.join_timeout_s)
-            self._log("stopped the pipeline", paused=len(result.requests))
             self.driver = None
         if self._follower is not None:
             await asyncio.to_thread(self._follower.join, self.options.join_timeout_s)
