@@ -76,7 +76,7 @@ class BackendOptions:
     worker_args: tuple[str, ...] = (
         "--kv-blocks", "256", "--block-size", "8", "--max-batched-tokens", "256",
         "--max-model-len", "512", "--threads", "1", "--join-timeout", "20",
-        "--grace", "4", "--log-level", "WARNING")
+        "--grace", "4", "--log-level", "INFO")
     configure_timeout: float = 120.0
 
 
@@ -305,7 +305,7 @@ class LocalBackend(Actuator):
         members = pipeline_members(jobs)
         calls: list[tuple[WorkerProcess, worker_pb2.ConfigureRequest,
                           tuple[object, ...] | None]] = []
-        for pipeline_id, group in members.items():
+        for group in members.values():
             todo = [j for j in group if not self._serves(j)]
             if not todo:
                 continue
