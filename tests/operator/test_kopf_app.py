@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -322,3 +323,55 @@ async def test_service_is_planned_placed_and_migrates_on_a_notice(source: str) -
             return not any((p["metadata"].get("labels") or {}).get("spotserve.dev/node") ==
                            doomed for p in pods)
         assert await until(replaced)
+
+
+class GatedWire(RecordingWire):
+    """Drains for epochs from `gated_from` on wait until the gate opens."""
+
+    def __init__(self, gated_from: int) -> None:
+        super().__init__()
+        self.gated_from = gated_from
+        self.gate = threading.Event()
+
+    async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
+        while epoch >= self.gated_from and not self.gate.is_set():
+            await asyncio.sleep(0.05)
+        return await super().drain(address, epoch, steps)
+
+
+@pytest.mark.timeout(90)
+async def test_a_restarted_operator_completes_the_migration() -> None:
+    async with emulator([node("n1"), node("n2"), service("llama", SPEC)]) as cluster:
+        first = GatedWire(gated_from=2)
+        async with running(cluster, first):
+            async def ready() -> dict[str, Any] | None:
+                obj = await cluster.get(f"{LLMS}/llama")
+                return obj if conditions(obj).get("Ready", {}).get("status") == "True" \
+                    else None
+            status = (await until(ready))["status"]
+            doomed = sorted({s["node"] for s in status["placement"]})[0]
+            await taint("aws-node-termination-handler/spot-itn")(cluster, doomed)
+
+            async def stuck() -> bool:
+                obj = await cluster.get(f"{LLMS}/llama")
+                saved = obj["metadata"].get("annotations", {}).get(
+                    "spotserve.dev/controller-state")
+                return bool(saved) and json.loads(saved)["phase"] == "draining" and \
+                    obj["status"].get("migration", {}).get("phase") == "Draining" and \
+                    conditions(obj)["Migrating"]["status"] == "True"
+            assert await until(stuck)
+        assert not any(epoch >= 2 for epoch, _ in first.topologies)
+
+        second = RecordingWire()
+        async with running(cluster, second):
+            async def finished() -> dict[str, Any] | None:
+                obj = await cluster.get(f"{LLMS}/llama")
+                s = obj.get("status") or {}
+                nodes = {p["node"] for p in s.get("placement") or ()}
+                done = s.get("migration", {}).get("phase") == "Completed"
+                return obj if done and nodes and doomed not in nodes else None
+            obj = await until(finished, 40)
+        state = json.loads(obj["metadata"]["annotations"]["spotserve.dev/controller-state"])
+        assert state["epoch"] >= 2 and state["phase"] == "serving"
+        assert second.topologies and second.topologies[-1][0] >= 2
+        assert conditions(obj)["Ready"]["status"] == "True"
