@@ -32,6 +32,13 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+# optional dependency -> the extra that brings it
+_EXTRA_OF = {"torch": "worker", "safetensors": "worker", "kopf": "operator",
+             "kubernetes": "operator", "scipy": "operator", "matplotlib": "operator",
+             "aiohttp": "operator", "jinja2": "operator", "tokenizers": "operator",
+             "prometheus_client": "operator"}
+
+
 def _load(module: str) -> ModuleType | None:
     try:
         return importlib.import_module(module)
@@ -74,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args._run(args)
     except SpotserveError as exc:
         print(f"spotserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"spotserve {args.command}: error: needs the '{exc.name}' package; install it "
+              f"with pip install 'spotserve[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -48,3 +48,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, setup: str | None,
 def test_unknown_flag_exits_2() -> None:
     out = spotserve("model-info", "--frobnicate")
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_a_missing_extra_is_named_not_a_traceback() -> None:
+    code = ("import sys, spotserve.cli as c\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "sys.exit(c.main(['profile', '--model', '/nonexistent']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "spotserve[worker]" in out.stderr and "Traceback" not in out.stderr
