@@ -78,6 +78,7 @@ class BackendOptions:
         "--max-model-len", "512", "--threads", "1", "--join-timeout", "20",
         "--grace", "4", "--log-level", "INFO")
     configure_timeout: float = 120.0
+    device: str = "cpu"
 
 
 @dataclass
@@ -189,7 +190,7 @@ class LocalBackend(Actuator):
         with log_file.open("w") as stderr:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{host}:0",
-                "--model", str(self.options.model_dir), "--device", "cpu",
+                "--model", str(self.options.model_dir), "--device", self.options.device,
                 *self.options.worker_args, cwd=ROOT, env=env,
                 stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True)
         assert process.stdout is not None

@@ -114,10 +114,11 @@ def settings_for(model: ModelSpec, options: RunOptions) -> ControllerSettings:
         replacement_capacity="spot")
 
 
-def _router_args(model_dir: Path) -> argparse.Namespace:
+def router_args(model_dir: Path, grpc_address: str = "127.0.0.1:0",
+                http_address: str = "127.0.0.1:0") -> argparse.Namespace:
     return argparse.Namespace(
-        model=model_dir, served_model_name="tiny-llama", max_context=None,
-        grpc="127.0.0.1:0", http="127.0.0.1:0", max_queue=512, max_concurrency=8,
+        model=model_dir, served_model_name=model_dir.resolve().name, max_context=None,
+        grpc=grpc_address, http=http_address, max_queue=512, max_concurrency=8,
         queue_timeout=120.0, request_timeout=300.0, resume_timeout=120.0, hint_wait=60.0,
         shutdown_grace=1.0)
 
@@ -162,7 +163,7 @@ class LocalRun:
         self.options.workdir.mkdir(parents=True, exist_ok=True)
         for stale in ("state.json", "events.jsonl"):
             (self.options.workdir / "controller" / stale).unlink(missing_ok=True)
-        self.router = RouterApp.from_args(_router_args(self.options.model_dir), pipelines=[],
+        self.router = RouterApp.from_args(router_args(self.options.model_dir), pipelines=[],
                                           token=self.token, api_keys=[])
         with contextlib.redirect_stdout(io.StringIO()):
             await self.router.start()

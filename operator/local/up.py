@@ -1,0 +1,85 @@
+"""The body of `spotserve up --local` (see `up_cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import secrets
+import signal
+import sys
+
+from spotserve.catalog import Catalog
+from spotserve.model_spec import ModelSpec
+
+from ..controller.controller import Controller
+from ..controller.events import LoadChanged
+from ..controller.journal import Journal
+from ..router.app import RouterApp
+from .backend import BackendOptions, LocalBackend
+from .cloud import Script
+from .runner import CATALOG, RunOptions, router_args, settings_for
+from .tiny_model import build_tiny_llama
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    model_dir = args.model or build_tiny_llama(args.out / "model")
+    model = ModelSpec.from_hf_config(model_dir)
+    catalog = Catalog.load(CATALOG)
+    catalog.instance(args.instance_type)
+    token = secrets.token_hex(16)
+    router = RouterApp.from_args(router_args(model_dir, args.grpc, args.http), pipelines=[],
+                                 token=token, api_keys=[])
+    with contextlib.redirect_stdout(io.StringIO()):
+        await router.start()
+    backend = LocalBackend(model, catalog, BackendOptions(
+        model_dir=model_dir, workdir=args.out / "logs",
+        router_address=f"127.0.0.1:{router.grpc_port}", token=token, device=args.device))
+    options = RunOptions(model_dir=model_dir, workdir=args.out, script=Script((), 0, "none"),
+                         min_gpus_per_replica=1, standby=0)
+    controller = Controller(settings_for(model, options), backend,
+                            Journal(args.out / "controller"))
+    tasks = [asyncio.create_task(controller.run())]
+    try:
+        await controller.submit(LoadChanged(1.0))
+        await asyncio.gather(*(backend.add_instance(f"local{i}", args.instance_type)
+                               for i in range(args.instances)))
+        while not any(p.state == "serving" for p in backend.routed):
+            await asyncio.sleep(0.2)
+            await _forward(backend, controller)
+        tasks.append(asyncio.create_task(_forward_forever(backend, controller)))
+        host = args.http.rpartition(":")[0]
+        plan = controller.last_plan
+        config = plan.config.describe() if plan and plan.config else "-"
+        print(f"serving {model_dir} ({config}) on http://{host}:{router.http_port}/v1 "
+              f"(OpenAI API) and grpc {args.grpc.rpartition(':')[0]}:{router.grpc_port}; "
+              f"Ctrl-C stops", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        return 0
+    finally:
+        for task in tasks:
+            task.cancel()
+        await backend.close()
+        await router.stop(grace=1)
+
+
+async def _forward(backend: LocalBackend, controller: Controller) -> None:
+    while not backend.events.empty():
+        await controller.submit(backend.events.get_nowait())
+
+
+async def _forward_forever(backend: LocalBackend, controller: Controller) -> None:
+    while True:
+        await controller.submit(await backend.events.get())
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(args))

@@ -1,0 +1,51 @@
+"""`spotserve up --local`: serve a model on this machine behind the router, no trace.
+
+Starts the router (OpenAI HTTP + gRPC), the controller and `--instances` emulated
+instances (one `spotserve worker` process per GPU, on 127.0.0.N), then serves until
+Ctrl-C. Top level imports only the standard library and the core.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from spotserve.errors import SpotserveError
+
+HELP = "serve a model locally behind the router (spotserve up --local --model DIR)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--local", action="store_true",
+                        help="run everything on this machine (the only mode of `up`; on "
+                             "Kubernetes install the Helm chart instead)")
+    parser.add_argument("--model", type=Path, metavar="DIR",
+                        help="HF model folder with tokenizer.json (default: a tiny random "
+                             "Llama built under --out)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="emulated instances to start (1)")
+    parser.add_argument("--instance-type", default="cpu-1x",
+                        help="cpu-1x, cpu-2x or cpu-4x: worker processes per instance")
+    parser.add_argument("--device", default="cpu", help="worker device: cpu or cuda (cpu)")
+    parser.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT",
+                        help="OpenAI-compatible HTTP address (127.0.0.1:8000)")
+    parser.add_argument("--grpc", default="127.0.0.1:50051", metavar="HOST:PORT",
+                        help="gRPC Inference address (127.0.0.1:50051)")
+    parser.add_argument("--out", type=Path, default=Path("spotserve-up"), metavar="DIR",
+                        help="logs and controller state (./spotserve-up)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.local:
+        raise SpotserveError("spotserve up needs --local (on Kubernetes, install the Helm "
+                             "chart: charts/spotserve)")
+    if args.instances < 1:
+        raise SpotserveError(f"--instances {args.instances}: must be at least 1")
+    if args.model is not None and not (args.model / "tokenizer.json").is_file():
+        raise SpotserveError(f"--model {args.model}: needs config.json and tokenizer.json")
+    for flag, value in (("--http", args.http), ("--grpc", args.grpc)):
+        if ":" not in value or not value.rpartition(":")[2].isdigit():
+            raise SpotserveError(f"{flag} {value!r}: expected HOST:PORT")
+    from .up import serve
+
+    return serve(args)
