@@ -118,7 +118,7 @@ def plot(path: Path, result: RunResult) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True,
                                       gridspec_kw={"height_ratios": [1, 1.2]})
     times, counts = _instance_counts(result.timeline)
-    end = max([result.wall_seconds, *times])
+    end = max([*(r.done for r in result.records), *times])  # the reference run not shown
     times.append(end)
     bottoms = [0] * len(times)
     colours = {"ready": "#4c9f70", "notice": "#e0a030", "booting": "#9db4d8"}
@@ -134,12 +134,12 @@ def plot(path: Path, result: RunResult) -> None:
                 axis.axvline(entry["t"], color=colour, lw=1, ls="--")
             top.annotate(f"{entry['kind']} {entry['instance']}", (entry["t"], 0.1),
                          rotation=90, fontsize=7, va="bottom", ha="right")
-    for config in result.configs:
-        top.annotate(config["config"], (config["t"], max(bottoms) + 0.2), fontsize=7,
-                     rotation=20, va="bottom")
+    for n, config in enumerate(result.configs):
+        top.annotate(f"e{config['epoch']}: {config['config']}",
+                     (config["t"], max(bottoms) + 0.3 + 0.7 * (n % 3)), fontsize=7)
     top.set_ylabel("instances")
-    top.set_ylim(0, max(bottoms) + 2)
-    top.legend(loc="upper left", fontsize=8)
+    top.set_ylim(0, max(bottoms) + 3)
+    top.legend(loc="lower right", fontsize=8)
     top.set_title("spotserve local mode: instances, configuration and request latency")
     ok = [r for r in result.records if not r.error]
     bottom.scatter([r.sent for r in ok], [r.latency for r in ok], s=6, color="#3060a0",
@@ -150,7 +150,7 @@ def plot(path: Path, result: RunResult) -> None:
                        marker="x", label="failed")
     bottom.set_ylabel("latency (s)")
     bottom.set_xlabel("time (s)")
-    bottom.legend(loc="upper left", fontsize=8)
+    bottom.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
