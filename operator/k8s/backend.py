@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from spotserve.v1 import worker_pb2
+
 from ..controller.actuator import (
     Actuator,
     ActuatorError,
@@ -27,11 +29,14 @@ from ..controller.actuator import (
     RoutedPipeline,
 )
 from ..controller.epoch import WorkerAssignment
+from ..local.configure import configure_request, kv_imports, pipeline_members
 from ..planner.cluster import GpuId
 from . import manifests as m
 from .api import KubeApi, collection
 from .spec import Pool, ServiceSpec
 from .wire import Wire
+
+RENDEZVOUS_PORTS = 64  # a pipeline's store listens on worker port + 1 + epoch % this
 
 log = logging.getLogger("spotserve.operator.backend")
 
@@ -99,12 +104,50 @@ class KubernetesBackend(Actuator):
         for gpu in jobs:
             await self._ensure_pod(gpu, epoch)
         await self._wait_ready(list(jobs))
-        changed = [job for job in jobs.values() if not job.unchanged]
-        await asyncio.gather(*(self.wire.configure(epoch, job, dict(self.addresses))
-                               for job in changed))
+        requests = self._configure_requests(epoch, jobs, kv)
+        replies = await asyncio.gather(*(self.wire.configure(self.addresses[str(gpu)], request)
+                                         for gpu, request in requests),
+                                       return_exceptions=True)
+        failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
+                  if isinstance(reply, BaseException)]
+        if failed:
+            raise ActuatorError("configure failed on " + "; ".join(failed))
         for job in jobs.values():
             if job.is_driver:
                 self.drivers[job.pipeline_id] = job.gpu
+
+    def _configure_requests(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                            kv: Mapping[int, Sequence[DrainedRequest]]
+                            ) -> list[tuple[GpuId, worker_pb2.ConfigureRequest]]:
+        """One request per GPU of every pipeline that is not left serving as it is; a
+        pipeline regroups whole, its rendezvous store on the driver's pod."""
+        settings = self.service.settings
+        out = []
+        for group in pipeline_members(jobs).values():
+            if all(job.unchanged for job in group):
+                continue
+            host = self.addresses[str(group[0].gpu)].rpartition(":")[0]
+            master = f"{host}:{self.port + 1 + epoch % RENDEZVOUS_PORTS}"
+            for job in group:
+                request = configure_request(
+                    settings.model, m.model_dir(self.spec), epoch, job, group, self._address,
+                    master, settings.limits.max_batch, self._kv_imports(job, kv))
+                out.append((job.gpu, request))
+        return out
+
+    def _address(self, gpu: GpuId) -> str:
+        address = self.addresses.get(str(gpu))
+        if address is None:
+            raise ActuatorError(f"no worker address for {gpu}")
+        return address
+
+    def _kv_imports(self, job: WorkerAssignment, kv: Mapping[int, Sequence[DrainedRequest]]
+                    ) -> list[worker_pb2.KVImport]:
+        if not job.is_driver or job.kv_from is None or job.kv_holder is None or \
+                job.kv_holder == job.gpu or str(job.kv_holder) not in self.addresses:
+            return []  # no holder left: those requests re-prefill
+        return kv_imports(self.service.model, kv.get(job.kv_from, ()),
+                          self.addresses[str(job.kv_holder)])
 
     async def _ensure_pod(self, gpu: GpuId, epoch: int) -> None:
         pool = self.pool_of(gpu.instance)

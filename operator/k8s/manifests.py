@@ -129,6 +129,11 @@ def _model_volume(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
     return [{"name": "model", "emptyDir": {}}], MODEL_DIR
 
 
+def model_dir(spec: Mapping[str, Any]) -> str:
+    """Where workers and the router read the model."""
+    return _model_volume(spec)[1]
+
+
 def _download_step(spec: Mapping[str, Any], image: str) -> list[dict[str, Any]]:
     """An init container fetching a Hub repository or URL into the model volume."""
     model = spec.get("model") or {}

@@ -1,5 +1,6 @@
 """The gRPC calls the Kubernetes backend makes: worker Status/Drain/Configure and the
-router's UpdateTopology, each with the shared token. `Wire` is the seam tests replace."""
+router's UpdateTopology, each with the shared token. `Wire` is the seam tests replace.
+Configure requests are built by `operator.local.configure`, shared with local mode."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from ..controller.actuator import (
     Resume,
     RoutedPipeline,
 )
-from ..controller.epoch import WorkerAssignment
 
 STATES = {"serving": control_pb2.PIPELINE_STATE_SERVING,
           "draining": control_pb2.PIPELINE_STATE_DRAINING,
@@ -31,8 +31,7 @@ class Wire(Protocol):
 
     async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]: ...
 
-    async def configure(self, epoch: int, job: WorkerAssignment,
-                        addresses: dict[str, str]) -> None: ...
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> None: ...
 
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
@@ -68,12 +67,14 @@ class GrpcWire:
         return [DrainedRequest(r.request_id, r.prompt_tokens, r.generated_tokens, r.kv_tokens)
                 for r in out.requests]
 
-    async def configure(self, epoch: int, job: WorkerAssignment,
-                        addresses: dict[str, str]) -> None:
-        # The request is built by worker/sources.configure_request, which the operator may
-        # not import (import-linter); until it moves to a shared module this is refused.
-        raise ActuatorError(f"Configure {job.gpu}: the ConfigureRequest builder is not yet "
-                            "shared with the operator")
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                # loading weights (a checkpoint read, or peers' pulls) takes minutes
+                await worker_pb2_grpc.WorkerStub(channel).Configure(
+                    request, metadata=self.metadata, timeout=max(self.timeout, 900.0))
+            except grpc.aio.AioRpcError as exc:
+                raise ActuatorError(f"Configure {address}: {exc.details()}") from exc
 
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],

@@ -30,10 +30,10 @@ from spotserve.operator.controller.actuator import (
     Resume,
     RoutedPipeline,
 )
-from spotserve.operator.controller.epoch import WorkerAssignment
 from spotserve.operator.k8s.api import Connection
 from spotserve.operator.k8s.app import Runtime, register
 from spotserve.operator.k8s.backend import BackendOptions
+from spotserve.v1 import worker_pb2
 
 NS = "llm"
 LLMS = f"/apis/spotserve.dev/v1alpha1/namespaces/{NS}/llmservices"
@@ -56,9 +56,9 @@ class RecordingWire:
     async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
         return []
 
-    async def configure(self, epoch: int, job: WorkerAssignment,
-                        addresses: dict[str, str]) -> None:
-        self.configured.append((epoch, str(job.gpu)))
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> None:
+        assert request.role.pipeline_id and request.model.checkpoint_path == "/models"
+        self.configured.append((request.epoch, address))
 
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
@@ -368,7 +368,10 @@ async def test_a_restarted_operator_completes_the_migration() -> None:
                 obj = await cluster.get(f"{LLMS}/llama")
                 s = obj.get("status") or {}
                 nodes = {p["node"] for p in s.get("placement") or ()}
-                done = s.get("migration", {}).get("phase") == "Completed"
+                saved = json.loads(obj["metadata"]["annotations"][
+                    "spotserve.dev/controller-state"])
+                done = s.get("migration", {}).get("phase") == "Completed" and \
+                    saved["phase"] == "serving"
                 return obj if done and nodes and doomed not in nodes else None
             obj = await until(finished, 40)
         state = json.loads(obj["metadata"]["annotations"]["spotserve.dev/controller-state"])
