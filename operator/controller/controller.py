@@ -169,7 +169,7 @@ class Controller:
         if reason is None:
             return
         for event in [self.queue.get_nowait() for _ in range(self.queue.qsize())]:
-            self.view = self.view.apply(event, self.clock())
+            await self._apply(event)  # journaled, and a notice still asks for a replacement
         self.journal.record("aborted", self.epoch, phase=self.phase, reason=reason)
         self.metrics.migrations.labels("aborted").inc()
         raise MigrationAborted(reason)
