@@ -46,6 +46,7 @@ from .wire import GrpcWire, Wire
 log = logging.getLogger("spotserve.operator")
 STATE_ANNOTATION = "spotserve.dev/controller-state"
 DEFAULT_RATE = 1.0  # req/s planned for until the router reports a rate
+MIN_RATE = 0.1      # an idle router still gets a configuration to serve the next request
 
 
 @dataclass
@@ -152,6 +153,7 @@ class ServiceRunner:
         self.nodes: dict[str, tuple[NodeInfo, Pool]] = {}
         self.errors: list[Problem] = []
         self.saved_state: str | None = None
+        self.measured_at = 0.0
 
     @property
     def path(self) -> str:
@@ -166,6 +168,7 @@ class ServiceRunner:
         if self.service is None or self.controller is None or self.backend is None:
             return
         await self._feed(indices)
+        await self._autoscale()
         pending = await self.backend.settle_capacity()
         await self._write(body, pending)
 
@@ -232,6 +235,23 @@ class ServiceRunner:
         for event in node_events(self.nodes, known, self.runtime.catalog):
             if view.apply(event, time.time()) != view:
                 await self.controller.submit(event)
+
+    async def _autoscale(self) -> None:
+        """With `load.autoscale`, plan for the router's measured rate × headroom."""
+        service, backend, controller = self.service, self.backend, self.controller
+        assert service is not None and backend is not None and controller is not None
+        now = time.monotonic()
+        if service.required_rate is not None or backend.routed_epoch == 0 or \
+                now - self.measured_at < service.autoscale_window / 4:
+            return
+        self.measured_at = now
+        try:
+            measured = await backend.wire.arrival_rate(backend.router_address())
+        except ActuatorError as exc:
+            log.info("%s: no router rate: %s", self.owner.name, exc)
+            return
+        # the controller re-plans only past its threshold, so small wobbles cost nothing
+        await controller.submit(LoadChanged(max(MIN_RATE, measured * service.autoscale_headroom)))
 
     # ---- status ---------------------------------------------------------------------
     async def _write(self, body: Mapping[str, Any], pending: int) -> None:

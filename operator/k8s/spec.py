@@ -64,6 +64,8 @@ class ServiceSpec:
     max_instances: int
     desired_instances: int | None
     required_rate: float | None
+    autoscale_window: float
+    autoscale_headroom: float
     grace: Mapping[str, float]
     settings: ControllerSettings
 
@@ -214,5 +216,8 @@ def validate(spec: Mapping[str, Any], catalog: Catalog | None = None
         grace_seconds=grace_periods(spec.get("gracePeriodSeconds"))["other"],
         replacement_capacity="spot")
     name = str((spec.get("model") or {}).get("servedName") or model.name)
-    return ServiceSpec(model, name, tuple(pools), low, high, desired, rate,
+    autoscale = (spec.get("load") or {}).get("autoscale") or {}
+    window = _number(autoscale.get("windowSeconds")) or 120.0
+    headroom = _number(autoscale.get("headroom")) or 1.2
+    return ServiceSpec(model, name, tuple(pools), low, high, desired, rate, window, headroom,
                        grace_periods(spec.get("gracePeriodSeconds")), settings)

@@ -37,6 +37,8 @@ class Wire(Protocol):
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
                        resume: Sequence[Resume]) -> None: ...
 
+    async def arrival_rate(self, router: str) -> float: ...
+
 
 class GrpcWire:
     """The real calls. `addresses` maps a GPU id (`node/index`) to its worker's host:port."""
@@ -95,3 +97,13 @@ class GrpcWire:
                     message, metadata=self.metadata, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 raise ActuatorError(f"UpdateTopology {router}: {exc.details()}") from exc
+
+    async def arrival_rate(self, router: str) -> float:
+        """Requests/s the router measured over its sliding window."""
+        async with grpc.aio.insecure_channel(router) as channel:
+            try:
+                stats = await control_pb2_grpc.ControlStub(channel).Stats(
+                    control_pb2.StatsRequest(), metadata=self.metadata, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise ActuatorError(f"Stats {router}: {exc.details()}") from exc
+        return float(stats.arrival_rate_window)

@@ -49,6 +49,7 @@ class RecordingWire:
     def __init__(self) -> None:
         self.configured: list[tuple[int, str]] = []
         self.topologies: list[tuple[int, list[str]]] = []
+        self.rate_asked = False
 
     async def status(self, address: str) -> PipelineStatus:
         return PipelineStatus()
@@ -64,6 +65,10 @@ class RecordingWire:
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
                        resume: Sequence[Resume]) -> None:
         self.topologies.append((epoch, [a for p, a in pipelines if p.state == "serving"]))
+
+    async def arrival_rate(self, router: str) -> float:
+        self.rate_asked = True
+        return 0.4
 
 
 def node(name: str, **spec: Any) -> dict[str, Any]:
@@ -223,8 +228,9 @@ async def test_invalid_service_is_degraded_and_the_operator_runs_on(
     caplog.set_level(logging.WARNING)
     bad = copy.deepcopy(SPEC)
     bad["instances"] = {"min": 5, "max": 2}
-    async with operator([service("bad", bad), service("good", SPEC), node("n1")]) as (
-            cluster, _):
+    autoscaled = {**SPEC, "load": {"autoscale": {"windowSeconds": 2, "headroom": 1.5}}}
+    async with operator([service("bad", bad), service("good", autoscaled), node("n1")]) as (
+            cluster, wire):
         async def degraded() -> dict[str, Any] | None:
             c = conditions(await cluster.get(f"{LLMS}/bad")).get("Degraded")
             return c if c and c["status"] == "True" else None
@@ -239,6 +245,10 @@ async def test_invalid_service_is_degraded_and_the_operator_runs_on(
             return (await cluster.get(f"{LLMS}/good")).get("status", {}).get("parallelism",
                                                                              {}).get("current")
         assert await until(good_planned)
+
+        async def rate_measured() -> bool:
+            return wire.rate_asked
+        assert await until(rate_measured), "autoscale never asked the router for its rate"
 
 
 def taint(key: str) -> Callable[[Cluster, str], Awaitable[Any]]:
