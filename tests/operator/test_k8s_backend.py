@@ -1,0 +1,96 @@
+"""KubernetesBackend without a cluster: capacity requests (spot first, the pool's fallback,
+then on-demand), release, and the pod bookkeeping, against an in-memory API."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from spotserve.operator.controller.actuator import ActuatorError
+from spotserve.operator.k8s import manifests as m
+from spotserve.operator.k8s.api import Connection, KubeApi, matches
+from spotserve.operator.k8s.backend import KubernetesBackend
+from spotserve.operator.k8s.spec import ServiceSpec, validate
+
+OWNER = m.Owner("llama", "llm", "uid-1")
+
+
+class MemoryApi(KubeApi):
+    def __init__(self) -> None:
+        super().__init__(Connection("http://unused"))
+        self.objects: dict[str, dict[str, Any]] = {}
+
+    async def create(self, obj: Mapping[str, Any]) -> bool:
+        name = obj["metadata"]["name"]
+        if name in self.objects:
+            return False
+        self.objects[name] = dict(obj)
+        return True
+
+    async def apply(self, obj: Mapping[str, Any]) -> Any:
+        self.objects[obj["metadata"]["name"]] = dict(obj)
+
+    async def patch(self, path: str, body: Mapping[str, Any]) -> Any:
+        return body
+
+    async def delete(self, path: str) -> None:
+        self.objects.pop(path.rpartition("/")[2], None)
+
+    async def list(self, path: str, labels: Mapping[str, str] | None = None
+                   ) -> list[dict[str, Any]]:
+        return [o for o in self.objects.values() if matches(o, labels or {})]
+
+
+def backend(pools: list[dict[str, Any]], limit: int = 8) -> tuple[KubernetesBackend, MemoryApi]:
+    spec = {"model": {"huggingFace": {"repoId": "facebook/opt-6.7b"}}, "gpuPools": pools,
+            "instances": {"min": 1, "max": limit}}
+    service = validate(spec)
+    assert isinstance(service, ServiceSpec), service
+    api = MemoryApi()
+    return KubernetesBackend(api, OWNER, spec, service, wire=None,  # type: ignore[arg-type]
+                             pool_of=lambda node: None), api
+
+
+def pool(name: str, capacity: str, instances: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "capacityType": capacity, "instanceType": "g4dn.12xlarge",
+            "maxInstances": instances, **extra}
+
+
+def requested(api: MemoryApi) -> list[str]:
+    return sorted(o["metadata"]["labels"][m.POOL_LABEL] for o in api.objects.values())
+
+
+async def test_spot_first_then_the_fallback_pool() -> None:
+    b, api = backend([pool("spot", "spot", 1, fallbackPool="od"), pool("od", "on-demand", 2)])
+    await b.request_capacity("g4dn.12xlarge", 1, "spot")
+    assert requested(api) == ["spot"]
+    await b.request_capacity("g4dn.12xlarge", 2, "spot")
+    assert requested(api) == ["od", "od", "spot"]
+    cap = next(iter(api.objects.values()))
+    assert cap["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    with pytest.raises(ActuatorError, match="no pool has room"):
+        await b.request_capacity("g4dn.12xlarge", 1, "spot")
+
+
+async def test_on_demand_without_a_fallback_and_scheduled_requests_settle() -> None:
+    b, api = backend([pool("spot", "spot", 0), pool("od", "on-demand", 1)])
+    await b.request_capacity("g4dn.12xlarge", 1, "spot")
+    assert requested(api) == ["od"]
+    (name,) = api.objects
+    api.objects[name]["spec"]["nodeName"] = "n9"  # a node joined and took it
+    assert await b.settle_capacity() == 0
+    assert api.objects == {}
+
+
+async def test_release_deletes_the_pods_of_those_nodes_only() -> None:
+    b, api = backend([pool("spot", "spot", 2)])
+    raw = b.service.pools[0].raw
+    for node_name in ("n1", "n2"):
+        for gpu in range(2):
+            await api.create(m.worker_pod(OWNER, b.spec, raw, node_name, gpu, 1))
+    b.addresses = {"n1/0": "10.0.0.1:50051", "n2/0": "10.0.0.2:50051"}
+    await b.release(["n1"])
+    assert sorted(api.objects) == ["llama-w-n2-0", "llama-w-n2-1"]
+    assert list(b.addresses) == ["n2/0"]
