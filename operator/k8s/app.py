@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -60,6 +61,7 @@ class Runtime:
     wire: Callable[[], Wire] | None = None
     interval: float = 2.0
     catalog: Catalog = field(default_factory=Catalog.load)
+    model_root: Path | None = None  # volume claims as folders, to read a model's config.json
     first_seen: dict[str, dict[str, float]] = field(default_factory=dict)  # node → sightings
 
     def make_wire(self) -> Wire:
@@ -175,7 +177,7 @@ class ServiceRunner:
     async def _reconfigure(self, body: Mapping[str, Any], spec: dict[str, Any],
                            text: str) -> None:
         self.spec_text = text
-        result = validate(spec, self.runtime.catalog)
+        result = validate(spec, self.runtime.catalog, self.runtime.model_root)
         await self.stop()
         if isinstance(result, list):
             self.service = None

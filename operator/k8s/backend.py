@@ -46,6 +46,7 @@ class BackendOptions:
     ready_timeout: float = 600.0  # pods scheduled, pulled and answering
     poll_seconds: float = 1.0
     router_address: str | None = None  # host:port of the router's gRPC (default: its Service)
+    model_dir: str | None = None  # where workers read the model (default: the pod's mount)
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -122,6 +123,7 @@ class KubernetesBackend(Actuator):
         """One request per GPU of every pipeline that is not left serving as it is; a
         pipeline regroups whole, its rendezvous store on the driver's pod."""
         settings = self.service.settings
+        model_dir = self.options.model_dir or m.model_dir(self.spec)
         out = []
         for group in pipeline_members(jobs).values():
             if all(job.unchanged for job in group):
@@ -130,8 +132,8 @@ class KubernetesBackend(Actuator):
             master = f"{host}:{self.port + 1 + epoch % RENDEZVOUS_PORTS}"
             for job in group:
                 request = configure_request(
-                    settings.model, m.model_dir(self.spec), epoch, job, group, self._address,
-                    master, settings.limits.max_batch, self._kv_imports(job, kv))
+                    settings.model, model_dir, epoch, job, group, self._address, master,
+                    settings.limits.max_batch, self._kv_imports(job, kv))
                 out.append((job.gpu, request))
         return out
 

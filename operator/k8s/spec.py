@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from spotserve.catalog import Catalog
@@ -76,7 +77,10 @@ def _model_key(text: str) -> str:
     return re.sub(r"-(instruct|chat|hf|base)$", "", base)
 
 
-def model_of(model: Mapping[str, Any]) -> tuple[ModelSpec | None, list[Problem]]:
+def model_of(model: Mapping[str, Any], model_root: Path | None = None
+             ) -> tuple[ModelSpec | None, list[Problem]]:
+    """The model's shape: a built-in model named by the source, or (with `model_root`, where
+    the operator sees volume claims as folders) the volume's own config.json."""
     sources = [k for k in ("volume", "huggingFace", "url") if model.get(k)]
     if len(sources) != 1:
         return None, [Problem("spec.model", "exactly one of volume, huggingFace and url "
@@ -90,6 +94,10 @@ def model_of(model: Mapping[str, Any]) -> tuple[ModelSpec | None, list[Problem]]
         return None, [Problem(where, f"{text!r} is not an https://, s3:// or gs:// URL")]
     dtype = str(model.get("dtype") or "auto")
     candidates = [_model_key(text), _model_key(str(model.get("servedName") or ""))]
+    if model_root is not None and sources[0] == "volume":
+        folder = model_root / str(source.get("claimName", "")) / str(source.get("path") or ".")
+        if (folder / "config.json").is_file():
+            candidates.insert(0, str(folder))
     for key in filter(None, candidates):
         try:
             return resolve_model(key, None if dtype == "auto" else dtype), []
@@ -187,13 +195,13 @@ def _load_and_slo(spec: Mapping[str, Any]) -> tuple[float | None, float | None, 
     return rate, latency, problems
 
 
-def validate(spec: Mapping[str, Any], catalog: Catalog | None = None
-             ) -> ServiceSpec | list[Problem]:
+def validate(spec: Mapping[str, Any], catalog: Catalog | None = None,
+             model_root: Path | None = None) -> ServiceSpec | list[Problem]:
     """The validated spec, or every problem found (never raises on bad input)."""
     catalog = catalog or Catalog.load()
     if not isinstance(spec, Mapping):
         return [Problem("spec", "must be an object")]
-    model, problems = model_of(spec.get("model") or {})
+    model, problems = model_of(spec.get("model") or {}, model_root)
     pools, more = pools_of(spec, catalog)
     problems += more
     (low, high, desired), more = _instances(spec, pools)
