@@ -136,7 +136,9 @@ async def kubelet(cluster: Cluster) -> None:
 
 
 @contextlib.asynccontextmanager
-async def emulator(objects: Sequence[dict[str, Any]]) -> AsyncIterator[Cluster]:
+async def emulator(objects: Sequence[dict[str, Any]],
+                   stand_in: Callable[[Cluster], Awaitable[None]] | None = None
+                   ) -> AsyncIterator[Cluster]:
     """kmock serving the resources the operator uses, seeded with `objects`, plus the
     stand-in kubelet."""
     async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s) as server:
@@ -161,7 +163,7 @@ async def emulator(objects: Sequence[dict[str, Any]]) -> AsyncIterator[Cluster]:
         for obj in objects:
             path = "/api/v1/nodes" if obj["kind"] == "Node" else LLMS
             await cluster.call("POST", path, obj)
-        helper = asyncio.create_task(kubelet(cluster))
+        helper = asyncio.create_task((stand_in or kubelet)(cluster))
         try:
             yield cluster
         finally:
@@ -172,6 +174,15 @@ async def emulator(objects: Sequence[dict[str, Any]]) -> AsyncIterator[Cluster]:
 
 @contextlib.asynccontextmanager
 async def running(cluster: Cluster, wire: Any) -> AsyncIterator[None]:
+    runtime = Runtime(Connection(cluster.url, insecure=True), token="t", wire=lambda: wire,
+                      options=BackendOptions(ready_timeout=20, poll_seconds=0.2),
+                      interval=0.3)
+    async with running_with(cluster, runtime):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def running_with(cluster: Cluster, runtime: Runtime) -> AsyncIterator[None]:
     """The real kopf app (indices + daemons) against `cluster`, stopped on exit."""
     registry = kopf.OperatorRegistry()
     url = cluster.url
@@ -180,9 +191,6 @@ async def running(cluster: Cluster, wire: Any) -> AsyncIterator[None]:
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=url, insecure=True)
 
-    runtime = Runtime(Connection(url, insecure=True), token="t", wire=lambda: wire,
-                      options=BackendOptions(ready_timeout=20, poll_seconds=0.2),
-                      interval=0.3)
     register(registry, runtime)
     settings = kopf.OperatorSettings()
     settings.peering.standalone = True

@@ -1,0 +1,184 @@
+"""The kopf app driving real `spotserve worker` processes and the real router on loopback.
+
+Each "node" is a worker process on its own 127.0.0.N (the stand-in kubelet gives the node's
+worker pod that IP); the router runs in this process. Requests stream through the router
+while a node gets a termination taint: the service migrates off it, every request
+finishes, and greedy outputs equal a rerun on the new configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from spotserve.operator.k8s.api import Connection
+from spotserve.operator.local.runner import CATALOG, router_args
+from spotserve.operator.local.tiny_model import build_tiny_llama
+from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+from .test_kopf_app import (
+    LLMS,
+    PODS,
+    Cluster,
+    conditions,
+    emulator,
+    node,
+    running_with,
+    service,
+    taint,
+    until,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "t"
+IPS = {"n1": "127.0.0.2", "n2": "127.0.0.3", "n3": "127.0.0.4"}
+
+
+def common_port() -> int:
+    """A port free on every node's address."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+            port = int(s.getsockname()[1])
+        try:
+            for ip in IPS.values():
+                with socket.socket() as s:
+                    s.bind((ip, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common port")
+
+
+async def spawn(ip: str, port: int, model: Path, logs: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "SPOTSERVE_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{ip}:{port}",
+        "--model", str(model), "--device", "cpu", "--kv-blocks", "256", "--block-size", "8",
+        "--max-batched-tokens", "256", "--max-model-len", "512", "--threads", "1",
+        "--join-timeout", "20", "--grace", "4", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=(logs / f"worker-{ip}.log").open("w"),
+        start_new_session=True)
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
+    assert "worker listening" in line, (logs / f"worker-{ip}.log").read_text()[-2000:]
+    return process
+
+
+async def kubelet(cluster: Cluster) -> None:
+    """Worker pods become Ready at their node's address (where its worker listens)."""
+    while True:
+        for pod in await cluster.items(PODS):
+            meta, status = pod["metadata"], pod.get("status") or {}
+            labels = meta.get("labels") or {}
+            if labels.get("app.kubernetes.io/component") != "worker" or status.get("podIP"):
+                continue
+            await cluster.call("PATCH", f"{PODS}/{meta['name']}/status", {"status": {
+                "phase": "Running", "podIP": IPS[labels["spotserve.dev/node"]],
+                "conditions": [{"type": "Ready", "status": "True"}]}})
+        await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def loopback(tmp: Path) -> AsyncIterator[tuple[Path, int, str]]:
+    """Tiny model, one worker per node address, the router; all stopped on exit."""
+    from spotserve.operator.router.app import RouterApp
+
+    model = build_tiny_llama(tmp / "claims" / "models" / "tiny")
+    port = common_port()
+    processes = []
+    router = RouterApp.from_args(router_args(model), pipelines=[], token=TOKEN, api_keys=[])
+    try:
+        for ip in IPS.values():
+            processes.append(await spawn(ip, port, model, tmp))
+        with contextlib.redirect_stdout(None):
+            await router.start()
+        yield model, port, f"127.0.0.1:{router.grpc_port}"
+    finally:
+        await router.stop(grace=0)
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in processes:
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def generate(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) -> list[int]:
+    request = inference_pb2.GenerateRequest(
+        token_ids=inference_pb2.TokenIds(ids=prompt),
+        sampling=common_pb2.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    out: list[int] = []
+    async for message in stub.Generate(request, timeout=120):
+        out.extend(message.token_ids)
+    return out
+
+
+@pytest.mark.timeout(240)
+async def test_requests_keep_streaming_through_a_notice(tmp_path: Path) -> None:
+    from spotserve.catalog import Catalog
+    from spotserve.operator.k8s.app import Runtime
+    from spotserve.operator.k8s.backend import BackendOptions
+    from spotserve.operator.k8s.wire import GrpcWire
+
+    spec: dict[str, Any] = {
+        "model": {"volume": {"claimName": "models", "path": "tiny"}},
+        "gpuPools": [{"name": "cpu-spot", "capacityType": "spot", "instanceType": "cpu-1x",
+                      "maxInstances": 3,
+                      "nodeSelector": {"karpenter.sh/capacity-type": "spot"}}],
+        "instances": {"min": 1, "max": 3}, "serving": {"maxBatch": 8},
+        "load": {"requiredRate": 2.0}}
+    nodes = []
+    for name in IPS:
+        n = node(name)
+        n["metadata"]["labels"]["node.kubernetes.io/instance-type"] = "cpu-1x"
+        n["status"]["capacity"] = {"nvidia.com/gpu": "1"}
+        nodes.append(n)
+    async with loopback(tmp_path) as (model, port, router):
+        spec["worker"] = {"port": port}
+        async with emulator([*nodes, service("tiny", spec)], kubelet) as cluster:
+            runtime = Runtime(Connection(cluster.url, insecure=True), token=TOKEN,
+                              wire=lambda: GrpcWire(TOKEN),
+                              options=BackendOptions(ready_timeout=60, poll_seconds=0.2,
+                                                     router_address=router,
+                                                     model_dir=str(model)),
+                              interval=0.3, catalog=Catalog.load(CATALOG),
+                              model_root=tmp_path / "claims")
+            async with running_with(cluster, runtime), \
+                    grpc.aio.insecure_channel(router) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+
+                async def ready() -> dict[str, Any] | None:
+                    obj = await cluster.get(f"{LLMS}/tiny")
+                    return obj if conditions(obj).get("Ready", {}).get("status") == "True" \
+                        else None
+                status = (await until(ready, 120))["status"]
+                doomed = sorted({s["node"] for s in status["placement"]})[0]
+                prompts = [[1 + (i * 7 + j) % 50 for j in range(6 + i % 5)] for i in range(8)]
+                streams = [asyncio.create_task(generate(stub, p)) for p in prompts]
+                await asyncio.sleep(0.5)
+                await taint("aws-node-termination-handler/spot-itn")(cluster, doomed)
+
+                async def moved() -> bool:
+                    s = (await cluster.get(f"{LLMS}/tiny")).get("status") or {}
+                    nodes_now = {p["node"] for p in s.get("placement") or ()}
+                    return bool(nodes_now) and doomed not in nodes_now and \
+                        s.get("migration", {}).get("phase") == "Completed"
+                assert await until(moved, 120)
+                outputs = await asyncio.wait_for(asyncio.gather(*streams), 120)
+                assert all(len(o) == 24 for o in outputs)
+                again = [await generate(stub, p) for p in prompts]
+                assert outputs == again
