@@ -2,7 +2,8 @@
 
 Each "node" is a worker process on its own 127.0.0.N (the stand-in kubelet gives the node's
 worker pod that IP); the router runs in this process. Requests stream through the router
-while a node gets a termination taint: the service migrates off it, every request
+while a node gets a termination taint and a new node joins: the service migrates off the
+doomed node onto the new one (a real Configure of the new worker), every request
 finishes, and greedy outputs equal a rerun on the new configuration.
 """
 
@@ -149,7 +150,9 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path) -> None:
         nodes.append(n)
     async with loopback(tmp_path) as (model, port, router):
         spec["worker"] = {"port": port}
-        async with emulator([*nodes, service("tiny", spec)], kubelet) as cluster:
+        # n3's worker runs from the start, its node joins with the notice: the new pipeline
+        # there is configured for real (weights from the checkpoint or its peers)
+        async with emulator([*nodes[:2], service("tiny", spec)], kubelet) as cluster:
             runtime = Runtime(Connection(cluster.url, insecure=True), token=TOKEN,
                               wire=lambda: GrpcWire(TOKEN),
                               options=BackendOptions(ready_timeout=60, poll_seconds=0.2,
@@ -171,11 +174,12 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path) -> None:
                 streams = [asyncio.create_task(generate(stub, p)) for p in prompts]
                 await asyncio.sleep(0.5)
                 await taint("aws-node-termination-handler/spot-itn")(cluster, doomed)
+                await cluster.call("POST", "/api/v1/nodes", nodes[2])
 
                 async def moved() -> bool:
                     s = (await cluster.get(f"{LLMS}/tiny")).get("status") or {}
                     nodes_now = {p["node"] for p in s.get("placement") or ()}
-                    return bool(nodes_now) and doomed not in nodes_now and \
+                    return "n3" in nodes_now and doomed not in nodes_now and \
                         s.get("migration", {}).get("phase") == "Completed"
                 assert await until(moved, 120)
                 outputs = await asyncio.wait_for(asyncio.gather(*streams), 120)
