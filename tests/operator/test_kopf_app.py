@@ -1,11 +1,14 @@
 """The real kopf app against kmock's Kubernetes emulator on 127.0.0.1.
 
 Workers are stood in for by the test: it marks each worker pod Ready with a 127.0.0.N IP,
-and a recording `Wire` answers the gRPC calls. Covered: an invalid LLMService gets
-`Degraded` naming the field (and the operator keeps running); a valid one with GPU nodes
-gets worker pods, the router and the token copy (owned by it) and a status with the planned
-D/P/M; a notice on a node (taint, Node Event, DisruptionTarget pod) shows as a migration,
-and the node's pods are replaced.
+and a recording `Wire` answers the gRPC calls (test_kopf_e2e.py runs real ones). Covered:
+an invalid LLMService gets `Degraded` naming the field (and the operator keeps running);
+autoscale asks the router for its rate; a valid LLMService with GPU nodes gets worker pods,
+the router and the token copy (owned by it) and a status with the planned D/P/M; every
+notice source (AWS termination handler, Karpenter, GKE, AKS and cluster-autoscaler taints,
+SpotInterrupted and Preempt Node Events, a DisruptionTarget pod, a Node deletionTimestamp)
+and a node lost without notice show as a migration, and the node's pods are replaced; an
+operator restarted mid-drain completes the migration from the state it saved.
 """
 
 from __future__ import annotations
@@ -286,7 +289,18 @@ async def disruption_target(cluster: Cluster, node_name: str) -> Any:
                                    "reason": "TerminationByKubelet"}]}})
 
 
-NOTICES = {
+async def node_deleting(cluster: Cluster, node_name: str) -> Any:
+    """A Node being deleted (a finalizer holds it, as the cloud controller's would)."""
+    return await cluster.call("PATCH", f"/api/v1/nodes/{node_name}", {"metadata": {
+        "finalizers": ["example.com/hold"], "deletionTimestamp": "2030-01-01T00:00:00Z"}})
+
+
+async def node_vanishes(cluster: Cluster, node_name: str) -> Any:
+    """No notice at all: the Node object is simply gone."""
+    return await cluster.call("DELETE", f"/api/v1/nodes/{node_name}")
+
+
+NOTICES: dict[str, tuple[Callable[[Cluster, str], Awaitable[Any]], str | None]] = {
     "taint-aws-spot-itn": (taint("aws-node-termination-handler/spot-itn"), "aws"),
     "taint-karpenter-disrupted": (taint("karpenter.sh/disrupted"), "aws"),
     "taint-gke-impending-termination": (taint("cloud.google.com/impending-node-termination"),
@@ -294,6 +308,10 @@ NOTICES = {
     "taint-aks-remediator": (taint("remediator.kubernetes.azure.com/unschedulable"), "azure"),
     "event-spot-interrupted": (node_event("SpotInterrupted"), "aws"),
     "pod-disruption-target": (disruption_target, "aws"),
+    "taint-cluster-autoscaler": (taint("ToBeDeletedByClusterAutoscaler"), "aws"),
+    "event-aks-preempt": (node_event("Preempt"), "aws"),
+    "node-deletion-timestamp": (node_deleting, "aws"),
+    "node-lost-without-notice": (node_vanishes, None),
 }
 
 
@@ -333,8 +351,8 @@ async def test_service_is_planned_placed_and_migrates_on_a_notice(source: str) -
             return obj if done and nodes else None
         obj = await until(moved, 40)
         migration = obj["status"]["migration"]
-        assert migration["noticeSource"] == cloud
-        assert "notice" in migration["reason"]
+        assert migration.get("noticeSource") == cloud
+        assert ("notice" if cloud else "InstanceLost") in migration["reason"]
 
         async def replaced() -> bool:
             pods = await cluster.items(PODS)
