@@ -100,6 +100,16 @@ def instance_type(info: NodeInfo, pool: Pool, catalog: Catalog) -> str | None:
     return kinds[0].name if kinds else None
 
 
+def instance_type_of(pool: Pool, service: ServiceSpec) -> str | None:
+    """The instance type a pool provides, as the catalog names it."""
+    if pool.instance_type:
+        return pool.instance_type
+    catalog = service.settings.catalog
+    kinds = catalog.instances_with(pool.gpu_type, pool.gpus_per_instance) if pool.gpu_type \
+        else []
+    return kinds[0].name if kinds else None
+
+
 def describe(nodes: Mapping[str, Mapping[str, Any]], events: Mapping[str, list[Any]],
              disrupted: Mapping[str, list[Any]], runtime: Runtime, service: ServiceSpec,
              now: float) -> dict[str, tuple[NodeInfo, Pool]]:
@@ -172,7 +182,27 @@ class ServiceRunner:
         await self._feed(indices)
         await self._autoscale()
         pending = await self.backend.settle_capacity()
+        pending += await self._ensure_minimum(pending)
         await self._write(body, pending)
+
+    async def _ensure_minimum(self, pending: int) -> int:
+        """Ask for capacity until `instances.min` (or `desired`) nodes exist or are coming:
+        the controller plans only over nodes that exist, so a service starting from zero
+        nodes starts here. Returns how many were requested."""
+        service, backend = self.service, self.backend
+        assert service is not None and backend is not None
+        wanted = service.desired_instances or service.min_instances
+        missing = wanted - len(self.nodes) - pending
+        kind = next((instance_type_of(p, service) for p in service.pools
+                     if instance_type_of(p, service)), None)
+        if missing <= 0 or kind is None:
+            return 0
+        try:
+            await backend.request_capacity(kind, missing, "spot")
+        except ActuatorError as exc:
+            log.info("%s: %s", self.owner.name, exc)
+            return 0
+        return missing
 
     async def _reconfigure(self, body: Mapping[str, Any], spec: dict[str, Any],
                            text: str) -> None:

@@ -261,6 +261,12 @@ class KubernetesBackend(Actuator):
             pool = (pod["metadata"].get("labels") or {}).get(m.POOL_LABEL, "")
             held[pool] = held.get(pool, 0) + 1
         index = len(pending)
+        room = self.service.max_instances - sum(held.values())
+        if count > room:
+            if room <= 0:
+                raise ActuatorError(f"spec.instances.max ({self.service.max_instances}) "
+                                    "reached: no more capacity requested")
+            count = room
         for _ in range(count):
             pool = self.choose_pool(instance_type, capacity, held)
             if pool is None:

@@ -414,3 +414,26 @@ async def test_a_restarted_operator_completes_the_migration() -> None:
         assert state["epoch"] >= 2 and state["phase"] == "serving"
         assert second.topologies and second.topologies[-1][0] >= 2
         assert conditions(obj)["Ready"]["status"] == "True"
+
+
+@pytest.mark.timeout(60)
+async def test_no_nodes_yet_means_capacity_requests_up_to_min() -> None:
+    spec = {**SPEC, "instances": {"min": 2, "max": 4}}
+    async with operator([service("cold", spec)]) as (cluster, _):
+        async def requested() -> list[dict[str, Any]]:
+            pods = await cluster.items(PODS)
+            return [p for p in pods if p["metadata"]["labels"].get(
+                "app.kubernetes.io/component") == "capacity"]
+        pods = await until(requested)
+        await asyncio.sleep(1.0)  # a few more ticks: the request is not repeated
+        pods = await requested()
+        assert len(pods) == 2
+        assert pods[0]["spec"]["nodeSelector"] == {
+            "karpenter.sh/capacity-type": "spot",
+            "node.kubernetes.io/instance-type": "g4dn.12xlarge"}
+        assert pods[0]["metadata"]["ownerReferences"][0]["name"] == "cold"
+        status = (await cluster.get(f"{LLMS}/cold"))["status"]
+        assert status["replicas"]["pendingInstances"] == 2
+        assert conditions(await cluster.get(f"{LLMS}/cold"))["CapacityAvailable"][
+            "status"] == "False"
+
