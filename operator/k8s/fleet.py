@@ -1,0 +1,92 @@
+"""The nodes of an LLMService's pools, as the controller's events (pure).
+
+A node belongs to the first pool whose nodeSelector it matches; `describe` normalises it
+with `nodes.describe_node` (remembering when each notice was first seen, so replays keep
+their deadline) and `node_events` turns the picture into `InstanceReady`/`InstanceBooting`,
+`NoticeReceived` (imminent notices only: a rebalance recommendation moves nothing) and
+`InstanceLost` for nodes that vanished. Replays change nothing: the view is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from spotserve.catalog import Catalog
+
+from ..controller.events import (
+    Event,
+    InstanceBooting,
+    InstanceLost,
+    InstanceReady,
+    NoticeReceived,
+)
+from .nodes import NodeInfo, describe_node, remember
+from .spec import Pool, ServiceSpec
+
+
+def pool_for(pools: Iterable[Pool], node: Mapping[str, Any]) -> Pool | None:
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    return next((p for p in pools if p.accepts(labels)), None)
+
+
+def instance_type(info: NodeInfo, pool: Pool, catalog: Catalog) -> str | None:
+    if info.instance_type in catalog.instances:
+        return info.instance_type
+    if pool.instance_type:
+        return pool.instance_type
+    gpu = info.gpu_type or pool.gpu_type
+    if gpu is None:
+        return None
+    kinds = catalog.instances_with(gpu, info.gpu_count or None) or catalog.instances_with(gpu)
+    return kinds[0].name if kinds else None
+
+
+def instance_type_of(pool: Pool, service: ServiceSpec) -> str | None:
+    """The instance type a pool provides, as the catalog names it."""
+    if pool.instance_type:
+        return pool.instance_type
+    catalog = service.settings.catalog
+    kinds = catalog.instances_with(pool.gpu_type, pool.gpus_per_instance) if pool.gpu_type \
+        else []
+    return kinds[0].name if kinds else None
+
+
+def describe(nodes: Mapping[str, Mapping[str, Any]], events: Mapping[str, list[Any]],
+             disrupted: Mapping[str, list[Any]], service: ServiceSpec, now: float,
+             first_seen: dict[str, dict[str, float]]) -> dict[str, tuple[NodeInfo, Pool]]:
+    """The GPU nodes of the service's pools, with their notices (sightings remembered)."""
+    out = {}
+    for name, node in nodes.items():
+        pool = pool_for(service.pools, node)
+        if pool is None:
+            continue
+        info = describe_node(node, now=now, catalog=service.settings.catalog,
+                             first_seen=first_seen.get(name),
+                             events=events.get(name, ()), disrupted_pods=disrupted.get(name, ()),
+                             grace=service.grace)
+        first_seen[name] = remember(first_seen.get(name, {}), info.notices)
+        if info.gpu_count > 0 or pool.gpus_per_instance:
+            out[name] = (info, pool)
+    return out
+
+
+def node_events(seen: Mapping[str, tuple[NodeInfo, Pool]], known: Iterable[str],
+                catalog: Catalog) -> list[Event]:
+    out: list[Event] = []
+    for name, (info, pool) in sorted(seen.items()):
+        kind = instance_type(info, pool, catalog)
+        if kind is None:
+            continue
+        capacity = info.capacity_type if info.capacity_type in ("spot", "on-demand") \
+            else pool.capacity
+        zone = info.zone or ""
+        notice = info.notice
+        if info.ready or (notice is not None and notice.imminent):
+            out.append(InstanceReady(name, kind, capacity, zone))
+        else:
+            out.append(InstanceBooting(name, kind, capacity, zone))
+        if notice is not None and notice.imminent:
+            out.append(NoticeReceived(name, notice.deadline, notice.cloud))
+    out.extend(InstanceLost(name) for name in sorted(set(known) - set(seen)))
+    return out

@@ -1,0 +1,299 @@
+"""One LLMService: its spec checked, its controller run, its status written.
+
+`ServiceRunner.tick` is what the kopf daemon does every interval, level-based: validate
+the spec (a bad one gets `Degraded` naming the field, and nothing else happens until it is
+fixed), feed the controller the events of the pools' nodes, measure the load when it
+autoscales, ask for capacity up to `instances.min`, save the controller's state in the
+`spotserve.dev/controller-state` annotation (so a restarted operator resumes) and patch
+the whole status. The controller itself runs as a task; a backend failure is recorded and
+retried, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spotserve.catalog import Catalog
+
+from ..controller.actuator import ActuatorError
+from ..controller.controller import Controller
+from ..controller.events import LoadChanged
+from ..controller.journal import ControllerState, Journal
+from ..controller.view import GONE
+from . import manifests as m
+from . import status as st
+from .api import Connection, KubeApi
+from .backend import BackendOptions, KubernetesBackend
+from .fleet import describe, instance_type_of, node_events
+from .nodes import NodeInfo
+from .spec import Pool, Problem, ServiceSpec, validate
+from .wire import GrpcWire, Wire
+
+log = logging.getLogger("spotserve.operator")
+STATE_ANNOTATION = "spotserve.dev/controller-state"
+DEFAULT_RATE = 1.0  # req/s planned for until the router reports a rate
+MIN_RATE = 0.1      # an idle router still gets a configuration to serve the next request
+
+
+@dataclass
+class Runtime:
+    """What the operator's environment and command line supply."""
+
+    connection: Connection
+    token: str | None = None
+    defaults: m.Defaults = field(default_factory=m.Defaults)
+    options: BackendOptions = field(default_factory=BackendOptions)
+    wire: Callable[[], Wire] | None = None
+    interval: float = 2.0
+    catalog: Catalog = field(default_factory=Catalog.load)
+    model_root: Path | None = None  # volume claims as folders, to read a model's config.json
+    first_seen: dict[str, dict[str, float]] = field(default_factory=dict)  # node → sightings
+
+    def make_wire(self) -> Wire:
+        return self.wire() if self.wire else GrpcWire(self.token or "")
+
+
+class StatusJournal(Journal):
+    """A journal whose snapshot the daemon writes into the LLMService."""
+
+    def __init__(self, saved: ControllerState | None) -> None:
+        super().__init__(None)
+        self.saved = saved
+
+    def save(self, state: ControllerState) -> None:
+        self.saved = state
+
+    def load(self) -> ControllerState | None:
+        return self.saved
+
+
+class ServiceRunner:
+    """The daemon's state for one LLMService: its controller, backend and status."""
+
+    def __init__(self, runtime: Runtime, api: KubeApi, body: Mapping[str, Any]) -> None:
+        self.runtime, self.api = runtime, api
+        self.owner = m.Owner.of(body)
+        self.spec_text = ""
+        self.service: ServiceSpec | None = None
+        self.controller: Controller | None = None
+        self.backend: KubernetesBackend | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.nodes: dict[str, tuple[NodeInfo, Pool]] = {}
+        self.errors: list[Problem] = []
+        self.saved_state: str | None = None
+        self.measured_at = 0.0
+
+    @property
+    def path(self) -> str:
+        o = self.owner
+        return f"/apis/{m.GROUP}/{m.VERSION}/namespaces/{o.namespace}/{m.PLURAL}/{o.name}"
+
+    async def tick(self, body: Mapping[str, Any], indices: tuple[Any, Any, Any]) -> None:
+        spec = dict(body.get("spec") or {})
+        text = json.dumps(spec, sort_keys=True)
+        if text != self.spec_text:
+            await self._reconfigure(body, spec, text)
+        if self.service is None or self.controller is None or self.backend is None:
+            return
+        await self._feed(indices)
+        await self._autoscale()
+        pending = await self.backend.settle_capacity()
+        pending += await self._ensure_minimum(pending)
+        await self._write(body, pending)
+
+    async def _ensure_minimum(self, pending: int) -> int:
+        """Ask for capacity until `instances.min` (or `desired`) nodes exist or are coming:
+        the controller plans only over nodes that exist, so a service starting from zero
+        nodes starts here. Returns how many were requested."""
+        service, backend = self.service, self.backend
+        assert service is not None and backend is not None
+        wanted = service.desired_instances or service.min_instances
+        missing = wanted - len(self.nodes) - pending
+        kind = next((instance_type_of(p, service) for p in service.pools
+                     if instance_type_of(p, service)), None)
+        if missing <= 0 or kind is None:
+            return 0
+        try:
+            await backend.request_capacity(kind, missing, "spot")
+        except ActuatorError as exc:
+            log.info("%s: %s", self.owner.name, exc)
+            return 0
+        return missing
+
+    async def _reconfigure(self, body: Mapping[str, Any], spec: dict[str, Any],
+                           text: str) -> None:
+        self.spec_text = text
+        result = validate(spec, self.runtime.catalog, self.runtime.model_root)
+        await self.stop()
+        if isinstance(result, list):
+            self.service = None
+            log.warning("%s/%s is invalid: %s", self.owner.namespace, self.owner.name,
+                        "; ".join(map(str, result)))
+            await self._patch_status(body, st.Observed(
+                generation=_generation(body), now=time.time(), problems=result,
+                selector=m.selector(self.owner)))
+            return
+        self.service = result
+        self.backend = KubernetesBackend(self.api, self.owner, spec, result,
+                                         self.runtime.make_wire(), self._pool_of,
+                                         self.runtime.defaults, self.runtime.options)
+        await self.backend.ensure_router(self.runtime.token)
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        saved = annotations.get(STATE_ANNOTATION)
+        state = ControllerState.from_dict(json.loads(saved)) if saved else None
+        self.saved_state = saved
+        self.controller = Controller(result.settings, self.backend, StatusJournal(state))
+        rate = result.required_rate or DEFAULT_RATE
+        self.task = asyncio.create_task(self._run(self.controller, rate, state is not None))
+
+    def _pool_of(self, node: str) -> Pool | None:
+        entry = self.nodes.get(node)
+        return entry[1] if entry else None
+
+    async def _run(self, controller: Controller, rate: float, resumed: bool) -> None:
+        """The controller's loop; a backend failure is recorded and retried, never fatal."""
+        retry = resumed and controller.needs_replan_after_restart()
+        await controller.submit(LoadChanged(rate))
+        while True:
+            try:
+                if retry:
+                    retry = False
+                    await controller.reconcile("operator restarted" if resumed else "retry")
+                events = [await controller.queue.get()]
+                while not controller.queue.empty():
+                    events.append(controller.queue.get_nowait())
+                await controller.handle(events)
+            except ActuatorError as exc:
+                log.warning("%s: %s", self.owner.name, exc)
+                self.errors = [Problem("status.migration", str(exc))]
+                controller.journal.record("failed", controller.epoch, error=str(exc))
+                controller.phase = "failed"
+                retry = True
+                await asyncio.sleep(self.runtime.interval)
+
+    async def _feed(self, indices: tuple[Any, Any, Any]) -> None:
+        assert self.service is not None and self.controller is not None
+        nodes_index, events_index, disrupted_index = indices
+        nodes = {k: dict(next(iter(v))) for k, v in _items(nodes_index)}
+        events = {k: [dict(e) for e in v] for k, v in _items(events_index)}
+        disrupted = {k: [dict(p) for p in v] for k, v in _items(disrupted_index)}
+        self.nodes = describe(nodes, events, disrupted, self.service, time.time(),
+                              self.runtime.first_seen)
+        view = self.controller.view
+        known = [n for n, r in view.instances.items() if r.state != GONE]
+        for event in node_events(self.nodes, known, self.runtime.catalog):
+            if view.apply(event, time.time()) != view:
+                await self.controller.submit(event)
+
+    async def _autoscale(self) -> None:
+        """With `load.autoscale`, plan for the router's measured rate × headroom."""
+        service, backend, controller = self.service, self.backend, self.controller
+        assert service is not None and backend is not None and controller is not None
+        now = time.monotonic()
+        if service.required_rate is not None or backend.routed_epoch == 0 or \
+                now - self.measured_at < service.autoscale_window / 4:
+            return
+        self.measured_at = now
+        try:
+            measured = await backend.wire.arrival_rate(backend.router_address())
+        except ActuatorError as exc:
+            log.info("%s: no router rate: %s", self.owner.name, exc)
+            return
+        # the controller re-plans only past its threshold, so small wobbles cost nothing
+        await controller.submit(LoadChanged(max(MIN_RATE, measured * service.autoscale_headroom)))
+
+    # ---- status ---------------------------------------------------------------------
+    async def _write(self, body: Mapping[str, Any], pending: int) -> None:
+        assert self.controller is not None and self.backend is not None
+        state = self.controller.journal.load()
+        text = json.dumps(state.to_dict(), sort_keys=True) if state else None
+        if text and text != self.saved_state:
+            await self.api.patch(self.path, {"metadata": {"annotations": {
+                STATE_ANNOTATION: text}}})
+            self.saved_state = text
+        pods = {p["metadata"]["name"]: p for p in await self.backend.worker_pods()}
+        await self._patch_status(body, self.observe(body, pods, pending))
+
+    def observe(self, body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]],
+                pending: int) -> st.Observed:
+        controller, backend = self.controller, self.backend
+        assert controller is not None and backend is not None
+        placement = controller.placement
+        slots = []
+        for position, gpu in placement.assignment if placement else ():
+            name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
+            pod = pods.get(name, {})
+            info, pool = self.nodes.get(gpu.instance, (None, None))
+            slots.append(st.Slot(
+                position.pipeline, position.stage, position.tp_rank, name, gpu.instance,
+                pool.name if pool else "", info.capacity_type if info else "",
+                (info.gpu_type or "") if info else "", (info.zone or "") if info else "",
+                backend.addresses.get(str(gpu), ""), bool(pod) and _ready(pod)))
+        plan = controller.last_plan
+        meets = plan is not None and plan.meets_rate and placement is not None
+        target = plan.config if plan and controller.phase not in ("serving", "idle") else None
+        return st.Observed(
+            generation=_generation(body), now=time.time(), problems=self.errors,
+            current=_shape(placement.config) if placement else None,
+            target=_shape(target) if target else None, slots=slots,
+            migration=self._migration(), router_ready=backend.routed_epoch > 0,
+            capacity_available=meets, capacity_message=(
+                "the plan meets the required rate" if meets else "waiting for GPU nodes"),
+            pending_instances=pending, endpoint=m.endpoint(self.owner, backend.spec),
+            selector=m.selector(self.owner))
+
+    def _migration(self) -> st.Migration | None:
+        controller = self.controller
+        assert controller is not None
+        planned = [e for e in controller.journal.entries if e["kind"] == "planned"]
+        if not planned:
+            return None
+        last = planned[-1]
+        doomed = controller.view.in_state("notice")
+        notices = [self.nodes[r.name][0].notice for r in doomed if r.name in self.nodes]
+        cloud = next((n.cloud for n in notices if n is not None), None)
+        return st.Migration(
+            f"e{last['epoch']}", controller.phase, str(last.get("reason", "")), cloud,
+            tuple(r.name for r in doomed), float(last["time"]),
+            controller.view.earliest_deadline(), int(last.get("bytes") or 0),
+            int(last.get("bytes") or 0) if controller.phase == "serving" else 0)
+
+    async def _patch_status(self, body: Mapping[str, Any], seen: st.Observed) -> None:
+        previous = dict(body.get("status") or {})
+        new = st.build(seen, previous)
+        if "target" not in new["parallelism"]:
+            new["parallelism"]["target"] = None  # merge patch: remove it
+        await self.api.patch(f"{self.path}/status", {"status": new})
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+
+def _items(index: Any) -> list[tuple[Any, Any]]:
+    return [(k, index[k]) for k in list(index)] if index is not None else []
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int((body.get("metadata") or {}).get("generation") or 1)
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or ())
+
+
+def _shape(config: Any) -> st.Shape:
+    first = config.pipelines[0]
+    stages = tuple((s.layer_start, s.layer_end, s.tp, s.gpu_type or "") for s in first.stages)
+    return st.Shape(len(config.pipelines), len(first.stages), first.stages[0].tp,
+                    config.batch, stages)
