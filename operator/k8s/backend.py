@@ -241,8 +241,9 @@ class KubernetesBackend(Actuator):
             if instance_type in catalog.instances else None
 
         def fits(p: Pool) -> bool:
-            return p.instance_type == instance_type or (p.instance_type is None and
-                                                        p.gpu_type == gpu)
+            kind = catalog.instances.get(p.catalog_type)
+            return p.catalog_type == instance_type or (kind is not None and
+                                                       kind.gpu.name == gpu)
 
         def room(p: Pool) -> bool:
             return held.get(p.name, 0) < p.max_instances
@@ -273,8 +274,7 @@ class KubernetesBackend(Actuator):
                 raise ActuatorError(f"no pool has room for another {instance_type}")
             known = self.service.settings.catalog.instances
             gpus = pool.gpus_per_instance or (
-                known[pool.instance_type].gpus
-                if pool.instance_type and pool.instance_type in known else 1)
+                known[pool.catalog_type].gpus if pool.catalog_type in known else 1)
             while not await self.api.create(m.capacity_pod(self.owner, pool.raw, gpus, index)):
                 index += 1
             held[pool.name] = held.get(pool.name, 0) + 1

@@ -33,8 +33,8 @@ def pool_for(pools: Iterable[Pool], node: Mapping[str, Any]) -> Pool | None:
 def instance_type(info: NodeInfo, pool: Pool, catalog: Catalog) -> str | None:
     if info.instance_type in catalog.instances:
         return info.instance_type
-    if pool.instance_type:
-        return pool.instance_type
+    if pool.catalog_type:
+        return pool.catalog_type
     gpu = info.gpu_type or pool.gpu_type
     if gpu is None:
         return None
@@ -44,12 +44,7 @@ def instance_type(info: NodeInfo, pool: Pool, catalog: Catalog) -> str | None:
 
 def instance_type_of(pool: Pool, service: ServiceSpec) -> str | None:
     """The instance type a pool provides, as the catalog names it."""
-    if pool.instance_type:
-        return pool.instance_type
-    catalog = service.settings.catalog
-    kinds = catalog.instances_with(pool.gpu_type, pool.gpus_per_instance) if pool.gpu_type \
-        else []
-    return kinds[0].name if kinds else None
+    return pool.catalog_type or None
 
 
 def describe(nodes: Mapping[str, Mapping[str, Any]], events: Mapping[str, list[Any]],

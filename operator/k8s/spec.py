@@ -48,6 +48,7 @@ class Pool:
     fallback: str | None = None
     node_selector: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
+    catalog_type: str = ""  # the catalog instance type the planner prices and sizes it as
 
     def accepts(self, labels: Mapping[str, str]) -> bool:
         """Whether a node with these labels belongs to this pool (its nodeSelector)."""
@@ -113,6 +114,20 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def _catalog_type(catalog: Catalog, instance: Any, gpu: Any, gpus: int | None) -> str | None:
+    """A pool's catalog instance type: its own, else the first with its GPU type (and
+    count), so a pool of a cloud the catalog lacks (GKE's g2-standard-96) still plans."""
+    if instance and instance in catalog.instances:
+        return str(instance)
+    if not gpu:
+        return None
+    try:
+        kinds = catalog.instances_with(str(gpu), gpus)
+    except SpotserveError:
+        return None
+    return kinds[0].name if kinds else None
+
+
 def pools_of(spec: Mapping[str, Any], catalog: Catalog) -> tuple[list[Pool], list[Problem]]:
     raw = spec.get("gpuPools")
     if not isinstance(raw, list) or not raw:
@@ -136,9 +151,14 @@ def pools_of(spec: Mapping[str, Any], catalog: Catalog) -> tuple[list[Pool], lis
                 gpu = catalog.gpu(str(gpu)).name
             except SpotserveError:
                 problems.append(Problem(f"{where}.gpuType", f"unknown GPU type {gpu!r}"))
-        if instance and instance not in catalog.instances:
-            problems.append(Problem(f"{where}.instanceType",
-                                    f"unknown instance type {instance!r}"))
+        per_instance = int(entry["gpusPerInstance"]) if entry.get("gpusPerInstance") else None
+        kind = _catalog_type(catalog, instance, gpu, per_instance)
+        if instance and not kind:
+            problems.append(Problem(f"{where}.instanceType", f"unknown instance type "
+                                    f"{instance!r} (set a known gpuType and gpusPerInstance)"))
+        elif gpu and not kind:
+            problems.append(Problem(f"{where}.gpusPerInstance",
+                                    f"no catalog instance has {per_instance} × {gpu}"))
         if not gpu and not instance:
             problems.append(Problem(f"{where}.gpuType", "set gpuType or instanceType"))
         fallback = entry.get("fallbackPool")
@@ -152,11 +172,10 @@ def pools_of(spec: Mapping[str, Any], catalog: Catalog) -> tuple[list[Pool], lis
         if entry.get("pricePerHour") is not None and (price is None or price < 0):
             problems.append(Problem(f"{where}.pricePerHour", "must be a number ≥ 0"))
         pools.append(Pool(name, capacity, int(maximum or 0), str(gpu) if gpu else None,
-                          str(instance) if instance else None,
-                          int(entry["gpusPerInstance"]) if entry.get("gpusPerInstance")
-                          else None, price, str(fallback) if fallback else None,
+                          str(instance) if instance else None, per_instance, price,
+                          str(fallback) if fallback else None,
                           {str(k): str(v) for k, v in (entry.get("nodeSelector") or {}).items()},
-                          dict(entry)))
+                          dict(entry), kind or ""))
     return pools, problems
 
 
@@ -215,8 +234,8 @@ def validate(spec: Mapping[str, Any], catalog: Catalog | None = None,
         return problems or [Problem("spec.model", "no model")]
     batch = int(serving.get("maxBatch") or 8)
     slo_ms = latency * 1000 if latency is not None else None
-    prices = {p.instance_type: p.price for p in pools
-              if p.capacity == "spot" and p.instance_type and p.price is not None}
+    prices = {p.catalog_type: p.price for p in pools
+              if p.capacity == "spot" and p.catalog_type and p.price is not None}
     settings = ControllerSettings(
         model=model, cost=RooflineCostModel(model), catalog=catalog, workload=workload,
         limits=SearchLimits(max_batch=batch), spot_prices=prices,

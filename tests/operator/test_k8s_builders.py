@@ -106,6 +106,28 @@ def test_valid_spec_gives_settings() -> None:
     assert result.settings.limits.max_batch == 4 and result.grace["aws"] == 120
 
 
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_validates(example: Path) -> None:
+    services = [d for d in yaml.safe_load_all(example.read_text())
+                if d and d.get("kind") == "LLMService"]
+    assert services
+    for doc in services:
+        result = validate(doc["spec"])
+        assert isinstance(result, ServiceSpec), result
+        assert all(p.catalog_type for p in result.pools)
+
+
+def test_a_pool_of_an_unlisted_instance_type_plans_by_its_gpus() -> None:
+    gke = {"name": "l4", "capacityType": "spot", "gpuType": "L4", "gpusPerInstance": 8,
+           "instanceType": "g2-standard-96", "maxInstances": 2}
+    result = validate(spec(gpuPools=[gke]))
+    assert isinstance(result, ServiceSpec)
+    assert result.pools[0].catalog_type == "g6.48xlarge"
+    cap = m.capacity_pod(OWNER, gke, 8, 0)
+    assert cap["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] == "g2-standard-96"
+
+
 @pytest.mark.parametrize(("changes", "field"), [
     ({"model": {"huggingFace": {"repoId": "acme/unknown-model"}}},
      "spec.model.huggingFace.repoId"),
