@@ -75,6 +75,9 @@ class ControllerSettings:
     standby_instances: int = 0
 
 
+MAX_CONFIGURE_RETRIES = 3
+
+
 class MigrationAborted(Exception):
     """An urgent event touched the migration in progress; re-plan from here."""
 
@@ -96,6 +99,7 @@ class Controller:
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.last_plan: Plan | None = None
         self._planned_rate = 0.0
+        self._configure_failures = 0
         self._resume_from_journal()
 
     # ---- events ---------------------------------------------------------------------
@@ -249,7 +253,11 @@ class Controller:
                            result.migration.transfers if result.migration else (), old, old_ids,
                            inherits)
         kv = {o: drained.get(o, ()) for o in inherits.values()}
-        await self.actuator.configure(epoch, jobs, kv)
+        try:
+            await self.actuator.configure(epoch, jobs, kv)
+        except ActuatorError as exc:
+            await self._configure_failed(epoch, exc)
+        self._configure_failures = 0
         await self._checkpoint(involved)
         self._set_phase("switching")
         await self.actuator.set_topology(epoch, self._routes(result, new, new_ids, old_ids),
@@ -260,6 +268,18 @@ class Controller:
         self.journal.record("serving", epoch, config=result.config.describe(),
                             pipelines=new_ids)
         await self._release(result)
+
+    async def _configure_failed(self, epoch: int, exc: ActuatorError) -> None:
+        """A worker could not take its role (a peer died under it, say): re-plan from the
+        state reached, a few times, before giving up on this event."""
+        self.journal.record("configure-failed", epoch, error=str(exc))
+        self.metrics.migrations.labels("failed").inc()
+        self._configure_failures += 1
+        if self._configure_failures > MAX_CONFIGURE_RETRIES:
+            self._configure_failures = 0
+            raise exc
+        await asyncio.sleep(min(2.0, 0.5 * self._configure_failures))
+        raise MigrationAborted(f"configure failed in epoch {epoch}: {exc}") from None
 
     def _count_migration(self, result: Plan, drained: Mapping[int, Sequence[DrainedRequest]],
                          inherits: Mapping[int, int]) -> None:

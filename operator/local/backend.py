@@ -192,7 +192,8 @@ class LocalBackend(Actuator):
                 sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{host}:0",
                 "--model", str(self.options.model_dir), "--device", self.options.device,
                 *self.options.worker_args, cwd=ROOT, env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True)
+                stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True,
+                preexec_fn=_die_with_parent)
         assert process.stdout is not None
         try:
             line = (await asyncio.wait_for(process.stdout.readline(), 180)).decode()
@@ -360,11 +361,19 @@ class LocalBackend(Actuator):
 
     async def _configure_one(self, worker: WorkerProcess, request: worker_pb2.ConfigureRequest
                              ) -> worker_pb2.ConfigureResponse:
-        try:
-            return await worker.stub.Configure(request, metadata=self.meta,
-                                               timeout=self.options.configure_timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise ActuatorError(f"{exc.code().name} {exc.details()}") from None
+        """One Configure call, tried again once: a worker whose old pipeline broke under
+        it (a peer killed) fails the first teardown and succeeds the next."""
+        for attempt in range(2):
+            try:
+                return await worker.stub.Configure(request, metadata=self.meta,
+                                                   timeout=self.options.configure_timeout)
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name} {exc.details()}"
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt or \
+                        worker.process.returncode is not None:
+                    raise ActuatorError(error) from None
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
 
     def _count(self, reply: worker_pb2.ConfigureResponse) -> None:
         self.moved.kept += reply.bytes_kept
@@ -429,6 +438,13 @@ class LocalBackend(Actuator):
                                                          self.options.boot_delay))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when this process dies, however it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _free_port(host: str) -> int:

@@ -1,0 +1,62 @@
+"""`spotserve demo` and `spotserve up --local` as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("torch")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_demo_prints_the_summary_and_writes_report_and_timeline(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "spotserve.cli", "demo", "--out", str(out), "--compression",
+         "2.5", "--grace", "6", "--rate", "2", "--max-tokens", "48", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "failed 0" in done.stdout and "identical to the no-preemption reference" \
+        in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["failed"] == 0 and report["summary"]["served"] > 20
+    assert (out / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_up_local_serves_the_openai_api_until_interrupted(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spotserve.cli", "up", "--local", "--out", str(tmp_path),
+         "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("serving"), line + (process.stderr.read() if process.stderr
+                                                   else "")
+        url = line.split(" on ")[1].split()[0]
+        body = json.dumps({"prompt": "w5 w6 w7", "max_tokens": 6, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/completions", body,
+                                         {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            answer = json.loads(reply.read())
+        assert answer["usage"]["completion_tokens"] == 6
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    time.sleep(0.5)
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "model")], capture_output=True,
+                              text=True)
+    assert not leftover.stdout.strip(), "every worker process must be gone"
