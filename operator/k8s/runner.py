@@ -140,14 +140,18 @@ class ServiceRunner:
                 generation=_generation(body), now=time.time(), problems=result,
                 selector=m.selector(self.owner)))
             return
-        self.service = result
+        self.service, previous = result, self.backend
         self.backend = KubernetesBackend(self.api, self.owner, spec, result,
                                          self.runtime.make_wire(), self._pool_of,
                                          self.runtime.defaults, self.runtime.options)
         await self.backend.ensure_router(self.runtime.token)
+        if previous is not None:  # a spec change: the pods and the router stay as they are
+            self.backend.addresses = dict(previous.addresses)
+            self.backend.drivers = dict(previous.drivers)
+            self.backend.routed_epoch = previous.routed_epoch
         annotations = (body.get("metadata") or {}).get("annotations") or {}
-        saved = annotations.get(STATE_ANNOTATION)
-        state = ControllerState.from_dict(json.loads(saved)) if saved else None
+        saved = self.saved_state or annotations.get(STATE_ANNOTATION)
+        state = _state(saved)
         self.saved_state = saved
         self.controller = Controller(result.settings, self.backend, StatusJournal(state))
         rate = result.required_rate or DEFAULT_RATE
@@ -281,6 +285,14 @@ class ServiceRunner:
 
 def _items(index: Any) -> list[tuple[Any, Any]]:
     return [(k, index[k]) for k in list(index)] if index is not None else []
+
+
+def _state(saved: str | None) -> ControllerState | None:
+    try:
+        return ControllerState.from_dict(json.loads(saved)) if saved else None
+    except (ValueError, TypeError, AttributeError):
+        log.warning("ignoring an unreadable %s annotation", STATE_ANNOTATION)
+        return None
 
 
 def _generation(body: Mapping[str, Any]) -> int:

@@ -437,3 +437,19 @@ async def test_no_nodes_yet_means_capacity_requests_up_to_min() -> None:
         assert conditions(await cluster.get(f"{LLMS}/cold"))["CapacityAvailable"][
             "status"] == "False"
 
+
+
+@pytest.mark.timeout(60)
+async def test_a_spec_broken_then_fixed_recovers() -> None:
+    async with operator([node("n1"), service("llama", SPEC)]) as (cluster, _):
+        async def condition_is(kind: str, value: str) -> dict[str, Any] | None:
+            obj = await cluster.get(f"{LLMS}/llama")
+            return obj if conditions(obj).get(kind, {}).get("status") == value else None
+        await until(lambda: condition_is("Ready", "True"))
+        await cluster.call("PATCH", f"{LLMS}/llama", {"spec": {"slo": {"latencySeconds": -1}}})
+        obj = await until(lambda: condition_is("Degraded", "True"))
+        assert "spec.slo.latencySeconds" in conditions(obj)["Degraded"]["message"]
+        await cluster.call("PATCH", f"{LLMS}/llama", {"spec": {"slo": None}})
+        obj = await until(lambda: condition_is("Ready", "True"))
+        assert conditions(obj)["Degraded"]["status"] == "False"
+        assert obj["status"]["lastErrors"][0]["field"] == "spec.slo.latencySeconds"
