@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -176,17 +177,20 @@ async def emulator(objects: Sequence[dict[str, Any]],
 
 
 @contextlib.asynccontextmanager
-async def running(cluster: Cluster, wire: Any) -> AsyncIterator[None]:
+async def running(cluster: Cluster, wire: Any, health: str | None = None
+                  ) -> AsyncIterator[None]:
     runtime = Runtime(Connection(cluster.url, insecure=True), token="t", wire=lambda: wire,
                       options=BackendOptions(ready_timeout=20, poll_seconds=0.2),
                       interval=0.3)
-    async with running_with(cluster, runtime):
+    async with running_with(cluster, runtime, health):
         yield
 
 
 @contextlib.asynccontextmanager
-async def running_with(cluster: Cluster, runtime: Runtime) -> AsyncIterator[None]:
-    """The real kopf app (indices + daemons) against `cluster`, stopped on exit."""
+async def running_with(cluster: Cluster, runtime: Runtime,
+                       health: str | None = None) -> AsyncIterator[None]:
+    """The real kopf app (indices + daemons) against `cluster`, stopped on exit; with
+    `health` (host:port) it serves /healthz there, as `spotserve operator` does."""
     registry = kopf.OperatorRegistry()
     url = cluster.url
 
@@ -206,8 +210,9 @@ async def running_with(cluster: Cluster, runtime: Runtime) -> AsyncIterator[None
 
     def main() -> None:
         try:
-            asyncio.run(kopf.operator(registry=registry, settings=settings, clusterwide=True,
-                                      stop_flag=stop))
+            asyncio.run(kopf.operator(
+                registry=registry, settings=settings, clusterwide=True, stop_flag=stop,
+                liveness_endpoint=f"http://{health}/healthz" if health else None))
         except BaseException as exc:  # reported by the test below
             failure.append(exc)
 
@@ -222,10 +227,10 @@ async def running_with(cluster: Cluster, runtime: Runtime) -> AsyncIterator[None
 
 
 @contextlib.asynccontextmanager
-async def operator(objects: Sequence[dict[str, Any]]
+async def operator(objects: Sequence[dict[str, Any]], health: str | None = None
                    ) -> AsyncIterator[tuple[Cluster, RecordingWire]]:
     wire = RecordingWire()
-    async with emulator(objects) as cluster, running(cluster, wire):
+    async with emulator(objects) as cluster, running(cluster, wire, health):
         yield cluster, wire
 
 
@@ -240,8 +245,11 @@ async def test_invalid_service_is_degraded_and_the_operator_runs_on(
     bad = copy.deepcopy(SPEC)
     bad["instances"] = {"min": 5, "max": 2}
     autoscaled = {**SPEC, "load": {"autoscale": {"windowSeconds": 2, "headroom": 1.5}}}
-    async with operator([service("bad", bad), service("good", autoscaled), node("n1")]) as (
-            cluster, wire):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health = f"127.0.0.1:{probe.getsockname()[1]}"
+    async with operator([service("bad", bad), service("good", autoscaled), node("n1")],
+                        health) as (cluster, wire):
         async def degraded() -> dict[str, Any] | None:
             c = conditions(await cluster.get(f"{LLMS}/bad")).get("Degraded")
             return c if c and c["status"] == "True" else None
@@ -260,6 +268,8 @@ async def test_invalid_service_is_degraded_and_the_operator_runs_on(
         async def rate_measured() -> bool:
             return wire.rate_asked
         assert await until(rate_measured), "autoscale never asked the router for its rate"
+        async with cluster.session.get(f"http://{health}/healthz") as response:
+            assert response.status == 200
 
 
 def taint(key: str) -> Callable[[Cluster, str], Awaitable[Any]]:
