@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -440,11 +441,20 @@ class LocalBackend(Actuator):
             task.add_done_callback(self._tasks.discard)
 
 
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()  # loaded in the parent: the child between fork and exec only calls it
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when this process dies, however it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _free_port(host: str) -> int:
