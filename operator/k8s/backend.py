@@ -69,6 +69,7 @@ class KubernetesBackend(Actuator):
         self.migrating = False
         self.current: set[GpuId] = set()       # the GPUs of the latest epoch's jobs
         self.routed_epoch = 0                  # the last epoch the router accepted
+        self.bytes_moved: dict[int, int] = {}  # epoch → bytes its workers pulled or read
 
     @property
     def pods_path(self) -> str:
@@ -111,6 +112,7 @@ class KubernetesBackend(Actuator):
                                        return_exceptions=True)
         failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
                   if isinstance(reply, BaseException)]
+        self.bytes_moved[epoch] = sum(r for r in replies if isinstance(r, int))
         if failed:
             raise ActuatorError("configure failed on " + "; ".join(failed))
         for job in jobs.values():

@@ -254,8 +254,8 @@ class ServiceRunner:
             selector=m.selector(self.owner))
 
     def _migration(self) -> st.Migration | None:
-        controller = self.controller
-        assert controller is not None
+        controller, backend = self.controller, self.backend
+        assert controller is not None and backend is not None
         planned = [e for e in controller.journal.entries if e["kind"] == "planned"]
         if not planned:
             return None
@@ -267,7 +267,7 @@ class ServiceRunner:
             f"e{last['epoch']}", controller.phase, str(last.get("reason", "")), cloud,
             tuple(r.name for r in doomed), float(last["time"]),
             controller.view.earliest_deadline(), int(last.get("bytes") or 0),
-            int(last.get("bytes") or 0) if controller.phase == "serving" else 0)
+            backend.bytes_moved.get(int(last["epoch"]), 0))
 
     async def _patch_status(self, body: Mapping[str, Any], seen: st.Observed) -> None:
         previous = dict(body.get("status") or {})

@@ -31,7 +31,8 @@ class Wire(Protocol):
 
     async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]: ...
 
-    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> None: ...
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
+        """Configure one worker; returns the bytes it pulled or read from the checkpoint."""
 
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
@@ -69,14 +70,15 @@ class GrpcWire:
         return [DrainedRequest(r.request_id, r.prompt_tokens, r.generated_tokens, r.kv_tokens)
                 for r in out.requests]
 
-    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> None:
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
         async with grpc.aio.insecure_channel(address) as channel:
             try:
                 # loading weights (a checkpoint read, or peers' pulls) takes minutes
-                await worker_pb2_grpc.WorkerStub(channel).Configure(
+                reply = await worker_pb2_grpc.WorkerStub(channel).Configure(
                     request, metadata=self.metadata, timeout=max(self.timeout, 900.0))
             except grpc.aio.AioRpcError as exc:
                 raise ActuatorError(f"Configure {address}: {exc.details()}") from exc
+        return int(reply.bytes_pulled + reply.bytes_from_checkpoint)
 
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],

@@ -61,9 +61,10 @@ class RecordingWire:
     async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
         return []
 
-    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> None:
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
         assert request.role.pipeline_id and request.model.checkpoint_path == "/models"
         self.configured.append((request.epoch, address))
+        return 1000
 
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
@@ -347,6 +348,7 @@ async def test_service_is_planned_placed_and_migrates_on_a_notice(source: str) -
         assert deployment["metadata"]["ownerReferences"][0]["name"] == "llama"
         assert (await cluster.get(f"/api/v1/namespaces/{NS}/secrets/llama-token"))["data"]
         assert wire.topologies and wire.configured
+        assert status["migration"]["bytesMoved"] == 1000 * len(status["placement"])
         used = {s["node"] for s in status["placement"]}
         doomed = sorted(used)[0]
         epoch = wire.topologies[-1][0]

@@ -182,6 +182,8 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path) -> None:
                     return "n3" in nodes_now and doomed not in nodes_now and \
                         s.get("migration", {}).get("phase") == "Completed"
                 assert await until(moved, 120)
+                migration = (await cluster.get(f"{LLMS}/tiny"))["status"]["migration"]
+                assert migration["bytesMoved"] > 0, migration  # n3's worker loaded weights
                 outputs = await asyncio.wait_for(asyncio.gather(*streams), 120)
                 assert all(len(o) == 24 for o in outputs)
                 again = [await generate(stub, p) for p in prompts]
