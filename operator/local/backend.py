@@ -270,8 +270,9 @@ class LocalBackend(Actuator):
 
     async def _status(self, gpu: GpuId) -> worker_pb2.WorkerStatus:
         worker = self._worker(gpu)
-        return await worker.stub.Status(worker_pb2.StatusRequest(), metadata=self.meta,
-                                        timeout=5)
+        reply: worker_pb2.WorkerStatus = await worker.stub.Status(
+            worker_pb2.StatusRequest(), metadata=self.meta, timeout=5)
+        return reply
 
     async def drain(self, epoch: int, pipeline_id: str, driver: GpuId,
                     steps: int) -> Sequence[DrainedRequest]:
@@ -366,8 +367,9 @@ class LocalBackend(Actuator):
         it (a peer killed) fails the first teardown and succeeds the next."""
         for attempt in range(2):
             try:
-                return await worker.stub.Configure(request, metadata=self.meta,
-                                                   timeout=self.options.configure_timeout)
+                reply: worker_pb2.ConfigureResponse = await worker.stub.Configure(
+                    request, metadata=self.meta, timeout=self.options.configure_timeout)
+                return reply
             except grpc.aio.AioRpcError as exc:
                 error = f"{exc.code().name} {exc.details()}"
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt or \

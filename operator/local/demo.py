@@ -36,7 +36,11 @@ def run_demo(args: argparse.Namespace) -> int:
     cloud = load_cloud(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, flush=True)
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()

@@ -53,7 +53,7 @@ def _mb(n: int) -> str:
 
 
 def summary_text(s: dict[str, Any]) -> str:
-    configs = []
+    configs: list[str] = []
     for c in s["configurations"]:
         if not configs or configs[-1] != c:
             configs.append(c)

@@ -138,6 +138,7 @@ class LocalRun:
         self.controller: Controller | None = None
         self._controller_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._requests: list[asyncio.Task[None]] = []
         self._start, self._wall0 = time.monotonic(), time.time()
         self._rng = random.Random(options.seed)
         self._sent = 0
@@ -201,10 +202,10 @@ class LocalRun:
             await self.controller.submit(event)
 
     async def _stop_all(self) -> None:
-        for task in [*self._tasks, self._controller_task]:
+        for task in [*self._tasks, *self._requests, self._controller_task]:
             if task is not None:
                 task.cancel()
-        for task in [*self._tasks, self._controller_task]:
+        for task in [*self._tasks, *self._requests, self._controller_task]:
             if task is not None:
                 with contextlib.suppress(BaseException):
                     await task
@@ -291,7 +292,7 @@ class LocalRun:
         record = RequestRecord(f"req-{self._sent:04d}", self._prompt(), self.now())
         self.records.append(record)
         task = asyncio.create_task(self._generate(record, record.request_id))
-        self._tasks.append(task)
+        self._requests.append(task)
 
     async def _generate(self, record: RequestRecord, request_id: str) -> None:
         request = inference_pb2.GenerateRequest(
@@ -308,8 +309,7 @@ class LocalRun:
         record.done = self.now()
 
     async def _wait_requests(self) -> None:
-        pending = [t for t in self._tasks if not t.done() and t.get_coro().__name__ ==
-                   "_generate"]  # type: ignore[union-attr]
+        pending = [t for t in self._requests if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=120)
 
