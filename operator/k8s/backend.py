@@ -47,6 +47,7 @@ class BackendOptions:
     poll_seconds: float = 1.0
     router_address: str | None = None  # host:port of the router's gRPC (default: its Service)
     model_dir: str | None = None  # where workers read the model (default: the pod's mount)
+    spot_wait: float = 180.0  # a spot request unanswered this long falls back to on-demand
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -274,13 +275,18 @@ class KubernetesBackend(Actuator):
             pool = self.choose_pool(instance_type, capacity, held)
             if pool is None:
                 raise ActuatorError(f"no pool has room for another {instance_type}")
-            known = self.service.settings.catalog.instances
-            gpus = pool.gpus_per_instance or (
-                known[pool.catalog_type].gpus if pool.catalog_type in known else 1)
-            while not await self.api.create(m.capacity_pod(self.owner, pool.raw, gpus, index)):
-                index += 1
+            index = await self._create_capacity(pool, index)
             held[pool.name] = held.get(pool.name, 0) + 1
+
+    async def _create_capacity(self, pool: Pool, index: int) -> int:
+        """One capacity pod in `pool` under the first free name from `index`; the next one."""
+        known = self.service.settings.catalog.instances
+        gpus = pool.gpus_per_instance or (
+            known[pool.catalog_type].gpus if pool.catalog_type in known else 1)
+        while not await self.api.create(m.capacity_pod(self.owner, pool.raw, gpus, index,
+                                                       time.time())):
             index += 1
+        return index + 1
 
     def held_instances(self) -> Mapping[str, int]:
         """Pool → instances this service's workers occupy."""
@@ -292,14 +298,40 @@ class KubernetesBackend(Actuator):
         return out
 
     async def settle_capacity(self) -> int:
-        """Delete capacity pods that were scheduled (their node joined); count the rest."""
-        waiting = 0
-        for pod in await self.capacity_pods():
+        """Delete capacity pods that were scheduled (their node joined); replace spot ones
+        unanswered for `spot_wait` by the pool's fallback or on-demand; count the rest."""
+        waiting, pods = 0, await self.capacity_pods()
+        for pod in pods:
+            meta = pod["metadata"]
             if (pod.get("spec") or {}).get("nodeName"):
-                await self.api.delete(f"{self.pods_path}/{pod['metadata']['name']}")
-            else:
-                waiting += 1
+                await self.api.delete(f"{self.pods_path}/{meta['name']}")
+                continue
+            waiting += 1
+            pool = next((p for p in self.service.pools
+                         if p.name == (meta.get("labels") or {}).get(m.POOL_LABEL)), None)
+            asked = float((meta.get("annotations") or {}).get(m.REQUESTED_AT) or 0)
+            if pool is None or pool.capacity != "spot" or \
+                    time.time() - asked < self.options.spot_wait:
+                continue
+            fallback = self._fallback(pool)
+            if fallback is not None:
+                await self._create_capacity(fallback, len(pods))
+                await self.api.delete(f"{self.pods_path}/{meta['name']}")
+                log.info("no spot %s after %.0f s: asked %s instead", pool.name,
+                         self.options.spot_wait, fallback.name)
         return waiting
+
+    def _fallback(self, pool: Pool) -> Pool | None:
+        """Where a spot pool's unanswered request goes: its fallbackPool, else an on-demand
+        pool with the same GPUs, else any on-demand pool."""
+        pools = self.service.pools
+        gpu = self.service.settings.catalog.instances.get(pool.catalog_type)
+        ordered = [p for p in pools if p.name == pool.fallback]
+        ordered += [p for p in pools if p.capacity == "on-demand" and gpu is not None and
+                    self.service.settings.catalog.instances.get(p.catalog_type) is not None and
+                    self.service.settings.catalog.instances[p.catalog_type].gpu == gpu.gpu]
+        ordered += [p for p in pools if p.capacity == "on-demand"]
+        return next((p for p in ordered if p.name != pool.name), None)
 
     async def ensure_router(self, token: str | None) -> None:
         if token is not None:

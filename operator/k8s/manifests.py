@@ -28,6 +28,7 @@ SERVICE_LABEL = "spotserve.dev/service"
 EPOCH_LABEL, POOL_LABEL, NODE_LABEL = "spotserve.dev/epoch", "spotserve.dev/pool", \
     "spotserve.dev/node"
 GPU_LABEL = "spotserve.dev/gpu"
+REQUESTED_AT = "spotserve.dev/requested-at"
 DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
 TOKEN_KEY, TOKEN_DIR, MODEL_DIR = "token", "/var/run/spotserve", "/models"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
@@ -220,14 +221,17 @@ def disruption_annotation(migrating: bool) -> dict[str, Any]:
 
 
 # ---- capacity requests ------------------------------------------------------------------
-def capacity_pod(owner: Owner, pool: Mapping[str, Any], gpus: int, index: int) -> Manifest:
-    """A pending pod asking for one whole instance of `pool` (its GPUs), to be provisioned."""
+def capacity_pod(owner: Owner, pool: Mapping[str, Any], gpus: int, index: int,
+                 requested_at: float = 0.0) -> Manifest:
+    """A pending pod asking for one whole instance of `pool` (its GPUs), to be provisioned;
+    `requested_at` (Unix seconds) lets the operator fall back when spot does not come."""
     selector_ = dict(pool.get("nodeSelector") or {})
     if pool.get("instanceType"):
         selector_.setdefault("node.kubernetes.io/instance-type", str(pool["instanceType"]))
     name = dns_name(owner.name, "capacity", pool.get("name", ""), index, limit=253)
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": _metadata(owner, name, CAPACITY, {POOL_LABEL: str(pool.get("name"))}),
+            "metadata": _metadata(owner, name, CAPACITY, {POOL_LABEL: str(pool.get("name"))},
+                                  {REQUESTED_AT: str(int(requested_at))}),
             "spec": {"nodeSelector": selector_, "tolerations": _tolerations(pool),
                      "terminationGracePeriodSeconds": 0,
                      "containers": [{"name": "hold", "image": PAUSE_IMAGE,

@@ -11,7 +11,7 @@ import pytest
 from spotserve.operator.controller.actuator import ActuatorError
 from spotserve.operator.k8s import manifests as m
 from spotserve.operator.k8s.api import Connection, KubeApi, matches
-from spotserve.operator.k8s.backend import KubernetesBackend
+from spotserve.operator.k8s.backend import BackendOptions, KubernetesBackend
 from spotserve.operator.k8s.spec import ServiceSpec, validate
 
 OWNER = m.Owner("llama", "llm", "uid-1")
@@ -43,14 +43,16 @@ class MemoryApi(KubeApi):
         return [o for o in self.objects.values() if matches(o, labels or {})]
 
 
-def backend(pools: list[dict[str, Any]], limit: int = 8) -> tuple[KubernetesBackend, MemoryApi]:
+def backend(pools: list[dict[str, Any]], limit: int = 8, spot_wait: float = 180.0
+            ) -> tuple[KubernetesBackend, MemoryApi]:
     spec = {"model": {"huggingFace": {"repoId": "facebook/opt-6.7b"}}, "gpuPools": pools,
             "instances": {"min": 1, "max": limit}}
     service = validate(spec)
     assert isinstance(service, ServiceSpec), service
     api = MemoryApi()
     return KubernetesBackend(api, OWNER, spec, service, wire=None,  # type: ignore[arg-type]
-                             pool_of=lambda node: None), api
+                             pool_of=lambda node: None,
+                             options=BackendOptions(spot_wait=spot_wait)), api
 
 
 def pool(name: str, capacity: str, instances: int, **extra: Any) -> dict[str, Any]:
@@ -94,3 +96,18 @@ async def test_release_deletes_the_pods_of_those_nodes_only() -> None:
     await b.release(["n1"])
     assert sorted(api.objects) == ["llama-w-n2-0", "llama-w-n2-1"]
     assert list(b.addresses) == ["n2/0"]
+
+
+async def test_unanswered_spot_requests_fall_back_to_on_demand() -> None:
+    b, api = backend([pool("spot", "spot", 2), pool("od", "on-demand", 2)], spot_wait=0.0)
+    await b.request_capacity("g4dn.12xlarge", 1, "spot")
+    assert requested(api) == ["spot"]
+    assert await b.settle_capacity() == 1
+    assert requested(api) == ["od"]
+    assert await b.settle_capacity() == 1  # on-demand requests are left to come
+    assert requested(api) == ["od"]
+    patient, api2 = backend([pool("spot", "spot", 2), pool("od", "on-demand", 2)])
+    await patient.request_capacity("g4dn.12xlarge", 1, "spot")
+    await patient.settle_capacity()
+    assert requested(api2) == ["spot"]
+
