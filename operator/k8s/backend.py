@@ -99,6 +99,15 @@ class KubernetesBackend(Actuator):
             raise ActuatorError(f"no address for {driver} (pipeline {pipeline_id})")
         return await self.wire.drain(address, epoch, steps)
 
+    async def adopt(self, drivers: Mapping[str, GpuId]) -> None:
+        """After a restart: learn the running workers' addresses from their pods, and the
+        pipelines' drivers from the resumed placement, so drains and progress still work."""
+        for pod in await self.worker_pods():
+            gpu = (pod["metadata"].get("annotations") or {}).get(m.GPU_ID)
+            if gpu and pod_ready(pod):
+                self.addresses[gpu] = f"{pod['status']['podIP']}:{self.port}"
+        self.drivers = dict(drivers)
+
     # ---- configure ------------------------------------------------------------------
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
                         kv: Mapping[int, Sequence[DrainedRequest]]) -> None:

@@ -29,6 +29,7 @@ EPOCH_LABEL, POOL_LABEL, NODE_LABEL = "spotserve.dev/epoch", "spotserve.dev/pool
     "spotserve.dev/node"
 GPU_LABEL = "spotserve.dev/gpu"
 REQUESTED_AT = "spotserve.dev/requested-at"
+GPU_ID = "spotserve.dev/gpu-id"  # node/index, exactly (labels hold DNS-safe forms)
 DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
 TOKEN_KEY, TOKEN_DIR, MODEL_DIR = "token", "/var/run/spotserve", "/models"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
@@ -208,7 +209,8 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
         pod_spec["imagePullSecrets"] = [dict(s) for s in spec["imagePullSecrets"]]
     extra = {EPOCH_LABEL: str(epoch), POOL_LABEL: str(pool.get("name", "")),
              NODE_LABEL: dns_name(node), GPU_LABEL: str(gpu_index)}
-    annotations = {DO_NOT_DISRUPT: "true"} if migrating else None
+    annotations = {GPU_ID: f"{node}/{gpu_index}", **({DO_NOT_DISRUPT: "true"} if migrating
+                                                     else {})}
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": _metadata(owner, worker_pod_name(owner, node, gpu_index), WORKER,
                                   extra, annotations),

@@ -154,6 +154,12 @@ class ServiceRunner:
         state = _state(saved)
         self.saved_state = saved
         self.controller = Controller(result.settings, self.backend, StatusJournal(state))
+        placement = self.controller.placement
+        if previous is None and placement is not None:  # a restarted operator
+            at = placement.by_position
+            await self.backend.adopt({
+                pid: at[min(p for p in at if p.pipeline == d)]
+                for d, pid in enumerate(self.controller.pipeline_ids)})
         rate = result.required_rate or DEFAULT_RATE
         self.task = asyncio.create_task(self._run(self.controller, rate, state is not None))
 

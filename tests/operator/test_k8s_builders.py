@@ -42,7 +42,8 @@ def test_worker_pod_is_pinned_owned_labelled_and_mounts_the_token() -> None:
     assert meta["labels"]["app.kubernetes.io/component"] == "worker"
     assert meta["labels"]["spotserve.dev/service"] == "llama"
     assert meta["labels"]["app.kubernetes.io/part-of"] == "spotserve"
-    assert meta["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}
+    assert meta["annotations"] == {"karpenter.sh/do-not-disrupt": "true",
+                                   "spotserve.dev/gpu-id": "ip-10-0-0-1/2"}
     terms = pod["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["ip-10-0-0-1"]
@@ -54,7 +55,7 @@ def test_worker_pod_is_pinned_owned_labelled_and_mounts_the_token() -> None:
     assert {"name": "token", "secret": {"secretName": "llama-token"}} in pod["spec"]["volumes"]
     assert pod["spec"]["initContainers"][0]["name"] == "download"
     calm = m.worker_pod(OWNER, spec(), POOL, "ip-10-0-0-1", 2, 3)
-    assert "annotations" not in calm["metadata"]
+    assert "karpenter.sh/do-not-disrupt" not in calm["metadata"]["annotations"]
     assert m.disruption_annotation(False)["metadata"]["annotations"] == \
         {"karpenter.sh/do-not-disrupt": None}
 

@@ -54,11 +54,13 @@ class RecordingWire:
         self.configured: list[tuple[int, str]] = []
         self.topologies: list[tuple[int, list[str]]] = []
         self.rate_asked = False
+        self.drained: list[tuple[int, str]] = []
 
     async def status(self, address: str) -> PipelineStatus:
         return PipelineStatus()
 
     async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
+        self.drained.append((epoch, address))
         return []
 
     async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
@@ -425,6 +427,8 @@ async def test_a_restarted_operator_completes_the_migration() -> None:
         state = json.loads(obj["metadata"]["annotations"]["spotserve.dev/controller-state"])
         assert state["epoch"] >= 2 and state["phase"] == "serving"
         assert second.topologies and second.topologies[-1][0] >= 2
+        # the new operator found the running workers: it drained the doomed pipeline itself
+        assert any(address.startswith("127.0.0.") for _, address in second.drained)
         assert conditions(obj)["Ready"]["status"] == "True"
 
 
