@@ -86,9 +86,11 @@ class ServiceRunner:
         self.backend: KubernetesBackend | None = None
         self.task: asyncio.Task[None] | None = None
         self.nodes: dict[str, tuple[NodeInfo, Pool]] = {}
-        self.errors: list[Problem] = []
+        self.failures: list[Problem] = []  # backend failures not yet in lastErrors
         self.saved_state: str | None = None
         self.measured_at = 0.0
+        self.last_status: dict[str, Any] | None = None
+        self.journal_seen = 0  # journal entries already looked at for failures
 
     @property
     def path(self) -> str:
@@ -154,6 +156,7 @@ class ServiceRunner:
         state = _state(saved)
         self.saved_state = saved
         self.controller = Controller(result.settings, self.backend, StatusJournal(state))
+        self.journal_seen = 0
         placement = self.controller.placement
         if previous is None and placement is not None:  # a restarted operator
             at = placement.by_position
@@ -182,7 +185,6 @@ class ServiceRunner:
                 await controller.handle(events)
             except ActuatorError as exc:
                 log.warning("%s: %s", self.owner.name, exc)
-                self.errors = [Problem("status.migration", str(exc))]
                 controller.journal.record("failed", controller.epoch, error=str(exc))
                 controller.phase = "failed"
                 retry = True
@@ -228,8 +230,19 @@ class ServiceRunner:
             await self.api.patch(self.path, {"metadata": {"annotations": {
                 STATE_ANNOTATION: text}}})
             self.saved_state = text
+        self._collect_failures(self.controller.journal)
         pods = {p["metadata"]["name"]: p for p in await self.backend.worker_pods()}
         await self._patch_status(body, self.observe(body, pods, pending))
+        self.failures = []  # now in lastErrors
+
+    def _collect_failures(self, journal: Journal) -> None:
+        """The controller's journaled failures (configure, drain, release, capacity) since
+        the last patch, for `lastErrors`."""
+        fresh = journal.entries[self.journal_seen:]
+        self.journal_seen = len(journal.entries)
+        self.failures += [Problem("status.migration", f"{e['kind']}: {e.get('error', '')}")
+                          for e in fresh if str(e.get("kind", "")).endswith("failed")
+                          and e.get("error")]
 
     def observe(self, body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]],
                 pending: int) -> st.Observed:
@@ -250,7 +263,7 @@ class ServiceRunner:
         meets = plan is not None and plan.meets_rate and placement is not None
         target = plan.config if plan and controller.phase not in ("serving", "idle") else None
         return st.Observed(
-            generation=_generation(body), now=time.time(), problems=self.errors,
+            generation=_generation(body), now=time.time(), failures=self.failures,
             current=_shape(placement.config) if placement else None,
             target=_shape(target) if target else None, slots=slots,
             migration=self._migration(), router_ready=backend.routed_epoch > 0,
@@ -276,11 +289,15 @@ class ServiceRunner:
             backend.bytes_moved.get(int(last["epoch"]), 0))
 
     async def _patch_status(self, body: Mapping[str, Any], seen: st.Observed) -> None:
-        previous = dict(body.get("status") or {})
+        # this runner is the status' only writer: what it wrote last is newer than the body,
+        # which waits for the watch event
+        previous = self.last_status or dict(body.get("status") or {})
         new = st.build(seen, previous)
-        if "target" not in new["parallelism"]:
-            new["parallelism"]["target"] = None  # merge patch: remove it
-        await self.api.patch(f"{self.path}/status", {"status": new})
+        self.last_status = new
+        patch = {**new, "parallelism": {**new["parallelism"]}}
+        if "target" not in patch["parallelism"]:
+            patch["parallelism"]["target"] = None  # merge patch: remove it
+        await self.api.patch(f"{self.path}/status", {"status": patch})
 
     async def stop(self) -> None:
         if self.task is not None:

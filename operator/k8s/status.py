@@ -8,7 +8,7 @@ exactly when `WorkersReady`, `RouterReady` and `CapacityAvailable` are.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,7 +107,7 @@ class Observed:
     pending_instances: int = 0
     endpoint: Mapping[str, str] | None = None
     selector: str = ""
-    errors: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    failures: Sequence[Problem] = ()  # backend failures since the last patch (lastErrors only)
 
 
 def condition(kind: str, ok: bool, reason: str, message: str, generation: int, now: float,
@@ -193,9 +193,8 @@ def build(seen: Observed, previous: Mapping[str, Any] | None = None) -> dict[str
                      "pendingInstances": seen.pending_instances,
                      "workers": len(slots), "readyWorkers": sum(s.ready for s in slots)},
         "selector": seen.selector,
-        "lastErrors": error_entries(seen.problems, seen.now,
-                                    previous.get("lastErrors") or ()) if seen.problems
-        else list(previous.get("lastErrors") or ())[:MAX_ERRORS],
+        "lastErrors": error_entries([*seen.problems, *seen.failures], seen.now,
+                                    previous.get("lastErrors") or ()),
     }
     if seen.migration is not None:
         out["migration"] = seen.migration.to_dict()

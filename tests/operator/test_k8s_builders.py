@@ -193,5 +193,10 @@ def test_degraded_names_the_field_and_keeps_ten_errors() -> None:
     assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpecInstancesMin"
     assert "spec.instances.min" in degraded["message"]
     assert out["lastErrors"][0]["field"] == "spec.instances.min"
+    failing = st.build(st.Observed(generation=1, now=0, failures=[
+        Problem("status.migration", "Configure 10.0.0.1:50051: unavailable")]), out)
+    assert {c["type"]: c["status"] for c in failing["conditions"]}["Degraded"] == "False"
+    assert [e["field"] for e in failing["lastErrors"]] == ["status.migration",
+                                                         "spec.instances.min"]
     many = [{"time": "x", "reason": "R", "field": f"f{i}", "message": "m"} for i in range(12)]
     assert len(st.error_entries(problems, 0, many)) == 10

@@ -29,6 +29,7 @@ import kopf
 import pytest
 
 from spotserve.operator.controller.actuator import (
+    ActuatorError,
     DrainedRequest,
     PipelineStatus,
     Resume,
@@ -469,3 +470,28 @@ async def test_a_spec_broken_then_fixed_recovers() -> None:
         obj = await until(lambda: condition_is("Ready", "True"))
         assert conditions(obj)["Degraded"]["status"] == "False"
         assert obj["status"]["lastErrors"][0]["field"] == "spec.slo.latencySeconds"
+
+
+class FlakyWire(RecordingWire):
+    """The first Configure fails, as a worker that is not up yet would."""
+
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
+        if not self.configured:
+            self.configured.append((-1, address))
+            raise ActuatorError(f"Configure {address}: connection refused")
+        return await super().configure(address, request)
+
+
+@pytest.mark.timeout(60)
+async def test_a_backend_failure_is_recorded_and_retried() -> None:
+    wire = FlakyWire()
+    async with emulator([node("n1"), service("llama", SPEC)]) as cluster, \
+            running(cluster, wire):
+        async def ready() -> dict[str, Any] | None:
+            obj = await cluster.get(f"{LLMS}/llama")
+            return obj if conditions(obj).get("Ready", {}).get("status") == "True" else None
+        obj = await until(ready)
+        assert conditions(obj)["Degraded"]["status"] == "False"
+        errors = obj["status"]["lastErrors"]
+        assert errors[0]["field"] == "status.migration"
+        assert "connection refused" in errors[0]["message"]
