@@ -34,7 +34,7 @@ def load_cloud(args: argparse.Namespace) -> Script:
 def run_demo(args: argparse.Namespace) -> int:
     Catalog.load(CATALOG).instance(args.instance_type)  # a bad type fails before anything
     cloud = load_cloud(args)
-    out: Path = args.out
+    out: Path = args.out.resolve()  # workers run elsewhere: every path they get is absolute
     out.mkdir(parents=True, exist_ok=True)
 
     def say(text: str) -> None:
@@ -44,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
-    model = args.model
+    model = args.model.resolve() if args.model is not None else None
     if model is None:
         model = build_tiny_llama(out / "model")
         say(f"built a tiny random Llama in {model}")

@@ -11,6 +11,7 @@ Top level imports only the standard library and the core.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from spotserve.errors import SpotserveError
@@ -71,6 +72,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no fork() notices from gRPC core
     from .demo import run_demo
 
     return run_demo(args)

@@ -19,7 +19,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from .tiny_model import VOCAB
 
 log = logging.getLogger("spotserve.local")
 CATALOG = Path(__file__).with_name("catalog.yaml")
+SERVING_WITHIN = 120.0  # seconds for the first configuration to serve
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ def router_args(model_dir: Path, grpc_address: str = "127.0.0.1:0",
 
 class LocalRun:
     def __init__(self, options: RunOptions) -> None:
+        options = replace(options, model_dir=options.model_dir.resolve(),
+                          workdir=options.workdir.resolve())
         self.options = options
         self.model = ModelSpec.from_hf_config(options.model_dir)
         self.catalog = Catalog.load(CATALOG)
@@ -247,6 +250,8 @@ class LocalRun:
             await self._sleep_until(restart)
             await self.restart_controller()
         await self._sleep_until(self.options.script.end)
+        if load.done():
+            load.result()  # raises what stopped the load (nothing ever served)
         load.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await load
@@ -275,6 +280,9 @@ class LocalRun:
     async def _load(self) -> None:
         """A steady stream: one request every 1/rate seconds, once something serves."""
         while not (self.backend and any(p.state == "serving" for p in self.backend.routed)):
+            if self.now() > SERVING_WITHIN:
+                raise SpotserveError(f"no pipeline is serving after {SERVING_WITHIN:g} s; see "
+                                     f"the worker logs in {self.options.workdir / 'logs'}")
             await asyncio.sleep(0.2)
         interval = 1.0 / self.options.rate
         next_at = self.now()

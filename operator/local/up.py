@@ -25,7 +25,8 @@ from .tiny_model import build_tiny_llama
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    model_dir = args.model or build_tiny_llama(args.out / "model")
+    args.out = args.out.resolve()  # workers run elsewhere: every path they get is absolute
+    model_dir = args.model.resolve() if args.model else build_tiny_llama(args.out / "model")
     model = ModelSpec.from_hf_config(model_dir)
     catalog = Catalog.load(CATALOG)
     catalog.instance(args.instance_type)

@@ -8,6 +8,7 @@ Ctrl-C. Top level imports only the standard library and the core.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from spotserve.errors import SpotserveError
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--http", args.http), ("--grpc", args.grpc)):
         if ":" not in value or not value.rpartition(":")[2].isdigit():
             raise SpotserveError(f"{flag} {value!r}: expected HOST:PORT")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no fork() notices from gRPC core
     from .up import serve
 
     return serve(args)

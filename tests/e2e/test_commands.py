@@ -19,11 +19,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_demo_prints_the_summary_and_writes_report_and_timeline(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+    out = tmp_path / "demo"  # given relative to the working folder, as a user would
     done = subprocess.run(
-        [sys.executable, "-m", "spotserve.cli", "demo", "--out", str(out), "--compression",
+        [sys.executable, "-m", "spotserve.cli", "demo", "--out", "demo", "--compression",
          "2.5", "--grace", "6", "--rate", "2", "--max-tokens", "48", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=280)
+        cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "failed 0" in done.stdout and "identical to the no-preemption reference" \
         in done.stdout
