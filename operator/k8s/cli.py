@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 HELP = "Run the Kubernetes operator: LLMService controllers, node notices, worker pods."
@@ -33,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port of /metrics (SPOTSERVE_METRICS_PORT, 9090; 0: off)")
     parser.add_argument("--token-file", default=os.environ.get("SPOTSERVE_TOKEN_FILE"),
                         help="the shared token for workers and routers (SPOTSERVE_TOKEN_FILE)")
+    parser.add_argument("--model-root", default=os.environ.get("SPOTSERVE_MODEL_ROOT"),
+                        metavar="DIR", help="where the operator sees model volume claims as "
+                        "DIR/<claimName> (to read a model's config.json; default: built-in "
+                        "model shapes only)")
     parser.add_argument("--interval", type=float, default=2.0,
                         help="seconds between a service's reconciliations (2)")
     parser.add_argument("--log-level", default=os.environ.get("SPOTSERVE_LOG_LEVEL", "INFO"))
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     token = load_token(args.token_file) if args.token_file else None
     defaults = manifests.Defaults(**defaults_from_env())  # type: ignore[arg-type]
     runtime = Runtime(Connection("https://kubernetes.default.svc"), token=token,
-                      defaults=defaults, interval=args.interval)
+                      defaults=defaults, interval=args.interval,
+                      model_root=Path(args.model_root) if args.model_root else None)
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
