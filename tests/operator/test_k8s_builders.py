@@ -200,3 +200,23 @@ def test_degraded_names_the_field_and_keeps_ten_errors() -> None:
                                                          "spec.instances.min"]
     many = [{"time": "x", "reason": "R", "field": f"f{i}", "message": "m"} for i in range(12)]
     assert len(st.error_entries(problems, 0, many)) == 10
+
+
+# ---- cli --------------------------------------------------------------------------------
+def test_cli_reads_the_charts_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from spotserve.operator.k8s import cli
+
+    monkeypatch.setenv("SPOTSERVE_WATCH_NAMESPACES", "llm,team-b")
+    monkeypatch.setenv("SPOTSERVE_HEALTH_PORT", "8081")
+    monkeypatch.setenv("SPOTSERVE_WORKER_IMAGE", "registry/worker:1")
+    monkeypatch.setenv("SPOTSERVE_ROUTER_PLACEMENT", '{"nodeSelector": {"pool": "cpu"}}')
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.namespace == ["llm", "team-b"] and args.health_port == 8081
+    defaults = m.Defaults(**cli.defaults_from_env())  # type: ignore[arg-type]
+    assert defaults.worker_image == "registry/worker:1"
+    pod = m.router_deployment(OWNER, spec(), "llama", defaults)
+    assert pod["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
