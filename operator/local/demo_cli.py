@@ -37,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "built-in trace kills n4 without one)")
     parser.add_argument("--instance-type", default="cpu-1x",
                         help="emulated instance type: cpu-1x, cpu-2x or cpu-4x (cpu-1x)")
-    parser.add_argument("--rate", type=float, default=3.0, metavar="REQ/S",
-                        help="requests per second sent to the router (3)")
-    parser.add_argument("--max-tokens", type=int, default=96,
-                        help="tokens generated per request (96)")
+    parser.add_argument("--rate", type=float, default=4.0, metavar="REQ/S",
+                        help="requests per second sent to the router (4)")
+    parser.add_argument("--max-tokens", type=int, default=128,
+                        help="tokens generated per request (128)")
     parser.add_argument("--prompt-tokens", type=int, default=12,
                         help="prompt length in tokens (12)")
     parser.add_argument("--restart-controller-at", type=float, metavar="S",
