@@ -28,8 +28,8 @@ from ..controller.actuator import (
     Resume,
     RoutedPipeline,
 )
+from ..controller.configure import configure_request, kv_imports, pipeline_members
 from ..controller.epoch import WorkerAssignment
-from ..local.configure import configure_request, kv_imports, pipeline_members
 from ..planner.cluster import GpuId
 from . import manifests as m
 from .api import KubeApi, collection

@@ -1,6 +1,6 @@
 """The gRPC calls the Kubernetes backend makes: worker Status/Drain/Configure and the
 router's UpdateTopology, each with the shared token. `Wire` is the seam tests replace.
-Configure requests are built by `operator.local.configure`, shared with local mode."""
+Configure requests are built by `controller.configure`, shared with local mode."""
 
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ from ..controller.actuator import (
     Resume,
     RoutedPipeline,
 )
+from ..controller.configure import configure_request, kv_imports, pipeline_members, signature
 from ..controller.epoch import WorkerAssignment
 from ..controller.events import (
     Event,
@@ -52,7 +53,6 @@ from ..controller.events import (
     NoticeReceived,
 )
 from ..planner.cluster import GpuId
-from .configure import configure_request, kv_imports, pipeline_members, signature
 
 log = logging.getLogger("spotserve.local")
 ROOT = Path(__file__).resolve().parents[2]

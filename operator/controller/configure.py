@@ -13,9 +13,9 @@ from spotserve.layout import Position
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2
 
-from ..controller.actuator import DrainedRequest
-from ..controller.epoch import CHECKPOINT, KEPT, WorkerAssignment
 from ..planner.cluster import GpuId
+from .actuator import DrainedRequest
+from .epoch import CHECKPOINT, KEPT, WorkerAssignment
 
 KINDS = {KEPT: worker_pb2.SOURCE_KIND_KEPT, CHECKPOINT: worker_pb2.SOURCE_KIND_CHECKPOINT}
 
