@@ -7,10 +7,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= worker,operator,dev
-# Never let the working directory shadow the standard library (the repo has an operator/ folder).
-export PYTHONSAFEPATH := 1
 
-.PHONY: install demo test lint proto bench clean
+.PHONY: install demo plan-demo test lint proto bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
+	$(VENV)/bin/spotserve demo
+
+# What the planner decides for a large model on spot capacity (no processes started).
+plan-demo: install
 	@bash scripts/demo.sh $(VENV)
 
 test: install

@@ -1,7 +1,7 @@
 """Run import-linter over the whole `spotserve` namespace.
 
 import-linter (grimp) finds a package's modules by walking its folder, but spotserve's
-subpackages live in other folders (package-dir mapping: operator/ → spotserve.operator,
+subpackages live in other folders (package-dir mapping: controlplane/ → spotserve.operator,
 worker/ → spotserve.worker, proto/spotserve/v1 → spotserve.v1). This assembles the
 Python files into one temporary `spotserve/` tree and runs `lint-imports` on it with the
 contracts from pyproject.toml.

@@ -20,6 +20,7 @@ from spotserve.errors import SpotserveError
 # subcommand -> module. Order is the order `--help` lists them.
 SUBCOMMANDS: dict[str, str] = {
     "model-info": "spotserve.model_info",
+    "download": "spotserve.download",
     "plan": "spotserve.operator.planner.cli",
     "simulate": "spotserve.operator.sim.cli",
     "demo": "spotserve.operator.local.demo_cli",

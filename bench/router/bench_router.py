@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.append(str(ROOT))  # for tests.router; appended: operator/ would shadow the stdlib
+sys.path.append(str(ROOT))  # for tests.router
 
 import aiohttp  # noqa: E402
 import grpc  # noqa: E402

@@ -130,4 +130,4 @@ def test_copy_sources_are_in_the_build_context(name: str) -> None:
                 assert any(not _ignored(str(p.relative_to(ROOT)), patterns)
                            for p in (ROOT / source).rglob("*.py"))
     assert _ignored(".venv/bin/python", patterns) and _ignored("tests/conftest.py", patterns)
-    assert _ignored("operator/__pycache__/x.pyc", patterns)
+    assert _ignored("controlplane/__pycache__/x.pyc", patterns)

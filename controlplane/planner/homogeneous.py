@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from spotserve.catalog import InstanceType
 from spotserve.layout import ParallelConfig, split_layers
+from spotserve.memory import USABLE_FRACTION
 from spotserve.model_spec import ModelSpec
 
 from .cost_model import (
@@ -30,7 +31,7 @@ from .cost_model import (
     micro_batch_counts,
     spotserve_times,
 )
-from .memory import USABLE_FRACTION, stage_fits
+from .memory import stage_fits
 
 MAX_EXTRA_INSTANCES = 256
 

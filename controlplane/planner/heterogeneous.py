@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from spotserve.catalog import InstanceType
 from spotserve.layout import ParallelConfig, PipelineLayout, StageLayout
+from spotserve.memory import USABLE_FRACTION
 from spotserve.model_spec import ModelSpec
 
 from .cluster import Instance
@@ -32,7 +33,7 @@ from .cost_model import (
     micro_batch_counts,
     spotserve_times,
 )
-from .memory import USABLE_FRACTION, stage_fits
+from .memory import stage_fits
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""`spotserve download`: archives over https (a loopback server), the Hub (stubbed), errors."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import sys
+import tarfile
+import threading
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spotserve.cli import main
+from spotserve.download import MARKER
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 100}
+
+
+def _tarball(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def serve() -> Iterator[dict[str, bytes]]:
+    files: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    files["__base__"] = f"http://127.0.0.1:{server.server_port}".encode()
+    yield files
+    server.shutdown()
+
+
+def test_https_archive_is_unpacked_flattened_and_not_fetched_twice(
+        serve: dict[str, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    serve["/m.tar.gz"] = _tarball({"model/config.json": json.dumps(CONFIG).encode(),
+                                   "model/model.safetensors": b"x" * 10})
+    url = serve["__base__"].decode() + "/m.tar.gz"
+    dest = tmp_path / "models"
+    assert main(["download", "--url", url, "--to", str(dest)]) == 0
+    assert (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()
+    assert json.loads((dest / MARKER).read_text())["source"] == url
+    del serve["/m.tar.gz"]  # a second run must not fetch again
+    assert main(["download", "--url", url, "--to", str(dest)]) == 0
+    assert "already holds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("members", "message"), [
+    ({"weights.bin": b"1"}, "no such file"),
+    ({"../evil/config.json": b"{}"}, "unsafe archive member"),
+])
+def test_bad_archives_exit_2(serve: dict[str, bytes], tmp_path: Path, members: dict[str, bytes],
+                             message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    serve["/bad.tgz"] = _tarball(members)
+    url = serve["__base__"].decode() + "/bad.tgz"
+    assert main(["download", "--url", url, "--to", str(tmp_path / "d")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "evil").exists()
+
+
+def test_bad_sources_exit_2(serve: dict[str, bytes], tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    missing = serve["__base__"].decode() + "/nothing.tgz"
+    assert main(["download", "--url", missing, "--to", str(tmp_path)]) == 2
+    assert "cannot download" in capsys.readouterr().err
+    assert main(["download", "--url", "ftp://x/y", "--to", str(tmp_path)]) == 2
+    assert "unsupported URL" in capsys.readouterr().err
+
+
+def test_hub_download_passes_repo_revision_and_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+
+    def snapshot_download(**kwargs: object) -> str:
+        calls.append(kwargs)
+        (Path(str(kwargs["local_dir"])) / "config.json").write_text(json.dumps(CONFIG))
+        return str(kwargs["local_dir"])
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download = snapshot_download  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    dest = tmp_path / "m"
+    assert main(["download", "--hf", "org/tiny", "--revision", "v1", "--to", str(dest)]) == 0
+    assert calls[0]["repo_id"] == "org/tiny" and calls[0]["revision"] == "v1"
+    assert calls[0]["local_dir"] == str(dest)
