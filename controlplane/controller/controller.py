@@ -50,7 +50,14 @@ from .actuator import (
     RoutedPipeline,
 )
 from .epoch import assignments, pipeline_ids, pipelines_to_drain
-from .events import Event, InstanceReady, LoadChanged, NoticeReceived, is_urgent
+from .events import (
+    Event,
+    InstanceBooting,
+    InstanceReady,
+    LoadChanged,
+    NoticeReceived,
+    is_urgent,
+)
 from .journal import ControllerState, Journal, placement_to_dict
 from .metrics import ControllerMetrics
 from .view import NOTICE, ClusterView
@@ -148,6 +155,8 @@ class Controller:
                 return None
             self.metrics.replans.labels("load").inc()
             return f"load {self._planned_rate:g} → {event.rate:g} req/s"
+        if isinstance(event, InstanceBooting):
+            return None  # not usable yet: nothing to re-plan
         kind = "join" if isinstance(event, InstanceReady) else "loss"
         self.metrics.replans.labels(kind).inc()
         if isinstance(event, InstanceReady):
@@ -229,8 +238,9 @@ class Controller:
         self._planned_rate = self.view.rate
         old, old_ids = self.placement, list(self.pipeline_ids)
         new = result.mapping.placement
-        if old is not None and new.assignment == old.assignment and \
-                not self.view.in_state(NOTICE):
+        doomed_in_use = old is not None and bool(
+            old.instances() & {r.name for r in self.view.in_state(NOTICE)})
+        if old is not None and new.assignment == old.assignment and not doomed_in_use:
             self.journal.record("unchanged", self.epoch, reason=reason)
             return
         self.epoch += 1

@@ -31,11 +31,12 @@ def _ok(result: RunResult) -> None:
 
 @pytest.fixture(scope="module")
 def preemptions(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-    """n1+n2 serve (P=2), n3 is standby; n4, n5 join; n2 gets a notice; n4 is killed
-    without one."""
-    t = trace((0, "add", ("n1", "n2", "n3")), (8, "add", ("n4", "n5")),
-              (28, "remove", ("n2",)), (40, "remove", ("n4",)), end=50)
-    return run(tmp_path_factory.mktemp("preemptions"), local_script(t, no_notice=["n4"]))
+    """n1+n2 serve (P=2); n3 joins as the standby; n2 gets a notice (at 20 s), so the
+    pipeline moves to n1+n3 and takes its KV along; n4, n5, n6 join (scale-out to D=2);
+    n1, which serves throughout, is killed without notice."""
+    t = trace((0, "add", ("n1", "n2")), (5, "add", ("n3",)), (22, "add", ("n4", "n5", "n6")),
+              (28, "remove", ("n2",)), (40, "remove", ("n1",)), end=50)
+    return run(tmp_path_factory.mktemp("preemptions"), local_script(t, no_notice=["n1"]))
 
 
 def test_a_notice_resumes_by_kv_with_identical_outputs(preemptions: RunResult) -> None:
@@ -51,7 +52,7 @@ def test_b_kill_without_notice_resumes_by_reprefill(preemptions: RunResult) -> N
     assert any(e.get("error") for e in entries(preemptions, "drain-failed"))
     assert preemptions.resumed["reprefill"] >= 1
     kills = [e for e in preemptions.timeline if e["kind"] == "killed"]
-    assert [e["instance"] for e in kills] == ["n2", "n4"]
+    assert [e["instance"] for e in kills] == ["n2", "n1"]
 
 
 def test_d_joins_scale_out_without_interrupting(preemptions: RunResult) -> None:
