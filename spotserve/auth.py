@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,30 @@ def call_metadata(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")] if token else []
 
 
-def _authorized(metadata: Any, token: str) -> bool:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str):
-            return hmac.compare_digest(value.encode(), f"Bearer {token}".encode())
-    return False
+class BearerCheck:
+    """Accept `Bearer <key>` for any of the keys; accept everything when there are none.
+    The internal services use it with the one shared token, the router's public side with
+    its API keys."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = [k.encode() for k in keys if k]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def allows(self, authorization: str | None) -> bool:
+        if not self._keys:
+            return True
+        if not authorization or not authorization.startswith("Bearer "):
+            return False
+        given = authorization[len("Bearer "):].strip().encode()
+        return any(hmac.compare_digest(given, key) for key in self._keys)
+
+    def allows_metadata(self, metadata: Any) -> bool:
+        """`allows` applied to gRPC call metadata."""
+        value = next((v for k, v in metadata or () if k == "authorization"), None)
+        return self.allows(value if isinstance(value, str) else None)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -45,7 +64,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     in `open_methods` (full names, e.g. the gRPC health check kubelet probes call)."""
 
     def __init__(self, token: str, open_methods: frozenset[str] = frozenset()) -> None:
-        self._token = token
+        self._check = BearerCheck([token])
         self._open = open_methods
 
         async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -59,8 +78,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
             details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if not self._token or details.method in self._open or \
-                _authorized(details.invocation_metadata, self._token):
+        if details.method in self._open or \
+                self._check.allows_metadata(details.invocation_metadata):
             return handler
         if handler is not None and handler.response_streaming:
             return self._deny_stream

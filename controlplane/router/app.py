@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 
-from .auth import BearerCheck
+from spotserve.auth import BearerCheck
+
 from .dispatch import Pipeline
 from .openai_http import build_app
 from .router import Router, RouterConfig

@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
+from spotserve.auth import BearerCheck
 from spotserve.v1 import common_pb2
 
-from .auth import BearerCheck
 from .errors import ErrorKind, RouterError, invalid
 from .metrics import CONTENT_TYPE
 from .router import Chunk, Router

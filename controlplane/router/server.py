@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from spotserve.auth import BearerCheck
 from spotserve.v1 import (
     common_pb2,
     control_pb2,
@@ -18,7 +19,6 @@ from spotserve.v1 import (
     inference_pb2_grpc,
 )
 
-from .auth import BearerCheck
 from .dispatch import Pipeline, PipelineState
 from .errors import ErrorKind, RouterError, invalid
 from .resume import MODE_NAMES
