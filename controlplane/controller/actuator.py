@@ -75,6 +75,15 @@ class Actuator(ABC):
         the drained requests whose KV the new owners import. Returns when all are ready.
         Jobs marked `unchanged` must be left serving undisturbed."""
 
+    async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                      gpus: Sequence[GpuId]) -> int:
+        """Concurrent initialization: let `gpus` (idle now, joining the configuration of
+        `epoch`) gather the weights of their role in `jobs` while the current configuration
+        keeps serving, so that `configure` for the same epoch finds them in memory. Returns
+        the bytes gathered. A backend that cannot preload keeps this default, and
+        `configure` gathers everything."""
+        return 0
+
     @abstractmethod
     async def set_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
                            resume: Sequence[Resume]) -> None:

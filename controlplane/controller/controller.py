@@ -7,13 +7,17 @@ the actuator through one migration:
 
 1. capacity — replacement capacity is requested the moment a notice arrives, and more when
    the plan says the rate cannot be met (spot first, on-demand as the fallback);
-2. drain — every old pipeline that does not carry over unchanged stops after the decode
+2. preload — GPUs that join the configuration (idle until now) gather the weights of their
+   future position from peers or the checkpoint while the old configuration keeps serving
+   (ShuntServe's concurrent initialization); skipped when a notice deadline is running,
+   since the just-in-time arrangement has already spent that time on decode steps;
+3. drain — every old pipeline that does not carry over unchanged stops after the decode
    steps the just-in-time arrangement allows (0 for non-doomed ones), keeping its KV;
-3. configure — every GPU takes its role for the new epoch, keeping what it holds and
+4. configure — every GPU takes its role for the new epoch, keeping what it holds and
    pulling the rest (doomed holders first); unchanged pipelines keep serving meanwhile;
-4. switch — the router gets the new pipelines and, for every drained request, where it
+5. switch — the router gets the new pipelines and, for every drained request, where it
    resumes: from migrated KV, or by re-prefill when no new pipeline inherited it;
-5. release — idle instances are given back, on-demand ones first.
+6. release — idle instances are given back, on-demand ones first.
 
 Between phases, an urgent event (another notice, a loss) that touches the migration aborts
 it and the controller re-plans from the state reached: drains are idempotent, weights
@@ -25,6 +29,7 @@ placement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +40,7 @@ from spotserve.catalog import Catalog
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
 
-from ..planner.cluster import CurrentState, Instance, PipelineProgress, Placement
+from ..planner.cluster import CurrentState, GpuId, Instance, PipelineProgress, Placement
 from ..planner.cost_model import CostModel, Workload
 from ..planner.heterogeneous import HeteroLimits
 from ..planner.homogeneous import SearchLimits
@@ -49,7 +54,7 @@ from .actuator import (
     Resume,
     RoutedPipeline,
 )
-from .epoch import assignments, pipeline_ids, pipelines_to_drain
+from .epoch import KEPT, WorkerAssignment, assignments, pipeline_ids, pipelines_to_drain
 from .events import (
     Event,
     InstanceBooting,
@@ -254,14 +259,15 @@ class Controller:
             await self._ask_capacity(result.extra_instance_type, result.extra_instances,
                                      self.settings.replacement_capacity, why="rate not met")
         involved = new.instances() | (old.instances() if old else set())
-        drained = await self._drain(epoch, result, old, old_ids, new)
-        await self._checkpoint(involved)
-        self._set_phase("configuring")
         new_ids = pipeline_ids(epoch, old_ids, old, new)
         inherits = dict(result.mapping.inherits)
         jobs = assignments(self.settings.model, epoch, new,
                            result.migration.transfers if result.migration else (), old, old_ids,
                            inherits)
+        await self._preload(epoch, jobs, old, involved, deadline_running=doomed_in_use)
+        drained = await self._drain(epoch, result, old, old_ids, new)
+        await self._checkpoint(involved)
+        self._set_phase("configuring")
         kv = {o: drained.get(o, ()) for o in inherits.values()}
         try:
             await self.actuator.configure(epoch, jobs, kv)
@@ -278,6 +284,44 @@ class Controller:
         self.journal.record("serving", epoch, config=result.config.describe(),
                             pipelines=new_ids)
         await self._release(result)
+
+    async def _preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                       old: Placement | None, involved: set[str], deadline_running: bool
+                       ) -> None:
+        """Concurrent initialization for the GPUs that join this epoch: they gather their
+        weights while every old pipeline keeps serving. A failed preload costs nothing but
+        time (configure gathers what is missing); an urgent event cancels it."""
+        if old is None:
+            return  # cold start: nothing serves yet, so configure loads at once
+        serving = {gpu for _, gpu in old.assignment}
+        gpus = sorted(g for g, job in jobs.items() if not job.unchanged and g not in serving
+                      and any(p.kind != KEPT for p in job.pieces))
+        if not gpus:
+            return
+        if deadline_running:
+            self.journal.record("preload-skipped", epoch, gpus=len(gpus),
+                                reason="a notice deadline is running")
+            return
+        self._set_phase("preloading")
+        start = self.clock()
+        task = asyncio.ensure_future(self.actuator.preload(epoch, jobs, gpus))
+        try:
+            while not (await asyncio.wait({task}, timeout=0.25))[0]:
+                if self._urgent_pending(involved):
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    await self._checkpoint(involved)  # raises MigrationAborted
+            gathered = task.result()
+        except ActuatorError as exc:
+            self.journal.record("preload-failed", epoch, error=str(exc))
+            return
+        finally:
+            if not task.done():
+                task.cancel()
+        self.metrics.bytes_preloaded.inc(gathered)
+        self.journal.record("preloaded", epoch, gpus=[str(g) for g in gpus], bytes=gathered,
+                            seconds=round(self.clock() - start, 3))
 
     async def _configure_failed(self, epoch: int, exc: ActuatorError) -> None:
         """A worker could not take its role (a peer died under it, say): re-plan from the

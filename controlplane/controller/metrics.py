@@ -17,6 +17,10 @@ class ControllerMetrics:
             buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
         self.bytes_planned = Counter("spotserve_migration_bytes_planned",
                                      "Bytes the migration plans said to move.", registry=r)
+        self.bytes_preloaded = Counter(
+            "spotserve_migration_bytes_preloaded",
+            "Weight bytes joining GPUs gathered while the old configuration kept serving.",
+            registry=r)
         self.deadline_misses = Counter("spotserve_deadline_misses",
                                        "Migrations that finished after a notice deadline.",
                                        registry=r)

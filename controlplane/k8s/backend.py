@@ -122,12 +122,36 @@ class KubernetesBackend(Actuator):
                                        return_exceptions=True)
         failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
                   if isinstance(reply, BaseException)]
-        self.bytes_moved[epoch] = sum(r for r in replies if isinstance(r, int))
+        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + \
+            sum(r for r in replies if isinstance(r, int))
         if failed:
             raise ActuatorError("configure failed on " + "; ".join(failed))
         for job in jobs.values():
             if job.is_driver:
                 self.drivers[job.pipeline_id] = job.gpu
+
+    async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                      gpus: Sequence[GpuId]) -> int:
+        targets = set(gpus)
+        for gpu in gpus:
+            await self._ensure_pod(gpu, epoch)
+        await self._wait_ready(list(gpus))
+        joining = {job.gpu: job for group in pipeline_members(jobs).values()
+                   if any(member.gpu in targets for member in group) for job in group}
+        requests = [(gpu, r) for gpu, r in self._configure_requests(epoch, joining, {})
+                    if gpu in targets]
+        for _, request in requests:
+            request.preload_only = True
+        replies = await asyncio.gather(*(self.wire.configure(self.addresses[str(gpu)], request)
+                                         for gpu, request in requests),
+                                       return_exceptions=True)
+        failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
+                  if isinstance(reply, BaseException)]
+        if failed:
+            raise ActuatorError("preload failed on " + "; ".join(failed))
+        gathered = sum(r for r in replies if isinstance(r, int))
+        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + gathered
+        return gathered
 
     def _configure_requests(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
                             kv: Mapping[int, Sequence[DrainedRequest]]
@@ -140,7 +164,7 @@ class KubernetesBackend(Actuator):
         for group in pipeline_members(jobs).values():
             if all(job.unchanged for job in group):
                 continue
-            host = self.addresses[str(group[0].gpu)].rpartition(":")[0]
+            host = self._address(group[0].gpu).rpartition(":")[0]
             master = f"{host}:{self.port + 1 + epoch % RENDEZVOUS_PORTS}"
             for job in group:
                 request = configure_request(

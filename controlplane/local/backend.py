@@ -339,6 +339,36 @@ class LocalBackend(Actuator):
         if failed:
             raise ActuatorError("configure failed on " + "; ".join(failed))
 
+    async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                      gpus: Sequence[GpuId]) -> int:
+        targets = set(gpus)
+        calls = []
+        for group in pipeline_members(jobs).values():
+            driver = self._worker(group[0].gpu)
+            for job in group:
+                if job.gpu in targets:
+                    request = configure_request(self.model, str(self.options.model_dir), epoch,
+                                                job, group, self._address,
+                                                f"{driver.host}:0", self.options.max_batch)
+                    request.preload_only = True
+                    calls.append((self._worker(job.gpu), request))
+        replies = await asyncio.gather(*(self._configure_one(w, r) for w, r in calls),
+                                       return_exceptions=True)
+        failed = [f"{w.gpu}: {reply}" for (w, _), reply in zip(calls, replies, strict=True)
+                  if isinstance(reply, BaseException)]
+        gathered = 0
+        for reply in replies:
+            if isinstance(reply, worker_pb2.ConfigureResponse):
+                # counted as moved now; the configure that follows reports them as kept
+                self.moved.pulled += reply.bytes_pulled
+                self.moved.checkpoint += reply.bytes_from_checkpoint
+                gathered += reply.bytes_pulled + reply.bytes_from_checkpoint
+        self.note("preloaded", epoch=epoch, workers=len(calls), failed=len(failed),
+                  bytes=gathered)
+        if failed:
+            raise ActuatorError("preload failed on " + "; ".join(failed))
+        return gathered
+
     def _serves(self, job: WorkerAssignment) -> bool:
         """An unchanged job whose worker already runs exactly this role."""
         try:

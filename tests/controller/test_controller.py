@@ -79,6 +79,27 @@ class Recorder(Actuator):
         return [p for p in self.topology if p.state == "serving"]
 
 
+class Preloader(Recorder):
+    """A backend that preloads: records each call, or runs `during` in its place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: object | None = None
+        self.cancelled = False
+
+    async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                      gpus: Sequence[GpuId]) -> int:
+        self.calls.append(("preload", (epoch, tuple(gpus))))
+        if self.during is not None:
+            during, self.during = self.during, None
+            try:
+                await during  # type: ignore[misc]
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+        return 1000 * len(gpus)
+
+
 def settings() -> ControllerSettings:
     model = resolve_model("opt-6.7b")
     return ControllerSettings(model=model, cost=RooflineCostModel(model),
@@ -207,3 +228,62 @@ async def test_metrics_count_replans_migrations_and_resumes() -> None:
                   for m in ("kv", "reprefill"))
     assert resumed == 2
     assert sample("spotserve_notice_to_serving_seconds_count") == 1
+
+
+async def test_joining_gpus_preload_their_weights_before_anything_stops() -> None:
+    actuator = Preloader()
+    controller = await started(actuator, names=("a", "b"))
+    assert not any(c[0] == "preload" for c in actuator.calls)  # cold start: configure loads
+    serving = {gpu for _, gpu in controller.placement.assignment}  # type: ignore[union-attr]
+    actuator.calls.clear()
+    await controller.handle(ready("c"))
+    kinds = [c[0] for c in actuator.calls]
+    assert kinds.index("preload") < kinds.index("configure")
+    assert "drain" not in kinds or kinds.index("preload") < kinds.index("drain")
+    epoch, gpus = next(c[1] for c in actuator.calls if c[0] == "preload")  # type: ignore[misc]
+    assert epoch == controller.epoch and gpus
+    assert all(g.instance == "c" and g not in serving for g in gpus)
+    assert {g for g, j in actuator.jobs.items() if not j.unchanged} == set(gpus)
+    preloaded = next(e for e in controller.journal.entries if e["kind"] == "preloaded")
+    assert preloaded["bytes"] == 1000 * len(gpus)
+    assert controller.metrics.registry.get_sample_value(
+        "spotserve_migration_bytes_preloaded_total") == 1000 * len(gpus)
+
+
+async def test_no_preload_while_a_notice_deadline_runs() -> None:
+    actuator = Preloader()
+    controller = await started(actuator)
+    actuator.calls.clear()
+    await controller.handle([InstanceReady("d", NODE), NoticeReceived("b", deadline=1030.0)])
+    assert not any(c[0] == "preload" for c in actuator.calls)
+    assert any(e["kind"] == "preload-skipped" for e in controller.journal.entries)
+    assert any(j.gpu.instance == "d" for j in actuator.jobs.values())
+
+
+async def test_a_notice_during_a_preload_cancels_it_and_replans() -> None:
+    actuator = Preloader()
+    controller = await started(actuator, names=("a", "b"))
+
+    async def notice_then_wait() -> None:
+        await controller.submit(NoticeReceived("a", deadline=1030.0))
+        await asyncio.sleep(30)  # a slow checkpoint read; the notice must cut it short
+
+    actuator.during = notice_then_wait()
+    await asyncio.wait_for(controller.handle(ready("c")), timeout=10)
+    assert actuator.cancelled
+    assert any(e["kind"] == "aborted" for e in controller.journal.entries)
+    assert controller.placement is not None and "a" not in controller.placement.instances()
+
+
+async def test_a_failed_preload_leaves_the_gathering_to_configure() -> None:
+    class Failing(Recorder):
+        async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                          gpus: Sequence[GpuId]) -> int:
+            raise ActuatorError("c/0 does not answer")
+
+    actuator = Failing()
+    controller = await started(actuator, names=("a", "b"))
+    await controller.handle(ready("c"))
+    assert any(e["kind"] == "preload-failed" for e in controller.journal.entries)
+    assert controller.journal.entries[-1]["kind"] in ("serving", "released")
+    assert any(j.gpu.instance == "c" for j in actuator.jobs.values())

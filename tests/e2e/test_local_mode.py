@@ -62,6 +62,11 @@ def test_d_joins_scale_out_without_interrupting(preemptions: RunResult) -> None:
     between = [e for e in preemptions.journal
                if before["epoch"] < e["epoch"] <= scale_out["epoch"]]
     assert not [e for e in between if e["kind"] in ("drained", "drain-failed")]
+    # concurrent initialization: the joining GPUs gathered their weights while the running
+    # pipeline kept serving, and the configure that followed found them in memory
+    preloaded = [e for e in between if e["kind"] == "preloaded"]
+    assert preloaded and preloaded[-1]["epoch"] == scale_out["epoch"]
+    assert int(preloaded[-1]["bytes"]) > 0  # type: ignore[call-overload]
 
 
 def test_c_second_notice_during_a_migration(tmp_path: Path) -> None:
