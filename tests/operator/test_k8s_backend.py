@@ -4,15 +4,18 @@ then on-demand), release, and the pod bookkeeping, against an in-memory API."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from spotserve.operator.controller.actuator import ActuatorError
+from spotserve.operator.controller.epoch import assignments
 from spotserve.operator.k8s import manifests as m
 from spotserve.operator.k8s.api import Connection, KubeApi, matches
 from spotserve.operator.k8s.backend import BackendOptions, KubernetesBackend
 from spotserve.operator.k8s.spec import ServiceSpec, validate
+from spotserve.operator.planner import load_request, plan
 
 OWNER = m.Owner("llama", "llm", "uid-1")
 
@@ -111,3 +114,53 @@ async def test_unanswered_spot_requests_fall_back_to_on_demand() -> None:
     await patient.settle_capacity()
     assert requested(api2) == ["spot"]
 
+
+
+class ReadyApi(MemoryApi):
+    """Pods come up at once, each with its own loopback IP."""
+
+    async def create(self, obj: Mapping[str, Any]) -> bool:
+        made = await super().create(obj)
+        if made and obj.get("kind") == "Pod":
+            self.objects[obj["metadata"]["name"]]["status"] = {
+                "podIP": f"127.0.0.{len(self.objects) + 1}",
+                "conditions": [{"type": "Ready", "status": "True"}]}
+        return made
+
+
+class ConfigureWire:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+
+    async def configure(self, address: str, request: Any) -> int:
+        self.sent.append((address, request))
+        return 1 << 20
+
+
+async def test_preload_starts_only_the_joining_gpus_pods_and_configures_them_preload_only(
+) -> None:
+    request = load_request(Path(__file__).resolve().parents[2] / "examples" / "plan" /
+                           "preemption.yaml")
+    result = plan(request)
+    assert result.mapping is not None and result.migration is not None and request.current
+    old, new = request.current.placement, result.mapping.placement
+    jobs = assignments(request.model, 2, new, result.migration.transfers, old, ["a", "b", "c"])
+    joining = sorted(g for g in jobs if g.instance == "node-3")
+    assert joining and all(not jobs[g].unchanged for g in joining)
+    spec = {"model": {"huggingFace": {"repoId": "facebook/opt-6.7b"}},
+            "gpuPools": [pool("spot", "spot", 4)], "instances": {"min": 1, "max": 4}}
+    service = validate(spec)
+    assert isinstance(service, ServiceSpec)
+    api, wire = ReadyApi(), ConfigureWire()
+    b = KubernetesBackend(api, OWNER, spec, service, wire=wire,  # type: ignore[arg-type]
+                          pool_of=lambda node: service.pools[0],
+                          options=BackendOptions(poll_seconds=0.01))
+    b.addresses = {str(g): f"10.0.0.{i + 1}:50051" for i, (_, g) in enumerate(old.assignment)}
+    gathered = await b.preload(2, jobs, joining)
+    assert gathered == len(joining) << 20
+    assert sorted(api.objects) == sorted(m.worker_pod_name(OWNER, g.instance, g.index)
+                                         for g in joining)
+    assert len(wire.sent) == len(joining)
+    for address, sent in wire.sent:
+        assert sent.preload_only and sent.epoch == 2 and not sent.kv_imports
+        assert address.startswith("127.0.0.")
