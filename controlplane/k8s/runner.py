@@ -3,10 +3,10 @@
 `ServiceRunner.tick` is what the kopf daemon does every interval, level-based: validate
 the spec (a bad one gets `Degraded` naming the field, and nothing else happens until it is
 fixed), feed the controller the events of the pools' nodes, measure the load when it
-autoscales, ask for capacity up to `instances.min`, save the controller's state in the
-`spotserve.dev/controller-state` annotation (so a restarted operator resumes) and patch
-the whole status. The controller itself runs as a task; a backend failure is recorded and
-retried, never fatal.
+autoscales, ask for capacity up to `instances.min`, and patch the whole status, the
+controller's state included (`status.controller`: epoch, phase, instance view, committed
+placement), so a restarted operator resumes a migration where it stopped. The controller
+itself runs as a task; a backend failure is recorded and retried, never fatal.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..controller.actuator import ActuatorError
 from ..controller.controller import Controller
 from ..controller.events import LoadChanged
 from ..controller.journal import ControllerState, Journal
-from ..controller.view import GONE
+from ..controller.view import GONE, ClusterView
 from . import manifests as m
 from . import status as st
 from .api import Connection, KubeApi
@@ -37,7 +37,6 @@ from .spec import Pool, Problem, ServiceSpec, validate
 from .wire import GrpcWire, Wire
 
 log = logging.getLogger("spotserve.operator")
-STATE_ANNOTATION = "spotserve.dev/controller-state"
 DEFAULT_RATE = 1.0  # req/s planned for until the router reports a rate
 MIN_RATE = 0.1      # an idle router still gets a configuration to serve the next request
 
@@ -87,7 +86,7 @@ class ServiceRunner:
         self.task: asyncio.Task[None] | None = None
         self.nodes: dict[str, tuple[NodeInfo, Pool]] = {}
         self.failures: list[Problem] = []  # backend failures not yet in lastErrors
-        self.saved_state: str | None = None
+        self.saved_state: dict[str, Any] | None = None  # the controller state last written
         self.measured_at = 0.0
         self.last_status: dict[str, Any] | None = None
         self.journal_seen = 0  # journal entries already looked at for failures
@@ -151,10 +150,9 @@ class ServiceRunner:
             self.backend.addresses = dict(previous.addresses)
             self.backend.drivers = dict(previous.drivers)
             self.backend.routed_epoch = previous.routed_epoch
-        annotations = (body.get("metadata") or {}).get("annotations") or {}
-        saved = self.saved_state or annotations.get(STATE_ANNOTATION)
+        saved = self.saved_state or (body.get("status") or {}).get("controller")
         state = _state(saved)
-        self.saved_state = saved
+        self.saved_state = state.to_dict() if state else None
         self.controller = Controller(result.settings, self.backend, StatusJournal(state))
         self.journal_seen = 0
         placement = self.controller.placement
@@ -225,11 +223,8 @@ class ServiceRunner:
     async def _write(self, body: Mapping[str, Any], pending: int) -> None:
         assert self.controller is not None and self.backend is not None
         state = self.controller.journal.load()
-        text = json.dumps(state.to_dict(), sort_keys=True) if state else None
-        if text and text != self.saved_state:
-            await self.api.patch(self.path, {"metadata": {"annotations": {
-                STATE_ANNOTATION: text}}})
-            self.saved_state = text
+        if state is not None:
+            self.saved_state = state.to_dict()
         self._collect_failures(self.controller.journal)
         pods = {p["metadata"]["name"]: p for p in await self.backend.worker_pods()}
         await self._patch_status(body, self.observe(body, pods, pending))
@@ -270,7 +265,7 @@ class ServiceRunner:
             capacity_available=meets, capacity_message=(
                 "the plan meets the required rate" if meets else "waiting for GPU nodes"),
             pending_instances=pending, endpoint=m.endpoint(self.owner, backend.spec),
-            selector=m.selector(self.owner))
+            selector=m.selector(self.owner), controller=self.saved_state)
 
     def _migration(self) -> st.Migration | None:
         controller, backend = self.controller, self.backend
@@ -297,6 +292,8 @@ class ServiceRunner:
         patch = {**new, "parallelism": {**new["parallelism"]}}
         if "target" not in patch["parallelism"]:
             patch["parallelism"]["target"] = None  # merge patch: remove it
+        if "controller" in new:
+            patch["controller"] = st.merge_patch(previous.get("controller"), new["controller"])
         await self.api.patch(f"{self.path}/status", {"status": patch})
 
     async def stop(self) -> None:
@@ -310,11 +307,15 @@ def _items(index: Any) -> list[tuple[Any, Any]]:
     return [(k, index[k]) for k in list(index)] if index is not None else []
 
 
-def _state(saved: str | None) -> ControllerState | None:
+def _state(saved: Any) -> ControllerState | None:
+    if not saved:
+        return None
     try:
-        return ControllerState.from_dict(json.loads(saved)) if saved else None
-    except (ValueError, TypeError, AttributeError):
-        log.warning("ignoring an unreadable %s annotation", STATE_ANNOTATION)
+        state = ControllerState.from_dict(saved)
+        ClusterView.from_dict(state.view)  # fails here, not in the controller
+        return state
+    except (ValueError, TypeError, AttributeError, KeyError):
+        log.warning("ignoring an unreadable status.controller")
         return None
 
 

@@ -18,11 +18,12 @@ CONDITIONS = ("Ready", "WorkersReady", "RouterReady", "CapacityAvailable", "Prog
               "Degraded", "Migrating")
 # controller phase → status.migration.phase
 MIGRATION_PHASES: Mapping[str, str] = {
-    "planning": "Planning", "draining": "Draining", "configuring": "Transferring",
+    "planning": "Planning", "preloading": "Preloading", "draining": "Draining",
+    "configuring": "Transferring",
     "switching": "Switching", "releasing": "CleaningUp", "serving": "Completed",
     "idle": "Completed",
     "completed": "Completed", "failed": "Failed"}
-ACTIVE = ("Planning", "Draining", "Transferring", "Switching", "CleaningUp")
+ACTIVE = ("Planning", "Preloading", "Draining", "Transferring", "Switching", "CleaningUp")
 MAX_ERRORS = 10
 
 
@@ -108,6 +109,7 @@ class Observed:
     endpoint: Mapping[str, str] | None = None
     selector: str = ""
     failures: Sequence[Problem] = ()  # backend failures since the last patch (lastErrors only)
+    controller: Mapping[str, Any] | None = None  # the controller's state, to resume from
 
 
 def condition(kind: str, ok: bool, reason: str, message: str, generation: int, now: float,
@@ -200,6 +202,18 @@ def build(seen: Observed, previous: Mapping[str, Any] | None = None) -> dict[str
         out["migration"] = seen.migration.to_dict()
     if seen.endpoint:
         out["endpoint"] = dict(seen.endpoint)
+    if seen.controller is not None:
+        out["controller"] = dict(seen.controller)
+    return out
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: what `new` has, plus a
+    null for every key of `old` it lacks (a merge patch keeps keys it does not name)."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return new
+    out = {k: merge_patch(old.get(k), v) for k, v in new.items()}
+    out.update({k: None for k in old if k not in new})
     return out
 
 

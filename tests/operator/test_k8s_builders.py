@@ -163,9 +163,12 @@ def test_status_matches_the_crd_and_derives_ready() -> None:
     seen = st.Observed(generation=2, now=1_700_000_000, current=st.Shape(1, 1, 4, 8, (
         (0, 32, 4, "A10G"),)), slots=slots, router_ready=True, capacity_available=True,
         migration=st.Migration("e1", "idle", "cold start"), selector=m.selector(OWNER),
-        endpoint=m.endpoint(OWNER, spec()))
+        endpoint=m.endpoint(OWNER, spec()), controller={
+            "epoch": 1, "phase": "serving", "pipeline_ids": ["e1p0"], "placement": None,
+            "view": {"rate": 1.0, "instances": [{"name": "n1", "state": "ready"}]}})
     out = st.build(seen)
     jsonschema.validate(out, status_schema())
+    assert out["controller"]["pipeline_ids"] == ["e1p0"]
     kinds = {c["type"]: c["status"] for c in out["conditions"]}
     assert set(kinds) == set(st.CONDITIONS)
     assert kinds["Ready"] == "True" and kinds["Migrating"] == "False"
@@ -183,6 +186,30 @@ def test_status_matches_the_crd_and_derives_ready() -> None:
         next(c for c in out["conditions"] if c["type"] == "RouterReady")["lastTransitionTime"]
     assert moving["migration"]["phase"] == "Draining"
     assert moving["migration"]["deadline"].endswith("Z")
+
+
+def test_merge_patch_turns_the_old_controller_state_into_the_new_one() -> None:
+    def apply(target: Any, patch: Any) -> Any:  # RFC 7386, as the API server applies it
+        if not isinstance(patch, dict):
+            return patch
+        out = dict(target) if isinstance(target, dict) else {}
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = apply(out.get(key), value)
+        return out
+
+    old = {"epoch": 3, "phase": "draining", "placement": {"batch": 4, "pipelines": [1]},
+           "view": {"rate": 2.0, "instances": [{"name": "a"}, {"name": "b"}]},
+           "extra": {"gone": True}}
+    new = {"epoch": 4, "phase": "serving", "placement": {"pipelines": [2]},
+           "view": {"rate": 2.0, "instances": [{"name": "a", "deadline": None}]}}
+    assert apply(old, st.merge_patch(old, new)) == {
+        **new, "view": {"rate": 2.0, "instances": [{"name": "a", "deadline": None}]}}
+    # no placement any more: the key goes, and ControllerState reads a missing key as None
+    assert "placement" not in apply(old, st.merge_patch(old, {**new, "placement": None}))
+    assert st.merge_patch(None, new) == new
 
 
 def test_degraded_names_the_field_and_keeps_ten_errors() -> None:

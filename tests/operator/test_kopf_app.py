@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import logging
 import socket
 import threading
@@ -405,9 +404,8 @@ async def test_a_restarted_operator_completes_the_migration() -> None:
 
             async def stuck() -> bool:
                 obj = await cluster.get(f"{LLMS}/llama")
-                saved = obj["metadata"].get("annotations", {}).get(
-                    "spotserve.dev/controller-state")
-                return bool(saved) and json.loads(saved)["phase"] == "draining" and \
+                saved = (obj.get("status") or {}).get("controller")
+                return bool(saved) and saved["phase"] == "draining" and \
                     obj["status"].get("migration", {}).get("phase") == "Draining" and \
                     conditions(obj)["Migrating"]["status"] == "True"
             assert await until(stuck)
@@ -419,13 +417,13 @@ async def test_a_restarted_operator_completes_the_migration() -> None:
                 obj = await cluster.get(f"{LLMS}/llama")
                 s = obj.get("status") or {}
                 nodes = {p["node"] for p in s.get("placement") or ()}
-                saved = json.loads(obj["metadata"]["annotations"][
-                    "spotserve.dev/controller-state"])
+                saved = s.get("controller") or {}
                 done = s.get("migration", {}).get("phase") == "Completed" and \
                     saved["phase"] == "serving"
                 return obj if done and nodes and doomed not in nodes else None
             obj = await until(finished, 40)
-        state = json.loads(obj["metadata"]["annotations"]["spotserve.dev/controller-state"])
+        state = obj["status"]["controller"]
+        assert "spotserve.dev/controller-state" not in obj["metadata"].get("annotations", {})
         assert state["epoch"] >= 2 and state["phase"] == "serving"
         assert second.topologies and second.topologies[-1][0] >= 2
         # the new operator found the running workers: it drained the doomed pipeline itself
