@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spotserve.catalog import Catalog
@@ -85,6 +85,9 @@ class ControllerSettings:
     # Idle instances kept as warm standby (spot first) instead of released: the next notice
     # then has somewhere to move the doomed pipeline's position and KV at once.
     standby_instances: int = 0
+    # Most ready instances one configuration may use (the LLMService's instances.max or
+    # desired); None = every ready instance. Extra ones are released, unused ones first.
+    max_instances: int | None = None
 
 
 MAX_CONFIGURE_RETRIES = 3
@@ -112,6 +115,7 @@ class Controller:
         self.last_plan: Plan | None = None
         self._planned_rate = 0.0
         self._configure_failures = 0
+        self._excess: tuple[str, ...] = ()  # ready instances past max_instances
         self._resume_from_journal()
 
     # ---- events ---------------------------------------------------------------------
@@ -195,8 +199,10 @@ class Controller:
     # ---- planning -------------------------------------------------------------------
     def _instances(self) -> tuple[Instance, ...]:
         used = self.placement.instances() if self.placement else set()
-        return self.view.planner_instances(self.settings.catalog, used,
-                                           self.settings.spot_prices)
+        instances = self.view.planner_instances(self.settings.catalog, used,
+                                                self.settings.spot_prices)
+        instances, self._excess = cap_instances(instances, used, self.settings.max_instances)
+        return instances
 
     async def _current(self, instances: tuple[Instance, ...]
                        ) -> tuple[CurrentState | None, dict[int, float]]:
@@ -247,6 +253,7 @@ class Controller:
             old.instances() & {r.name for r in self.view.in_state(NOTICE)})
         if old is not None and new.assignment == old.assignment and not doomed_in_use:
             self.journal.record("unchanged", self.epoch, reason=reason)
+            await self._release(result)  # a join the plan does not use, or past the limit
             return
         self.epoch += 1
         epoch = self.epoch
@@ -401,12 +408,11 @@ class Controller:
 
     async def _release(self, result: Plan) -> None:
         idle = list(result.idle_instances)
-        if not idle:
-            return
         capacity = {r.name: r.capacity for r in self.view.instances.values()}
         idle.sort(key=lambda n: (capacity.get(n) != "on-demand", n))
         keep = self.settings.standby_instances
         idle = idle[:len(idle) - keep] if keep else idle
+        idle += [n for n in self._excess if n not in idle]
         if not idle:
             return
         try:
@@ -461,6 +467,23 @@ class Controller:
     def needs_replan_after_restart(self) -> bool:
         """After a restart the last migration may be half done: re-plan once."""
         return self.placement is not None or bool(self.view.instances)
+
+
+def cap_instances(instances: Sequence[Instance], used: set[str], limit: int | None
+                  ) -> tuple[tuple[Instance, ...], tuple[str, ...]]:
+    """At most `limit` usable instances for the planner: those in use first, then spot,
+    then on-demand. Returns them and the names left over, to release. An in-use instance
+    over the limit (the limit was lowered) stays in as `doomed`, so the planner moves its
+    positions off it like a notice would, keeping its KV."""
+    usable = [i for i in instances if i.usable]
+    if limit is None or len(usable) <= limit:
+        return tuple(instances), ()
+    keep = {i.name for i in sorted(usable, key=lambda i: (i.name not in used,
+                                                          i.capacity != "spot", i.name))[:limit]}
+    excess = tuple(sorted(i.name for i in usable if i.name not in keep))
+    out = tuple(i if not i.usable or i.name in keep else replace(i, state="doomed")
+                for i in instances if i.name in keep or not i.usable or i.name in used)
+    return out, excess
 
 
 def _placed(placement: Mapping[str, Any]) -> set[str]:

@@ -241,7 +241,7 @@ def validate(spec: Mapping[str, Any], catalog: Catalog | None = None,
         limits=SearchLimits(max_batch=batch), spot_prices=prices,
         hetero=HeteroLimits(max_batch=batch, latency_slo_ms=slo_ms),
         grace_seconds=grace_periods(spec.get("gracePeriodSeconds"))["other"],
-        replacement_capacity="spot")
+        replacement_capacity="spot", max_instances=desired or high)
     name = str((spec.get("model") or {}).get("servedName") or model.name)
     autoscale = (spec.get("load") or {}).get("autoscale") or {}
     window = _number(autoscale.get("windowSeconds")) or 120.0

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from spotserve.catalog import Catalog
 from spotserve.models import resolve_model
 from spotserve.operator.controller.actuator import (
     Actuator,
@@ -18,7 +20,11 @@ from spotserve.operator.controller.actuator import (
     Resume,
     RoutedPipeline,
 )
-from spotserve.operator.controller.controller import Controller, ControllerSettings
+from spotserve.operator.controller.controller import (
+    Controller,
+    ControllerSettings,
+    cap_instances,
+)
 from spotserve.operator.controller.epoch import CHECKPOINT, WorkerAssignment
 from spotserve.operator.controller.events import (
     InstanceLost,
@@ -27,7 +33,7 @@ from spotserve.operator.controller.events import (
     NoticeReceived,
 )
 from spotserve.operator.controller.journal import Journal
-from spotserve.operator.planner.cluster import GpuId
+from spotserve.operator.planner.cluster import GpuId, Instance
 from spotserve.operator.planner.homogeneous import SearchLimits
 from spotserve.operator.planner.roofline import RooflineCostModel
 
@@ -287,3 +293,36 @@ async def test_a_failed_preload_leaves_the_gathering_to_configure() -> None:
     assert any(e["kind"] == "preload-failed" for e in controller.journal.entries)
     assert controller.journal.entries[-1]["kind"] in ("serving", "released")
     assert any(j.gpu.instance == "c" for j in actuator.jobs.values())
+
+
+def test_cap_instances_keeps_those_in_use_then_spot() -> None:
+    catalog = Catalog.load()
+    kind = catalog.instance(NODE)
+    fleet = [Instance("a", kind, "on-demand"), Instance("b", kind), Instance("c", kind),
+             Instance("d", kind, "on-demand"), Instance("e", kind, state="doomed")]
+    kept, excess = cap_instances(fleet, {"a", "e"}, 2)
+    assert [(i.name, i.state) for i in kept] == [("a", "running"), ("b", "running"),
+                                                 ("e", "doomed")]
+    assert excess == ("c", "d")
+    lowered, excess = cap_instances(fleet, {"a", "b", "c"}, 1)  # on-demand goes first
+    assert [(i.name, i.state) for i in lowered] == [("a", "doomed"), ("b", "running"),
+                                                    ("c", "doomed"), ("e", "doomed")]
+    assert excess == ("a", "c", "d")
+    assert cap_instances(fleet, set(), None) == (tuple(fleet), ())
+
+
+async def test_max_instances_bounds_the_plan_and_releases_the_rest(tmp_path: Path) -> None:
+    actuator = Recorder()
+    capped = replace(settings(), max_instances=2)
+    controller = Controller(capped, actuator, Journal(tmp_path), clock=lambda: 1000.0)
+    await controller.handle([LoadChanged(1.5), *ready("a", "b", "c")])
+    assert controller.placement is not None
+    assert controller.placement.instances() <= {"a", "b"}
+    assert ("release", ("c",)) in actuator.calls
+    # the limit lowered (a spec change): the pipeline on b moves off it and b is released
+    lowered = Controller(replace(settings(), max_instances=1), actuator, Journal(tmp_path),
+                         clock=lambda: 1001.0)
+    actuator.calls.clear()
+    await lowered.reconcile("spec changed")
+    assert lowered.placement is not None and lowered.placement.instances() == {"a"}
+    assert any(c[0] == "release" and "b" in c[1] for c in actuator.calls)  # type: ignore[operator]
