@@ -129,7 +129,9 @@ async def generate(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) ->
 
 
 @pytest.mark.timeout(240)
-async def test_requests_keep_streaming_through_a_notice(tmp_path: Path) -> None:
+@pytest.mark.parametrize("notice", ["aws-node-termination-handler/spot-itn",  # 120 s grace
+                                    "cloud.google.com/impending-node-termination"])  # 30 s
+async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: str) -> None:
     from spotserve.catalog import Catalog
     from spotserve.operator.k8s.app import Runtime
     from spotserve.operator.k8s.backend import BackendOptions
@@ -173,7 +175,7 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path) -> None:
                 prompts = [[1 + (i * 7 + j) % 50 for j in range(6 + i % 5)] for i in range(8)]
                 streams = [asyncio.create_task(generate(stub, p)) for p in prompts]
                 await asyncio.sleep(0.5)
-                await taint("aws-node-termination-handler/spot-itn")(cluster, doomed)
+                await taint(notice)(cluster, doomed)
                 await cluster.call("POST", "/api/v1/nodes", nodes[2])
 
                 async def moved() -> bool:
@@ -184,6 +186,7 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path) -> None:
                 assert await until(moved, 120)
                 migration = (await cluster.get(f"{LLMS}/tiny"))["status"]["migration"]
                 assert migration["bytesMoved"] > 0, migration  # n3's worker loaded weights
+                assert migration.get("noticeSource") == ("gcp" if "google" in notice else "aws")
                 outputs = await asyncio.wait_for(asyncio.gather(*streams), 120)
                 assert all(len(o) == 24 for o in outputs)
                 again = [await generate(stub, p) for p in prompts]
