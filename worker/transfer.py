@@ -7,6 +7,10 @@ the caller's destination buffer, verifies each checksum, and when a holder fails
 mid-stream retries the unfinished slices from the next holder. Slices are scheduled in
 the order given, so callers list data held only by doomed workers first.
 
+Bytes flow over the holder's bulk port when it has one (`bulk`: negotiated by the
+`OpenBulkPull` call, same checks and checksums, several times the throughput of a gRPC
+stream); a holder without one, or whose port does not answer, streams over `PullTensors`.
+
 This module knows bytes, not tensors: callers pass contiguous buffers (a torch tensor's
 `view(torch.uint8).numpy()`, say), which keeps it torch-free and testable on its own.
 """
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from spotserve.worker import bulk
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
@@ -102,6 +107,7 @@ class PullStats:
     bytes: int = 0
     streams: int = 0
     retries: int = 0
+    bulk_bytes: int = 0   # of `bytes`, those that came over bulk ports
     seconds: float = 0.0
     by_peer: dict[str, int] = field(default_factory=dict)
 
@@ -132,15 +138,28 @@ def _batches(items: list[PullItem], streams_per_peer: int) -> list[tuple[str, li
     return out
 
 
-async def _pull_batch(stub: worker_pb2_grpc.WorkerStub, batch: list[PullItem], epoch: int,
-                      chunk_bytes: int, metadata: Sequence[tuple[str, str]],
-                      done: set[int]) -> int:
+def _request(batch: list[PullItem], epoch: int, chunk_bytes: int
+             ) -> tuple[worker_pb2.PullTensorsRequest, list[PullItem]]:
+    """The request for a batch, and its items in the order the holder answers them
+    (weights first, then KV, each in request order)."""
     request = worker_pb2.PullTensorsRequest(
         epoch=epoch, chunk_bytes=chunk_bytes,
         weights=[i.weight for i in batch if i.weight is not None],
         kv=[i.kv for i in batch if i.kv is not None])
-    # the server answers weights first, then KV, each in request order
     order = [i for i in batch if i.weight is not None] + [i for i in batch if i.kv is not None]
+    return request, order
+
+
+def _check_size(item: PullItem, total_bytes: int) -> None:
+    if total_bytes != item.dest.nbytes:
+        raise _ChecksumError(f"{item.describe()}: holder sent {total_bytes} bytes, "
+                             f"expected {item.dest.nbytes}")
+
+
+async def _pull_batch(stub: worker_pb2_grpc.WorkerStub, batch: list[PullItem], epoch: int,
+                      chunk_bytes: int, metadata: Sequence[tuple[str, str]],
+                      done: set[int]) -> int:
+    request, order = _request(batch, epoch, chunk_bytes)
     crcs = [0] * len(order)
     received = 0
     async for chunk in stub.PullTensors(request, metadata=metadata):
@@ -148,9 +167,7 @@ async def _pull_batch(stub: worker_pb2_grpc.WorkerStub, batch: list[PullItem], e
             raise _ChecksumError(f"chunk for unknown slice {chunk.index}")
         item = order[chunk.index]
         end = chunk.offset + len(chunk.data)
-        if chunk.total_bytes != item.dest.nbytes or end > item.dest.nbytes:
-            raise _ChecksumError(f"{item.describe()}: holder sent {chunk.total_bytes} bytes, "
-                                 f"expected {item.dest.nbytes}")
+        _check_size(item, max(chunk.total_bytes, end))
         item.dest[chunk.offset:end] = chunk.data
         crcs[chunk.index] = zlib.crc32(chunk.data, crcs[chunk.index])
         received += len(chunk.data)
@@ -161,27 +178,68 @@ async def _pull_batch(stub: worker_pb2_grpc.WorkerStub, batch: list[PullItem], e
     return received
 
 
+class _NoBulkPort(Exception):
+    pass
+
+
+async def _pull_bulk(stub: worker_pb2_grpc.WorkerStub, host: str, batch: list[PullItem],
+                     epoch: int, chunk_bytes: int, metadata: Sequence[tuple[str, str]],
+                     done: set[int]) -> int:
+    request, order = _request(batch, epoch, chunk_bytes)
+    try:
+        ticket = await stub.OpenBulkPull(request, metadata=metadata)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION):
+            raise _NoBulkPort from exc
+        raise
+    if len(ticket.total_bytes) != len(order):
+        raise _ChecksumError(f"holder offered {len(ticket.total_bytes)} slices of {len(order)}")
+    for item, total in zip(order, ticket.total_bytes, strict=True):
+        _check_size(item, total)
+    return await bulk.fetch(host, ticket.port, ticket.ticket, [i.dest for i in order],
+                            on_slice=lambda k: done.add(id(order[k])))
+
+
+def _host(address: str) -> str:
+    """The host part of a `host:port` worker address ([v6] brackets removed)."""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
 async def pull(items: Sequence[PullItem], channel_for: Callable[[str], grpc.aio.Channel], *,
                token: str = "", epoch: int = 0, streams_per_peer: int = 2,
-               max_streams: int = 16, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PullStats:
-    """Fetch every item; raise `TransferError` with the items no holder could serve."""
+               max_streams: int = 16, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               use_bulk: bool = True) -> PullStats:
+    """Fetch every item; raise `TransferError` with the items no holder could serve.
+    `use_bulk=False` keeps every byte on `PullTensors` streams."""
     stats, reasons = PullStats(), []
     metadata = [("authorization", f"Bearer {token}")] if token else []
     pending = [i for i in items if i.holders]
     failed = [i for i in items if not i.holders]
     start = time.perf_counter()
     limit = asyncio.Semaphore(max_streams)
+    grpc_only: set[str] = set()   # holders without a (reachable) bulk port
+
+    async def fetch(peer: str, batch: list[PullItem], done: set[int]) -> int:
+        stub = worker_pb2_grpc.WorkerStub(channel_for(peer))
+        if use_bulk and peer not in grpc_only:
+            try:
+                got = await _pull_bulk(stub, _host(peer), batch, epoch, chunk_bytes,
+                                       metadata, done)
+                stats.bulk_bytes += got
+                return got
+            except (_NoBulkPort, bulk.BulkUnreachable):
+                grpc_only.add(peer)
+        return await _pull_batch(stub, batch, epoch, chunk_bytes, metadata, done)
 
     async def run(peer: str, batch: list[PullItem]) -> list[PullItem]:
         done: set[int] = set()
         async with limit:
             stats.streams += 1
             try:
-                got = await _pull_batch(worker_pb2_grpc.WorkerStub(channel_for(peer)), batch,
-                                        epoch, chunk_bytes, metadata, done)
+                got = await fetch(peer, batch, done)
                 stats.by_peer[peer] = stats.by_peer.get(peer, 0) + got
                 stats.bytes += got
-            except (grpc.aio.AioRpcError, _ChecksumError) as exc:
+            except (grpc.aio.AioRpcError, _ChecksumError, bulk.BulkError) as exc:
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 reasons.append(f"{peer}: {detail}")
         return [i for i in batch if id(i) not in done]

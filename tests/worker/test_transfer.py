@@ -1,4 +1,7 @@
-"""Tensor streaming between workers on loopback: exact bytes, auth, errors, failover."""
+"""Tensor streaming between workers on loopback: exact bytes, auth, errors, failover.
+
+Peers here run no bulk port unless asked (`start(bulk=True)`), so these tests cover the
+`PullTensors` path, which is also the fallback; `test_bulk` covers the bulk port."""
 
 from __future__ import annotations
 
@@ -26,11 +29,17 @@ class Peer:
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self.server)
         self.address = ""
 
-    async def start(self) -> Peer:
+    async def start(self, bulk: bool = False) -> Peer:
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
+        if bulk and not self.servicer.bulk.running:
+            await self.servicer.start_bulk("127.0.0.1")
         self.address = f"127.0.0.1:{port}"
         return self
+
+    async def stop(self) -> None:
+        await self.servicer.stop_bulk()
+        await self.server.stop(0)
 
 
 @pytest.fixture
@@ -78,6 +87,7 @@ async def test_pulls_exact_slices_along_rows_and_columns(weights: dict[str, np.n
     for got, want in zip(dests, expect, strict=True):
         assert np.array_equal(np.frombuffer(got, np.float32).reshape(want.shape), want)
     assert stats.bytes == sum(e.nbytes for e in expect)  # type: ignore[attr-defined]
+    assert stats.bulk_bytes == 0, "no bulk port: every byte over PullTensors"  # type: ignore
     await peer.server.stop(0)
 
 
@@ -104,21 +114,24 @@ async def test_calls_without_the_token_are_rejected(weights: dict[str, np.ndarra
     ({}, grpc.StatusCode.INVALID_ARGUMENT, "slices per call"),
     ({"kv": [common_pb2.KVSlice(request_id="r1")]}, grpc.StatusCode.NOT_FOUND, "no KV"),
 ])
+@pytest.mark.parametrize("rpc", ["PullTensors", "OpenBulkPull"])
 async def test_bad_requests_get_clear_errors_and_the_worker_keeps_serving(
         weights: dict[str, np.ndarray], request_kwargs: dict[str, object],
-        code: grpc.StatusCode, message: str) -> None:
-    peer = await Peer(store_of(weights)).start()
+        code: grpc.StatusCode, message: str, rpc: str) -> None:
+    peer = await Peer(store_of(weights)).start(bulk=True)
     async with grpc.aio.insecure_channel(peer.address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
+        request = worker_pb2.PullTensorsRequest(**request_kwargs)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in stub.PullTensors(worker_pb2.PullTensorsRequest(**request_kwargs),
-                                            metadata=call_metadata(TOKEN)):
+            if rpc == "OpenBulkPull":
+                await stub.OpenBulkPull(request, metadata=call_metadata(TOKEN))
+            async for _ in stub.PullTensors(request, metadata=call_metadata(TOKEN)):
                 pass
         assert err.value.code() == code and message in (err.value.details() or "")
     dests, _ = await _pull([peer.address], [common_pb2.TensorSlice(tensor="a", dim=-1)],
                            [weights["a"].nbytes])
     assert bytes(dests[0]) == weights["a"].tobytes()
-    await peer.server.stop(0)
+    await peer.stop()
 
 
 class DyingServicer(TensorServicer):

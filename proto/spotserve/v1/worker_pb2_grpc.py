@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=spotserve_dot_v1_dot_worker__pb2.PullTensorsRequest.SerializeToString,
                 response_deserializer=spotserve_dot_v1_dot_worker__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.OpenBulkPull = channel.unary_unary(
+                '/spotserve.v1.Worker/OpenBulkPull',
+                request_serializer=spotserve_dot_v1_dot_worker__pb2.PullTensorsRequest.SerializeToString,
+                response_deserializer=spotserve_dot_v1_dot_worker__pb2.BulkTicket.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/spotserve.v1.Worker/Status',
                 request_serializer=spotserve_dot_v1_dot_worker__pb2.StatusRequest.SerializeToString,
@@ -105,6 +110,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenBulkPull(self, request, context):
+        """The same slices over the worker's bulk port (plain TCP, see BulkTicket): this call
+        checks the request and returns a one-time ticket; FAILED_PRECONDITION when the
+        worker runs no bulk port (then use PullTensors).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -138,6 +152,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PullTensors,
                     request_deserializer=spotserve_dot_v1_dot_worker__pb2.PullTensorsRequest.FromString,
                     response_serializer=spotserve_dot_v1_dot_worker__pb2.TensorChunk.SerializeToString,
+            ),
+            'OpenBulkPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulkPull,
+                    request_deserializer=spotserve_dot_v1_dot_worker__pb2.PullTensorsRequest.FromString,
+                    response_serializer=spotserve_dot_v1_dot_worker__pb2.BulkTicket.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -280,6 +299,33 @@ class Worker:
             '/spotserve.v1.Worker/PullTensors',
             spotserve_dot_v1_dot_worker__pb2.PullTensorsRequest.SerializeToString,
             spotserve_dot_v1_dot_worker__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulkPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spotserve.v1.Worker/OpenBulkPull',
+            spotserve_dot_v1_dot_worker__pb2.PullTensorsRequest.SerializeToString,
+            spotserve_dot_v1_dot_worker__pb2.BulkTicket.FromString,
             options,
             channel_credentials,
             insecure,
