@@ -70,10 +70,11 @@ class Actuator(ABC):
 
     @abstractmethod
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                        kv: Mapping[int, Sequence[DrainedRequest]]) -> None:
+                        kv: Mapping[int, Sequence[DrainedRequest]]) -> int:
         """Put every GPU of `jobs` into its role for `epoch`; `kv` lists, per old pipeline,
-        the drained requests whose KV the new owners import. Returns when all are ready.
-        Jobs marked `unchanged` must be left serving undisturbed."""
+        the drained requests whose KV the new owners import. Returns, when all are ready,
+        the bytes the workers pulled from peers or read from the checkpoint. Jobs marked
+        `unchanged` must be left serving undisturbed."""
 
     async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
                       gpus: Sequence[GpuId]) -> int:

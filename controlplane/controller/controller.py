@@ -91,6 +91,7 @@ class ControllerSettings:
 
 
 MAX_CONFIGURE_RETRIES = 3
+TRIGGERS = ("notice", "loss", "join", "load")  # most urgent first
 
 
 class MigrationAborted(Exception):
@@ -116,6 +117,7 @@ class Controller:
         self._planned_rate = 0.0
         self._configure_failures = 0
         self._excess: tuple[str, ...] = ()  # ready instances past max_instances
+        self._trigger = ""  # what started the current re-plan: notice, join, loss, load…
         self._resume_from_journal()
 
     # ---- events ---------------------------------------------------------------------
@@ -133,6 +135,7 @@ class Controller:
     async def handle(self, events: Sequence[Event]) -> None:
         """Apply `events`; re-plan (as often as urgent events keep arriving) if needed."""
         reasons = []
+        self._trigger = ""
         for event in events:
             reason = await self._apply(event)
             if reason:
@@ -156,21 +159,26 @@ class Controller:
             await self._ask_capacity(record.instance_type, 1, self.settings.replacement_capacity,
                                      why=f"replace {event.name}")
             self._notice_at = self._notice_at or self.clock()
-            self.metrics.replans.labels("notice").inc()
+            self._count_replan("notice")
             return f"notice on {event.name}"
         if isinstance(event, LoadChanged):
             base = max(self._planned_rate, 1e-9)
             if abs(event.rate - self._planned_rate) / base <= self.settings.replan_threshold:
                 return None
-            self.metrics.replans.labels("load").inc()
+            self._count_replan("load")
             return f"load {self._planned_rate:g} → {event.rate:g} req/s"
         if isinstance(event, InstanceBooting):
             return None  # not usable yet: nothing to re-plan
-        kind = "join" if isinstance(event, InstanceReady) else "loss"
-        self.metrics.replans.labels(kind).inc()
+        self._count_replan("join" if isinstance(event, InstanceReady) else "loss")
         if isinstance(event, InstanceReady):
             return f"{event.name} joined"
         return f"{type(event).__name__} {getattr(event, 'name', '')}".strip()
+
+    def _count_replan(self, kind: str) -> None:
+        """A re-plan by `kind`; the most urgent kind of a batch labels its migration."""
+        self.metrics.replans.labels(kind).inc()
+        if self._trigger not in TRIGGERS or TRIGGERS.index(kind) < TRIGGERS.index(self._trigger):
+            self._trigger = kind
 
     def _urgent_pending(self, involved: set[str]) -> str | None:
         """Peek at queued events; an urgent one touching `involved` aborts the migration."""
@@ -193,7 +201,7 @@ class Controller:
         for event in [self.queue.get_nowait() for _ in range(self.queue.qsize())]:
             await self._apply(event)  # journaled, and a notice still asks for a replacement
         self.journal.record("aborted", self.epoch, phase=self.phase, reason=reason)
-        self.metrics.migrations.labels("aborted").inc()
+        self.metrics.migrations.labels(self._trigger or "other", "aborted").inc()
         raise MigrationAborted(reason)
 
     # ---- planning -------------------------------------------------------------------
@@ -236,7 +244,10 @@ class Controller:
         return plan(request)
 
     # ---- one migration --------------------------------------------------------------
-    async def reconcile(self, reason: str) -> None:
+    async def reconcile(self, reason: str, trigger: str = "") -> None:
+        """Plan and, when the plan differs, migrate; `trigger` labels the metrics (by
+        default the kind of the events being handled)."""
+        self._trigger = trigger or self._trigger or "other"
         result = await self.plan_next()
         if result is None or result.config is None or result.mapping is None:
             self.journal.record("no-configuration", self.epoch, reason=reason)
@@ -277,7 +288,7 @@ class Controller:
         self._set_phase("configuring")
         kv = {o: drained.get(o, ()) for o in inherits.values()}
         try:
-            await self.actuator.configure(epoch, jobs, kv)
+            self.metrics.bytes_moved.inc(await self.actuator.configure(epoch, jobs, kv))
         except ActuatorError as exc:
             await self._configure_failed(epoch, exc)
         self._configure_failures = 0
@@ -327,6 +338,7 @@ class Controller:
             if not task.done():
                 task.cancel()
         self.metrics.bytes_preloaded.inc(gathered)
+        self.metrics.bytes_moved.inc(gathered)
         self.journal.record("preloaded", epoch, gpus=[str(g) for g in gpus], bytes=gathered,
                             seconds=round(self.clock() - start, 3))
 
@@ -334,7 +346,7 @@ class Controller:
         """A worker could not take its role (a peer died under it, say): re-plan from the
         state reached, a few times, before giving up on this event."""
         self.journal.record("configure-failed", epoch, error=str(exc))
-        self.metrics.migrations.labels("failed").inc()
+        self.metrics.migrations.labels(self._trigger or "other", "failed").inc()
         self._configure_failures += 1
         if self._configure_failures > MAX_CONFIGURE_RETRIES:
             self._configure_failures = 0
@@ -345,7 +357,7 @@ class Controller:
     def _count_migration(self, result: Plan, drained: Mapping[int, Sequence[DrainedRequest]],
                          inherits: Mapping[int, int]) -> None:
         m = self.metrics
-        m.migrations.labels("completed").inc()
+        m.migrations.labels(self._trigger or "other", "completed").inc()
         m.epoch.set(self.epoch)
         m.bytes_planned.inc(result.migration.total_bytes if result.migration else 0)
         heirs = set(inherits.values())

@@ -9,8 +9,13 @@ class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.replans = Counter("spotserve_replans", "Re-plans by reason.", ["reason"], registry=r)
-        self.migrations = Counter("spotserve_migrations", "Migrations by outcome.",
-                                  ["outcome"], registry=r)
+        self.migrations = Counter(
+            "spotserve_migrations",
+            "Migrations by what started them (notice, join, loss, load, restart, retry) and "
+            "outcome (completed, aborted, failed).", ["reason", "outcome"], registry=r)
+        self.bytes_moved = Counter("spotserve_migration_bytes_moved",
+                                   "Bytes workers pulled from peers or read from the "
+                                   "checkpoint, preloads included.", registry=r)
         self.notice_to_serving = Histogram(
             "spotserve_notice_to_serving_seconds",
             "From a termination notice to the new configuration serving.",

@@ -110,7 +110,7 @@ class KubernetesBackend(Actuator):
 
     # ---- configure ------------------------------------------------------------------
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                        kv: Mapping[int, Sequence[DrainedRequest]]) -> None:
+                        kv: Mapping[int, Sequence[DrainedRequest]]) -> int:
         self.migrating = True
         self.current = set(jobs)
         for gpu in jobs:
@@ -122,13 +122,14 @@ class KubernetesBackend(Actuator):
                                        return_exceptions=True)
         failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
                   if isinstance(reply, BaseException)]
-        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + \
-            sum(r for r in replies if isinstance(r, int))
+        moved = sum(r for r in replies if isinstance(r, int))
+        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + moved
         if failed:
             raise ActuatorError("configure failed on " + "; ".join(failed))
         for job in jobs.values():
             if job.is_driver:
                 self.drivers[job.pipeline_id] = job.gpu
+        return moved
 
     async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
                       gpus: Sequence[GpuId]) -> int:

@@ -175,8 +175,10 @@ class ServiceRunner:
         while True:
             try:
                 if retry:
-                    retry = False
-                    await controller.reconcile("operator restarted" if resumed else "retry")
+                    retry, why = False, "restart" if resumed else "retry"
+                    resumed = False
+                    await controller.reconcile("operator restarted" if why == "restart"
+                                               else "retry", why)
                 events = [await controller.queue.get()]
                 while not controller.queue.empty():
                     events.append(controller.queue.get_nowait())

@@ -305,7 +305,7 @@ class LocalBackend(Actuator):
             await self._send_topology(self.router_epoch, marked, ())
 
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                        kv: Mapping[int, Sequence[DrainedRequest]]) -> None:
+                        kv: Mapping[int, Sequence[DrainedRequest]]) -> int:
         members = pipeline_members(jobs)
         calls: list[tuple[WorkerProcess, worker_pb2.ConfigureRequest,
                           tuple[object, ...] | None]] = []
@@ -327,7 +327,7 @@ class LocalBackend(Actuator):
                 calls.append((worker, worker_pb2.ConfigureRequest(epoch=epoch), None))
         replies = await asyncio.gather(*(self._configure_one(w, r) for w, r, _ in calls),
                                        return_exceptions=True)
-        failed = []
+        failed, moved = [], 0
         for (worker, _, sig), reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):
                 worker.signature = None
@@ -335,9 +335,11 @@ class LocalBackend(Actuator):
                 continue
             worker.epoch, worker.signature = epoch, sig
             self._count(reply)
+            moved += reply.bytes_pulled + reply.bytes_from_checkpoint
         self.note("configured", epoch=epoch, workers=len(calls), failed=len(failed))
         if failed:
             raise ActuatorError("configure failed on " + "; ".join(failed))
+        return moved
 
     async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
                       gpus: Sequence[GpuId]) -> int:

@@ -193,7 +193,7 @@ class LocalRun:
     async def _drive(self, controller: Controller) -> None:
         if controller.needs_replan_after_restart():
             with contextlib.suppress(MigrationAborted):
-                await controller.reconcile("controller restarted")
+                await controller.reconcile("controller restarted", "restart")
         await controller.run()
 
     async def _forward_events(self) -> None:

@@ -64,11 +64,12 @@ class Recorder(Actuator):
                 for i in range(2)]
 
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                        kv: Mapping[int, Sequence[DrainedRequest]]) -> None:
+                        kv: Mapping[int, Sequence[DrainedRequest]]) -> int:
         self.calls.append(("configure", epoch))
         self.jobs = dict(jobs)
         if self.on_configure:
             await self.on_configure.pop(0)  # type: ignore[misc]
+        return 100 * sum(len(j.pieces) for j in jobs.values() if not j.unchanged)
 
     async def set_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
                            resume: Sequence[Resume]) -> None:
@@ -228,7 +229,10 @@ async def test_metrics_count_replans_migrations_and_resumes() -> None:
     sample = controller.metrics.registry.get_sample_value
     assert sample("spotserve_replans_total", {"reason": "notice"}) == 1
     assert sample("spotserve_replans_total", {"reason": "join"}) == 3
-    assert sample("spotserve_migrations_total", {"outcome": "completed"}) == 2
+    assert sample("spotserve_migrations_total", {"reason": "join", "outcome": "completed"}) == 1
+    assert sample("spotserve_migrations_total",
+                  {"reason": "notice", "outcome": "completed"}) == 1
+    assert (sample("spotserve_migration_bytes_moved_total") or 0) > 0
     assert sample("spotserve_epoch") == 2
     resumed = sum(sample("spotserve_controller_resumed_requests_total", {"mode": m}) or 0
                   for m in ("kv", "reprefill"))
