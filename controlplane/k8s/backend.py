@@ -70,6 +70,8 @@ class KubernetesBackend(Actuator):
         self.migrating = False
         self.current: set[GpuId] = set()       # the GPUs of the latest epoch's jobs
         self.routed_epoch = 0                  # the last epoch the router accepted
+        self.routed: list[RoutedPipeline] = []  # what it was told then (serving ones)
+        self.router_rate: float | None = None  # req/s the router last reported
         self.bytes_moved: dict[int, int] = {}  # epoch → bytes its workers pulled or read
 
     @property
@@ -99,14 +101,17 @@ class KubernetesBackend(Actuator):
             raise ActuatorError(f"no address for {driver} (pipeline {pipeline_id})")
         return await self.wire.drain(address, epoch, steps)
 
-    async def adopt(self, drivers: Mapping[str, GpuId]) -> None:
+    async def adopt(self, drivers: Mapping[str, GpuId], epoch: int = 0) -> None:
         """After a restart: learn the running workers' addresses from their pods, and the
-        pipelines' drivers from the resumed placement, so drains and progress still work."""
+        pipelines' drivers from the resumed placement, so drains and progress still work;
+        the router is taken to serve those pipelines at `epoch` until it says otherwise."""
         for pod in await self.worker_pods():
             gpu = (pod["metadata"].get("annotations") or {}).get(m.GPU_ID)
             if gpu and pod_ready(pod):
                 self.addresses[gpu] = f"{pod['status']['podIP']}:{self.port}"
         self.drivers = dict(drivers)
+        self.routed = [RoutedPipeline(pid, gpu, 1.0) for pid, gpu in drivers.items()]
+        self.routed_epoch = epoch if drivers else 0
 
     # ---- configure ------------------------------------------------------------------
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
@@ -228,9 +233,30 @@ class KubernetesBackend(Actuator):
         routed = [(p, self.addresses.get(str(p.driver), "")) for p in pipelines]
         await self.wire.topology(self.router_address(), epoch, routed, resume)
         self.routed_epoch = epoch
+        self.routed = [p for p in pipelines if p.state == "serving"]
         serving = {p.pipeline_id for p in pipelines if p.state == "serving"}
         self.drivers = {pid: g for pid, g in self.drivers.items() if pid in serving}
         await self._clean_up(epoch)
+
+    async def check_router(self) -> bool:
+        """Is the router serving the current topology? A router that restarted (its pod
+        rescheduled) knows no pipelines: it is told them again, without resume hints (the
+        requests it held died with it; clients retry). Records the rate it reports."""
+        if self.routed_epoch == 0:
+            return False
+        router = self.router_address()
+        try:
+            report = await self.wire.router_stats(router)
+            self.router_rate = report.rate
+            if report.epoch < self.routed_epoch:
+                log.info("router %s serves epoch %d, not %d: sending the topology again",
+                         router, report.epoch, self.routed_epoch)
+                routed = [(p, self.addresses.get(str(p.driver), "")) for p in self.routed]
+                await self.wire.topology(router, self.routed_epoch, routed, ())
+        except ActuatorError as exc:
+            log.info("router %s: %s", router, exc)
+            return False
+        return True
 
     async def _clean_up(self, epoch: int) -> None:
         """Delete pods of GPUs no serving pipeline uses; clear do-not-disrupt on the rest."""

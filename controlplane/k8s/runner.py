@@ -88,6 +88,7 @@ class ServiceRunner:
         self.failures: list[Problem] = []  # backend failures not yet in lastErrors
         self.saved_state: dict[str, Any] | None = None  # the controller state last written
         self.measured_at = 0.0
+        self.router_ready = False  # the router answered and serves the current topology
         self.last_status: dict[str, Any] | None = None
         self.journal_seen = 0  # journal entries already looked at for failures
 
@@ -104,6 +105,7 @@ class ServiceRunner:
         if self.service is None or self.controller is None or self.backend is None:
             return
         await self._feed(indices)
+        self.router_ready = await self.backend.check_router()
         await self._autoscale()
         pending = await self.backend.settle_capacity()
         pending += await self._ensure_minimum(pending)
@@ -150,6 +152,7 @@ class ServiceRunner:
             self.backend.addresses = dict(previous.addresses)
             self.backend.drivers = dict(previous.drivers)
             self.backend.routed_epoch = previous.routed_epoch
+            self.backend.routed = list(previous.routed)
         saved = self.saved_state or (body.get("status") or {}).get("controller")
         state = _state(saved)
         self.saved_state = state.to_dict() if state else None
@@ -160,7 +163,7 @@ class ServiceRunner:
             at = placement.by_position
             await self.backend.adopt({
                 pid: at[min(p for p in at if p.pipeline == d)]
-                for d, pid in enumerate(self.controller.pipeline_ids)})
+                for d, pid in enumerate(self.controller.pipeline_ids)}, self.controller.epoch)
         rate = result.required_rate or DEFAULT_RATE
         self.task = asyncio.create_task(self._run(self.controller, rate, state is not None))
 
@@ -209,15 +212,11 @@ class ServiceRunner:
         service, backend, controller = self.service, self.backend, self.controller
         assert service is not None and backend is not None and controller is not None
         now = time.monotonic()
-        if service.required_rate is not None or backend.routed_epoch == 0 or \
+        measured = backend.router_rate
+        if service.required_rate is not None or measured is None or \
                 now - self.measured_at < service.autoscale_window / 4:
             return
         self.measured_at = now
-        try:
-            measured = await backend.wire.arrival_rate(backend.router_address())
-        except ActuatorError as exc:
-            log.info("%s: no router rate: %s", self.owner.name, exc)
-            return
         # the controller re-plans only past its threshold, so small wobbles cost nothing
         await controller.submit(LoadChanged(max(MIN_RATE, measured * service.autoscale_headroom)))
 
@@ -263,7 +262,7 @@ class ServiceRunner:
             generation=_generation(body), now=time.time(), failures=self.failures,
             current=_shape(placement.config) if placement else None,
             target=_shape(target) if target else None, slots=slots,
-            migration=self._migration(), router_ready=backend.routed_epoch > 0,
+            migration=self._migration(), router_ready=self.router_ready,
             capacity_available=meets, capacity_message=(
                 "the plan meets the required rate" if meets else "waiting for GPU nodes"),
             pending_instances=pending, endpoint=m.endpoint(self.owner, backend.spec),

@@ -1,10 +1,11 @@
 """The gRPC calls the Kubernetes backend makes: worker Status/Drain/Configure and the
-router's UpdateTopology, each with the shared token. `Wire` is the seam tests replace.
+router's UpdateTopology and Stats, each with the shared token. `Wire` is the seam tests replace.
 Configure requests are built by `controller.configure`, shared with local mode."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -26,6 +27,15 @@ STATES = {"serving": control_pb2.PIPELINE_STATE_SERVING,
 MODES = {"kv": common_pb2.RESUME_MODE_KV, "reprefill": common_pb2.RESUME_MODE_REPREFILL}
 
 
+@dataclass(frozen=True)
+class RouterReport:
+    """What the router says of itself: the topology epoch it serves (0 after a restart)
+    and the requests/s it measured over its sliding window."""
+
+    epoch: int
+    rate: float
+
+
 class Wire(Protocol):
     async def status(self, address: str) -> PipelineStatus: ...
 
@@ -38,7 +48,7 @@ class Wire(Protocol):
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
                        resume: Sequence[Resume]) -> None: ...
 
-    async def arrival_rate(self, router: str) -> float: ...
+    async def router_stats(self, router: str) -> RouterReport: ...
 
 
 class GrpcWire:
@@ -100,12 +110,11 @@ class GrpcWire:
             except grpc.aio.AioRpcError as exc:
                 raise ActuatorError(f"UpdateTopology {router}: {exc.details()}") from exc
 
-    async def arrival_rate(self, router: str) -> float:
-        """Requests/s the router measured over its sliding window."""
+    async def router_stats(self, router: str) -> RouterReport:
         async with grpc.aio.insecure_channel(router) as channel:
             try:
                 stats = await control_pb2_grpc.ControlStub(channel).Stats(
                     control_pb2.StatsRequest(), metadata=self.metadata, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 raise ActuatorError(f"Stats {router}: {exc.details()}") from exc
-        return float(stats.arrival_rate_window)
+        return RouterReport(int(stats.epoch), float(stats.arrival_rate_window))

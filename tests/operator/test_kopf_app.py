@@ -37,6 +37,7 @@ from spotserve.operator.controller.actuator import (
 from spotserve.operator.k8s.api import Connection
 from spotserve.operator.k8s.app import Runtime, register
 from spotserve.operator.k8s.backend import BackendOptions
+from spotserve.operator.k8s.wire import RouterReport
 from spotserve.v1 import worker_pb2
 
 NS = "llm"
@@ -53,8 +54,9 @@ class RecordingWire:
     def __init__(self) -> None:
         self.configured: list[tuple[int, str]] = []
         self.topologies: list[tuple[int, list[str]]] = []
-        self.rate_asked = False
         self.drained: list[tuple[int, str]] = []
+        self.router_epoch = 0  # what the emulated router serves; 0 = just (re)started
+        self.router_down = False
 
     async def status(self, address: str) -> PipelineStatus:
         return PipelineStatus()
@@ -71,11 +73,15 @@ class RecordingWire:
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
                        resume: Sequence[Resume]) -> None:
+        if self.router_down:
+            raise ActuatorError(f"UpdateTopology {router}: connection refused")
         self.topologies.append((epoch, [a for p, a in pipelines if p.state == "serving"]))
+        self.router_epoch = epoch
 
-    async def arrival_rate(self, router: str) -> float:
-        self.rate_asked = True
-        return 0.4
+    async def router_stats(self, router: str) -> RouterReport:
+        if self.router_down:
+            raise ActuatorError(f"Stats {router}: connection refused")
+        return RouterReport(self.router_epoch, 0.4)
 
 
 def node(name: str, **spec: Any) -> dict[str, Any]:
@@ -252,7 +258,7 @@ async def test_invalid_service_is_degraded_and_the_operator_runs_on(
         probe.bind(("127.0.0.1", 0))
         health = f"127.0.0.1:{probe.getsockname()[1]}"
     async with operator([service("bad", bad), service("good", autoscaled), node("n1")],
-                        health) as (cluster, wire):
+                        health) as (cluster, _):
         async def degraded() -> dict[str, Any] | None:
             c = conditions(await cluster.get(f"{LLMS}/bad")).get("Degraded")
             return c if c and c["status"] == "True" else None
@@ -268,9 +274,10 @@ async def test_invalid_service_is_degraded_and_the_operator_runs_on(
                                                                              {}).get("current")
         assert await until(good_planned)
 
-        async def rate_measured() -> bool:
-            return wire.rate_asked
-        assert await until(rate_measured), "autoscale never asked the router for its rate"
+        async def rate_measured() -> bool:  # 0.4 req/s measured × headroom 1.5
+            state = (await cluster.get(f"{LLMS}/good")).get("status", {}).get("controller")
+            return bool(state) and abs(state["view"]["rate"] - 0.6) < 1e-9
+        assert await until(rate_measured), "autoscale never planned for the router's rate"
         async with cluster.session.get(f"http://{health}/healthz") as response:
             assert response.status == 200
 
@@ -493,3 +500,19 @@ async def test_a_backend_failure_is_recorded_and_retried() -> None:
         errors = obj["status"]["lastErrors"]
         assert errors[0]["field"] == "status.migration"
         assert "connection refused" in errors[0]["message"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_restarted_router_gets_the_topology_again() -> None:
+    async with operator([node("n1"), service("llama", SPEC)]) as (cluster, wire):
+        async def router_ready(want: str) -> bool:
+            obj = await cluster.get(f"{LLMS}/llama")
+            return conditions(obj).get("RouterReady", {}).get("status") == want
+        assert await until(lambda: router_ready("True"))
+        epoch, pipelines = wire.topologies[-1]
+        wire.router_down = True  # its pod is rescheduled...
+        assert await until(lambda: router_ready("False"))
+        wire.router_down, wire.router_epoch = False, 0  # ...and comes back knowing nothing
+        assert await until(lambda: router_ready("True"))
+        assert wire.topologies[-1] == (epoch, pipelines)
+        assert wire.router_epoch == epoch
