@@ -67,6 +67,36 @@ def test_preemption_by_recompute_keeps_tokens(checkpoint: Path) -> None:
     assert out == roomy
 
 
+
+def test_tokens_do_not_depend_on_who_joins_leaves_or_is_preempted(checkpoint: Path) -> None:
+    """Arrivals mid-decode, early finishes (leaving free blocks inside the span decode
+    attention reads) and preemptions reshape the batch step after step; each request still
+    produces the tokens it produces alone."""
+    prompts = {**PROMPTS, "d": [7, 7, 3, 120, 64], "e": list(range(60, 81))}
+    params = {rid: SamplingParams(max_tokens=n, ignore_eos=True)
+              for rid, n in {"a": 18, "b": 4, "c": 14, "d": 10}.items()}
+    params["e"] = SamplingParams(max_tokens=12, temperature=0.9, top_k=30, seed=5,
+                                 ignore_eos=True)
+    arrivals = {0: ["a", "b"], 2: ["c"], 5: ["d"], 6: ["e"]}
+    alone = {}
+    for rid, p in params.items():
+        engine = _engine(checkpoint)
+        engine.submit(rid, prompts[rid], p)
+        alone[rid] = [e.token_id for e in engine.run()]
+    engine = _engine(checkpoint, blocks=20, budget=12)
+    out: dict[str, list[int]] = {rid: [] for rid in params}
+    preempted, step = set(), 0
+    while step in arrivals or engine.has_unfinished:
+        for rid in arrivals.get(step, []):
+            engine.submit(rid, prompts[rid], params[rid])
+        running = {s.request_id for s in engine.scheduler.running}
+        for event in engine.step():
+            out[event.request_id].append(event.token_id)
+        preempted |= running & {s.request_id for s in engine.scheduler.waiting}
+        step += 1
+    assert preempted, "the small cache should have forced a preemption"
+    assert out == alone
+
 def test_sampling_is_independent_of_batch_and_seeded(checkpoint: Path) -> None:
     sampled = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=3,
                              ignore_eos=True)

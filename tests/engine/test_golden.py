@@ -92,14 +92,3 @@ def test_runner_from_pulled_tensors_equals_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing"):
         build_runner(tmp_path, groups, config, tensors={})
 
-
-def test_half_precision_decode_attention_tracks_fp32() -> None:
-    """The CPU bf16 decode path (plain matmuls) agrees with fp32 attention."""
-    from spotserve.worker.model.attention import paged_attention
-    torch.manual_seed(0)
-    chunks = [SequenceChunk(1, 7, [0, 1]), SequenceChunk(1, 3, [2]), SequenceChunk(1, 9, [3, 4, 5])]
-    batch = AttentionBatch.build(chunks, BLOCK)
-    k, v, q = torch.randn(6, BLOCK, 2, 16), torch.randn(6, BLOCK, 2, 16), torch.randn(3, 4, 16)
-    ref = paged_attention(q, k, v, batch, 0.25)
-    got = paged_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), batch, 0.25)
-    torch.testing.assert_close(got.float(), ref, rtol=0, atol=0.02)

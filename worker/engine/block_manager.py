@@ -3,9 +3,16 @@
 Every rank of a pipeline has the same number of blocks, and the driver's block manager
 hands out block ids for all of them: a block id names the same tokens on every stage and
 TP rank, each holding its own layers and heads of them.
+
+The lowest free id is always handed out first, so the blocks in use stay packed at the
+start of the cache: decode attention reads them in place as one span
+(`spotserve.worker.model.attention`), and the fewer free blocks inside that span, the less
+it reads for nothing.
 """
 
 from __future__ import annotations
+
+import heapq
 
 from spotserve.errors import SpotserveError
 from spotserve.worker.engine.sequence import Sequence
@@ -16,8 +23,7 @@ class BlockManager:
         if num_blocks < 1 or block_size < 1:
             raise SpotserveError("num_blocks and block_size must be positive")
         self.num_blocks, self.block_size = num_blocks, block_size
-        # popped from the end: low ids first, which keeps tests readable
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free = list(range(num_blocks))   # a heap: lowest id first
 
     @property
     def num_free(self) -> int:
@@ -39,8 +45,9 @@ class BlockManager:
         if need > len(self._free):
             raise SpotserveError(f"out of KV blocks: {seq.request_id} needs {need}, "
                                  f"{len(self._free)} free")
-        seq.block_table.extend(self._free.pop() for _ in range(need))
+        seq.block_table.extend(heapq.heappop(self._free) for _ in range(need))
 
     def free(self, seq: Sequence) -> None:
-        self._free.extend(reversed(seq.block_table))
+        for block in seq.block_table:
+            heapq.heappush(self._free, block)
         seq.block_table = []

@@ -1,6 +1,6 @@
 """The paged KV cache of one rank: its stage's layers, its KV heads, in fixed-size blocks.
 
-Each layer holds keys and values as [num_blocks, block_size, kv_heads, head_dim]. A
+Each layer holds keys and values as [num_blocks, kv_heads, block_size, head_dim]. A
 request's cache is the blocks of its block table; `read` and `write` move a piece of it
 by (global) layer range, head range and token range, which is what migration ships
 between GPUs and what lets a request move to a different TP degree: the receiving rank
@@ -24,7 +24,8 @@ class KVCache:
                  ) -> None:
         self.layer_range, self.head_range = layers, heads
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_blocks, block_size, heads[1] - heads[0], head_dim)
+        self.device = torch.device(device)
+        shape = (num_blocks, heads[1] - heads[0], block_size, head_dim)
         # zeros, not empty: masked-out keys still pass through the softmax matmul
         self.layers = [(torch.zeros(shape, dtype=dtype, device=device),
                         torch.zeros(shape, dtype=dtype, device=device)) for _ in layers]
@@ -42,14 +43,17 @@ class KVCache:
                         dtype_bytes: int) -> int:
         return 2 * num_layers * kv_heads * head_dim * block_size * dtype_bytes
 
-    def _slots(self, block_table: Sequence[int], tokens: Range) -> torch.Tensor:
+    def _slots(self, block_table: Sequence[int], tokens: Range
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset in block) of each token in the range."""
         positions = torch.arange(tokens[0], tokens[1])
         needed = (tokens[1] + self.block_size - 1) // self.block_size
         if tokens[1] > 0 and needed > len(block_table):
             raise SpotserveError(f"token range {tokens} exceeds the {len(block_table)} "
                                  f"blocks of the request")
         table = torch.as_tensor(list(block_table), dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        blocks, offsets = table[positions // self.block_size], positions % self.block_size
+        return blocks.to(self.device), offsets.to(self.device)
 
     def _local(self, layers: Range, heads: Range) -> tuple[range, slice]:
         lo, hi = self.layer_range.start, self.layer_range.stop
@@ -64,10 +68,10 @@ class KVCache:
              ) -> torch.Tensor:
         """A copy of the request's cache: [layers, 2 (k, v), tokens, heads, head_dim]."""
         local, head_slice = self._local(layers, heads)
-        slots = self._slots(block_table, tokens)
+        blocks, offsets = self._slots(block_table, tokens)
         out = []
         for i in local:
-            pair = [c.view(-1, *c.shape[2:])[slots][:, head_slice] for c in self.layers[i]]
+            pair = [c[blocks, head_slice, offsets] for c in self.layers[i]]
             out.append(torch.stack(pair))
         if not out:
             return torch.empty(0)
@@ -77,12 +81,12 @@ class KVCache:
               data: torch.Tensor) -> None:
         """Store `data` [layers, 2, tokens, heads, head_dim] into the request's blocks."""
         local, head_slice = self._local(layers, heads)
-        slots = self._slots(block_table, tokens)
-        expected = (len(local), 2, len(slots), head_slice.stop - head_slice.start)
+        blocks, offsets = self._slots(block_table, tokens)
+        expected = (len(local), 2, len(blocks), head_slice.stop - head_slice.start)
         if tuple(data.shape[:4]) != expected:
             raise SpotserveError(f"KV piece of shape {tuple(data.shape)} does not fit "
                                  f"{expected} + (head_dim,)")
         for i, piece in zip(local, data, strict=True):
             for cache, values in zip(self.layers[i], piece, strict=True):
-                flat = cache.view(-1, *cache.shape[2:])
-                flat[slots, head_slice] = values.to(device=cache.device, dtype=cache.dtype)
+                cache[blocks, head_slice, offsets] = values.to(device=cache.device,
+                                                               dtype=cache.dtype)

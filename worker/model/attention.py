@@ -1,13 +1,24 @@
 """Attention over a paged KV cache for a batch of sequences of mixed lengths.
 
-Tokens travel flat ([tokens, ...]) through the linear layers; only attention pads them
-into [sequences, longest query] against [sequences, longest context] keys gathered from
-the cache through each sequence's block table. One layout serves prefill, chunked prefill
-and decode alike, and a batch may mix them.
-
-The cache of one layer is a pair of tensors [num_blocks, block_size, kv_heads, head_dim]:
+The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, head_dim]:
 heads stay a separate axis, so a slice by layer, head range and token range can be read
-or written without touching the rest.
+or written without touching the rest, and within a block each head's keys are contiguous.
+
+Tokens travel flat ([tokens, ...]) through the linear layers. Two ways to attend:
+
+- decode (every sequence brings one new token): the cache is never copied. Each block in
+  use is scored in place against the query of the sequence that owns it (queries are
+  gathered to blocks, not blocks to sequences: a query is `block_size` times smaller than
+  a block). Only the scores and per-block outputs, which are small, move: scores to a
+  [sequence, keys] layout for the softmax, probabilities back to blocks, per-block outputs
+  summed per sequence in block-table order. Memory traffic is one read of each used block,
+  on CPU and GPU alike, with no extra buffer the size of the cache.
+- anything else (prefill, chunked prefill, a mixed step): queries are padded into
+  [sequences, longest query] against the [sequences, longest context] keys gathered from
+  the cache through each sequence's block table, for the fused SDPA kernel.
+
+A block belongs to one sequence of a batch (no prefix sharing), which the decode path
+relies on.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from spotserve.errors import SpotserveError
 
 
 @dataclass(frozen=True)
@@ -30,17 +43,68 @@ class SequenceChunk:
 
 
 @dataclass
+class DecodeBlocks:
+    """Where a decode step's blocks are: `span` (first, stop) when the blocks in use lie
+    densely enough in the cache to be read in place as `cache[first:stop]`, else `blocks`,
+    the ids to gather. Rows below are local: an index into that span or gathered set."""
+
+    span: tuple[int, int] | None
+    blocks: torch.Tensor | None      # [rows] cache block behind each row (when no span)
+    owner: torch.Tensor              # [rows] sequence whose query scores the row's block
+    seq_rows: torch.Tensor           # [seqs * max_blocks] row of each sequence's block j, 0-padded
+    row_entry: torch.Tensor          # [rows] index into seqs * max_blocks of each row's block
+    entry_rows: torch.Tensor         # [entries] row of each (sequence, block) in table order
+    entry_seqs: torch.Tensor         # [entries] sequence of each of them
+
+    @classmethod
+    def build(cls, tables: list[list[int]], max_blocks: int, device: torch.device | str
+              ) -> DecodeBlocks:
+        flat = [b for table in tables for b in table]
+        if len(set(flat)) != len(flat):
+            raise SpotserveError("a cache block appears twice in one decode step")
+        first, stop = min(flat), max(flat) + 1
+        span: tuple[int, int] | None = (first, stop)
+        if stop - first > 2 * len(flat) + 16:    # sparse: gather rather than score holes
+            span, ids = None, sorted(flat)
+        else:
+            ids = list(range(first, stop))
+        row_of = {b: r for r, b in enumerate(ids)}
+        owner, row_entry = [0] * len(ids), [0] * len(ids)
+        seq_rows, entry_seqs = [], []
+        for s, table in enumerate(tables):
+            for j, b in enumerate(table):
+                owner[row_of[b]], row_entry[row_of[b]] = s, s * max_blocks + j
+            seq_rows += [row_of[b] for b in table] + [0] * (max_blocks - len(table))
+            entry_seqs += [s] * len(table)
+        entry_rows = [row_of[b] for b in flat]
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+        return cls(span, None if span else tensor(ids), tensor(owner), tensor(seq_rows),
+                   tensor(row_entry), tensor(entry_rows), tensor(entry_seqs))
+
+    def select(self, cache: torch.Tensor) -> torch.Tensor:
+        """The rows' blocks of one layer's cache: a view when dense, else a gathered copy."""
+        if self.span is not None:
+            return cache[self.span[0]:self.span[1]]
+        assert self.blocks is not None
+        return cache.index_select(0, self.blocks)
+
+
+@dataclass
 class AttentionBatch:
     """Index tensors shared by every layer of one forward step."""
 
     positions: torch.Tensor      # [tokens] position of each new token
-    slot_mapping: torch.Tensor   # [tokens] cache slot (block * block_size + offset) written
+    write_blocks: torch.Tensor   # [tokens] cache block each new token's K/V goes to
+    write_offsets: torch.Tensor  # [tokens] offset inside that block
     query_index: torch.Tensor    # [seqs * max_new] flat token behind each padded query
     output_index: torch.Tensor   # [tokens] padded query behind each flat token
     block_tables: torch.Tensor   # [seqs * max_blocks] each sequence's blocks, 0-padded
     mask: torch.Tensor           # [seqs, 1, max_new, max_blocks * block_size] may i see j
     num_seqs: int
     max_new: int
+    decode: DecodeBlocks | None  # set when every sequence brings exactly one token
 
     @classmethod
     def build(cls, chunks: Sequence[SequenceChunk], block_size: int,
@@ -48,41 +112,39 @@ class AttentionBatch:
               ) -> AttentionBatch:
         """Index tensors for a step; with `sliding_window` W, query i sees only the last W
         positions up to its own (Mistral)."""
-        max_new = max(c.num_new for c in chunks)
-        max_blocks = max(-(-c.context_len // block_size) for c in chunks)
-        positions, query_index, output_index = [], [], []
-        tables = torch.zeros(len(chunks), max_blocks, dtype=torch.long)
-        limits = torch.zeros(len(chunks), max_new, dtype=torch.long)
-        flat = 0
-        for b, c in enumerate(chunks):
-            start = c.context_len - c.num_new
-            used = -(-c.context_len // block_size)
-            tables[b, :used] = torch.as_tensor(list(c.block_table[:used]), dtype=torch.long)
-            positions.append(torch.arange(start, c.context_len))
-            query_index.append(torch.cat([torch.arange(flat, flat + c.num_new),
-                                          torch.zeros(max_new - c.num_new, dtype=torch.long)]))
-            output_index.append(torch.arange(b * max_new, b * max_new + c.num_new))
-            # query i sees keys 0..start+i; padded queries see key 0 only (no NaN rows)
-            limits[b, :c.num_new] = torch.arange(start, c.context_len)
-            flat += c.num_new
-        pos = torch.cat(positions)
-        owner = torch.repeat_interleave(torch.arange(len(chunks)),
-                                        torch.tensor([c.num_new for c in chunks]))
-        slots = tables[owner, pos // block_size] * block_size + pos % block_size
+        num_seqs = len(chunks)
+        new = torch.tensor([c.num_new for c in chunks])
+        context = torch.tensor([c.context_len for c in chunks])
+        used = [-(-c.context_len // block_size) for c in chunks]
+        max_new, max_blocks = int(new.max()), max(used)
+        tables_list = [list(c.block_table[:u]) for c, u in zip(chunks, used, strict=True)]
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables_list],
+                              dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(num_seqs), new)
+        first = torch.cumsum(new, 0) - new                # flat index of each chunk's first token
+        within = torch.arange(len(owner)) - first[owner]  # index of each token in its chunk
+        pos = (context - new)[owner] + within
+        column = torch.arange(max_new)[None, :]
+        real = column < new[:, None]
+        # query i sees keys 0..start+i; padded queries see key 0 only (no NaN rows)
+        limits = torch.where(real, (context - new)[:, None] + column, 0)
         keys = torch.arange(max_blocks * block_size)[None, None, :]
         mask = keys <= limits[:, :, None]
         if sliding_window is not None:
             mask &= keys > limits[:, :, None] - sliding_window
-        return cls(positions=pos.to(device), slot_mapping=slots.to(device),
-                   query_index=torch.cat(query_index).to(device),
-                   output_index=torch.cat(output_index).to(device),
+        decode = DecodeBlocks.build(tables_list, max_blocks, device) if max_new == 1 else None
+        return cls(positions=pos.to(device),
+                   write_blocks=tables[owner, pos // block_size].to(device),
+                   write_offsets=(pos % block_size).to(device),
+                   query_index=torch.where(real, first[:, None] + column, 0).flatten().to(device),
+                   output_index=(owner * max_new + within).to(device),
                    block_tables=tables.flatten().to(device), mask=mask[:, None].to(device),
-                   num_seqs=len(chunks), max_new=max_new)
+                   num_seqs=num_seqs, max_new=max_new, decode=decode)
 
 
-def write_cache(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    """Store `values` [tokens, heads, head_dim] at `slots` of one layer's cache."""
-    cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, values.to(cache.dtype))
+def write_cache(cache: torch.Tensor, batch: AttentionBatch, values: torch.Tensor) -> None:
+    """Store the new tokens' `values` [tokens, kv_heads, head_dim] in one layer's cache."""
+    cache[batch.write_blocks, :, batch.write_offsets] = values.to(cache.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,29 +152,50 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [tokens, heads, head_dim] against the cached keys/values → [tokens, heads*head_dim].
 
     The new tokens' keys and values must already be written to the cache."""
+    if batch.decode is not None:
+        return _decode_attention(q, k_cache, v_cache, batch, batch.decode, scale)
+    return _padded_attention(q, k_cache, v_cache, batch, scale)
+
+
+def _padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      batch: AttentionBatch, scale: float) -> torch.Tensor:
     _tokens, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
+    kv_heads = k_cache.shape[1]
     q_pad = q[batch.query_index].view(batch.num_seqs, batch.max_new, heads, dim)
-    # whole blocks are gathered (fast contiguous copies); the mask hides their unused tail
-    k = k_cache.index_select(0, batch.block_tables).view(batch.num_seqs, -1, kv_heads, dim)
-    v = v_cache.index_select(0, batch.block_tables).view(batch.num_seqs, -1, kv_heads, dim)
-    if batch.max_new == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-        return _decode_attention(q_pad, k, v, batch.mask, scale)
+    k, v = _gather(k_cache, batch), _gather(v_cache, batch)
     out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.mask,
-        scale=scale, enable_gqa=heads != kv_heads)
+        q_pad.transpose(1, 2), k, v, attn_mask=batch.mask, scale=scale,
+        enable_gqa=heads != kv_heads)
     out = out.transpose(1, 2).reshape(batch.num_seqs * batch.max_new, heads * dim)
     return out[batch.output_index]
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """One query per sequence, by plain matmuls with an fp32 softmax: on CPU, several times
-    faster than the fused kernel in bf16/fp16. q [seqs, 1, heads, dim], k/v [seqs, keys,
-    kv_heads, dim] → [seqs, heads * dim]."""
-    seqs, _, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.view(seqs, kv_heads, heads // kv_heads, dim)   # query heads grouped by KV head
-    scores = (q @ k.permute(0, 2, 3, 1)).float() * scale  # [seqs, kv_heads, group, keys]
-    scores = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (scores.to(v.dtype) @ v.transpose(1, 2)).reshape(seqs, heads * dim)
+def _gather(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    """Each sequence's whole blocks (the mask hides their unused tail):
+    [seqs, kv_heads, max_blocks * block_size, head_dim]."""
+    kv_heads, block_size, dim = cache.shape[1:]
+    blocks = cache.index_select(0, batch.block_tables)
+    blocks = blocks.view(batch.num_seqs, -1, kv_heads, block_size, dim).transpose(1, 2)
+    return blocks.reshape(batch.num_seqs, kv_heads, -1, dim)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      batch: AttentionBatch, rows: DecodeBlocks, scale: float) -> torch.Tensor:
+    """One query per sequence, scored block by block in place (see the module docstring).
+    Softmax in fp32; in half precision, scores and outputs are rounded like plain matmuls."""
+    seqs, heads, dim = q.shape
+    _, kv_heads, block_size, _ = k_cache.shape
+    group, max_blocks = heads // kv_heads, batch.mask.shape[-1] // block_size
+    k, v = rows.select(k_cache), rows.select(v_cache)           # [rows, kv_heads, block, dim]
+    q_rows = q.view(seqs, kv_heads, group, dim).index_select(0, rows.owner)
+    scores = q_rows @ k.transpose(-1, -2)                        # [rows, kv_heads, group, block]
+    scores = scores.index_select(0, rows.seq_rows).view(seqs, max_blocks, kv_heads, group,
+                                                        block_size)
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(seqs, kv_heads, group, -1)
+    probs = (scores.float() * scale).masked_fill(~batch.mask, float("-inf")).softmax(-1)
+    probs = probs.to(v.dtype).view(seqs, kv_heads, group, max_blocks, block_size)
+    probs = probs.permute(0, 3, 1, 2, 4).reshape(seqs * max_blocks, kv_heads, group, block_size)
+    partial = probs.index_select(0, rows.row_entry) @ v          # [rows, kv_heads, group, dim]
+    partial = partial.index_select(0, rows.entry_rows).view(-1, heads * dim).float()
+    out = torch.zeros(seqs, heads * dim, device=q.device)   # summed in fp32, in table order
+    return out.index_add_(0, rows.entry_seqs, partial).to(q.dtype)

@@ -84,8 +84,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_cache(cache[0], batch.slot_mapping, k)
-        write_cache(cache[1], batch.slot_mapping, v)
+        write_cache(cache[0], batch, k)
+        write_cache(cache[1], batch, v)
         out = paged_attention(q, cache[0], cache[1], batch, d ** -0.5)
         return self.o_proj.forward(out, self.tp)
 
