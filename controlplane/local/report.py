@@ -41,6 +41,10 @@ def summary(result: RunResult) -> dict[str, Any]:
         "bytes_from_checkpoint": result.moved.get("checkpoint", 0),
         "bytes_planned": sum(int(e.get("bytes", 0)) for e in result.journal
                              if e["kind"] == "planned"),
+        # concurrent initialization: gathered by joining GPUs while the old configuration
+        # served (part of the pulled and checkpoint figures above)
+        "bytes_preloaded": sum(int(e.get("bytes", 0)) for e in result.journal
+                               if e["kind"] == "preloaded"),
         "reference_checked": len(checked) if result.reference else 0,
         "identical_to_reference": bool(result.reference) and not result.mismatched
         and len(checked) == len(served),
@@ -74,6 +78,8 @@ def summary_text(s: dict[str, Any]) -> str:
         f"configs     {' → '.join(configs) or '-'}",
         f"bytes       pulled from peers {_mb(s['bytes_pulled'])}, kept in place "
         f"{_mb(s['bytes_kept'])}, from the checkpoint {_mb(s['bytes_from_checkpoint'])}",
+        f"preloaded   {_mb(s['bytes_preloaded'])} (by joining GPUs while the old "
+        f"configuration served)",
         f"outputs     {same}",
     ])
 
