@@ -166,3 +166,17 @@ def validate(obj: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
     if not problems:  # like the apiserver, rules run only on values of the declared types
         problems = rule_problems(openapi_schema(), defaulted)
     return defaulted, problems
+
+
+def merge_patch(base: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it: dicts merge, None deletes,
+    anything else replaces."""
+    if not isinstance(patch, dict) or not isinstance(base, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out

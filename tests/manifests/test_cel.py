@@ -10,7 +10,7 @@ import pytest
 
 from . import test_crd
 from .cel import CelError, evaluate
-from .crd_schema import apply_defaults, openapi_schema
+from .crd_schema import apply_defaults, merge_patch, openapi_schema
 
 
 @pytest.mark.parametrize(("source", "expected"), [
@@ -68,8 +68,8 @@ def test_agrees_with_cel_python_on_every_sample() -> None:
         "split": lambda text, sep: celtypes.ListType(
             [celtypes.StringType(part) for part in str(text).split(str(sep))]),
     }
-    samples = [test_crd._merge(test_crd._base(), patch) for patch, _ in test_crd.BAD.values()]
-    samples += [test_crd._merge(test_crd._base(), patch) for patch in test_crd.GOOD.values()]
+    samples = [merge_patch(test_crd._base(), patch) for patch, _ in test_crd.BAD.values()]
+    samples += [merge_patch(test_crd._base(), patch) for patch in test_crd.GOOD.values()]
     samples += [test_crd._load(path) for path in test_crd.EXAMPLES] + [test_crd.MINIMAL]
     checked = 0
     for sample in samples:

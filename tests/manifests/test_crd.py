@@ -25,6 +25,7 @@ from .crd_schema import (
     apply_defaults,
     crd_rules,
     load_crd,
+    merge_patch,
     openapi_schema,
     to_jsonschema,
     validate,
@@ -37,19 +38,6 @@ K8S_VERSION = "1.30.0"
 
 def _load(path: Path) -> dict[str, Any]:
     return dict(yaml.safe_load(path.read_text()))
-
-
-def _merge(base: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: dicts merge, None deletes, anything else replaces."""
-    if not isinstance(patch, dict) or not isinstance(base, dict):
-        return copy.deepcopy(patch)
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge(out.get(key), value)
-    return out
 
 
 BASE = ROOT / "examples" / "eks-karpenter-spot.yaml"
@@ -230,13 +218,13 @@ def test_defaults_fill_a_minimal_service() -> None:
 
 @pytest.mark.parametrize("name", sorted(GOOD))
 def test_good_sample_is_accepted(name: str) -> None:
-    assert _problems(_merge(_base(), GOOD[name])) == []
+    assert _problems(merge_patch(_base(), GOOD[name])) == []
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_sample_is_rejected_naming_the_field(name: str) -> None:
     patch, field = BAD[name]
-    problems = _problems(_merge(_base(), patch))
+    problems = _problems(merge_patch(_base(), patch))
     assert problems, f"{name}: accepted"
     assert any(field in problem for problem in problems), (name, problems)
 
@@ -248,10 +236,10 @@ def _fired(obj: dict[str, Any]) -> set[Rule]:
 def test_every_rule_has_a_bad_case_and_spares_good_ones() -> None:
     fired: set[Rule] = set()
     for patch, _ in BAD.values():
-        fired |= _fired(_merge(_base(), patch))
+        fired |= _fired(merge_patch(_base(), patch))
     missing = [f"{rule.schema_path}: {rule.rule}" for rule in crd_rules() if rule not in fired]
     assert not missing, f"CEL rules with no bad sample in BAD: {missing}"
-    goods = [_merge(_base(), patch) for patch in GOOD.values()]
+    goods = [merge_patch(_base(), patch) for patch in GOOD.values()]
     goods += [_load(path) for path in EXAMPLES] + [MINIMAL]
     assert all(not _fired(obj) for obj in goods)
 

@@ -14,6 +14,8 @@ from spotserve.operator.k8s import manifests as m
 from spotserve.operator.k8s import status as st
 from spotserve.operator.k8s.spec import Problem, ServiceSpec, validate
 
+from ..manifests.crd_schema import merge_patch
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "llmservices.spotserve.dev.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -189,17 +191,7 @@ def test_status_matches_the_crd_and_derives_ready() -> None:
 
 
 def test_merge_patch_turns_the_old_controller_state_into_the_new_one() -> None:
-    def apply(target: Any, patch: Any) -> Any:  # RFC 7386, as the API server applies it
-        if not isinstance(patch, dict):
-            return patch
-        out = dict(target) if isinstance(target, dict) else {}
-        for key, value in patch.items():
-            if value is None:
-                out.pop(key, None)
-            else:
-                out[key] = apply(out.get(key), value)
-        return out
-
+    apply = merge_patch  # as the API server applies it
     old = {"epoch": 3, "phase": "draining", "placement": {"batch": 4, "pipelines": [1]},
            "view": {"rate": 2.0, "instances": [{"name": "a"}, {"name": "b"}]},
            "extra": {"gone": True}}
