@@ -114,14 +114,17 @@ class EngineRunner:
         out: dict[str, list[int]] = {rid: [] for rid in ids}
         sync(self.device)
         start = time.perf_counter()
-        events = self.engine.step()                    # prefill (and the first token)
+        events = []
+        while len({e.request_id for e in events}) < len(ids):   # every prompt prefilled
+            events += self.engine.step()
         sync(self.device)
-        after_prefill = time.perf_counter()
+        after_prefill, prefill_steps = time.perf_counter(), self.engine.num_steps
         for event in events + self.engine.run():
             out[event.request_id].append(event.token_id)
         sync(self.device)
         end = time.perf_counter()
-        return end - start, [out[r] for r in ids], (end - after_prefill) / max(1, out_len - 1)
+        decode_steps = self.engine.num_steps - prefill_steps
+        return end - start, [out[r] for r in ids], (end - after_prefill) / max(1, decode_steps)
 
 
 def best_of(runners: dict[str, Any], prompts: torch.Tensor, out_len: int, repeats: int
