@@ -1,7 +1,7 @@
 """Tensor streaming between workers: weight and KV slices as ~1 MiB chunks.
 
 Server side, `chunk_stream` cuts the byte buffers a worker holds into `TensorChunk`
-messages with a zlib CRC-32 per slice. Client side, `pull` fetches many slices from their
+messages with a CRC-32 per slice. Client side, `pull` fetches many slices from their
 holders over several concurrent `PullTensors` streams, writes every chunk straight into
 the caller's destination buffer, verifies each checksum, and when a holder fails
 mid-stream retries the unfinished slices from the next holder. Slices are scheduled in
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ import grpc
 
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from spotserve.worker import bulk
+from spotserve.worker.checksum import crc32
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
@@ -61,7 +61,7 @@ def chunk_stream(blobs: Sequence[Blob], chunk_bytes: int) -> Iterator[worker_pb2
         total, crc, offset = data.nbytes, 0, 0
         while True:
             piece = data[offset:offset + chunk_bytes]
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
             last = offset + len(piece) >= total
             first = offset == 0
             yield worker_pb2.TensorChunk(
@@ -165,12 +165,12 @@ async def _pull_batch(stub: worker_pb2_grpc.WorkerStub, batch: list[PullItem], e
     async for chunk in stub.PullTensors(request, metadata=metadata):
         if chunk.index >= len(order):
             raise _ChecksumError(f"chunk for unknown slice {chunk.index}")
-        item = order[chunk.index]
-        end = chunk.offset + len(chunk.data)
+        item, data = order[chunk.index], chunk.data   # each read of .data is a copy
+        end = chunk.offset + len(data)
         _check_size(item, max(chunk.total_bytes, end))
-        item.dest[chunk.offset:end] = chunk.data
-        crcs[chunk.index] = zlib.crc32(chunk.data, crcs[chunk.index])
-        received += len(chunk.data)
+        item.dest[chunk.offset:end] = data
+        crcs[chunk.index] = crc32(data, crcs[chunk.index])
+        received += len(data)
         if chunk.last:
             if crcs[chunk.index] != chunk.crc32:
                 raise _ChecksumError(f"{item.describe()}: checksum mismatch")

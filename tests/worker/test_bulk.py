@@ -20,7 +20,7 @@ import pytest
 
 from spotserve.auth import call_metadata
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from spotserve.worker import bulk
+from spotserve.worker import bulk, checksum
 from spotserve.worker.transfer import PullItem, pull
 from tests.worker.test_transfer import TOKEN, Peer, _pull, store_of
 
@@ -246,3 +246,9 @@ async def test_sigkill_of_a_bulk_source_mid_transfer_fails_over_to_the_next_hold
             await process.wait()
         for channel in channels.values():
             await channel.close()
+
+
+def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it() -> None:
+    data = np.random.default_rng(3).integers(0, 255, (1 << 20) + 7, dtype=np.uint8).tobytes()
+    assert checksum.crc32(data) == zlib.crc32(data)
+    assert checksum.crc32(data[1000:], checksum.crc32(data[:1000])) == zlib.crc32(data)
