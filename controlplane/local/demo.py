@@ -46,7 +46,7 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     model = args.model.resolve() if args.model is not None else None
     if model is None:
-        model = build_tiny_llama(out / "model")
+        model = build_tiny_llama(out / "tiny-llama")
         say(f"built a tiny random Llama in {model}")
     say(f"playing {cloud.source}: {len(cloud.kills(True))} preemptions with notice "
         f"({args.grace:g} s grace), {len(cloud.kills(False))} without, over "

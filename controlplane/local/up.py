@@ -26,7 +26,8 @@ from .tiny_model import build_tiny_llama
 
 async def _serve(args: argparse.Namespace) -> int:
     args.out = args.out.resolve()  # workers run elsewhere: every path they get is absolute
-    model_dir = args.model.resolve() if args.model else build_tiny_llama(args.out / "model")
+    model_dir = args.model.resolve() if args.model else \
+        build_tiny_llama(args.out / "tiny-llama")
     model = ModelSpec.from_hf_config(model_dir)
     catalog = Catalog.load(CATALOG)
     catalog.instance(args.instance_type)
@@ -54,9 +55,13 @@ async def _serve(args: argparse.Namespace) -> int:
         host = args.http.rpartition(":")[0]
         plan = controller.last_plan
         config = plan.config.describe() if plan and plan.config else "-"
-        print(f"serving {model_dir} ({config}) on http://{host}:{router.http_port}/v1 "
-              f"(OpenAI API) and grpc {args.grpc.rpartition(':')[0]}:{router.grpc_port}; "
-              f"Ctrl-C stops", flush=True)
+        base = f"http://{host}:{router.http_port}/v1"
+        name = router.router.limits.name
+        print(f"serving {model_dir} as model {name!r} ({config}) on {base} (OpenAI API) "
+              f"and grpc {args.grpc.rpartition(':')[0]}:{router.grpc_port}; Ctrl-C stops\n"
+              f"try: curl {base}/completions -H 'content-type: application/json' "
+              f"-d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'",
+              flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -44,7 +44,9 @@ def test_up_local_serves_the_openai_api_until_interrupted(tmp_path: Path) -> Non
         assert line.startswith("serving"), line + (process.stderr.read() if process.stderr
                                                    else "")
         url = line.split(" on ")[1].split()[0]
-        body = json.dumps({"prompt": "w5 w6 w7", "max_tokens": 6, "temperature": 0}).encode()
+        assert "as model 'tiny-llama'" in line
+        body = json.dumps({"model": "tiny-llama", "prompt": "w5 w6 w7", "max_tokens": 6,
+                           "temperature": 0}).encode()
         request = urllib.request.Request(f"{url}/completions", body,
                                          {"content-type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as reply:
@@ -57,6 +59,6 @@ def test_up_local_serves_the_openai_api_until_interrupted(tmp_path: Path) -> Non
             process.kill()
             process.wait()
     time.sleep(0.5)
-    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "model")], capture_output=True,
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "tiny-llama")], capture_output=True,
                               text=True)
     assert not leftover.stdout.strip(), "every worker process must be gone"
