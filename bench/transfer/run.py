@@ -173,15 +173,16 @@ def main() -> int:
     add_resume_arguments(parser)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    result: dict[str, object] = {}
+    out = Path(args.out) / "transfer.json"
+    # a run of some parts keeps the figures of the others
+    result: dict[str, object] = json.loads(out.read_text()) if out.exists() else {}
     if "transfer" in parts:
         result.update(_transfer(args))
     if "resume" in parts:
         result["drain_resume"] = run_resume(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'transfer.json'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
     return 0
 
 
