@@ -44,44 +44,49 @@ class SequenceChunk:
 
 @dataclass
 class DecodeBlocks:
-    """Where a decode step's blocks are: `span` (first, stop) when the blocks in use lie
-    densely enough in the cache to be read in place as `cache[first:stop]`, else `blocks`,
-    the ids to gather. Rows below are local: an index into that span or gathered set."""
+    """Where a decode step's blocks are. Rows are the blocks one layer's attention scores:
+    the span `cache[first:stop]` read in place when the blocks in use lie densely enough,
+    else the blocks in use gathered (`blocks`). A slot is a place in the padded
+    [seqs, max_blocks] table: s * max_blocks + j for sequence s's j-th block."""
 
     span: tuple[int, int] | None
-    blocks: torch.Tensor | None      # [rows] cache block behind each row (when no span)
-    owner: torch.Tensor              # [rows] sequence whose query scores the row's block
-    seq_rows: torch.Tensor           # [seqs * max_blocks] row of each sequence's block j, 0-padded
-    row_entry: torch.Tensor          # [rows] index into seqs * max_blocks of each row's block
-    entry_rows: torch.Tensor         # [entries] row of each (sequence, block) in table order
-    entry_seqs: torch.Tensor         # [entries] sequence of each of them
+    blocks: torch.Tensor | None   # [rows] the blocks to gather when there is no span
+    owner: torch.Tensor           # [rows] sequence whose query scores each row (unused: 0)
+    index: torch.Tensor           # [rows] the row's place j in its owner's table (unused: 0)
+    table_rows: torch.Tensor      # [seqs * max_blocks] row behind each slot (padding: 0)
+    in_use: torch.Tensor          # [seqs, max_blocks, 1] whether each slot holds a block
+    bias: torch.Tensor            # [seqs, 1, 1, max_blocks, block_size] fp32: 0, or -inf
+                                  # for keys a query may not see
 
     @classmethod
-    def build(cls, tables: list[list[int]], max_blocks: int, device: torch.device | str
+    def build(cls, tables: list[list[int]], mask: torch.Tensor, device: torch.device | str
               ) -> DecodeBlocks:
+        """For the step's block tables (each cut to its used blocks) and key `mask`
+        [seqs, max_blocks * block_size]."""
         flat = [b for table in tables for b in table]
         if len(set(flat)) != len(flat):
             raise SpotserveError("a cache block appears twice in one decode step")
+        num_seqs, max_blocks = len(tables), max(len(t) for t in tables)
+        used = torch.tensor(flat, dtype=torch.long)
+        slots = torch.tensor([s * max_blocks + j for s, table in enumerate(tables)
+                              for j in range(len(table))], dtype=torch.long)
         first, stop = min(flat), max(flat) + 1
         span: tuple[int, int] | None = (first, stop)
-        if stop - first > 2 * len(flat) + 16:    # sparse: gather rather than score holes
-            span, ids = None, sorted(flat)
-        else:
-            ids = list(range(first, stop))
-        row_of = {b: r for r, b in enumerate(ids)}
-        owner, row_entry = [0] * len(ids), [0] * len(ids)
-        seq_rows, entry_seqs = [], []
-        for s, table in enumerate(tables):
-            for j, b in enumerate(table):
-                owner[row_of[b]], row_entry[row_of[b]] = s, s * max_blocks + j
-            seq_rows += [row_of[b] for b in table] + [0] * (max_blocks - len(table))
-            entry_seqs += [s] * len(table)
-        entry_rows = [row_of[b] for b in flat]
-
-        def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-        return cls(span, None if span else tensor(ids), tensor(owner), tensor(seq_rows),
-                   tensor(row_entry), tensor(entry_rows), tensor(entry_seqs))
+        if stop - first <= 2 * len(flat) + 16:
+            rows = used - first
+        else:   # scoring that many holes would cost more than gathering
+            span, rows = None, torch.arange(len(flat))
+        row_slots = torch.zeros(stop - first if span else len(flat), dtype=torch.long)
+        row_slots.index_copy_(0, rows, slots)
+        table_rows = torch.zeros(num_seqs * max_blocks, dtype=torch.long)
+        table_rows.index_copy_(0, slots, rows)
+        in_use = torch.zeros(num_seqs * max_blocks, dtype=torch.bool)
+        in_use[slots] = True
+        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        return cls(span, None if span else used.to(device),
+                   (row_slots // max_blocks).to(device), (row_slots % max_blocks).to(device),
+                   table_rows.to(device), in_use.view(num_seqs, max_blocks, 1).to(device),
+                   bias.view(num_seqs, 1, 1, max_blocks, -1).to(device))
 
     def select(self, cache: torch.Tensor) -> torch.Tensor:
         """The rows' blocks of one layer's cache: a view when dense, else a gathered copy."""
@@ -132,7 +137,9 @@ class AttentionBatch:
         mask = keys <= limits[:, :, None]
         if sliding_window is not None:
             mask &= keys > limits[:, :, None] - sliding_window
-        decode = DecodeBlocks.build(tables_list, max_blocks, device) if max_new == 1 else None
+        decode = None
+        if max_new == 1:
+            decode = DecodeBlocks.build(tables_list, mask[:, 0], device)
         return cls(positions=pos.to(device),
                    write_blocks=tables[owner, pos // block_size].to(device),
                    write_offsets=(pos % block_size).to(device),
@@ -153,7 +160,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     The new tokens' keys and values must already be written to the cache."""
     if batch.decode is not None:
-        return _decode_attention(q, k_cache, v_cache, batch, batch.decode, scale)
+        return _decode_attention(q, k_cache, v_cache, batch.decode, scale)
     return _padded_attention(q, k_cache, v_cache, batch, scale)
 
 
@@ -180,22 +187,23 @@ def _gather(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      batch: AttentionBatch, rows: DecodeBlocks, scale: float) -> torch.Tensor:
+                      rows: DecodeBlocks, scale: float) -> torch.Tensor:
     """One query per sequence, scored block by block in place (see the module docstring).
     Softmax in fp32; in half precision, scores and outputs are rounded like plain matmuls."""
     seqs, heads, dim = q.shape
     _, kv_heads, block_size, _ = k_cache.shape
-    group, max_blocks = heads // kv_heads, batch.mask.shape[-1] // block_size
+    group, max_blocks = heads // kv_heads, rows.bias.shape[3]
     k, v = rows.select(k_cache), rows.select(v_cache)           # [rows, kv_heads, block, dim]
     q_rows = q.view(seqs, kv_heads, group, dim).index_select(0, rows.owner)
     scores = q_rows @ k.transpose(-1, -2)                        # [rows, kv_heads, group, block]
-    scores = scores.index_select(0, rows.seq_rows).view(seqs, max_blocks, kv_heads, group,
-                                                        block_size)
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(seqs, kv_heads, group, -1)
-    probs = (scores.float() * scale).masked_fill(~batch.mask, float("-inf")).softmax(-1)
-    probs = probs.to(v.dtype).view(seqs, kv_heads, group, max_blocks, block_size)
-    probs = probs.permute(0, 3, 1, 2, 4).reshape(seqs * max_blocks, kv_heads, group, block_size)
-    partial = probs.index_select(0, rows.row_entry) @ v          # [rows, kv_heads, group, dim]
-    partial = partial.index_select(0, rows.entry_rows).view(-1, heads * dim).float()
-    out = torch.zeros(seqs, heads * dim, device=q.device)   # summed in fp32, in table order
-    return out.index_add_(0, rows.entry_seqs, partial).to(q.dtype)
+    scores = scores.index_select(0, rows.table_rows).view(seqs, max_blocks, kv_heads, group,
+                                                          block_size)
+    # scaled, masked and laid out [seqs, kv_heads, group, keys] in one pass
+    probs = torch.empty(seqs, kv_heads, group, max_blocks, block_size, device=q.device)
+    torch.add(rows.bias, scores.permute(0, 2, 3, 1, 4), alpha=scale, out=probs)
+    probs = probs.view(seqs, kv_heads, group, -1).softmax(-1).view_as(probs)
+    probs = probs[rows.owner, :, :, rows.index].to(v.dtype)    # [rows, kv_heads, group, block]
+    partial = (probs @ v).index_select(0, rows.table_rows)      # [slots, kv_heads, group, dim]
+    partial = partial.view(seqs, max_blocks, heads * dim).float()
+    partial = torch.where(rows.in_use, partial, 0.0)             # padding slots: other rows
+    return partial.sum(1).to(q.dtype)           # in fp32 and table order, on every device
