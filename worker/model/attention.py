@@ -11,8 +11,9 @@ Tokens travel flat ([tokens, ...]) through the linear layers. Two ways to attend
   gathered to blocks, not blocks to sequences: a query is `block_size` times smaller than
   a block). Only the scores and per-block outputs, which are small, move: scores to a
   [sequence, keys] layout for the softmax, probabilities back to blocks, per-block outputs
-  summed per sequence in block-table order. Memory traffic is one read of each used block,
-  on CPU and GPU alike, with no extra buffer the size of the cache.
+  summed per sequence in block-table order. Memory traffic is one read of the blocks in
+  use (and of the free blocks between them, which the block manager keeps few), on CPU and
+  GPU alike, with no extra buffer the size of the cache.
 - anything else (prefill, chunked prefill, a mixed step): queries are padded into
   [sequences, longest query] against the [sequences, longest context] keys gathered from
   the cache through each sequence's block table, for the fused SDPA kernel.
@@ -54,7 +55,7 @@ class DecodeBlocks:
     owner: torch.Tensor           # [rows] sequence whose query scores each row (unused: 0)
     index: torch.Tensor           # [rows] the row's place j in its owner's table (unused: 0)
     table_rows: torch.Tensor      # [seqs * max_blocks] row behind each slot (padding: 0)
-    in_use: torch.Tensor          # [seqs, max_blocks, 1] whether each slot holds a block
+    in_use: torch.Tensor          # [seqs, 1, max_blocks] fp32: 1 where a slot holds a block
     bias: torch.Tensor            # [seqs, 1, 1, max_blocks, block_size] fp32: 0, or -inf
                                   # for keys a query may not see
 
@@ -80,12 +81,12 @@ class DecodeBlocks:
         row_slots.index_copy_(0, rows, slots)
         table_rows = torch.zeros(num_seqs * max_blocks, dtype=torch.long)
         table_rows.index_copy_(0, slots, rows)
-        in_use = torch.zeros(num_seqs * max_blocks, dtype=torch.bool)
-        in_use[slots] = True
+        in_use = torch.zeros(num_seqs * max_blocks)
+        in_use[slots] = 1.0
         bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         return cls(span, None if span else used.to(device),
                    (row_slots // max_blocks).to(device), (row_slots % max_blocks).to(device),
-                   table_rows.to(device), in_use.view(num_seqs, max_blocks, 1).to(device),
+                   table_rows.to(device), in_use.view(num_seqs, 1, max_blocks).to(device),
                    bias.view(num_seqs, 1, 1, max_blocks, -1).to(device))
 
     def select(self, cache: torch.Tensor) -> torch.Tensor:
@@ -205,5 +206,5 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     probs = probs[rows.owner, :, :, rows.index].to(v.dtype)    # [rows, kv_heads, group, block]
     partial = (probs @ v).index_select(0, rows.table_rows)      # [slots, kv_heads, group, dim]
     partial = partial.view(seqs, max_blocks, heads * dim).float()
-    partial = torch.where(rows.in_use, partial, 0.0)             # padding slots: other rows
-    return partial.sum(1).to(q.dtype)           # in fp32 and table order, on every device
+    # summed per sequence in fp32 and table order; padding slots (other rows) weigh 0
+    return (rows.in_use @ partial).view(seqs, heads * dim).to(q.dtype)
