@@ -27,7 +27,7 @@ def test_services_and_methods() -> None:
 
     assert methods(inference_pb2, "Inference") >= {"Generate", "Health", "ListModels"}
     assert methods(worker_pb2, "Worker") == {"Configure", "Submit", "Cancel", "Drain",
-                                             "PullTensors", "Status"}
+                                             "PullTensors", "OpenBulkPull", "Status"}
     assert methods(control_pb2, "Control") == {"UpdateTopology", "Stats"}
     generate = inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name["Generate"]
     pull = worker_pb2.DESCRIPTOR.services_by_name["Worker"].methods_by_name["PullTensors"]
