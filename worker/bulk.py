@@ -146,7 +146,7 @@ class BulkServer:
                 log.warning("bulk port: rejected a connection without a valid ticket")
                 await loop.sock_sendall(conn, REJECTED)
                 return
-            conn.settimeout(IDLE_TIMEOUT_S)
+            _idle_timeout(conn, IDLE_TIMEOUT_S)
             assert self._pool is not None
             await loop.run_in_executor(self._pool, self._send, conn, offer)
         except (OSError, TimeoutError) as exc:
@@ -200,7 +200,7 @@ async def fetch(host: str, port: int, ticket: bytes, dests: Sequence[memoryview]
             await loop.sock_sendall(sock, MAGIC + ticket)
             if await asyncio.wait_for(_read(loop, sock, 1), timeout_s) != ACCEPTED:
                 raise BulkError("the holder rejected the bulk ticket")
-            sock.settimeout(timeout_s)
+            _idle_timeout(sock, timeout_s)
             done = asyncio.wrap_future(_receiver_pool().submit(
                 _receive_all, sock, [as_bytes(d) for d in dests], on_slice,
                 piece_bytes or PIECE_BYTES))
@@ -281,6 +281,17 @@ async def _read(loop: asyncio.AbstractEventLoop, conn: socket.socket, size: int)
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _idle_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking mode, with the kernel failing a send or receive that makes no progress for
+    `seconds`. Python's own timeouts poll before every partial send or receive, which
+    costs 10-15 % of the throughput here."""
+    sock.setblocking(True)
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def _shutdown(conn: socket.socket) -> None:

@@ -186,6 +186,26 @@ async def test_cancelling_a_pull_stops_writing_into_the_destination(
     await slow.stop()
 
 
+async def test_a_holder_that_stalls_fails_the_transfer_after_the_idle_timeout() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    stalled: list[socket.socket] = []
+
+    def accept_and_stall() -> None:
+        conn, _ = listener.accept()
+        conn.recv(len(bulk.MAGIC) + bulk.TICKET_BYTES, socket.MSG_WAITALL)
+        conn.sendall(bulk.ACCEPTED + b"\x00" * 1000)   # then nothing more
+        stalled.append(conn)
+
+    server = asyncio.create_task(asyncio.to_thread(accept_and_stall))
+    with pytest.raises(bulk.BulkError, match="broke"):
+        await bulk.fetch("127.0.0.1", listener.getsockname()[1], bytes(bulk.TICKET_BYTES),
+                         [memoryview(bytearray(1 << 20))], on_slice=lambda _: None,
+                         timeout_s=0.3)
+    await server
+    for conn in (*stalled, listener):
+        conn.close()
+
+
 HOLDER = textwrap.dedent("""
     import asyncio, sys
     import grpc, numpy as np
