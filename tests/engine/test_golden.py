@@ -92,3 +92,13 @@ def test_runner_from_pulled_tensors_equals_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing"):
         build_runner(tmp_path, groups, config, tensors={})
 
+
+
+def test_cpu_lm_head_in_chunks_equals_one_matmul() -> None:
+    from spotserve.worker.model.decoder import CPU_VOCAB_CHUNK, vocab_logits
+    torch.manual_seed(0)
+    weight = torch.randn(2 * CPU_VOCAB_CHUNK + 77, 48)   # a ragged last chunk
+    hidden = torch.randn(5, 48)
+    got = vocab_logits(hidden, weight)
+    assert got.shape == (5, weight.shape[0])
+    torch.testing.assert_close(got, hidden @ weight.T, rtol=1e-6, atol=1e-6)

@@ -26,6 +26,8 @@ from spotserve.worker.model.rope import RotaryEmbedding
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
+# LM head rows per matmul for fp32 on CPU (see `vocab_logits`)
+CPU_VOCAB_CHUNK = 2048
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -100,8 +102,7 @@ class StageModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary fp32 logits for the given (normalised) hidden states."""
-        weight = self.head_weight
-        local = F.linear(hidden, weight)
+        local = vocab_logits(hidden, self.head_weight)
         sizes = [hi - lo for lo, hi in self.vocab_ranges]
         return self.tp.all_gather_last_dim(local, sizes).float()
 
@@ -116,6 +117,18 @@ class StageModel(nn.Module):
     def kv_head_range(self) -> tuple[int, int]:
         """The KV heads [start, stop) this rank caches."""
         return kv_heads(self.spec, self.stage_tp, self.position.tp_rank)
+
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`hidden @ weight.T` for an LM head of many rows. In fp32 on CPU it is taken
+    `CPU_VOCAB_CHUNK` rows at a time: with a few rows of hidden states (decode), MKL's sgemm
+    runs ~25% faster on such pieces than on a whole vocabulary, and each logit is the same
+    dot product. Elsewhere one matmul: bf16 on CPU is slower in pieces, and a GPU has
+    nothing to gain from more launches."""
+    if hidden.device.type != "cpu" or weight.dtype != torch.float32:
+        return F.linear(hidden, weight)
+    return torch.cat([F.linear(hidden, rows) for rows in torch.split(weight, CPU_VOCAB_CHUNK)],
+                     -1)
 
 
 def sliding_window(model: ModelSpec) -> int | None:
