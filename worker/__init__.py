@@ -13,6 +13,8 @@ concept per module:
 - `driver`: the pipeline driver's engine on its own thread; drains pause requests with
   their KV into `kv_store`, which serves them to peers and assembles imported ones.
 - `requests`: a SubmitRequest checked and turned into engine state; token events into
-  deltas. `transfer`, `tensor_store`, `peer_service`: chunked tensor streaming.
+  deltas. `transfer`, `tensor_store`, `peer_service`: chunked tensor streaming over
+  gRPC, or over the `bulk` port (plain TCP behind a one-time ticket from `OpenBulkPull`);
+  `checksum`: the CRC-32 both use (zlib-ng's when installed).
 - `health` (grpc.health.v1 without a dependency), `metrics` (Prometheus).
 """

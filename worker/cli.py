@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parallel PullTensors streams per peer (2)")
     parser.add_argument("--send-limit-mbps", type=float, default=0.0,
                         help="cap on bytes/s (MB/s) served to peers, 0 = none")
+    parser.add_argument("--bulk-port", type=int, default=0, metavar="PORT",
+                        help="TCP port on the --listen host for tensor streaming to peers "
+                        "(PullTensors negotiated over gRPC, bytes over plain TCP); 0 = any "
+                        "free port (default), -1 = off (peers then stream over gRPC)")
     parser.add_argument("--join-timeout", type=float, default=60.0,
                         help="seconds to wait for a pipeline's ranks to join (60)")
     parser.add_argument("--grace", type=float, default=30.0,
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> NoReturn:
         address=args.advertise or "", checkpoint=Path(args.model) if args.model else None,
         dtype=args.dtype, device=device,
         token=load_token(args.token_file), engine=engine, join_timeout_s=args.join_timeout,
-        streams_per_peer=args.streams_per_peer, send_bytes_per_s=args.send_limit_mbps * 1e6)
+        streams_per_peer=args.streams_per_peer, send_bytes_per_s=args.send_limit_mbps * 1e6,
+        bulk_port=args.bulk_port)
     if not options.token:
         logging.getLogger(__name__).warning(
             "no shared token (--token-file or $SPOTSERVE_TOKEN): every call is accepted")
@@ -123,4 +128,5 @@ async def _serve(args: argparse.Namespace, options: Any) -> int:
     logging.getLogger(__name__).info("stopping", extra={"fields": {"grace": args.grace}})
     await servicer.shutdown(args.grace * 0.8)
     await server.stop(args.grace * 0.2)
+    await servicer.stop_bulk()  # or a transfer in flight could hold the exit up
     return 0

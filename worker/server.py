@@ -70,6 +70,7 @@ class WorkerOptions:
     join_timeout_s: float = 60.0
     streams_per_peer: int = 2
     send_bytes_per_s: float = 0.0         # 0: no limit on what peers pull from here
+    bulk_port: int = 0                    # tensor bytes over plain TCP: 0 any free, -1 off
     kv_keep_seconds: float = 600.0
 
 
@@ -455,6 +456,10 @@ async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetri
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers([health.handler(servicer.serving)])
     await server.start()
+    if options.bulk_port >= 0:  # peers pull tensors from here at near raw-TCP speed
+        await servicer.start_bulk(listen.rsplit(":", 1)[0], options.bulk_port,
+                                  send_bytes_per_s=options.send_bytes_per_s,
+                                  on_sent=servicer.metrics.bytes_out.inc)
     return server, servicer, address
 
 
