@@ -4,8 +4,9 @@ A random Llama (~110M parameters: hidden 768, 12 layers, 12 heads, vocab 16384) 
 as sharded safetensors; our engine loads it through its own loader, HF through
 `from_pretrained`. Both generate `--out-len` tokens (EOS ignored) for a batch of random
 `--in-len`-token prompts; we report generated tokens/s end to end (prefill included) and
-our/HF ratio. On CUDA we also report our mean decode step time against the memory-bandwidth
-bound (weight bytes / HBM bandwidth of the GPU in the catalog).
+our/HF ratio, and our mean decode step time (the steps after every prompt has its first
+token). On CUDA that step time is set against the memory-bandwidth bound (weight bytes /
+HBM bandwidth of the GPU in the catalog). `--threads 1` gives the figures in bench/results.
 
     python bench/engine/run.py                         # CI-sized: fp32, batch 1 and 8, 32/16
     python bench/engine/run.py --full                  # batch 1/8/32, 128/128, fp32 and bf16
@@ -207,7 +208,8 @@ def write_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         name += "-cuda"
     path = out / f"{name}.json"
     result = {"benchmark": "engine vs transformers.generate", "model": MODEL,
-              "device": device, "threads": args.threads, "torch": torch.__version__,
+              "device": device, "threads": args.threads, "repeats": args.repeats,
+              "torch": torch.__version__,
               "load_average_at_end": os.getloadavg(), "rows": rows}
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
