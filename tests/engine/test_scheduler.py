@@ -80,6 +80,21 @@ def test_every_request_finishes_with_the_same_tokens(reqs: list[tuple[int, int, 
         assert seq.output_token_ids == expected
 
 
+
+def test_the_lowest_free_blocks_go_first() -> None:
+    """Blocks in use stay packed at the start of the cache (decode attention reads them as
+    one span)."""
+    blocks = BlockManager(8, 4)
+    a, b, c = (Sequence(r, [1], SamplingParams()) for r in "abc")
+    blocks.grow(a, 8)
+    blocks.grow(b, 12)
+    blocks.grow(c, 4)
+    assert (a.block_table, b.block_table, c.block_table) == ([0, 1], [2, 3, 4], [5])
+    blocks.free(b)
+    blocks.grow(a, 16)
+    blocks.grow(c, 12)
+    assert (a.block_table, c.block_table) == ([0, 1, 2, 3], [5, 4, 6])
+
 def test_preemption_by_recompute_frees_the_youngest() -> None:
     blocks = BlockManager(5, 2)
     sched = Scheduler(blocks, SchedulerConfig(8, 64, 4096))
