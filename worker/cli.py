@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> NoReturn:
     import asyncio
     from pathlib import Path
 
+    from spotserve.lifetime import die_with_parent_if_asked
+
+    die_with_parent_if_asked()  # before anything starts threads
+
     import torch
 
     from spotserve.auth import load_token

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ import grpc
 
 from spotserve.auth import call_metadata
 from spotserve.catalog import Catalog
+from spotserve.lifetime import DIE_WITH_PARENT_ENV
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import control_pb2, control_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -184,8 +184,11 @@ class LocalBackend(Actuator):
         await self.events.put(InstanceReady(name, instance_type, capacity))
 
     async def _spawn(self, gpu: GpuId, host: str) -> WorkerProcess:
+        # the worker asks the kernel to SIGKILL it when this process dies, however it dies
+        # (no preexec_fn: running Python between fork and exec in a threaded parent crashes)
         env = {**os.environ, "SPOTSERVE_TOKEN": self.options.token, "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+               "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+               DIE_WITH_PARENT_ENV: str(os.getpid())}
         self.options.workdir.mkdir(parents=True, exist_ok=True)
         log_file = self.options.workdir / f"worker-{gpu.instance}-{gpu.index}.log"
         with log_file.open("w") as stderr:
@@ -193,8 +196,7 @@ class LocalBackend(Actuator):
                 sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{host}:0",
                 "--model", str(self.options.model_dir), "--device", self.options.device,
                 *self.options.worker_args, cwd=ROOT, env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True)
         assert process.stdout is not None
         try:
             line = (await asyncio.wait_for(process.stdout.readline(), 180)).decode()
@@ -473,22 +475,6 @@ class LocalBackend(Actuator):
                                                          self.options.boot_delay))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()  # loaded in the parent: the child between fork and exec only calls it
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when this process dies, however it dies."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _free_port(host: str) -> int:
