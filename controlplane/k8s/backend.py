@@ -121,16 +121,7 @@ class KubernetesBackend(Actuator):
         for gpu in jobs:
             await self._ensure_pod(gpu, epoch)
         await self._wait_ready(list(jobs))
-        requests = self._configure_requests(epoch, jobs, kv)
-        replies = await asyncio.gather(*(self.wire.configure(self.addresses[str(gpu)], request)
-                                         for gpu, request in requests),
-                                       return_exceptions=True)
-        failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
-                  if isinstance(reply, BaseException)]
-        moved = sum(r for r in replies if isinstance(r, int))
-        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + moved
-        if failed:
-            raise ActuatorError("configure failed on " + "; ".join(failed))
+        moved = await self._send(epoch, self._configure_requests(epoch, jobs, kv), "configure")
         for job in jobs.values():
             if job.is_driver:
                 self.drivers[job.pipeline_id] = job.gpu
@@ -148,16 +139,22 @@ class KubernetesBackend(Actuator):
                     if gpu in targets]
         for _, request in requests:
             request.preload_only = True
+        return await self._send(epoch, requests, "preload")
+
+    async def _send(self, epoch: int, requests: Sequence[tuple[GpuId, worker_pb2.ConfigureRequest]],
+                    what: str) -> int:
+        """Send every Configure at once; the bytes the workers moved (counted for `epoch`
+        even when some fail), or `ActuatorError` naming those that failed."""
         replies = await asyncio.gather(*(self.wire.configure(self.addresses[str(gpu)], request)
                                          for gpu, request in requests),
                                        return_exceptions=True)
         failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
                   if isinstance(reply, BaseException)]
+        moved = sum(r for r in replies if isinstance(r, int))
+        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + moved
         if failed:
-            raise ActuatorError("preload failed on " + "; ".join(failed))
-        gathered = sum(r for r in replies if isinstance(r, int))
-        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + gathered
-        return gathered
+            raise ActuatorError(f"{what} failed on " + "; ".join(failed))
+        return moved
 
     def _configure_requests(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
                             kv: Mapping[int, Sequence[DrainedRequest]]

@@ -4,9 +4,9 @@ Configure requests are built by `controller.configure`, shared with local mode."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -24,6 +24,7 @@ from ..controller.actuator import (
 STATES = {"serving": control_pb2.PIPELINE_STATE_SERVING,
           "draining": control_pb2.PIPELINE_STATE_DRAINING,
           "gone": control_pb2.PIPELINE_STATE_GONE}
+T = TypeVar("T")
 MODES = {"kv": common_pb2.RESUME_MODE_KV, "reprefill": common_pb2.RESUME_MODE_REPREFILL}
 
 
@@ -58,36 +59,34 @@ class GrpcWire:
         self.metadata = call_metadata(token)
         self.timeout = timeout
 
-    async def status(self, address: str) -> PipelineStatus:
+    async def _call(self, address: str, name: str,
+                    call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+        """One call on a fresh channel; a gRPC error becomes `ActuatorError`."""
         async with grpc.aio.insecure_channel(address) as channel:
             try:
-                s = await worker_pb2_grpc.WorkerStub(channel).Status(
-                    worker_pb2.StatusRequest(), metadata=self.metadata, timeout=self.timeout)
+                return await call(channel)
             except grpc.aio.AioRpcError as exc:
-                raise ActuatorError(f"Status {address}: {exc.details()}") from exc
+                raise ActuatorError(f"{name} {address}: {exc.details()}") from exc
+
+    async def status(self, address: str) -> PipelineStatus:
+        s = await self._call(address, "Status", lambda ch: worker_pb2_grpc.WorkerStub(ch).Status(
+            worker_pb2.StatusRequest(), metadata=self.metadata, timeout=self.timeout))
         # the worker does not report each request's limit: remaining steps stay unknown (0)
         return PipelineStatus(sum(r.kv_tokens for r in s.requests), 0,
                               s.decode_step_seconds * 1000)
 
     async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
-        async with grpc.aio.insecure_channel(address) as channel:
-            try:
-                out = await worker_pb2_grpc.WorkerStub(channel).Drain(
-                    worker_pb2.DrainRequest(epoch=epoch, steps=steps), metadata=self.metadata,
-                    timeout=self.timeout + steps)
-            except grpc.aio.AioRpcError as exc:
-                raise ActuatorError(f"Drain {address}: {exc.details()}") from exc
+        out = await self._call(address, "Drain", lambda ch: worker_pb2_grpc.WorkerStub(ch).Drain(
+            worker_pb2.DrainRequest(epoch=epoch, steps=steps), metadata=self.metadata,
+            timeout=self.timeout + steps))
         return [DrainedRequest(r.request_id, r.prompt_tokens, r.generated_tokens, r.kv_tokens)
                 for r in out.requests]
 
     async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
-            try:
-                # loading weights (a checkpoint read, or peers' pulls) takes minutes
-                reply = await worker_pb2_grpc.WorkerStub(channel).Configure(
-                    request, metadata=self.metadata, timeout=max(self.timeout, 900.0))
-            except grpc.aio.AioRpcError as exc:
-                raise ActuatorError(f"Configure {address}: {exc.details()}") from exc
+        # loading weights (a checkpoint read, or peers' pulls) takes minutes
+        reply = await self._call(
+            address, "Configure", lambda ch: worker_pb2_grpc.WorkerStub(ch).Configure(
+                request, metadata=self.metadata, timeout=max(self.timeout, 900.0)))
         return int(reply.bytes_pulled + reply.bytes_from_checkpoint)
 
     async def topology(self, router: str, epoch: int,
@@ -103,18 +102,11 @@ class GrpcWire:
                                                  mode=MODES.get(
                                                      r.mode, common_pb2.RESUME_MODE_UNSPECIFIED),
                                                  kv_tokens=r.kv_tokens) for r in resume])
-        async with grpc.aio.insecure_channel(router) as channel:
-            try:
-                await control_pb2_grpc.ControlStub(channel).UpdateTopology(
-                    message, metadata=self.metadata, timeout=self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise ActuatorError(f"UpdateTopology {router}: {exc.details()}") from exc
+        await self._call(router, "UpdateTopology",
+                         lambda ch: control_pb2_grpc.ControlStub(ch).UpdateTopology(
+                             message, metadata=self.metadata, timeout=self.timeout))
 
     async def router_stats(self, router: str) -> RouterReport:
-        async with grpc.aio.insecure_channel(router) as channel:
-            try:
-                stats = await control_pb2_grpc.ControlStub(channel).Stats(
-                    control_pb2.StatsRequest(), metadata=self.metadata, timeout=self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise ActuatorError(f"Stats {router}: {exc.details()}") from exc
+        stats = await self._call(router, "Stats", lambda ch: control_pb2_grpc.ControlStub(ch).Stats(
+            control_pb2.StatsRequest(), metadata=self.metadata, timeout=self.timeout))
         return RouterReport(int(stats.epoch), float(stats.arrival_rate_window))

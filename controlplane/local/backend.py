@@ -220,13 +220,7 @@ class LocalBackend(Actuator):
 
     async def kill(self, name: str) -> None:
         """The instance vanishes: SIGKILL, no goodbye."""
-        instance = self.instances.get(name)
-        if instance is None or instance.state == "gone":
-            return
-        instance.state = "gone"
-        await self._stop_workers(instance, signal.SIGKILL)
-        self.note("killed", instance=name)
-        await self.events.put(InstanceLost(name))
+        await self._gone(name, signal.SIGKILL, "killed")
 
     async def set_rate(self, rate: float) -> None:
         self.note("rate", rate=rate)
@@ -327,13 +321,11 @@ class LocalBackend(Actuator):
         for worker in self.live_workers():
             if worker.gpu not in busy and worker.signature is not None:
                 calls.append((worker, worker_pb2.ConfigureRequest(epoch=epoch), None))
-        replies = await asyncio.gather(*(self._configure_one(w, r) for w, r, _ in calls),
-                                       return_exceptions=True)
-        failed, moved = [], 0
+        replies, failed = await self._configure_each([(w, r) for w, r, _ in calls])
+        moved = 0
         for (worker, _, sig), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, BaseException):
+            if reply is None:
                 worker.signature = None
-                failed.append(f"{worker.gpu}: {reply}")
                 continue
             worker.epoch, worker.signature = epoch, sig
             self._count(reply)
@@ -356,13 +348,10 @@ class LocalBackend(Actuator):
                                                 f"{driver.host}:0", self.options.max_batch)
                     request.preload_only = True
                     calls.append((self._worker(job.gpu), request))
-        replies = await asyncio.gather(*(self._configure_one(w, r) for w, r in calls),
-                                       return_exceptions=True)
-        failed = [f"{w.gpu}: {reply}" for (w, _), reply in zip(calls, replies, strict=True)
-                  if isinstance(reply, BaseException)]
+        replies, failed = await self._configure_each(calls)
         gathered = 0
         for reply in replies:
-            if isinstance(reply, worker_pb2.ConfigureResponse):
+            if reply is not None:
                 # counted as moved now; the configure that follows reports them as kept
                 self.moved.pulled += reply.bytes_pulled
                 self.moved.checkpoint += reply.bytes_from_checkpoint
@@ -394,6 +383,22 @@ class LocalBackend(Actuator):
 
     def _address(self, gpu: GpuId) -> str:
         return self._worker(gpu).address
+
+    async def _configure_each(
+            self, calls: Sequence[tuple[WorkerProcess, worker_pb2.ConfigureRequest]]
+    ) -> tuple[list[worker_pb2.ConfigureResponse | None], list[str]]:
+        """Every Configure at once: each reply (None where it failed) and the failures."""
+        replies = await asyncio.gather(*(self._configure_one(w, r) for w, r in calls),
+                                       return_exceptions=True)
+        out: list[worker_pb2.ConfigureResponse | None] = []
+        failed = []
+        for (worker, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, BaseException):
+                failed.append(f"{worker.gpu}: {reply}")
+                out.append(None)
+            else:
+                out.append(reply)
+        return out, failed
 
     async def _configure_one(self, worker: WorkerProcess, request: worker_pb2.ConfigureRequest
                              ) -> worker_pb2.ConfigureResponse:
@@ -454,13 +459,18 @@ class LocalBackend(Actuator):
 
     async def release(self, instances: Sequence[str]) -> None:
         for name in instances:
-            instance = self.instances.get(name)
-            if instance is None or instance.state == "gone":
-                continue
-            instance.state = "gone"
-            await self._stop_workers(instance, signal.SIGTERM)
-            self.note("released", instance=name)
-            await self.events.put(InstanceLost(name))
+            await self._gone(name, signal.SIGTERM, "released")
+
+    async def _gone(self, name: str, sig: signal.Signals, kind: str) -> None:
+        """The instance's workers stopped with `sig`, and the controller told it is lost
+        (a no-op for an instance unknown or already gone)."""
+        instance = self.instances.get(name)
+        if instance is None or instance.state == "gone":
+            return
+        instance.state = "gone"
+        await self._stop_workers(instance, sig)
+        self.note(kind, instance=name)
+        await self.events.put(InstanceLost(name))
 
     async def request_capacity(self, instance_type: str, count: int, capacity: str) -> None:
         """Spot capacity comes from the trace; what the controller asks for beyond it is
