@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "plan": "spotserve.operator.planner.cli",
     "simulate": "spotserve.operator.sim.cli",
     "demo": "spotserve.operator.local.demo_cli",
+    "chaos": "spotserve.operator.local.chaos_cli",
     "up": "spotserve.operator.local.up_cli",
     "worker": "spotserve.worker.cli",
     "router": "spotserve.operator.router.cli",

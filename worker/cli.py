@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "free port (default), -1 = off (peers then stream over gRPC)")
     parser.add_argument("--join-timeout", type=float, default=60.0,
                         help="seconds to wait for a pipeline's ranks to join (60)")
+    parser.add_argument("--peer-timeout", type=float, default=5.0,
+                        help="seconds a pipeline collective waits for a peer before the "
+                        "pipeline counts as broken and its requests resume elsewhere (5); "
+                        "must exceed the slowest engine step")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds between SIGTERM and exit (30)")
     parser.add_argument("--metrics", default=None, metavar="HOST:PORT",
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> NoReturn:
         address=args.advertise or "", checkpoint=Path(args.model) if args.model else None,
         dtype=args.dtype, device=device,
         token=load_token(args.token_file), engine=engine, join_timeout_s=args.join_timeout,
+        peer_timeout_s=args.peer_timeout,
         streams_per_peer=args.streams_per_peer, send_bytes_per_s=args.send_limit_mbps * 1e6,
         bulk_port=args.bulk_port)
     if not options.token:

@@ -9,6 +9,11 @@ A drain (by steps or by a wall-clock deadline) lets the engine run its allowed s
 exports every unfinished request with its KV cache into `PausedRequests`, ends their
 streams with FINISH_REASON_PAUSED and reports each one's progress. `stop` is a drain of
 zero steps followed by releasing the pipeline's other ranks.
+
+While idle, the engine thread pings the pipeline's ranks every `ping_every` seconds, which
+keeps every collective inside its timeout and finds a dead peer before a request does. When
+the pipeline breaks (a peer died or stopped answering), every stream ends with an error (the
+router resumes them elsewhere), `error` says why, and `on_failure` is called once.
 """
 
 from __future__ import annotations
@@ -78,10 +83,15 @@ class Snapshot:
 
 class Driver:
     def __init__(self, engine: Engine, paused: PausedRequests,
-                 on_step: Callable[[float, Snapshot], None] | None = None) -> None:
+                 on_step: Callable[[float, Snapshot], None] | None = None,
+                 ping_every: float = 1.0,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.engine, self.paused, self.on_step = engine, paused, on_step
+        self.ping_every, self.on_failure = ping_every, on_failure
         self.snapshot = Snapshot(kv_blocks_total=engine.config.num_blocks)
         self.draining = False
+        self.error = ""   # why the pipeline broke; "" while it works
+        self._contact = time.monotonic()  # the last collective every rank took part in
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
             queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
@@ -154,10 +164,21 @@ class Driver:
                 self._run_commands(block=not self._can_step())
                 if not self._stopped and self._can_step():
                     self._step()
+                if not self._stopped:
+                    self._keepalive()
                 self._finish_drain_if_done()
         except Exception as exc:   # a broken pipeline: every stream must resume elsewhere
             log.exception("pipeline driver failed")
-            self._fail_all(f"pipeline failed: {exc}")
+            self.error = f"pipeline failed: {exc}"
+            self._fail_all(self.error)
+            if self.on_failure is not None:
+                self.on_failure(self.error)
+
+    def _keepalive(self) -> None:
+        now = time.monotonic()
+        if now - self._contact >= self.ping_every:
+            self.engine.keepalive()
+            self._contact = time.monotonic()
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -184,9 +205,11 @@ class Driver:
                 time.time() + self.snapshot.step_seconds >= self._deadline:
             self.engine.drain(0)
             return
-        start = time.perf_counter()
+        start, before = time.perf_counter(), self.engine.num_steps
         events = self.engine.step()
         seconds = time.perf_counter() - start
+        if self.engine.num_steps != before:   # the step ran on every rank
+            self._contact = time.monotonic()
         if self.draining:
             self._drain_steps += 1
         self._publish(seconds)
@@ -259,7 +282,7 @@ class Driver:
             progress.append(common_pb2.RequestProgress(
                 request_id=request_id, prompt_tokens=len(state.prompt_token_ids),
                 generated_tokens=len(state.output_token_ids), kv_tokens=state.num_computed,
-                kv_kept=state.kv is not None))
+                kv_kept=state.kv is not None, max_tokens=state.params.max_tokens))
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
                 sink(StreamEvent(len(state.output_token_ids), None, FR.FINISH_REASON_PAUSED))
@@ -294,7 +317,7 @@ def _progress(seq: Any) -> common_pb2.RequestProgress:
     return common_pb2.RequestProgress(
         request_id=seq.request_id, prompt_tokens=len(seq.prompt_token_ids),
         generated_tokens=len(seq.output_token_ids), kv_tokens=seq.num_computed,
-        kv_kept=seq.num_computed > 0)
+        kv_kept=seq.num_computed > 0, max_tokens=seq.params.max_tokens)
 
 
 def _copy_result(source: Future[DrainResult], target: Future[DrainResult]) -> None:

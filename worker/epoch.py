@@ -85,7 +85,8 @@ def parse_role(request: worker_pb2.ConfigureRequest, model: ModelSpec) -> EpochR
     out = EpochRole(request.epoch, config, Position(0, role.stage, role.tp_rank),
                     role.pipeline_id, rdv.master_address, rdv.group_id or f"e{request.epoch}")
     if out.world_size > 1:
-        if not rdv.master_address or ":" not in rdv.master_address:
+        if not request.preload_only and (not rdv.master_address or
+                                         ":" not in rdv.master_address):
             raise SpotserveError("a multi-GPU pipeline needs rendezvous.master_address host:port")
         if rdv.world_size != out.world_size or rdv.rank != out.rank:
             raise SpotserveError(f"rendezvous says rank {rdv.rank} of {rdv.world_size}; the "

@@ -49,6 +49,9 @@ class WorkerMetrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
         self.decode_steps = _metric("Counter", "spotserve_worker_decode_steps",
                                     "Engine steps run", r)
+        self.pipeline_failures = _metric(
+            "Counter", "spotserve_worker_pipeline_failures",
+            "Pipelines that broke under this worker (a peer died or stopped answering)", r)
         self.step_seconds = _metric("Histogram", "spotserve_worker_step_seconds",
                                     "Engine step time", r,
                                     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))

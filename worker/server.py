@@ -10,6 +10,11 @@ moves the epoch on and imports KV (the scale-out fast path: the pipeline never s
 
 Blocking work (joining a world, building a stage, the engine itself) runs on threads, so
 the event loop keeps answering peers' `PullTensors` while this worker is reconfiguring.
+
+A pipeline breaks when a peer dies or stops answering: a collective fails, or times out
+after `peer_timeout_s`. The worker then aborts the epoch's communicators, ends every
+stream of the pipeline with an error (the router resumes them elsewhere), falls back to
+STANDBY and says why in `Status.pipeline_error` until the next Configure.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.epoch import EpochRole, join_world, leave_world, parse_role, role_key
 from spotserve.worker.kv_store import PausedRequests, import_kv
 from spotserve.worker.metrics import WorkerMetrics
-from spotserve.worker.model.parallel import EpochGroups, backend_for
+from spotserve.worker.model.parallel import DEFAULT_PEER_TIMEOUT, EpochGroups, backend_for
 from spotserve.worker.peer_service import TensorServicer
 from spotserve.worker.requests import KVUnavailable, coalesce, request_state
 from spotserve.worker.tensor_store import TensorStore
@@ -68,6 +73,7 @@ class WorkerOptions:
     token: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
     join_timeout_s: float = 60.0
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT  # a silent peer breaks the pipeline after
     streams_per_peer: int = 2
     send_bytes_per_s: float = 0.0         # 0: no limit on what peers pull from here
     bulk_port: int = 0                    # tensor bytes over plain TCP: 0 any free, -1 off
@@ -88,11 +94,13 @@ class WorkerServicer(TensorServicer):
         self._groups: EpochGroups | None = None
         self._runner: StageRunner | None = None
         self.driver: Driver | None = None
+        self.pipeline_error = ""   # why the current epoch's pipeline broke
         self._follower: threading.Thread | None = None
         self._preloaded: tuple[bytes, dict[str, torch.Tensor]] | None = None
         self._staged: dict[str, torch.Tensor] = {}
         self._gather_seconds = 0.0
         self._configure_lock = asyncio.Lock()
+        self._switching = False   # a Configure is leaving one epoch for the next
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     # ---- helpers ------------------------------------------------------------------------
@@ -128,19 +136,39 @@ class WorkerServicer(TensorServicer):
     # ---- Configure ------------------------------------------------------------------------
     async def Configure(self, request: worker_pb2.ConfigureRequest,
                         context: Context) -> worker_pb2.ConfigureResponse:
+        if self.state == WS.WORKER_STATE_STOPPING:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
+        task = asyncio.ensure_future(self._configure_locked(request))
+        try:
+            reply = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller gave up (a deadline, or the controller re-planning). Gathering may
+            # stop half way; a switch of epoch that has begun runs to its end, so the worker
+            # is never left between two epochs.
+            if not self._switching:
+                task.cancel()
+            raise
+        except SpotserveError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:   # a peer, the rendezvous or the device failed
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"configure failed: {exc}")
+        return reply
+
+    async def _configure_locked(self, request: worker_pb2.ConfigureRequest
+                                ) -> worker_pb2.ConfigureResponse:
         async with self._configure_lock:
-            if self.state == WS.WORKER_STATE_STOPPING:
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
             start = time.perf_counter()
             try:
                 reply = await self._configure(request)
-            except SpotserveError as exc:
-                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except Exception as exc:   # a peer, the rendezvous or the device failed
+            except SpotserveError:
+                raise
+            except Exception:
                 log.exception("configure failed")
                 if self.state == WS.WORKER_STATE_LOADING:
                     self.state = WS.WORKER_STATE_STANDBY
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, f"configure failed: {exc}")
+                raise
+            finally:
+                self._switching = False
             reply.seconds = time.perf_counter() - start
             self.metrics.epoch.set(self.epoch)
             self._log("configured", state=WS.Name(self.state), seconds=round(reply.seconds, 3),
@@ -152,6 +180,7 @@ class WorkerServicer(TensorServicer):
                          ) -> worker_pb2.ConfigureResponse:
         reply = worker_pb2.ConfigureResponse(epoch=request.epoch)
         if not request.HasField("role"):
+            self._switching = True
             await self._teardown()
             self.epoch, self.state = request.epoch, WS.WORKER_STATE_STANDBY
             reply.state = self.state
@@ -178,11 +207,13 @@ class WorkerServicer(TensorServicer):
         if request.preload_only:
             self.state = before
         elif fast:
+            self._switching = True
             self.epoch = request.epoch
             if self.driver is not None:
                 await asyncio.wrap_future(self.driver.undrain())
             self.state = WS.WORKER_STATE_READY
         else:
+            self._switching = True
             await self._start(request, spec, folder, role, key)
         reply.state = self.state
         return reply
@@ -236,7 +267,8 @@ class WorkerServicer(TensorServicer):
         if role.world_size == 1:
             groups = EpochGroups.single(role.config)
         else:
-            groups = EpochGroups.create(role.epoch, role.config, role.ranks())
+            groups = EpochGroups.create(role.epoch, role.config, role.ranks(),
+                                        self.options.peer_timeout_s)
         joined = time.perf_counter()
         runner = build_runner(folder, groups, config, dtype=spec.dtype,
                               device=self.options.device, tensors=tensors)
@@ -245,8 +277,11 @@ class WorkerServicer(TensorServicer):
         self._log("built the stage", epoch=role.epoch, join_seconds=round(joined - start, 3),
                   build_seconds=round(time.perf_counter() - joined, 3))
         self._groups, self._runner = groups, runner
+        self.pipeline_error = ""
         if role.is_driver:
-            self.driver = Driver(Engine(runner, config), self.paused, self._on_step).start()
+            self.driver = Driver(Engine(runner, config), self.paused, self._on_step,
+                                 ping_every=self.options.peer_timeout_s / 3,
+                                 on_failure=self._pipeline_failed).start()
             self.metrics.kv_blocks_total.set(config.num_blocks)
         else:
             self._follower = threading.Thread(target=self._follow, args=(runner,),
@@ -256,9 +291,19 @@ class WorkerServicer(TensorServicer):
     def _follow(self, runner: StageRunner) -> None:
         try:
             runner.serve_forever()
-        except Exception:
+        except Exception as exc:
             log.exception("pipeline follower failed")
+            self._pipeline_failed(f"pipeline failed: {exc}")
             self.state = WS.WORKER_STATE_STANDBY
+
+    def _pipeline_failed(self, reason: str) -> None:
+        """A peer of this epoch's pipeline is gone (engine or follower thread): abort the
+        communicators so nothing stays blocked on it, and say so in Status."""
+        self.pipeline_error = reason
+        self.metrics.pipeline_failures.inc()
+        groups = self._groups
+        if groups is not None:
+            groups.abort()
 
     def _on_step(self, seconds: float, snapshot: Snapshot) -> None:
         if seconds:
@@ -395,7 +440,8 @@ class WorkerServicer(TensorServicer):
         self._check_pipeline()
         reply = worker_pb2.WorkerStatus(epoch=self.epoch, state=self.state,
                                         role=self.role_message, device=self.options.device,
-                                        weight_bytes=self.weight_bytes)
+                                        weight_bytes=self.weight_bytes,
+                                        pipeline_error=self.pipeline_error)
         if self.driver is not None:
             snap = self.driver.snapshot
             reply.running, reply.waiting = snap.running, snap.waiting
@@ -486,7 +532,8 @@ def _paused_progress(request_id: str, held: Any) -> common_pb2.RequestProgress:
         request_id=request_id,
         prompt_tokens=len(state.prompt_token_ids) if state else 0,
         generated_tokens=len(state.output_token_ids) if state else 0,
-        kv_tokens=held.kv_tokens, kv_kept=held.kv is not None)
+        kv_tokens=held.kv_tokens, kv_kept=held.kv is not None,
+        max_tokens=state.params.max_tokens if state else 0)
 
 
 def _leave(groups: EpochGroups) -> None:

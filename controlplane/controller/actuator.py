@@ -4,17 +4,25 @@ Every method is a coroutine and may be called again for the same epoch after a c
 restart, so each must be idempotent: configuring a worker for an epoch it already serves,
 draining a pipeline that already stopped, or releasing an instance already gone are no-ops.
 Methods raise `ActuatorError` for failures the controller should record and re-plan around
-(a worker that does not answer, say); anything else is a bug.
+(a worker that does not answer, say); anything else is a bug. The controller runs every
+call under a deadline and cancels it when an urgent event arrives, so a method must also
+be safe to cancel at any await.
+
+`start(sink)` hands the backend the controller's event sink for events it discovers itself
+(a wedged worker replaced, a pipeline its workers report broken); `stop()` ends that.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..planner.cluster import GpuId
 from .epoch import WorkerAssignment
+from .events import Event
+
+Sink = Callable[[Event], Awaitable[None]]
 
 
 class ActuatorError(RuntimeError):
@@ -28,6 +36,13 @@ class PipelineStatus:
     cached_tokens: int = 0       # KV tokens held, all requests together
     remaining_steps: int = 0     # decode steps until the whole batch finishes
     decode_step_ms: float = 0.0  # measured; 0 = unknown (the cost model estimates it)
+    state: str = "ready"         # the driver's state: ready, draining, drained, standby...
+    error: str = ""              # why the pipeline broke ("" while it works)
+
+    @property
+    def broken(self) -> bool:
+        """Its KV caches are lost: a peer died, or the driver moved on."""
+        return bool(self.error)
 
 
 @dataclass(frozen=True)
@@ -63,10 +78,24 @@ class Actuator(ABC):
     async def progress(self) -> Mapping[str, PipelineStatus]:
         """Pipeline id → its driver's report, for the pipelines that answer."""
 
+    async def start(self, sink: Sink) -> None:
+        """Begin reporting events the backend discovers itself to `sink`."""
+        return None
+
+    async def stop(self) -> None:
+        """Stop reporting events (the controller is stopping)."""
+        return None
+
     @abstractmethod
     async def drain(self, epoch: int, pipeline_id: str, driver: GpuId,
-                    steps: int) -> Sequence[DrainedRequest]:
-        """Let the pipeline run exactly `steps` more decode steps, then stop keeping KV."""
+                    steps: int, timeout: float) -> Sequence[DrainedRequest]:
+        """Let the pipeline run exactly `steps` more decode steps, then stop keeping KV;
+        give up (`ActuatorError`) after `timeout` seconds."""
+
+    async def abandon(self, pipeline_ids: Sequence[str]) -> None:
+        """Broken pipelines: take them out of the router's rotation now, so that their
+        requests resume elsewhere at once instead of after the migration."""
+        return None
 
     @abstractmethod
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],

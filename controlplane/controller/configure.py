@@ -2,7 +2,9 @@
 
 Each pipeline of an epoch is its own torch.distributed world: rank r is the r-th GPU of
 the pipeline counting stage by stage, TP rank within; its rendezvous store lives on the
-driver's host, and its group id names the pipeline and the epoch that formed it.
+driver's host, and its group id is the pipeline's id (which names the epoch that formed
+it), so that a pipeline carried over unchanged is recognised by its workers and keeps
+serving (the worker's fast path) while a regrouped one forms a new world.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def configure_request(model: ModelSpec, model_dir: str, epoch: int, job: WorkerA
     rank = next(i for i, m in enumerate(members) if m.gpu == job.gpu)
     rendezvous = worker_pb2.Rendezvous(
         master_address=master if len(members) > 1 else "", world_size=len(members), rank=rank,
-        group_id=f"{job.pipeline_id}-e{epoch}")
+        group_id=job.pipeline_id)
     return worker_pb2.ConfigureRequest(
         epoch=epoch, role=role(job, members, address, max_batch),
         model=worker_pb2.ModelRef(name=model.name, checkpoint_path=model_dir),

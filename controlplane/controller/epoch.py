@@ -13,7 +13,7 @@ Pipelines whose GPUs and layout are unchanged keep their id and are not reconfig
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from spotserve.layout import (
@@ -84,11 +84,13 @@ def _signature(placement: Placement, pipeline: int) -> tuple[PipelineLayout, tup
     return layout, gpus
 
 
-def unchanged_pipelines(old: Placement | None, new: Placement) -> dict[int, int]:
-    """New pipeline → old pipeline with the same layout on the same GPUs."""
+def unchanged_pipelines(old: Placement | None, new: Placement,
+                        disturbed: Collection[int] = ()) -> dict[int, int]:
+    """New pipeline → old pipeline with the same layout on the same GPUs; a `disturbed`
+    old pipeline (broken, or drained already) never counts as unchanged: it regroups."""
     if old is None:
         return {}
-    old_sigs = {_signature(old, d): d for d in range(old.config.data)}
+    old_sigs = {_signature(old, d): d for d in range(old.config.data) if d not in disturbed}
     out = {}
     for d in range(new.config.data):
         match = old_sigs.get(_signature(new, d))
@@ -98,9 +100,9 @@ def unchanged_pipelines(old: Placement | None, new: Placement) -> dict[int, int]
 
 
 def pipeline_ids(epoch: int, old_ids: Sequence[str], old: Placement | None,
-                 new: Placement) -> list[str]:
+                 new: Placement, disturbed: Collection[int] = ()) -> list[str]:
     """Stable ids: an unchanged pipeline keeps its old id; others get `e{epoch}p{d}`."""
-    same = unchanged_pipelines(old, new)
+    same = unchanged_pipelines(old, new, disturbed)
     return [old_ids[same[d]] if d in same and same[d] < len(old_ids) else f"e{epoch}p{d}"
             for d in range(new.config.data)]
 
@@ -146,13 +148,14 @@ def _drivers(gpu_at: Mapping[Position, GpuId], pipeline: int, num_stages: int
 
 def assignments(model: ModelSpec, epoch: int, new: Placement, transfers: Sequence[Transfer],
                 old: Placement | None = None, old_ids: Sequence[str] = (),
-                inherits: Mapping[int, int] | None = None) -> dict[GpuId, WorkerAssignment]:
+                inherits: Mapping[int, int] | None = None,
+                disturbed: Collection[int] = ()) -> dict[GpuId, WorkerAssignment]:
     """What every GPU of `new` does in `epoch`; `inherits` maps a new pipeline to the old
-    one whose interrupted requests it resumes."""
+    one whose interrupted requests it resumes; `disturbed` old pipelines regroup."""
     config = new.config
     heirs = dict(inherits or {})
-    ids = pipeline_ids(epoch, old_ids, old, new)
-    same = unchanged_pipelines(old, new)
+    ids = pipeline_ids(epoch, old_ids, old, new, disturbed)
+    same = unchanged_pipelines(old, new, disturbed)
     weights: dict[GpuId, list[Transfer]] = defaultdict(list)
     kv: dict[GpuId, list[KVPiece]] = defaultdict(list)
     for t in transfers:
@@ -186,10 +189,11 @@ def _old_driver(old: Placement | None, pipeline: int | None) -> GpuId | None:
 
 
 def pipelines_to_drain(old: Placement | None, new: Placement,
-                       doomed: Mapping[str, object]) -> list[int]:
+                       doomed: Mapping[str, object], disturbed: Collection[int] = ()
+                       ) -> list[int]:
     """Old pipelines that stop: any on a doomed instance or not carried over unchanged."""
     if old is None:
         return []
-    kept = set(unchanged_pipelines(old, new).values())
+    kept = set(unchanged_pipelines(old, new, disturbed).values())
     return [d for d in range(old.config.data)
             if d not in kept or old.pipeline_instances(d) & set(doomed)]

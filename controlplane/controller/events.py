@@ -1,5 +1,6 @@
 """Events the controller reacts to. Backends (the cloud emulator, the Kubernetes node
-watcher, the router's load signal) produce them; the controller consumes them in order."""
+watcher, the workers' health monitor, the router's load signal) produce them; the
+controller consumes them in order."""
 
 from __future__ import annotations
 
@@ -49,9 +50,30 @@ class LoadChanged:
     rate: float
 
 
-Event = InstanceBooting | InstanceReady | NoticeReceived | InstanceLost | LoadChanged
+@dataclass(frozen=True)
+class PipelineBroken:
+    """A serving pipeline's workers report it broken (a peer died or stopped answering):
+    its KV caches are lost; its surviving GPUs still hold their weights."""
+
+    pipeline_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerRestarted:
+    """A GPU's worker was wedged (or crashed) and was replaced by a fresh one: the GPU
+    holds nothing now, though its instance lives on."""
+
+    name: str       # the instance
+    gpu: int
+    reason: str = ""
+
+
+Event = InstanceBooting | InstanceReady | NoticeReceived | InstanceLost | LoadChanged | \
+    PipelineBroken | WorkerRestarted
 
 
 def is_urgent(event: Event) -> bool:
-    """Events that must interrupt a migration in progress (data is about to vanish)."""
-    return isinstance(event, NoticeReceived | InstanceLost)
+    """Events that must interrupt a migration in progress (data is about to vanish, or
+    already has)."""
+    return isinstance(event, NoticeReceived | InstanceLost | PipelineBroken | WorkerRestarted)

@@ -11,7 +11,8 @@ class ControllerMetrics:
         self.replans = Counter("spotserve_replans", "Re-plans by reason.", ["reason"], registry=r)
         self.migrations = Counter(
             "spotserve_migrations",
-            "Migrations by what started them (notice, join, loss, load, restart, retry) and "
+            "Migrations by what started them (notice, loss, broken, worker, join, load, "
+            "restart, retry) and "
             "outcome (completed, aborted, failed).", ["reason", "outcome"], registry=r)
         self.bytes_moved = Counter("spotserve_migration_bytes_moved",
                                    "Bytes workers pulled from peers or read from the "
@@ -31,6 +32,13 @@ class ControllerMetrics:
                                        registry=r)
         self.resumed = Counter("spotserve_controller_resumed_requests",
                                "Interrupted requests by how they resume.", ["mode"], registry=r)
+        self.abandoned = Counter(
+            "spotserve_pipelines_abandoned",
+            "Pipelines given up without a drain because a member died, stopped answering or "
+            "was replaced (their requests resume by re-prefill).", registry=r)
+        self.phase_timeouts = Counter("spotserve_phase_timeouts",
+                                      "Migration phases that ran past their deadline.",
+                                      ["phase"], registry=r)
         self.epoch = Gauge("spotserve_epoch", "Current configuration epoch.", registry=r)
         self.instances = Gauge("spotserve_instances", "Instances by state.", ["state"],
                                registry=r)

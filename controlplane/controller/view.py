@@ -22,6 +22,8 @@ from .events import (
     InstanceReady,
     LoadChanged,
     NoticeReceived,
+    PipelineBroken,
+    WorkerRestarted,
 )
 
 BOOTING, READY, NOTICE, GONE = "booting", "ready", "notice", "gone"
@@ -52,6 +54,8 @@ class ClusterView:
         """The view after `event`. Replays and stale events change nothing."""
         if isinstance(event, LoadChanged):
             return replace(self, rate=max(0.0, event.rate))
+        if isinstance(event, PipelineBroken | WorkerRestarted):
+            return self  # the instances are as they were; the controller tracks these
         old = self.instances.get(event.name)
         new = _next(old, event, now)
         if new is None or new == old:

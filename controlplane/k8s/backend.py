@@ -2,11 +2,13 @@
 
 An instance is a Node; a GPU `node/i` is served by one worker pod pinned to that node. The
 backend creates the pods of an epoch's jobs (marked `karpenter.sh/do-not-disrupt` until the
-switch), waits for their IPs and readiness, configures them over gRPC, points the router
-at the new pipelines, then deletes the pods no job uses and clears the annotation.
-Capacity requests are pending pause pods in a pool (spot first, then its fallback or any
-on-demand pool) that the cluster autoscaler or Karpenter answers with a node.
-Every step is create-if-absent or patch, so a restarted operator can repeat it.
+switch) and waits for their IPs and readiness; what is then said to the workers and the
+router is the shared `WorkerFleet`'s. After the switch it deletes the pods no job uses and
+clears the annotation. A worker pod the health monitor finds wedged is deleted, and
+created again when a configuration next needs its GPU. Capacity requests are pending pause
+pods in a pool (spot first, then its fallback or any on-demand pool) that the cluster
+autoscaler or Karpenter answers with a node. Every step is create-if-absent or patch, so a
+restarted operator can repeat it.
 """
 
 from __future__ import annotations
@@ -18,23 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spotserve.v1 import worker_pb2
-
-from ..controller.actuator import (
-    Actuator,
-    ActuatorError,
-    DrainedRequest,
-    PipelineStatus,
-    Resume,
-    RoutedPipeline,
-)
-from ..controller.configure import configure_request, kv_imports, pipeline_members
-from ..controller.epoch import WorkerAssignment
+from ..controller.actuator import ActuatorError, RoutedPipeline
+from ..controller.fleet import FleetOptions, WorkerFleet
+from ..controller.wire import Wire
 from ..planner.cluster import GpuId
 from . import manifests as m
 from .api import KubeApi, collection
 from .spec import Pool, ServiceSpec
-from .wire import Wire
 
 RENDEZVOUS_PORTS = 64  # a pipeline's store listens on worker port + 1 + epoch % this
 
@@ -48,6 +40,7 @@ class BackendOptions:
     router_address: str | None = None  # host:port of the router's gRPC (default: its Service)
     model_dir: str | None = None  # where workers read the model (default: the pod's mount)
     spot_wait: float = 180.0  # a spot request unanswered this long falls back to on-demand
+    health_deadline: float = 15.0  # a worker silent this long is wedged: its pod is deleted
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -57,22 +50,23 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
         for c in status.get("conditions") or ())
 
 
-class KubernetesBackend(Actuator):
+class KubernetesBackend(WorkerFleet):
     def __init__(self, api: KubeApi, owner: m.Owner, spec: Mapping[str, Any],
                  service: ServiceSpec, wire: Wire, pool_of: Callable[[str], Pool | None],
                  defaults: m.Defaults = m.DEFAULTS,
                  options: BackendOptions = BackendOptions()) -> None:
+        super().__init__(service.settings.model, wire, FleetOptions(
+            model_dir=options.model_dir or m.model_dir(spec),
+            max_batch=service.settings.limits.max_batch,
+            configure_timeout=900.0,  # a checkpoint read or peers' pulls: minutes
+            health_deadline=options.health_deadline))
         self.api, self.owner, self.spec, self.service = api, owner, spec, service
-        self.wire, self.pool_of, self.defaults, self.options = wire, pool_of, defaults, options
+        self.pool_of, self.defaults, self.options = pool_of, defaults, options
         self.port = int((spec.get("worker") or {}).get("port") or 50051)
-        self.drivers: dict[str, GpuId] = {}    # pipeline id → driver GPU
         self.addresses: dict[str, str] = {}    # "node/index" → host:port
-        self.migrating = False
         self.current: set[GpuId] = set()       # the GPUs of the latest epoch's jobs
-        self.routed_epoch = 0                  # the last epoch the router accepted
-        self.routed: list[RoutedPipeline] = []  # what it was told then (serving ones)
+        self._current_epoch = 0
         self.router_rate: float | None = None  # req/s the router last reported
-        self.bytes_moved: dict[int, int] = {}  # epoch → bytes its workers pulled or read
 
     @property
     def pods_path(self) -> str:
@@ -81,25 +75,44 @@ class KubernetesBackend(Actuator):
     async def worker_pods(self) -> list[dict[str, Any]]:
         return await self.api.list(self.pods_path, m.labels(self.owner, m.WORKER))
 
-    # ---- reads ----------------------------------------------------------------------
-    async def progress(self) -> Mapping[str, PipelineStatus]:
-        out = {}
-        for pid, driver in self.drivers.items():
-            address = self.addresses.get(str(driver))
-            if address is None:
-                continue
-            try:
-                out[pid] = await self.wire.status(address)
-            except ActuatorError as exc:
-                log.info("no status from %s: %s", pid, exc)
-        return out
-
-    async def drain(self, epoch: int, pipeline_id: str, driver: GpuId,
-                    steps: int) -> Sequence[DrainedRequest]:
-        address = self.addresses.get(str(driver))
+    # ---- where the workers are (WorkerFleet) ------------------------------------------
+    def address(self, gpu: GpuId) -> str:
+        address = self.addresses.get(str(gpu))
         if address is None:
-            raise ActuatorError(f"no address for {driver} (pipeline {pipeline_id})")
-        return await self.wire.drain(address, epoch, steps)
+            raise ActuatorError(f"no worker address for {gpu}")
+        return address
+
+    def workers(self) -> Sequence[GpuId]:
+        return [GpuId.parse(key) for key in self.addresses]
+
+    def router_address(self) -> str:
+        if self.options.router_address:
+            return self.options.router_address
+        return m.endpoint(self.owner, self.spec)["grpc"]
+
+    def rendezvous(self, driver: GpuId, epoch: int) -> str:
+        host = self.address(driver).rpartition(":")[0]
+        return f"{host}:{self.port + 1 + epoch % RENDEZVOUS_PORTS}"
+
+    async def ensure_workers(self, epoch: int, gpus: Sequence[GpuId]) -> None:
+        """The pods of `gpus` exist (protected from voluntary disruption until the switch)
+        and answer."""
+        if epoch != self._current_epoch:   # preload and configure of one epoch add up
+            self.current, self._current_epoch = set(), epoch
+        self.current |= set(gpus)
+        for gpu in gpus:
+            await self._ensure_pod(gpu, epoch)
+        await self._wait_ready(gpus)
+
+    async def replace_worker(self, gpu: GpuId, reason: str) -> None:
+        """Delete the wedged worker's pod; a configuration that needs the GPU creates it
+        again (the kubelet, not us, restarts a crashed container in place)."""
+        address = self.addresses.pop(str(gpu), None)
+        if address is not None:
+            await self.wire.forget(address)
+        name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
+        log.warning("worker pod %s is wedged (%s): deleting it", name, reason)
+        await self.api.delete(f"{self.pods_path}/{name}")
 
     async def adopt(self, drivers: Mapping[str, GpuId], epoch: int = 0) -> None:
         """After a restart: learn the running workers' addresses from their pods, and the
@@ -109,86 +122,8 @@ class KubernetesBackend(Actuator):
             gpu = (pod["metadata"].get("annotations") or {}).get(m.GPU_ID)
             if gpu and pod_ready(pod):
                 self.addresses[gpu] = f"{pod['status']['podIP']}:{self.port}"
-        self.drivers = dict(drivers)
         self.routed = [RoutedPipeline(pid, gpu, 1.0) for pid, gpu in drivers.items()]
-        self.routed_epoch = epoch if drivers else 0
-
-    # ---- configure ------------------------------------------------------------------
-    async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                        kv: Mapping[int, Sequence[DrainedRequest]]) -> int:
-        self.migrating = True
-        self.current = set(jobs)
-        for gpu in jobs:
-            await self._ensure_pod(gpu, epoch)
-        await self._wait_ready(list(jobs))
-        moved = await self._send(epoch, self._configure_requests(epoch, jobs, kv), "configure")
-        for job in jobs.values():
-            if job.is_driver:
-                self.drivers[job.pipeline_id] = job.gpu
-        return moved
-
-    async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                      gpus: Sequence[GpuId]) -> int:
-        targets = set(gpus)
-        for gpu in gpus:
-            await self._ensure_pod(gpu, epoch)
-        await self._wait_ready(list(gpus))
-        joining = {job.gpu: job for group in pipeline_members(jobs).values()
-                   if any(member.gpu in targets for member in group) for job in group}
-        requests = [(gpu, r) for gpu, r in self._configure_requests(epoch, joining, {})
-                    if gpu in targets]
-        for _, request in requests:
-            request.preload_only = True
-        return await self._send(epoch, requests, "preload")
-
-    async def _send(self, epoch: int, requests: Sequence[tuple[GpuId, worker_pb2.ConfigureRequest]],
-                    what: str) -> int:
-        """Send every Configure at once; the bytes the workers moved (counted for `epoch`
-        even when some fail), or `ActuatorError` naming those that failed."""
-        replies = await asyncio.gather(*(self.wire.configure(self.addresses[str(gpu)], request)
-                                         for gpu, request in requests),
-                                       return_exceptions=True)
-        failed = [f"{gpu}: {reply}" for (gpu, _), reply in zip(requests, replies, strict=True)
-                  if isinstance(reply, BaseException)]
-        moved = sum(r for r in replies if isinstance(r, int))
-        self.bytes_moved[epoch] = self.bytes_moved.get(epoch, 0) + moved
-        if failed:
-            raise ActuatorError(f"{what} failed on " + "; ".join(failed))
-        return moved
-
-    def _configure_requests(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                            kv: Mapping[int, Sequence[DrainedRequest]]
-                            ) -> list[tuple[GpuId, worker_pb2.ConfigureRequest]]:
-        """One request per GPU of every pipeline that is not left serving as it is; a
-        pipeline regroups whole, its rendezvous store on the driver's pod."""
-        settings = self.service.settings
-        model_dir = self.options.model_dir or m.model_dir(self.spec)
-        out = []
-        for group in pipeline_members(jobs).values():
-            if all(job.unchanged for job in group):
-                continue
-            host = self._address(group[0].gpu).rpartition(":")[0]
-            master = f"{host}:{self.port + 1 + epoch % RENDEZVOUS_PORTS}"
-            for job in group:
-                request = configure_request(
-                    settings.model, model_dir, epoch, job, group, self._address, master,
-                    settings.limits.max_batch, self._kv_imports(job, kv))
-                out.append((job.gpu, request))
-        return out
-
-    def _address(self, gpu: GpuId) -> str:
-        address = self.addresses.get(str(gpu))
-        if address is None:
-            raise ActuatorError(f"no worker address for {gpu}")
-        return address
-
-    def _kv_imports(self, job: WorkerAssignment, kv: Mapping[int, Sequence[DrainedRequest]]
-                    ) -> list[worker_pb2.KVImport]:
-        if not job.is_driver or job.kv_from is None or job.kv_holder is None or \
-                job.kv_holder == job.gpu or str(job.kv_holder) not in self.addresses:
-            return []  # no holder left: those requests re-prefill
-        return kv_imports(self.service.model, kv.get(job.kv_from, ()),
-                          self.addresses[str(job.kv_holder)])
+        self.router_epoch = epoch if drivers else 0
 
     async def _ensure_pod(self, gpu: GpuId, epoch: int) -> None:
         pool = self.pool_of(gpu.instance)
@@ -220,36 +155,23 @@ class KubernetesBackend(Actuator):
             await asyncio.sleep(self.options.poll_seconds)
 
     # ---- switch and release ---------------------------------------------------------
-    def router_address(self) -> str:
-        if self.options.router_address:
-            return self.options.router_address
-        return m.endpoint(self.owner, self.spec)["grpc"]
-
-    async def set_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
-                           resume: Sequence[Resume]) -> None:
-        routed = [(p, self.addresses.get(str(p.driver), "")) for p in pipelines]
-        await self.wire.topology(self.router_address(), epoch, routed, resume)
-        self.routed_epoch = epoch
-        self.routed = [p for p in pipelines if p.state == "serving"]
-        serving = {p.pipeline_id for p in pipelines if p.state == "serving"}
-        self.drivers = {pid: g for pid, g in self.drivers.items() if pid in serving}
+    async def switched(self, epoch: int) -> None:
         await self._clean_up(epoch)
 
     async def check_router(self) -> bool:
         """Is the router serving the current topology? A router that restarted (its pod
         rescheduled) knows no pipelines: it is told them again, without resume hints (the
         requests it held died with it; clients retry). Records the rate it reports."""
-        if self.routed_epoch == 0:
+        if self.router_epoch == 0:
             return False
         router = self.router_address()
         try:
-            report = await self.wire.router_stats(router)
+            report = await self.wire.router_stats(router, self.fleet.status_timeout)
             self.router_rate = report.rate
-            if report.epoch < self.routed_epoch:
+            if report.epoch < self.router_epoch:
                 log.info("router %s serves epoch %d, not %d: sending the topology again",
-                         router, report.epoch, self.routed_epoch)
-                routed = [(p, self.addresses.get(str(p.driver), "")) for p in self.routed]
-                await self.wire.topology(router, self.routed_epoch, routed, ())
+                         router, report.epoch, self.router_epoch)
+                await self._send_topology(self.router_epoch, self.routed, ())
         except ActuatorError as exc:
             log.info("router %s: %s", router, exc)
             return False
@@ -257,27 +179,16 @@ class KubernetesBackend(Actuator):
 
     async def _clean_up(self, epoch: int) -> None:
         """Delete pods of GPUs no serving pipeline uses; clear do-not-disrupt on the rest."""
-        self.migrating = False
+        used = {(m.dns_name(g.instance), str(g.index)) for g in self.current}
         for pod in await self.worker_pods():
             meta = pod["metadata"]
             labels = meta.get("labels") or {}
-            if int(labels.get(m.EPOCH_LABEL, epoch)) < epoch and \
-                    not self._in_use(labels.get(m.NODE_LABEL, ""), labels.get(m.GPU_LABEL)):
+            key = (labels.get(m.NODE_LABEL, ""), str(labels.get(m.GPU_LABEL)))
+            if int(labels.get(m.EPOCH_LABEL, epoch)) < epoch and key not in used:
                 await self.api.delete(f"{self.pods_path}/{meta['name']}")
             elif (meta.get("annotations") or {}).get(m.DO_NOT_DISRUPT):
                 await self.api.patch(f"{self.pods_path}/{meta['name']}",
                                      m.disruption_annotation(False))
-
-    def _in_use(self, node_label: str, gpu_label: str | None) -> bool:
-        used = {(m.dns_name(g.instance), str(g.index)) for g in self._serving_gpus()}
-        return (node_label, str(gpu_label)) in used
-
-    def _serving_gpus(self) -> set[GpuId]:
-        return self.current
-
-    def forget(self, gpus: Sequence[GpuId]) -> None:
-        for gpu in gpus:
-            self.addresses.pop(str(gpu), None)
 
     async def release(self, instances: Sequence[str]) -> None:
         """Delete this service's pods on `instances`; the autoscaler reclaims idle nodes."""
@@ -285,8 +196,9 @@ class KubernetesBackend(Actuator):
         for pod in await self.worker_pods():
             if (pod["metadata"].get("labels") or {}).get(m.NODE_LABEL) in gone:
                 await self.api.delete(f"{self.pods_path}/{pod['metadata']['name']}")
-        self.addresses = {k: v for k, v in self.addresses.items()
-                          if m.dns_name(k.rpartition("/")[0]) not in gone}
+        for key in [k for k in self.addresses if m.dns_name(k.rpartition("/")[0]) in gone]:
+            self.serving.pop(GpuId.parse(key), None)
+            await self.wire.forget(self.addresses.pop(key))
 
     # ---- capacity -------------------------------------------------------------------
     async def capacity_pods(self) -> list[dict[str, Any]]:

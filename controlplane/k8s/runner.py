@@ -6,7 +6,8 @@ fixed), feed the controller the events of the pools' nodes, measure the load whe
 autoscales, ask for capacity up to `instances.min`, and patch the whole status, the
 controller's state included (`status.controller`: epoch, phase, instance view, committed
 placement), so a restarted operator resumes a migration where it stopped. The controller
-itself runs as a task; a backend failure is recorded and retried, never fatal.
+runs its own loop as a task (`Controller.run`: retries, error policy, the status snapshot
+this runner reports); the runner only feeds it events.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..controller.controller import Controller
 from ..controller.events import LoadChanged
 from ..controller.journal import ControllerState, Journal
 from ..controller.view import GONE, ClusterView
+from ..controller.wire import GrpcWire, Wire
 from . import manifests as m
 from . import status as st
 from .api import Connection, KubeApi
@@ -34,7 +36,6 @@ from .backend import BackendOptions, KubernetesBackend
 from .fleet import describe, instance_type_of, node_events
 from .nodes import NodeInfo
 from .spec import Pool, Problem, ServiceSpec, validate
-from .wire import GrpcWire, Wire
 
 log = logging.getLogger("spotserve.operator")
 DEFAULT_RATE = 1.0  # req/s planned for until the router reports a rate
@@ -90,7 +91,7 @@ class ServiceRunner:
         self.measured_at = 0.0
         self.router_ready = False  # the router answered and serves the current topology
         self.last_status: dict[str, Any] | None = None
-        self.journal_seen = 0  # journal entries already looked at for failures
+        self.failures_seen = 0  # the controller's failures already in lastErrors
 
     @property
     def path(self) -> str:
@@ -150,48 +151,28 @@ class ServiceRunner:
         await self.backend.ensure_router(self.runtime.token)
         if previous is not None:  # a spec change: the pods and the router stay as they are
             self.backend.addresses = dict(previous.addresses)
-            self.backend.drivers = dict(previous.drivers)
-            self.backend.routed_epoch = previous.routed_epoch
+            self.backend.serving = dict(previous.serving)
+            self.backend.router_epoch = previous.router_epoch
             self.backend.routed = list(previous.routed)
         saved = self.saved_state or (body.get("status") or {}).get("controller")
         state = _state(saved)
         self.saved_state = state.to_dict() if state else None
-        self.controller = Controller(result.settings, self.backend, StatusJournal(state))
-        self.journal_seen = 0
+        # workers of a new node answer once its pods are scheduled, pulled and started
+        settings = replace(result.settings, startup_seconds=self.runtime.options.ready_timeout)
+        self.controller = Controller(settings, self.backend, StatusJournal(state))
+        self.failures_seen = 0
         placement = self.controller.placement
         if previous is None and placement is not None:  # a restarted operator
             at = placement.by_position
             await self.backend.adopt({
                 pid: at[min(p for p in at if p.pipeline == d)]
                 for d, pid in enumerate(self.controller.pipeline_ids)}, self.controller.epoch)
-        rate = result.required_rate or DEFAULT_RATE
-        self.task = asyncio.create_task(self._run(self.controller, rate, state is not None))
+        await self.controller.submit(LoadChanged(result.required_rate or DEFAULT_RATE))
+        self.task = asyncio.create_task(self.controller.run())
 
     def _pool_of(self, node: str) -> Pool | None:
         entry = self.nodes.get(node)
         return entry[1] if entry else None
-
-    async def _run(self, controller: Controller, rate: float, resumed: bool) -> None:
-        """The controller's loop; a backend failure is recorded and retried, never fatal."""
-        retry = resumed and controller.needs_replan_after_restart()
-        await controller.submit(LoadChanged(rate))
-        while True:
-            try:
-                if retry:
-                    retry, why = False, "restart" if resumed else "retry"
-                    resumed = False
-                    await controller.reconcile("operator restarted" if why == "restart"
-                                               else "retry", why)
-                events = [await controller.queue.get()]
-                while not controller.queue.empty():
-                    events.append(controller.queue.get_nowait())
-                await controller.handle(events)
-            except ActuatorError as exc:
-                log.warning("%s: %s", self.owner.name, exc)
-                controller.journal.record("failed", controller.epoch, error=str(exc))
-                controller.phase = "failed"
-                retry = True
-                await asyncio.sleep(self.runtime.interval)
 
     async def _feed(self, indices: tuple[Any, Any, Any]) -> None:
         assert self.service is not None and self.controller is not None
@@ -201,11 +182,11 @@ class ServiceRunner:
         disrupted = {k: [dict(p) for p in v] for k, v in _items(disrupted_index)}
         self.nodes = describe(nodes, events, disrupted, self.service, time.time(),
                               self.runtime.first_seen)
+        # the controller ignores what it knows already: every tick says it all again
         view = self.controller.view
         known = [n for n, r in view.instances.items() if r.state != GONE]
         for event in node_events(self.nodes, known, self.runtime.catalog):
-            if view.apply(event, time.time()) != view:
-                await self.controller.submit(event)
+            await self.controller.submit(event)
 
     async def _autoscale(self) -> None:
         """With `load.autoscale`, plan for the router's measured rate × headroom."""
@@ -226,19 +207,14 @@ class ServiceRunner:
         state = self.controller.journal.load()
         if state is not None:
             self.saved_state = state.to_dict()
-        self._collect_failures(self.controller.journal)
+        snapshot = self.controller.status()
+        fresh = [f for f in snapshot.failures if f.seq > self.failures_seen]
+        if fresh:
+            self.failures_seen = fresh[-1].seq
+        self.failures += [Problem("status.migration", f"{f.kind}: {f.message}") for f in fresh]
         pods = {p["metadata"]["name"]: p for p in await self.backend.worker_pods()}
         await self._patch_status(body, self.observe(body, pods, pending))
         self.failures = []  # now in lastErrors
-
-    def _collect_failures(self, journal: Journal) -> None:
-        """The controller's journaled failures (configure, drain, release, capacity) since
-        the last patch, for `lastErrors`."""
-        fresh = journal.entries[self.journal_seen:]
-        self.journal_seen = len(journal.entries)
-        self.failures += [Problem("status.migration", f"{e['kind']}: {e.get('error', '')}")
-                          for e in fresh if str(e.get("kind", "")).endswith("failed")
-                          and e.get("error")]
 
     def observe(self, body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]],
                 pending: int) -> st.Observed:
@@ -255,9 +231,9 @@ class ServiceRunner:
                 pool.name if pool else "", info.capacity_type if info else "",
                 (info.gpu_type or "") if info else "", (info.zone or "") if info else "",
                 backend.addresses.get(str(gpu), ""), bool(pod) and _ready(pod)))
-        plan = controller.last_plan
-        meets = plan is not None and plan.meets_rate and placement is not None
-        target = plan.config if plan and controller.phase not in ("serving", "idle") else None
+        snapshot = controller.status()
+        meets = snapshot.meets_rate
+        target = snapshot.target
         return st.Observed(
             generation=_generation(body), now=time.time(), failures=self.failures,
             current=_shape(placement.config) if placement else None,
@@ -269,20 +245,19 @@ class ServiceRunner:
             selector=m.selector(self.owner), controller=self.saved_state)
 
     def _migration(self) -> st.Migration | None:
-        controller, backend = self.controller, self.backend
-        assert controller is not None and backend is not None
-        planned = [e for e in controller.journal.entries if e["kind"] == "planned"]
-        if not planned:
+        controller = self.controller
+        assert controller is not None
+        migration = controller.status().migration
+        if migration is None:
             return None
-        last = planned[-1]
-        doomed = controller.view.in_state("notice")
-        notices = [self.nodes[r.name][0].notice for r in doomed if r.name in self.nodes]
+        notices = [self.nodes[n][0].notice for n in migration.doomed if n in self.nodes]
         cloud = next((n.cloud for n in notices if n is not None), None)
+        phase = migration.outcome if migration.outcome in ("failed", "aborted") else \
+            migration.phase
         return st.Migration(
-            f"e{last['epoch']}", controller.phase, str(last.get("reason", "")), cloud,
-            tuple(r.name for r in doomed), float(last["time"]),
-            controller.view.earliest_deadline(), int(last.get("bytes") or 0),
-            backend.bytes_moved.get(int(last["epoch"]), 0))
+            migration.id, "planning" if phase == "aborted" else phase, migration.reason, cloud,
+            migration.doomed, migration.started_at, migration.deadline,
+            migration.bytes_planned, migration.bytes_moved)
 
     async def _patch_status(self, body: Mapping[str, Any], seen: st.Observed) -> None:
         # this runner is the status' only writer: what it wrote last is newer than the body,

@@ -18,7 +18,8 @@ CONDITIONS = ("Ready", "WorkersReady", "RouterReady", "CapacityAvailable", "Prog
               "Degraded", "Migrating")
 # controller phase → status.migration.phase
 MIGRATION_PHASES: Mapping[str, str] = {
-    "planning": "Planning", "preloading": "Preloading", "draining": "Draining",
+    "planning": "Planning", "planned": "Planning", "preloading": "Preloading",
+    "abandoning": "Draining", "draining": "Draining",
     "configuring": "Transferring",
     "switching": "Switching", "releasing": "CleaningUp", "serving": "Completed",
     "idle": "Completed",

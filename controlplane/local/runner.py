@@ -30,13 +30,14 @@ from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from ..controller.controller import Controller, ControllerSettings, MigrationAborted
+from ..controller.controller import Controller, ControllerSettings
 from ..controller.events import LoadChanged
 from ..controller.journal import Journal
 from ..planner.cost_model import Workload
 from ..planner.homogeneous import SearchLimits
 from ..planner.roofline import RooflineCostModel
 from ..router.app import RouterApp
+from ..router.commit_log import CommitLog
 from .backend import BackendOptions, LocalBackend
 from .cloud import ADD, KILL, NOTICE, RATE, Script
 from .tiny_model import VOCAB
@@ -77,6 +78,9 @@ class RequestRecord:
     tokens: list[int] = field(default_factory=list)
     finish: int = 0
     error: str = ""
+    token_times: list[float] = field(default_factory=list)   # when each token arrived
+    # when its stream broke, and on which pipeline
+    interruptions: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def latency(self) -> float:
@@ -134,6 +138,7 @@ class LocalRun:
         self.catalog.instance(options.instance_type)  # fail early on a bad type
         self.token = secrets.token_hex(16)
         self.records: list[RequestRecord] = []
+        self._by_id: dict[str, RequestRecord] = {}
         self.configs: list[dict[str, Any]] = []
         self.journal = Journal(options.workdir / "controller")
         self.router: RouterApp | None = None
@@ -169,6 +174,7 @@ class LocalRun:
             (self.options.workdir / "controller" / stale).unlink(missing_ok=True)
         self.router = RouterApp.from_args(router_args(self.options.model_dir), pipelines=[],
                                           token=self.token, api_keys=[])
+        self.router.router.on_finish = self._finished
         with contextlib.redirect_stdout(io.StringIO()):
             await self.router.start()
         address = f"127.0.0.1:{self.router.grpc_port}"
@@ -177,8 +183,7 @@ class LocalRun:
         self.backend = LocalBackend(self.model, self.catalog, BackendOptions(
             model_dir=self.options.model_dir, workdir=self.options.workdir / "logs",
             router_address=address, token=self.token, boot_delay=self.options.boot_delay,
-            on_demand_limit=self.options.on_demand_limit,
-            output_tokens=self.options.max_tokens))
+            on_demand_limit=self.options.on_demand_limit))
         self._start, self._wall0 = time.monotonic(), time.time()
         self._start_controller()
         await self.backend.events.put(LoadChanged(self.options.planned_rate))
@@ -188,13 +193,7 @@ class LocalRun:
         assert self.backend is not None
         self.controller = Controller(settings_for(self.model, self.options), self.backend,
                                      self.journal)
-        self._controller_task = asyncio.create_task(self._drive(self.controller))
-
-    async def _drive(self, controller: Controller) -> None:
-        if controller.needs_replan_after_restart():
-            with contextlib.suppress(MigrationAborted):
-                await controller.reconcile("controller restarted", "restart")
-        await controller.run()
+        self._controller_task = asyncio.create_task(self.controller.run())
 
     async def _forward_events(self) -> None:
         assert self.backend is not None
@@ -220,9 +219,8 @@ class LocalRun:
             await self.router.stop(grace=0)
 
     async def restart_controller(self) -> None:
-        """Stop the controller between migrations and start a new one from the state file."""
-        while self.controller is not None and self.controller.phase not in ("idle", "serving"):
-            await asyncio.sleep(0.1)
+        """Stop the controller wherever it is (a migration half done, say) and start a new
+        one from its state file."""
         if self._controller_task is not None:
             self._controller_task.cancel()
             with contextlib.suppress(BaseException):
@@ -237,9 +235,20 @@ class LocalRun:
         load = asyncio.create_task(self._load())
         progress = asyncio.create_task(self._progress())
         self._tasks += [load, progress]
-        events = list(self.options.script.events)
+        await self._script()
+        await self._sleep_until(self.options.script.end)
+        if load.done():
+            load.result()  # raises what stopped the load (nothing ever served)
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+        await self._wait_requests()
+        progress.cancel()
+
+    async def _script(self) -> None:
+        """Play the cloud script (and the controller restart, if asked for)."""
         restart = self.options.restart_at
-        for event in events:
+        for event in self.options.script.events:
             if restart is not None and restart <= event.at:
                 await self._sleep_until(restart)
                 await self.restart_controller()
@@ -249,14 +258,6 @@ class LocalRun:
         if restart is not None:
             await self._sleep_until(restart)
             await self.restart_controller()
-        await self._sleep_until(self.options.script.end)
-        if load.done():
-            load.result()  # raises what stopped the load (nothing ever served)
-        load.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await load
-        await self._wait_requests()
-        progress.cancel()
 
     async def _sleep_until(self, at: float) -> None:
         await asyncio.sleep(max(0.0, at - self.now()))
@@ -291,6 +292,13 @@ class LocalRun:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - self.now()))
 
+    def _finished(self, log: CommitLog) -> None:
+        """The router's record of a request as it ends: when its stream broke."""
+        record = self._by_id.get(log.request_id)
+        if record is not None:
+            record.interruptions = [(r.interrupted_at - self._start, r.interrupted_on)
+                                    for r in log.resumes if r.interrupted_at]
+
     def _prompt(self) -> list[int]:
         vocab = min(self.model.vocab_size, VOCAB)
         return [self._rng.randrange(3, vocab) for _ in range(self.options.prompt_tokens)]
@@ -299,6 +307,7 @@ class LocalRun:
         self._sent += 1
         record = RequestRecord(f"req-{self._sent:04d}", self._prompt(), self.now())
         self.records.append(record)
+        self._by_id[record.request_id] = record
         task = asyncio.create_task(self._generate(record, record.request_id))
         self._requests.append(task)
 
@@ -310,6 +319,7 @@ class LocalRun:
         try:
             async for message in self.inference.Generate(request, timeout=300):
                 record.tokens.extend(message.token_ids)
+                record.token_times.extend(self.now() for _ in message.token_ids)
                 if message.finish_reason:
                     record.finish = message.finish_reason
         except grpc.aio.AioRpcError as exc:
@@ -367,9 +377,10 @@ class LocalRun:
         resumed = {mode: int(sample("spotserve_requests_resumed_total", {"mode": mode}) or 0)
                    for mode in ("kv", "reprefill")}
         moved = self.backend.moved
+        journal = self.journal.read()
         configs = [{"t": round(e["time"] - self._wall0, 3), "epoch": e["epoch"],
                     "config": e.get("config", ""), "pipelines": e.get("pipelines", [])}
-                   for e in self.journal.entries if e["kind"] == "serving"]
+                   for e in journal if e["kind"] == "serving"]
         controller_metrics = {}
         if self.controller is not None:
             get = self.controller.metrics.registry.get_sample_value
@@ -380,7 +391,7 @@ class LocalRun:
                 "spotserve_migration_bytes_planned_total") or 0.0
         return RunResult(
             records=list(self.records), reference=reference,
-            timeline=list(self.backend.timeline), journal=list(self.journal.entries),
+            timeline=list(self.backend.timeline), journal=journal,
             configs=configs, resumed=resumed,
             moved={"kept": moved.kept, "pulled": moved.pulled,
                    "checkpoint": moved.checkpoint, "configures": moved.configures},

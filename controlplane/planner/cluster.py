@@ -6,6 +6,10 @@ nothing yet), `doomed` (has a termination notice: can still send its data until 
 deadline, is not part of the next configuration) or `lost` (gone with its data). A GPU is
 named `instance/index`. A `Placement` pins every `Position` of a `ParallelConfig` to a GPU;
 `PipelineProgress` says how far each running pipeline's batch has got.
+
+`CurrentState` may also name `broken` pipelines (a member died or stopped answering: their
+KV caches are gone, their surviving GPUs still hold weights) and `wiped` GPUs (their worker
+was replaced: they hold nothing, though their instance lives on).
 """
 
 from __future__ import annotations
@@ -127,6 +131,8 @@ class PipelineProgress:
 class CurrentState:
     placement: Placement
     progress: tuple[PipelineProgress, ...] = ()
+    broken: frozenset[int] = frozenset()    # pipelines whose KV caches are lost
+    wiped: frozenset[GpuId] = frozenset()   # GPUs that hold nothing any more
 
     def progress_of(self, pipeline: int) -> PipelineProgress:
         for p in self.progress:

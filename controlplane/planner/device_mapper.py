@@ -54,13 +54,15 @@ class Slot:
 def choose_inheritance(current: CurrentState | None, new: ParallelConfig,
                        readable: set[str]) -> dict[int, int]:
     """New pipeline → old pipeline whose KV cache it keeps: the old pipelines with the most
-    cached tokens whose every GPU can still be read, one per new pipeline."""
+    cached tokens whose every GPU can still be read (not broken, nothing wiped), one per
+    new pipeline."""
     if current is None:
         return {}
     old = current.placement
     alive = [d for d in range(old.config.data)
-             if current.progress_of(d).cached_tokens > 0
-             and old.pipeline_instances(d) <= readable]
+             if current.progress_of(d).cached_tokens > 0 and d not in current.broken
+             and old.pipeline_instances(d) <= readable
+             and not {g for _, g in old.by_pipeline.get(d, ())} & current.wiped]
     kept = sorted(alive, key=lambda d: (-current.progress_of(d).cached_tokens, d))[:new.data]
     heirs = {d: d for d in kept if d < new.data}
     free = iter(n for n in range(new.data) if n not in heirs)
@@ -141,7 +143,8 @@ def reuse_matrix(model: ModelSpec, current: CurrentState | None, new: ParallelCo
     if current is None:
         return weights, kv
     old = current.placement
-    rows = [i for i, g in enumerate(gpus) if g in old.by_gpu and g.instance in readable]
+    rows = [i for i, g in enumerate(gpus) if g in old.by_gpu and g.instance in readable
+            and g not in current.wiped]
     cols = [j for j, p in enumerate(positions) if p is not None]
     if not rows or not cols:
         return weights, kv

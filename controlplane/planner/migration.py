@@ -142,13 +142,16 @@ class _SourcePicker:
         return best, holders.urgent
 
 
-def _in_place(old: Placement, new: Placement, pipeline: int,
+def _in_place(current: CurrentState, new: Placement, pipeline: int,
               old_pipeline: int | None = None) -> bool:
     """Every GPU of the new pipeline already runs exactly its position (in `old_pipeline`,
     when given: what matters for its KV cache; any pipeline of the same layout will do for
-    weights)."""
+    weights) and still holds it (not wiped)."""
+    old = current.placement
     old_by_gpu = old.by_gpu
     for pos, gpu in new.by_pipeline.get(pipeline, ()):
+        if gpu in current.wiped:
+            return False
         before = old_by_gpu.get(gpu)
         if (before is None or before.stage != pos.stage or before.tp_rank != pos.tp_rank
                 or old.config.pipelines[before.pipeline] != new.config.pipelines[pipeline]
@@ -166,7 +169,7 @@ def weight_transfers(model: ModelSpec, current: CurrentState | None, new: Placem
     if current is not None:
         old = current.placement
         old_rep, old_class = _classes(old.config)
-        holders = _holder_index(old, old_class, readable)
+        holders = _holder_index(old, old_class, readable, current.wiped)
     moves = reshard_plan(model, old_rep, rep_new)
     by_class: dict[int, list[_Piece]] = defaultdict(list)
     for mv in moves:
@@ -176,7 +179,7 @@ def weight_transfers(model: ModelSpec, current: CurrentState | None, new: Placem
             _layer_key(model, mv.piece.tensor)))
     out: list[Transfer] = []
     for d, klass in enumerate(new_class):
-        if current is not None and _in_place(current.placement, new, d):
+        if current is not None and _in_place(current, new, d):
             continue
         gpu_of = {(p.stage, p.tp_rank): g for p, g in new.by_pipeline[d]}
         if not holders:  # nothing to reuse: every piece comes from the checkpoint
@@ -190,11 +193,11 @@ def weight_transfers(model: ModelSpec, current: CurrentState | None, new: Placem
     return out
 
 
-def _holder_index(old: Placement, old_class: list[int], readable: set[str]
-                  ) -> dict[tuple[int, int, int], list[GpuId]]:
+def _holder_index(old: Placement, old_class: list[int], readable: set[str],
+                  wiped: frozenset[GpuId]) -> dict[tuple[int, int, int], list[GpuId]]:
     index: dict[tuple[int, int, int], list[GpuId]] = defaultdict(list)
     for pos, gpu in old.assignment:
-        if gpu.instance in readable:
+        if gpu.instance in readable and gpu not in wiped:
             index[(old_class[pos.pipeline], pos.stage, pos.tp_rank)].append(gpu)
     return index
 
@@ -232,7 +235,8 @@ def kv_transfers(model: ModelSpec, current: CurrentState, new: Placement,
     out: list[Transfer] = []
     for new_pipe, old_pipe in inherits:
         tokens = current.progress_of(old_pipe).cached_tokens
-        if tokens <= 0 or _in_place(old, new, new_pipe, old_pipe):
+        if tokens <= 0 or old_pipe in current.broken or \
+                _in_place(current, new, new_pipe, old_pipe):
             continue
         old_one = ParallelConfig((old.config.pipelines[old_pipe],), old.config.batch)
         new_one = ParallelConfig((new.config.pipelines[new_pipe],), new.config.batch)

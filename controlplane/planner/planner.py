@@ -175,7 +175,7 @@ def _arrangement(request: PlanRequest, migration_s: float) -> tuple[Arrangement,
     pipelines = {}
     for d in range(current.placement.config.data):
         where = current.placement.pipeline_instances(d)
-        if where & doomed and not where & lost:
+        if where & doomed and not where & lost and d not in current.broken:
             step_s = request.decode_step_ms.get(d) or _decode_step_ms(request, current, d)
             pipelines[d] = (step_s / 1000.0, current.progress_of(d).remaining_steps)
     return arrange(request.grace_seconds, migration_s, pipelines)

@@ -22,11 +22,14 @@ class GapError(Exception):
 
 @dataclass(frozen=True)
 class Resume:
-    """One resumption of a request: how, and after how many committed tokens."""
+    """One resumption of a request: how, after how many committed tokens, and when its
+    stream broke (`time.monotonic()`; 0 when not known)."""
 
     mode: str  # "kv" or "reprefill"
     committed: int
     pipeline_id: str
+    interrupted_at: float = 0.0
+    interrupted_on: str = ""   # the pipeline whose stream broke
 
 
 @dataclass
@@ -63,5 +66,7 @@ class CommitLog:
         self.tokens.extend(fresh)
         return fresh
 
-    def record_resume(self, mode: str, pipeline_id: str) -> None:
-        self.resumes.append(Resume(mode, len(self.tokens), pipeline_id))
+    def record_resume(self, mode: str, pipeline_id: str, interrupted_at: float = 0.0,
+                      interrupted_on: str = "") -> None:
+        self.resumes.append(Resume(mode, len(self.tokens), pipeline_id, interrupted_at,
+                                   interrupted_on))

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -141,6 +141,8 @@ class Router:
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.closing = False  # shutting down: not ready for new traffic
+        # called with each request's commit log as it ends (how it resumed, and when)
+        self.on_finish: Callable[[CommitLog], None] | None = None
 
     # ---- the request path -------------------------------------------------------------
 
@@ -304,6 +306,7 @@ class Router:
     async def _resume(self, flight: _InFlight, attempt: _Attempt, deadline: float,
                       failures: int) -> tuple[str, int]:
         commit = flight.log
+        interrupted_at = time.monotonic()
         log.info("request %s interrupted after %d tokens: %s", commit.request_id,
                  commit.committed, attempt.reason)
         interruption = Interruption(attempt.pipeline_id, attempt.outcome is Outcome.PAUSED,
@@ -314,14 +317,15 @@ class Router:
                                                                  deadline, failures)
         finally:
             flight.queued = flight.paused = False
-        return self._resumed(commit, pipeline_id, mode)
+        return self._resumed(commit, pipeline_id, mode, interrupted_at, attempt.pipeline_id)
 
     async def _topology_changed(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
 
-    def _resumed(self, commit: CommitLog, pipeline_id: str, mode: int) -> tuple[str, int]:
-        commit.record_resume(MODE_NAMES[mode], pipeline_id)
+    def _resumed(self, commit: CommitLog, pipeline_id: str, mode: int,
+                 interrupted_at: float = 0.0, interrupted_on: str = "") -> tuple[str, int]:
+        commit.record_resume(MODE_NAMES[mode], pipeline_id, interrupted_at, interrupted_on)
         self.metrics.resumed.labels(MODE_NAMES[mode]).inc()
         log.info("request %s resumes on %s by %s at token %d", commit.request_id,
                  pipeline_id, MODE_NAMES[mode], commit.committed)
@@ -372,6 +376,8 @@ class Router:
         return now
 
     def _finish(self, request: GenerationInput, flight: _InFlight, finish: int) -> None:
+        if self.on_finish is not None:
+            self.on_finish(flight.log)
         self._inflight.pop(request.request_id, None)
         self.topology.hints.pop(request.request_id, None)
         elapsed = time.monotonic() - flight.arrived

@@ -56,7 +56,7 @@ class Recorder(Actuator):
                 for p in self.topology if p.state == "serving"}
 
     async def drain(self, epoch: int, pipeline_id: str, driver: GpuId,
-                    steps: int) -> Sequence[DrainedRequest]:
+                    steps: int, timeout: float) -> Sequence[DrainedRequest]:
         self.calls.append(("drain", (pipeline_id, steps)))
         if driver.instance in self.lost:
             raise ActuatorError(f"{driver} does not answer")
@@ -169,7 +169,7 @@ async def test_join_scales_out_without_touching_running_pipelines() -> None:
     assert new_jobs and all(j.gpu.instance == "c" for j in new_jobs)
 
 
-async def test_loss_without_notice_resumes_by_reprefill() -> None:
+async def test_a_pipeline_that_lost_a_member_is_abandoned_not_drained() -> None:
     actuator = Recorder()
     controller = await started(actuator)
     lost = next(p for p in actuator.serving() if p.driver.instance == "c")
@@ -178,7 +178,10 @@ async def test_loss_without_notice_resumes_by_reprefill() -> None:
     assert lost.pipeline_id in {p.pipeline_id for p in actuator.topology if p.state == "gone"}
     assert all(job.gpu.instance != "c" for job in actuator.jobs.values())
     assert controller.journal.entries[-1]["kind"] in ("serving", "released")
-    assert any(e["kind"] == "drain-failed" for e in controller.journal.entries)
+    assert ("drain", (lost.pipeline_id, 0)) not in actuator.calls  # never waits on the dead
+    abandoned = [e for e in controller.journal.entries if e["kind"] == "abandoned"]
+    assert abandoned and lost.pipeline_id in abandoned[0]["pipelines"]
+    assert not any(r.mode == "kv" for r in actuator.resumes)
 
 
 async def test_second_notice_during_a_migration_replans_from_the_state_reached() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from spotserve.operator.controller.actuator import ActuatorError
 from spotserve.operator.controller.epoch import assignments
+from spotserve.operator.controller.wire import Configured
 from spotserve.operator.k8s import manifests as m
 from spotserve.operator.k8s.api import Connection, KubeApi, matches
 from spotserve.operator.k8s.backend import BackendOptions, KubernetesBackend
@@ -53,7 +54,7 @@ def backend(pools: list[dict[str, Any]], limit: int = 8, spot_wait: float = 180.
     service = validate(spec)
     assert isinstance(service, ServiceSpec), service
     api = MemoryApi()
-    return KubernetesBackend(api, OWNER, spec, service, wire=None,  # type: ignore[arg-type]
+    return KubernetesBackend(api, OWNER, spec, service, wire=ConfigureWire(),  # type: ignore[arg-type]
                              pool_of=lambda node: None,
                              options=BackendOptions(spot_wait=spot_wait)), api
 
@@ -131,10 +132,14 @@ class ReadyApi(MemoryApi):
 class ConfigureWire:
     def __init__(self) -> None:
         self.sent: list[tuple[str, Any]] = []
+        self.forgotten: list[str] = []
 
-    async def configure(self, address: str, request: Any) -> int:
+    async def configure(self, address: str, request: Any, timeout: float) -> Configured:
         self.sent.append((address, request))
-        return 1 << 20
+        return Configured("standby", pulled=1 << 20)
+
+    async def forget(self, address: str) -> None:
+        self.forgotten.append(address)
 
 
 async def test_preload_starts_only_the_joining_gpus_pods_and_configures_them_preload_only(

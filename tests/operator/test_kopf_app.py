@@ -30,14 +30,13 @@ import pytest
 from spotserve.operator.controller.actuator import (
     ActuatorError,
     DrainedRequest,
-    PipelineStatus,
     Resume,
     RoutedPipeline,
 )
+from spotserve.operator.controller.wire import Configured, RouterReport, WorkerReport
 from spotserve.operator.k8s.api import Connection
 from spotserve.operator.k8s.app import Runtime, register
 from spotserve.operator.k8s.backend import BackendOptions
-from spotserve.operator.k8s.wire import RouterReport
 from spotserve.v1 import worker_pb2
 
 NS = "llm"
@@ -51,37 +50,57 @@ SPEC = {"model": {"huggingFace": {"repoId": "facebook/opt-6.7b"}},
 
 
 class RecordingWire:
-    def __init__(self) -> None:
+    """Answers the operator's gRPC calls as workers and a router would. `workers` (address
+    → epoch, pipeline id, state) are the emulated workers, and outlive an operator."""
+
+    def __init__(self, workers: dict[str, tuple[int, str, str]] | None = None) -> None:
+        self.workers = {} if workers is None else workers
         self.configured: list[tuple[int, str]] = []
         self.topologies: list[tuple[int, list[str]]] = []
         self.drained: list[tuple[int, str]] = []
         self.router_epoch = 0  # what the emulated router serves; 0 = just (re)started
         self.router_down = False
 
-    async def status(self, address: str) -> PipelineStatus:
-        return PipelineStatus()
+    async def status(self, address: str, timeout: float) -> WorkerReport:
+        epoch, pipeline, state = self.workers.get(address, (0, "", "standby"))
+        return WorkerReport(epoch, state, pipeline, "")
 
-    async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
+    async def drain(self, address: str, epoch: int, steps: int,
+                    timeout: float) -> list[DrainedRequest]:
         self.drained.append((epoch, address))
+        at, pipeline, _ = self.workers.get(address, (0, "", "standby"))
+        self.workers[address] = (at, pipeline, "drained")
         return []
 
-    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
-        assert request.role.pipeline_id and request.model.checkpoint_path == "/models"
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest,
+                        timeout: float) -> Configured:
+        if request.HasField("role"):
+            assert request.role.pipeline_id and request.model.checkpoint_path == "/models"
         self.configured.append((request.epoch, address))
-        return 1000
+        if not request.preload_only:
+            self.workers[address] = (request.epoch, request.role.pipeline_id,
+                                     "ready" if request.HasField("role") else "standby")
+        return Configured("ready", pulled=1000)
 
     async def topology(self, router: str, epoch: int,
                        pipelines: Sequence[tuple[RoutedPipeline, str]],
-                       resume: Sequence[Resume]) -> None:
+                       resume: Sequence[Resume], max_concurrency: int,
+                       timeout: float) -> None:
         if self.router_down:
             raise ActuatorError(f"UpdateTopology {router}: connection refused")
         self.topologies.append((epoch, [a for p, a in pipelines if p.state == "serving"]))
         self.router_epoch = epoch
 
-    async def router_stats(self, router: str) -> RouterReport:
+    async def router_stats(self, router: str, timeout: float) -> RouterReport:
         if self.router_down:
             raise ActuatorError(f"Stats {router}: connection refused")
         return RouterReport(self.router_epoch, 0.4)
+
+    async def forget(self, address: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 def node(name: str, **spec: Any) -> dict[str, Any]:
@@ -383,23 +402,23 @@ async def test_service_is_planned_placed_and_migrates_on_a_notice(source: str) -
 
 
 class GatedWire(RecordingWire):
-    """Drains for epochs from `gated_from` on wait until the gate opens."""
+    """Every drain waits until the gate opens (the operator dies first)."""
 
-    def __init__(self, gated_from: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.gated_from = gated_from
         self.gate = threading.Event()
 
-    async def drain(self, address: str, epoch: int, steps: int) -> list[DrainedRequest]:
-        while epoch >= self.gated_from and not self.gate.is_set():
+    async def drain(self, address: str, epoch: int, steps: int,
+                    timeout: float) -> list[DrainedRequest]:
+        while not self.gate.is_set():
             await asyncio.sleep(0.05)
-        return await super().drain(address, epoch, steps)
+        return await super().drain(address, epoch, steps, timeout)
 
 
 @pytest.mark.timeout(90)
 async def test_a_restarted_operator_completes_the_migration() -> None:
     async with emulator([node("n1"), node("n2"), service("llama", SPEC)]) as cluster:
-        first = GatedWire(gated_from=2)
+        first = GatedWire()
         async with running(cluster, first):
             async def ready() -> dict[str, Any] | None:
                 obj = await cluster.get(f"{LLMS}/llama")
@@ -418,7 +437,7 @@ async def test_a_restarted_operator_completes_the_migration() -> None:
             assert await until(stuck)
         assert not any(epoch >= 2 for epoch, _ in first.topologies)
 
-        second = RecordingWire()
+        second = RecordingWire(first.workers)  # the workers outlive the operator
         async with running(cluster, second):
             async def finished() -> dict[str, Any] | None:
                 obj = await cluster.get(f"{LLMS}/llama")
@@ -480,11 +499,12 @@ async def test_a_spec_broken_then_fixed_recovers() -> None:
 class FlakyWire(RecordingWire):
     """The first Configure fails, as a worker that is not up yet would."""
 
-    async def configure(self, address: str, request: worker_pb2.ConfigureRequest) -> int:
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest,
+                        timeout: float) -> Configured:
         if not self.configured:
             self.configured.append((-1, address))
             raise ActuatorError(f"Configure {address}: connection refused")
-        return await super().configure(address, request)
+        return await super().configure(address, request, timeout)
 
 
 @pytest.mark.timeout(60)

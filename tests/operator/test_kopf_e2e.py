@@ -91,7 +91,7 @@ async def kubelet(cluster: Cluster) -> None:
 
 
 @contextlib.asynccontextmanager
-async def loopback(tmp: Path) -> AsyncIterator[tuple[Path, int, str]]:
+async def loopback(tmp: Path) -> AsyncIterator[tuple[Path, int, Any]]:
     """Tiny model, one worker per node address, the router; all stopped on exit."""
     from spotserve.operator.router.app import RouterApp
 
@@ -104,7 +104,7 @@ async def loopback(tmp: Path) -> AsyncIterator[tuple[Path, int, str]]:
             processes.append(await spawn(ip, port, model, tmp))
         with contextlib.redirect_stdout(None):
             await router.start()
-        yield model, port, f"127.0.0.1:{router.grpc_port}"
+        yield model, port, router
     finally:
         await router.stop(grace=0)
         for process in processes:
@@ -118,10 +118,14 @@ async def loopback(tmp: Path) -> AsyncIterator[tuple[Path, int, str]]:
                 await process.wait()
 
 
+TOKENS = 120
+
+
 async def generate(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) -> list[int]:
     request = inference_pb2.GenerateRequest(
         token_ids=inference_pb2.TokenIds(ids=prompt),
-        sampling=common_pb2.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+        sampling=common_pb2.SamplingParams(max_tokens=TOKENS, temperature=0.0,
+                                           ignore_eos=True))
     out: list[int] = []
     async for message in stub.Generate(request, timeout=120):
         out.extend(message.token_ids)
@@ -129,13 +133,20 @@ async def generate(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) ->
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("notice", ["aws-node-termination-handler/spot-itn",  # 120 s grace
-                                    "cloud.google.com/impending-node-termination"])  # 30 s
-async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: str) -> None:
+@pytest.mark.parametrize(("notice", "grace"), [
+    ("aws-node-termination-handler/spot-itn", None),          # 120 s grace
+    ("cloud.google.com/impending-node-termination", None),    # 30 s
+    ("aws-node-termination-handler/spot-itn", 0)],            # no time to finish: KV moves
+    ids=["aws", "gke", "aws-no-grace"])
+async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: str,
+                                                        grace: int | None) -> None:
+    """Every request finishes, identical to a rerun. None resumes by re-prefill: within
+    the grace, requests finish on the doomed pipeline or move with their KV cache; with no
+    grace at all, the doomed pipeline stops at once and its requests resume from KV."""
     from spotserve.catalog import Catalog
+    from spotserve.operator.controller.wire import GrpcWire
     from spotserve.operator.k8s.app import Runtime
     from spotserve.operator.k8s.backend import BackendOptions
-    from spotserve.operator.k8s.wire import GrpcWire
 
     spec: dict[str, Any] = {
         "model": {"volume": {"claimName": "models", "path": "tiny"}},
@@ -144,13 +155,16 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: 
                       "nodeSelector": {"karpenter.sh/capacity-type": "spot"}}],
         "instances": {"min": 1, "max": 3}, "serving": {"maxBatch": 8},
         "load": {"requiredRate": 2.0}}
+    if grace is not None:
+        spec["gracePeriodSeconds"] = {"aws": grace}
     nodes = []
     for name in IPS:
         n = node(name)
         n["metadata"]["labels"]["node.kubernetes.io/instance-type"] = "cpu-1x"
         n["status"]["capacity"] = {"nvidia.com/gpu": "1"}
         nodes.append(n)
-    async with loopback(tmp_path) as (model, port, router):
+    async with loopback(tmp_path) as (model, port, router_app):
+        router = f"127.0.0.1:{router_app.grpc_port}"
         spec["worker"] = {"port": port}
         # n3's worker runs from the start, its node joins with the notice: the new pipeline
         # there is configured for real (weights from the checkpoint or its peers)
@@ -172,7 +186,7 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: 
                         else None
                 status = (await until(ready, 120))["status"]
                 doomed = sorted({s["node"] for s in status["placement"]})[0]
-                prompts = [[1 + (i * 7 + j) % 50 for j in range(6 + i % 5)] for i in range(8)]
+                prompts = [[1 + (i * 7 + j) % 50 for j in range(6 + i % 5)] for i in range(16)]
                 streams = [asyncio.create_task(generate(stub, p)) for p in prompts]
                 await asyncio.sleep(0.5)
                 await taint(notice)(cluster, doomed)
@@ -188,6 +202,13 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: 
                 assert migration["bytesMoved"] > 0, migration  # n3's worker loaded weights
                 assert migration.get("noticeSource") == ("gcp" if "google" in notice else "aws")
                 outputs = await asyncio.wait_for(asyncio.gather(*streams), 120)
-                assert all(len(o) == 24 for o in outputs)
+                assert all(len(o) == TOKENS for o in outputs)
+                resumed = router_app.router.metrics.registry.get_sample_value
+                kv = resumed("spotserve_requests_resumed_total", {"mode": "kv"}) or 0
+                reprefill = resumed("spotserve_requests_resumed_total",
+                                    {"mode": "reprefill"}) or 0
+                assert reprefill == 0, "a notice must never cost a request its KV cache"
+                if grace == 0:
+                    assert kv >= 1, "the doomed pipeline's requests move with their KV"
                 again = [await generate(stub, p) for p in prompts]
                 assert outputs == again

@@ -193,6 +193,10 @@ class Engine:
         seq.num_computed = state.num_computed
         self.scheduler.add(seq)
 
+    def keepalive(self) -> None:
+        """Check every rank of an idle pipeline is there (raises when one is not)."""
+        self.runner.ping()
+
     def shutdown(self) -> None:
         """Release the pipeline's other ranks."""
         self.runner.stop()

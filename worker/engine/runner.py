@@ -85,6 +85,12 @@ class StageRunner:
         """Release the other ranks from `serve_forever`."""
         self._command("stop", None)
 
+    def ping(self) -> None:
+        """A round trip with every rank: keeps an idle pipeline's collectives inside their
+        timeout and finds a dead or stalled peer (raises) before a request does."""
+        if self.groups.distributed:
+            self._command("ping", None)
+
     def _command(self, kind: str, payload: Any) -> Any:
         if self.groups.distributed:
             self.groups.broadcast_object((kind, payload), src=self.groups.driver_rank)
@@ -110,6 +116,8 @@ class StageRunner:
             return self._publish(payload)
         if kind == "adopt":
             return self._adopt(*payload)
+        if kind == "ping":
+            self.groups.barrier()
         return None
 
     @torch.inference_mode()

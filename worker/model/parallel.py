@@ -7,14 +7,22 @@ regrouped after a migration. Backend: NCCL on CUDA, gloo on CPU.
 
 Hidden states move stage to stage by point-to-point: rank 0 of a stage's TP group sends to
 every rank of the next stage. The pipeline driver (stage 0, TP rank 0) broadcasts each
-step's metadata over the pipeline group; the last stage's TP rank 0 samples and broadcasts
-the tokens back.
+step's metadata over the pipeline's control group; the last stage's TP rank 0 samples and
+broadcasts the tokens back. The control group is always gloo (CPU), also when tensors
+travel over NCCL, so commands and failure detection behave the same on every device.
+
+Failure detection: every group is created with `peer_timeout`, so no collective waits
+longer than that for a peer that died or stopped answering (gloo enforces it per
+operation; NCCL's watchdog aborts the communicator after it). A healthy idle pipeline never
+hits the timeout: its driver pings every rank well within it (`ping`). `abort` tears the
+communicators down at once when the worker knows the pipeline is broken.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,6 +30,8 @@ import torch.distributed as dist
 
 from spotserve.errors import SpotserveError
 from spotserve.layout import ParallelConfig, Position
+
+DEFAULT_PEER_TIMEOUT = 5.0  # seconds a collective waits for a peer before the pipeline fails
 
 
 @dataclass
@@ -62,6 +72,7 @@ class EpochGroups:
     ranks: dict[Position, int]
     tp: TensorParallel = field(default_factory=TensorParallel)
     pipeline_group: Any = None
+    control_group: Any = None   # gloo: commands, sampled tokens, pings
     _owned: list[Any] = field(default_factory=list)
 
     # ---- construction -----------------------------------------------------------------
@@ -74,29 +85,34 @@ class EpochGroups:
         return cls(0, config, pos, {pos: 0})
 
     @classmethod
-    def create(cls, epoch: int, config: ParallelConfig, ranks: Mapping[Position, int]
-               ) -> EpochGroups:
+    def create(cls, epoch: int, config: ParallelConfig, ranks: Mapping[Position, int],
+               peer_timeout: float = DEFAULT_PEER_TIMEOUT) -> EpochGroups:
         """Collective over the whole world: every process calls it with the same arguments.
-        `ranks` maps each position of `config` to a global rank."""
+        `ranks` maps each position of `config` to a global rank; no collective of these
+        groups waits more than `peer_timeout` seconds for a peer."""
         if set(ranks) != set(config.positions()):
             raise SpotserveError("ranks must map every position of the configuration")
         me = dist.get_rank()
         mine = [p for p, r in ranks.items() if r == me]
         groups = cls(epoch, config, mine[0] if mine else None, dict(ranks))
+        timeout = timedelta(seconds=peer_timeout)
         for d, pipe in enumerate(config.pipelines):
             for s, stage in enumerate(pipe.stages):
                 members = [ranks[Position(d, s, t)] for t in range(stage.tp)]
-                group = groups._new_group(members) if stage.tp > 1 else None
+                group = groups._new_group(members, timeout) if stage.tp > 1 else None
                 if groups.position and (groups.position.pipeline, groups.position.stage) == (d, s):
                     groups.tp = TensorParallel(stage.tp, groups.position.tp_rank, group)
             members = [ranks[p] for p in config.positions() if p.pipeline == d]
-            group = groups._new_group(members)
+            group = groups._new_group(members, timeout)
+            control = group if dist.get_backend() == "gloo" else \
+                groups._new_group(members, timeout, backend="gloo")
             if groups.position and groups.position.pipeline == d:
-                groups.pipeline_group = group
+                groups.pipeline_group, groups.control_group = group, control
         return groups
 
-    def _new_group(self, members: list[int]) -> Any:
-        group = dist.new_group(sorted(members))
+    def _new_group(self, members: list[int], timeout: timedelta,
+                   backend: str | None = None) -> Any:
+        group = dist.new_group(sorted(members), timeout=timeout, backend=backend)
         self._owned.append(group)
         return group
 
@@ -106,6 +122,20 @@ class EpochGroups:
             if group not in (None, dist.GroupMember.NON_GROUP_MEMBER):
                 dist.destroy_process_group(group)
         self._owned.clear()
+
+    def abort(self) -> None:
+        """The pipeline is broken: abort its communicators now, so that no thread stays
+        blocked in a collective with a dead peer (NCCL; a gloo operation already ends at
+        its timeout). Best effort: the process may be half torn down."""
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        for group in self._owned:
+            if group in (None, dist.GroupMember.NON_GROUP_MEMBER) or abort is None:
+                continue
+            try:
+                if dist.get_backend(group) != "gloo":
+                    abort(group)
+            except Exception:  # already destroyed, or a torch without abort support
+                continue
 
     # ---- roles ----------------------------------------------------------------------
     @property
@@ -174,7 +204,7 @@ class EpochGroups:
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.pipeline_group)
+        dist.broadcast_object_list(box, src=src, group=self.control_group)
         return box[0]
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
@@ -184,9 +214,14 @@ class EpochGroups:
         me = dist.get_rank()
         out: list[Any] | None = None
         if me == self.driver_rank:
-            out = [None] * dist.get_world_size(self.pipeline_group)
-        dist.gather_object(obj, out, dst=self.driver_rank, group=self.pipeline_group)
+            out = [None] * dist.get_world_size(self.control_group)
+        dist.gather_object(obj, out, dst=self.driver_rank, group=self.control_group)
         return out
+
+    def barrier(self) -> None:
+        """A round trip with every rank of the pipeline (raises when one is gone)."""
+        if self.distributed:
+            dist.all_reduce(torch.zeros(1), group=self.control_group)
 
 
 def backend_for(device: torch.device | str) -> str:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19spotserve/v1/common.proto\x12\x0cspotserve.v1\"\xe0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"G\n\x0bTensorSlice\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\"\x95\x01\n\x07KVSlice\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\nhead_start\x18\x04 \x01(\r\x12\x11\n\thead_stop\x18\x05 \x01(\r\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\x12\x12\n\ntoken_stop\x18\x07 \x01(\r\"z\n\x0fRequestProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x11\n\tkv_tokens\x18\x04 \x01(\r\x12\x0f\n\x07kv_kept\x18\x05 \x01(\x08\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0eHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.spotserve.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_SERVING\x10\x01\x12\x16\n\x12STATUS_NOT_SERVING\x10\x02*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x18\n\x14\x46INISH_REASON_PAUSED\x10\x05*X\n\nResumeMode\x12\x1b\n\x17RESUME_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRESUME_MODE_KV\x10\x01\x12\x19\n\x15RESUME_MODE_REPREFILL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19spotserve/v1/common.proto\x12\x0cspotserve.v1\"\xe0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"G\n\x0bTensorSlice\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x03\x12\x0c\n\x04stop\x18\x04 \x01(\x03\"\x95\x01\n\x07KVSlice\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\nhead_start\x18\x04 \x01(\r\x12\x11\n\thead_stop\x18\x05 \x01(\r\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\x12\x12\n\ntoken_stop\x18\x07 \x01(\r\"\x8e\x01\n\x0fRequestProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x11\n\tkv_tokens\x18\x04 \x01(\r\x12\x0f\n\x07kv_kept\x18\x05 \x01(\x08\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\"\x0f\n\rHealthRequest\"\xa3\x01\n\x0eHealthResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.spotserve.v1.HealthResponse.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_SERVING\x10\x01\x12\x16\n\x12STATUS_NOT_SERVING\x10\x02*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x18\n\x14\x46INISH_REASON_PAUSED\x10\x05*X\n\nResumeMode\x12\x1b\n\x17RESUME_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRESUME_MODE_KV\x10\x01\x12\x19\n\x15RESUME_MODE_REPREFILL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spotserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=862
-  _globals['_FINISHREASON']._serialized_end=1037
-  _globals['_RESUMEMODE']._serialized_start=1039
-  _globals['_RESUMEMODE']._serialized_end=1127
+  _globals['_FINISHREASON']._serialized_start=883
+  _globals['_FINISHREASON']._serialized_end=1058
+  _globals['_RESUMEMODE']._serialized_start=1060
+  _globals['_RESUMEMODE']._serialized_end=1148
   _globals['_SAMPLINGPARAMS']._serialized_start=44
   _globals['_SAMPLINGPARAMS']._serialized_end=268
   _globals['_USAGE']._serialized_start=270
@@ -43,12 +43,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSLICE']._serialized_end=400
   _globals['_KVSLICE']._serialized_start=403
   _globals['_KVSLICE']._serialized_end=552
-  _globals['_REQUESTPROGRESS']._serialized_start=554
-  _globals['_REQUESTPROGRESS']._serialized_end=676
-  _globals['_HEALTHREQUEST']._serialized_start=678
-  _globals['_HEALTHREQUEST']._serialized_end=693
-  _globals['_HEALTHRESPONSE']._serialized_start=696
-  _globals['_HEALTHRESPONSE']._serialized_end=859
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=783
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=859
+  _globals['_REQUESTPROGRESS']._serialized_start=555
+  _globals['_REQUESTPROGRESS']._serialized_end=697
+  _globals['_HEALTHREQUEST']._serialized_start=699
+  _globals['_HEALTHREQUEST']._serialized_end=714
+  _globals['_HEALTHRESPONSE']._serialized_start=717
+  _globals['_HEALTHRESPONSE']._serialized_end=880
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=804
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=880
 # @@protoc_insertion_point(module_scope)

@@ -90,18 +90,20 @@ class KVSlice(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., head_start: _Optional[int] = ..., head_stop: _Optional[int] = ..., token_start: _Optional[int] = ..., token_stop: _Optional[int] = ...) -> None: ...
 
 class RequestProgress(_message.Message):
-    __slots__ = ("request_id", "prompt_tokens", "generated_tokens", "kv_tokens", "kv_kept")
+    __slots__ = ("request_id", "prompt_tokens", "generated_tokens", "kv_tokens", "kv_kept", "max_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_KEPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_tokens: int
     generated_tokens: int
     kv_tokens: int
     kv_kept: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., kv_kept: _Optional[bool] = ...) -> None: ...
+    max_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., kv_kept: _Optional[bool] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -265,7 +265,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("epoch", "state", "role", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "decode_step_seconds", "requests", "device", "weight_bytes")
+    __slots__ = ("epoch", "state", "role", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "decode_step_seconds", "requests", "device", "weight_bytes", "pipeline_error")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class WorkerStatus(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_ERROR_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     state: WorkerState
     role: Role
@@ -288,4 +289,5 @@ class WorkerStatus(_message.Message):
     requests: _containers.RepeatedCompositeFieldContainer[_common_pb2.RequestProgress]
     device: str
     weight_bytes: int
-    def __init__(self, epoch: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., role: _Optional[_Union[Role, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., requests: _Optional[_Iterable[_Union[_common_pb2.RequestProgress, _Mapping]]] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    pipeline_error: str
+    def __init__(self, epoch: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., role: _Optional[_Union[Role, _Mapping]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., decode_step_seconds: _Optional[float] = ..., requests: _Optional[_Iterable[_Union[_common_pb2.RequestProgress, _Mapping]]] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., pipeline_error: _Optional[str] = ...) -> None: ...

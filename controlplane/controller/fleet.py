@@ -1,0 +1,303 @@
+"""WorkerFleet: the actuator's side that speaks to workers and the router, shared by every
+backend.
+
+A backend (local processes, Kubernetes pods) says where each GPU's worker listens and
+manages worker lifecycles; everything said to workers and the router lives here, once:
+progress from the drivers' Status, drains (the router first hears the pipeline is
+draining), Configure fan-out (a pipeline regroups whole; one already serving exactly its
+role is left alone; workers no role uses are stood down), the topology switch, and the
+health monitor that replaces a wedged worker and reports a pipeline its workers say broke.
+
+Every call carries a deadline; `Wire` makes the calls (and is what tests replace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from spotserve.model_spec import ModelSpec
+from spotserve.v1 import worker_pb2
+
+from ..planner.cluster import GpuId
+from .actuator import (
+    Actuator,
+    ActuatorError,
+    DrainedRequest,
+    PipelineStatus,
+    Resume,
+    RoutedPipeline,
+    Sink,
+)
+from .configure import configure_request, kv_imports, pipeline_members, signature
+from .epoch import WorkerAssignment
+from .events import PipelineBroken, WorkerRestarted
+from .wire import Configured, Wire, WorkerReport
+
+log = logging.getLogger("spotserve.fleet")
+SERVING_STATES = ("ready", "draining", "drained")
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    model_dir: str                  # where workers read the checkpoint
+    max_batch: int                  # per pipeline (the router's cap, the engine's batch)
+    status_timeout: float = 2.0     # one Status call (a healthy worker answers in ms)
+    configure_timeout: float = 300.0  # one Configure (gathers weights: minutes for a big model)
+    switch_timeout: float = 10.0    # one topology update
+    health_every: float = 1.0       # seconds between health checks of every worker
+    health_deadline: float = 10.0   # a worker silent this long is wedged, and replaced
+
+
+@dataclass
+class Moved:
+    """Bytes the workers reported for the roles they took."""
+
+    kept: int = 0
+    pulled: int = 0
+    checkpoint: int = 0
+    configures: int = 0
+
+    def add(self, reply: Configured) -> None:
+        self.kept += reply.kept
+        self.pulled += reply.pulled
+        self.checkpoint += reply.checkpoint
+        self.configures += 1
+
+
+class WorkerFleet(Actuator):
+    def __init__(self, model: ModelSpec, wire: Wire, options: FleetOptions) -> None:
+        self.model, self.wire, self.fleet = model, wire, options
+        self.routed: list[RoutedPipeline] = []   # what the router serves (not gone)
+        self.router_epoch = 0
+        self.moved = Moved()
+        self.serving: dict[GpuId, tuple[int, tuple[object, ...] | None]] = {}  # epoch, role
+        self._drains: dict[str, list[DrainedRequest]] = {}
+        self._monitor: asyncio.Task[None] | None = None
+
+    # ---- what a backend provides ------------------------------------------------------
+    @abstractmethod
+    def address(self, gpu: GpuId) -> str:
+        """host:port of the GPU's worker; `ActuatorError` when it has none."""
+
+    @abstractmethod
+    def workers(self) -> Sequence[GpuId]:
+        """The GPUs whose workers run now (health-checked, stood down when unused)."""
+
+    @abstractmethod
+    def router_address(self) -> str: ...
+
+    @abstractmethod
+    def rendezvous(self, driver: GpuId, epoch: int) -> str:
+        """host:port of the TCP store the pipeline driven by `driver` forms its world on."""
+
+    async def ensure_workers(self, epoch: int, gpus: Sequence[GpuId]) -> None:
+        """Make sure `gpus` have workers that answer (start pods, say)."""
+
+    async def replace_worker(self, gpu: GpuId, reason: str) -> None:
+        """A wedged or crashed worker: end it and start a fresh one in its place."""
+
+    def crashed(self, gpu: GpuId) -> bool:
+        """The worker process is known to have exited (no need to wait for the deadline)."""
+        return False
+
+    async def switched(self, epoch: int) -> None:
+        """The router serves `epoch` now (clean up what the old one needed)."""
+
+    # ---- reads ------------------------------------------------------------------------
+    async def progress(self) -> Mapping[str, PipelineStatus]:
+        serving = [p for p in self.routed if p.state != "gone"]
+        reports = await asyncio.gather(*(self._report(p.driver) for p in serving),
+                                       return_exceptions=True)
+        out = {}
+        for pipeline, report in zip(serving, reports, strict=True):
+            if isinstance(report, WorkerReport):
+                out[pipeline.pipeline_id] = _status(pipeline.pipeline_id, report)
+        return out
+
+    async def _report(self, gpu: GpuId) -> WorkerReport:
+        return await self.wire.status(self.address(gpu), self.fleet.status_timeout)
+
+    # ---- drain ------------------------------------------------------------------------
+    async def drain(self, epoch: int, pipeline_id: str, driver: GpuId, steps: int,
+                    timeout: float) -> Sequence[DrainedRequest]:
+        if pipeline_id in self._drains:   # drained already in an aborted migration
+            return self._drains[pipeline_id]
+        await self._mark(pipeline_id, "draining")
+        worker_epoch, _ = self.serving.get(driver, (0, None))
+        drained = await self.wire.drain(self.address(driver), worker_epoch, steps, timeout)
+        self._drains[pipeline_id] = drained
+        return drained
+
+    async def abandon(self, pipeline_ids: Sequence[str]) -> None:
+        for pipeline_id in pipeline_ids:
+            await self._mark(pipeline_id, "gone")
+
+    async def _mark(self, pipeline_id: str, state: str) -> None:
+        """Tell the router one pipeline's new state within the epoch it serves."""
+        marked = [RoutedPipeline(p.pipeline_id, p.driver, p.capacity,
+                                 state if p.pipeline_id == pipeline_id else p.state)
+                  for p in self.routed]
+        with contextlib.suppress(ActuatorError):
+            await self._send_topology(self.router_epoch, marked, ())
+
+    # ---- configure --------------------------------------------------------------------
+    async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                        kv: Mapping[int, Sequence[DrainedRequest]]) -> int:
+        await self.ensure_workers(epoch, list(jobs))
+        calls: list[tuple[GpuId, worker_pb2.ConfigureRequest, tuple[object, ...] | None]] = []
+        for group in pipeline_members(jobs).values():
+            imports = {job.gpu: self._kv_imports(job, kv) for job in group}
+            if all(self._serves(job) for job in group) and not any(imports.values()):
+                continue   # carried over unchanged: the router keeps sending it requests
+            # a pipeline regroups whole: every rank joins the new world (one that carries
+            # over unchanged only imports the KV it inherits, and keeps serving)
+            master = self.rendezvous(group[0].gpu, epoch)
+            for job in group:
+                request = configure_request(self.model, self.fleet.model_dir, epoch, job,
+                                            group, self.address, master, self.fleet.max_batch,
+                                            imports[job.gpu])
+                calls.append((job.gpu, request, signature(job)))
+        for gpu in self.workers():   # a worker no role uses stops its old pipeline
+            if gpu not in jobs and self.serving.get(gpu, (0, None))[1] is not None:
+                calls.append((gpu, worker_pb2.ConfigureRequest(epoch=epoch), None))
+        replies = await self._configure_all([(g, r) for g, r, _ in calls])
+        failed, moved = [], 0
+        for (gpu, _, role), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self.serving.pop(gpu, None)
+                failed.append(f"{gpu}: {reply}")
+                continue
+            self.serving[gpu] = (epoch, role)
+            self.moved.add(reply)
+            moved += reply.moved
+        if failed:
+            raise ActuatorError("configure failed on " + "; ".join(failed))
+        return moved
+
+    async def preload(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
+                      gpus: Sequence[GpuId]) -> int:
+        await self.ensure_workers(epoch, gpus)
+        targets, calls = set(gpus), []
+        for group in pipeline_members(jobs).values():
+            for job in group:
+                if job.gpu in targets:
+                    request = configure_request(self.model, self.fleet.model_dir, epoch, job,
+                                                group, self.address, "", self.fleet.max_batch)
+                    request.preload_only = True
+                    calls.append((job.gpu, request))
+        replies = await self._configure_all(calls)
+        failed = [f"{gpu}: {r}" for (gpu, _), r in zip(calls, replies, strict=True)
+                  if isinstance(r, BaseException)]
+        gathered = sum(r.moved for r in replies if isinstance(r, Configured))
+        # counted as moved now; the configure that follows reports them as kept
+        self.moved.pulled += sum(r.pulled for r in replies if isinstance(r, Configured))
+        self.moved.checkpoint += sum(r.checkpoint for r in replies if isinstance(r, Configured))
+        if failed:
+            raise ActuatorError("preload failed on " + "; ".join(failed))
+        return gathered
+
+    async def _configure_all(self, calls: Sequence[tuple[GpuId, worker_pb2.ConfigureRequest]]
+                             ) -> list[Configured | BaseException]:
+        """Every Configure at once (the ranks of a pipeline rendezvous with each other)."""
+        async def one(gpu: GpuId, request: worker_pb2.ConfigureRequest) -> Configured:
+            return await self.wire.configure(self.address(gpu), request,
+                                             self.fleet.configure_timeout)
+
+        return list(await asyncio.gather(*(one(g, r) for g, r in calls),
+                                         return_exceptions=True))
+
+    def _serves(self, job: WorkerAssignment) -> bool:
+        """An unchanged job whose worker already runs exactly this role."""
+        return job.unchanged and self.serving.get(job.gpu, (0, None))[1] == signature(job)
+
+    def _kv_imports(self, job: WorkerAssignment, kv: Mapping[int, Sequence[DrainedRequest]]
+                    ) -> list[worker_pb2.KVImport]:
+        if not job.is_driver or job.kv_from is None or job.kv_holder is None or \
+                job.kv_holder == job.gpu:
+            return []
+        try:
+            holder = self.address(job.kv_holder)
+        except ActuatorError:
+            return []  # the holder is gone: those requests re-prefill
+        return kv_imports(self.model, kv.get(job.kv_from, ()), holder)
+
+    # ---- switch -----------------------------------------------------------------------
+    async def set_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
+                           resume: Sequence[Resume]) -> None:
+        await self._send_topology(epoch, pipelines, resume)
+        self.routed = [p for p in pipelines if p.state != "gone"]
+        self.router_epoch = epoch
+        serving = {p.pipeline_id for p in self.routed}
+        self._drains = {k: v for k, v in self._drains.items() if k not in serving}
+        await self.switched(epoch)
+
+    async def _send_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
+                             resume: Sequence[Resume]) -> None:
+        routes = []
+        for p in pipelines:
+            try:
+                address = self.address(p.driver) if p.state != "gone" else ""
+            except ActuatorError:
+                address = ""   # its driver is gone: so is the pipeline
+            routes.append((p, address))
+        await self.wire.topology(self.router_address(), epoch, routes, resume,
+                                 self.fleet.max_batch, self.fleet.switch_timeout)
+
+    # ---- health -----------------------------------------------------------------------
+    async def start(self, sink: Sink) -> None:
+        await self.stop()
+        self._monitor = asyncio.create_task(self._watch(sink), name="fleet-health")
+
+    async def stop(self) -> None:
+        task, self._monitor = self._monitor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _watch(self, sink: Sink) -> None:
+        """Every `health_every` seconds, every worker's Status: one silent for
+        `health_deadline` (or whose process exited) is replaced; a serving pipeline its
+        workers report broken is reported once."""
+        silent: dict[GpuId, float] = {}
+        reported: set[str] = set()
+        while True:
+            await asyncio.sleep(self.fleet.health_every)
+            gpus = list(self.workers())
+            reports = await asyncio.gather(*(self._report(g) for g in gpus),
+                                           return_exceptions=True)
+            now = time.monotonic()
+            serving = {p.pipeline_id for p in self.routed if p.state == "serving"}
+            for gpu, report in zip(gpus, reports, strict=True):
+                if isinstance(report, WorkerReport):
+                    silent.pop(gpu, None)
+                    pid = report.pipeline_id
+                    if report.pipeline_error and pid in serving and pid not in reported:
+                        reported.add(pid)
+                        await sink(PipelineBroken(pid, report.pipeline_error))
+                    continue
+                since = silent.setdefault(gpu, now)
+                if self.crashed(gpu) or now - since >= self.fleet.health_deadline:
+                    silent.pop(gpu, None)
+                    why = "exited" if self.crashed(gpu) else \
+                        f"silent for {now - since:.1f} s ({report})"
+                    log.warning("worker %s %s: replacing it", gpu, why)
+                    self.serving.pop(gpu, None)
+                    await self.replace_worker(gpu, why)
+                    await sink(WorkerRestarted(gpu.instance, gpu.index, why))
+
+
+def _status(pipeline_id: str, report: WorkerReport) -> PipelineStatus:
+    error = report.pipeline_error
+    if not error and report.pipeline_id != pipeline_id:
+        error = f"its driver serves {report.pipeline_id or 'no pipeline'} now"
+    elif not error and report.state not in SERVING_STATES:
+        error = f"its driver is {report.state}"
+    return PipelineStatus(report.cached_tokens, report.remaining_steps, report.decode_step_ms,
+                          report.state, error)
