@@ -11,8 +11,11 @@ position counting stage by stage, TP rank within the stage.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from spotserve.errors import SpotserveError
 from spotserve.layout import ParallelConfig, PipelineLayout, Position, StageLayout
@@ -94,20 +97,59 @@ def parse_role(request: worker_pb2.ConfigureRequest, model: ModelSpec) -> EpochR
     return out
 
 
-def join_world(role: EpochRole, backend: str, timeout_s: float) -> None:
-    """Form the pipeline's torch.distributed world (blocks until every rank joins)."""
+class JoinAborted(Exception):
+    """The rendezvous was given up: a newer Configure superseded it, or its caller left."""
+
+
+def join_world(role: EpochRole, backend: str, timeout_s: float,
+               abort: threading.Event | None = None, connect_s: float = 10.0) -> None:
+    """Form the pipeline's torch.distributed world: every rank checks in on the driver's
+    store, then the group connects (within `connect_s`). Waits at most `timeout_s` for the
+    ranks to check in, and gives up at once (`JoinAborted`) when `abort` is set, so a
+    worker never stays stuck in the rendezvous of an epoch that is gone."""
     import torch.distributed as dist
     if role.world_size == 1:
         return
     host, port = role.master_address.rsplit(":", 1)
     if host.startswith("127.") and backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, int(port), role.world_size,  # type: ignore[attr-defined]
-                          is_master=role.rank == 0, timeout=timeout)
+    give_up = time.monotonic() + timeout_s
+    store = _store(host, int(port), role, give_up, abort)
     prefixed = dist.PrefixStore(role.group_id, store)  # type: ignore[attr-defined]
-    dist.init_process_group(backend, store=prefixed,
-                            rank=role.rank, world_size=role.world_size, timeout=timeout)
+    prefixed.set(f"arrived/{role.rank}", "1")
+    arrived = [f"arrived/{r}" for r in range(role.world_size)]
+    while True:
+        try:
+            prefixed.wait(arrived, timedelta(seconds=0.25))
+            break
+        except RuntimeError:  # not all here yet (torch raises DistStoreError, a RuntimeError)
+            _check(role, give_up, abort)
+    dist.init_process_group(backend, store=prefixed, rank=role.rank,
+                            world_size=role.world_size, timeout=timedelta(seconds=connect_s))
+
+
+def _store(host: str, port: int, role: EpochRole, give_up: float,
+           abort: threading.Event | None) -> Any:
+    """The driver hosts the pipeline's store; the others connect to it, retrying until
+    it is up (or the rendezvous is given up)."""
+    import torch.distributed as dist
+    if role.rank == 0:
+        return dist.TCPStore(host, port, role.world_size, is_master=True,  # type: ignore[attr-defined]
+                             timeout=timedelta(seconds=30), wait_for_workers=False)
+    while True:
+        try:
+            return dist.TCPStore(host, port, role.world_size, is_master=False,  # type: ignore[attr-defined]
+                                 timeout=timedelta(seconds=1))
+        except RuntimeError:  # the driver's store is not listening yet
+            _check(role, give_up, abort)
+
+
+def _check(role: EpochRole, give_up: float, abort: threading.Event | None) -> None:
+    if abort is not None and abort.is_set():
+        raise JoinAborted(f"the rendezvous of {role.group_id} was superseded")
+    if time.monotonic() > give_up:
+        raise TimeoutError(f"the ranks of pipeline {role.pipeline_id} did not all check in "
+                           f"at {role.master_address} in time")
 
 
 def leave_world() -> None:

@@ -101,6 +101,8 @@ class WorkerServicer(TensorServicer):
         self._gather_seconds = 0.0
         self._configure_lock = asyncio.Lock()
         self._switching = False   # a Configure is leaving one epoch for the next
+        self._configuring = 0     # the epoch of the Configure in progress
+        self._abort_join = threading.Event()  # give up the rendezvous in progress
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     # ---- helpers ------------------------------------------------------------------------
@@ -138,14 +140,19 @@ class WorkerServicer(TensorServicer):
                         context: Context) -> worker_pb2.ConfigureResponse:
         if self.state == WS.WORKER_STATE_STOPPING:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
+        if self._configure_lock.locked() and request.epoch > self._configuring:
+            self._abort_join.set()  # a newer epoch: the one joining now will never form
         task = asyncio.ensure_future(self._configure_locked(request))
+        task.add_done_callback(_seen)
         try:
             reply = await asyncio.shield(task)
         except asyncio.CancelledError:
-            # The caller gave up (a deadline, or the controller re-planning). Gathering may
-            # stop half way; a switch of epoch that has begun runs to its end, so the worker
-            # is never left between two epochs.
-            if not self._switching:
+            # The caller gave up (a deadline, or the controller re-planning): gathering stops
+            # half way, and so does a rendezvous still waiting for its ranks (the worker is
+            # then in no epoch: STANDBY); building a stage once joined runs to its end.
+            if self._switching:
+                self._abort_join.set()
+            else:
                 task.cancel()
             raise
         except SpotserveError as exc:
@@ -157,6 +164,8 @@ class WorkerServicer(TensorServicer):
     async def _configure_locked(self, request: worker_pb2.ConfigureRequest
                                 ) -> worker_pb2.ConfigureResponse:
         async with self._configure_lock:
+            self._configuring = request.epoch
+            self._abort_join.clear()
             start = time.perf_counter()
             try:
                 reply = await self._configure(request)
@@ -263,7 +272,8 @@ class WorkerServicer(TensorServicer):
     def _build(self, role: EpochRole, spec: ModelSpec, folder: Path,
                tensors: dict[str, torch.Tensor], config: EngineConfig) -> None:
         start = time.perf_counter()
-        join_world(role, backend_for(self.options.device), self.options.join_timeout_s)
+        join_world(role, backend_for(self.options.device), self.options.join_timeout_s,
+                   self._abort_join, connect_s=max(5.0, 2 * self.options.peer_timeout_s))
         if role.world_size == 1:
             groups = EpochGroups.single(role.config)
         else:
@@ -534,6 +544,12 @@ def _paused_progress(request_id: str, held: Any) -> common_pb2.RequestProgress:
         generated_tokens=len(state.output_token_ids) if state else 0,
         kv_tokens=held.kv_tokens, kv_kept=held.kv is not None,
         max_tokens=state.params.max_tokens if state else 0)
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    """A Configure whose caller left still ends: its failure was logged, not lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _leave(groups: EpochGroups) -> None:

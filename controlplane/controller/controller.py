@@ -545,6 +545,9 @@ class Controller:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=5.0)
+            if task.done():  # what a cancelled gather ends with is seen, not logged
+                with contextlib.suppress(BaseException):
+                    task.exception()
 
     def _abort(self, why: str) -> None:
         self.journal.record("aborted", self.epoch, phase=self.phase, reason=why)

@@ -233,8 +233,7 @@ class WorkerFleet(Actuator):
         await self._send_topology(epoch, pipelines, resume)
         self.routed = [p for p in pipelines if p.state != "gone"]
         self.router_epoch = epoch
-        serving = {p.pipeline_id for p in self.routed}
-        self._drains = {k: v for k, v in self._drains.items() if k not in serving}
+        self._drains = {}  # every drain so far is settled by this switch
         await self.switched(epoch)
 
     async def _send_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],

@@ -8,9 +8,11 @@ removals 1–5 s apart; a worker stopped (SIGSTOP) past the failure-detection bo
 controller restart. Targets are roles resolved when the fault fires (`chaos_run`), never
 names chosen for convenience.
 
-`verdict(...)` turns a run into its outcome: requests failed, hung and mismatched against
-the no-preemption reference, and per fault kind the recovery time from the fault to the
-next token of every request it interrupted.
+`verdict(...)` turns a run into its outcome: requests failed, hung and wrong (a token that is
+not the model's greedy choice for exactly the tokens before it; see
+`spotserve.worker.greedy_check` for why that, and not one reference run, is the oracle),
+how many differ from the no-preemption reference at fp32 near-ties, and per fault kind
+the recovery time from the fault to the next token of every request it interrupted.
 
 The router cannot yet survive its own restart (its commit log lives in its memory; issue
 "Router without a single point of failure"), so router restarts are not among the faults.
@@ -24,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 ADD, NOTICE, KILL, STOP, RESTART = "add", "notice", "kill", "stop", "restart"
+DEADLINE = "notice-deadline"  # the kill at the end of a notice's grace, as struck
 SELECTORS = ("any", "driver", "follower")
 PHASES = ("preloading", "draining", "configuring")
 KINDS = ("join", "notice", "kill", "cascade", "kill-in-phase", "notice-in-phase", "stop",
@@ -108,7 +111,7 @@ def generate(seed: int, duration: float = 40.0, max_instances: int = 6) -> Chaos
         else:
             faults.append(Fault(round(t, 2), RESTART))
         t += rng.uniform(3.0, 8.0)
-    faults.sort(key=lambda f: f.at)
+    faults = sorted((f for f in faults if f.at < duration - 1.0), key=lambda f: f.at)
     return ChaosPlan(seed, initial, tuple(faults), duration)
 
 
@@ -127,11 +130,13 @@ class RequestTrace:
     """One request as the client and the router saw it (seconds since the run started)."""
 
     request_id: str
+    sent: float
     ok: bool                              # finished with its full length
     token_times: tuple[float, ...]        # arrival of each generated token
     # when its stream broke (and it resumed), and the pipeline it broke on
     interruptions: tuple[tuple[float, str], ...] = ()
-    matches_reference: bool = True
+    greedy: bool = True                   # every token the greedy choice (the verdict)
+    same_as_reference: bool = True        # identical to the no-preemption run
 
 
 @dataclass
@@ -141,10 +146,12 @@ class Outcome:
     failed: int = 0
     hung: int = 0
     mismatched: int = 0
+    differing: int = 0        # correct, but not what the reference run produced (ties)
     faults: dict[str, int] = field(default_factory=dict)
     recovery: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""
+    not_clean: list[str] = field(default_factory=list)  # ids of failed/hung/mismatched
 
     @property
     def clean(self) -> bool:
@@ -154,25 +161,30 @@ class Outcome:
 def verdict(seed: int, struck: Sequence[Struck], traces: Sequence[RequestTrace],
             members: Mapping[str, Sequence[str]], hung: int = 0,
             attribution_s: float = 60.0) -> Outcome:
-    """Count failures and mismatches, and time each interruption's recovery: from the
-    fault that caused it to the request's next token. The cause is the latest fault
-    before the interruption that struck an instance of the pipeline it broke on
-    (`members`: pipeline id → instances), else the latest fault of any kind (a controller
-    restart, or a join whose re-plan drained the pipeline), within `attribution_s`."""
+    """Count failures and wrong outputs, and time each interruption's recovery: from the
+    fault that caused it (or the request's arrival, if later) to the request's next token.
+    The cause is the latest fault before the interruption that struck an instance of the
+    pipeline it broke on (`members`: pipeline id → instances; a join breaks nothing),
+    else the latest fault of any kind (a re-plan it caused drained the pipeline), within
+    `attribution_s`."""
     out = Outcome(seed, len(traces), sum(not t.ok for t in traces), hung,
-                  sum(t.ok and not t.matches_reference for t in traces))
+                  sum(t.ok and not t.greedy for t in traces),
+                  sum(t.ok and t.greedy and not t.same_as_reference for t in traces))
+    out.not_clean = [t.request_id for t in traces if not (t.ok and t.greedy)]
     fired = sorted((s for s in struck if s.target), key=lambda s: s.at)
     for s in fired:
         out.faults[s.label] = out.faults.get(s.label, 0) + 1
     for trace in traces:
         for broke, pipeline in trace.interruptions:
             before = [s for s in fired if s.at <= broke and broke - s.at <= attribution_s]
-            hit = [s for s in before if s.target in members.get(pipeline, ())]
+            hit = [s for s in before if s.label != "join"
+                   and s.target in members.get(pipeline, ())]
             causes = hit or before
             after = [t for t in trace.token_times if t > broke]
             if causes and after:
                 cause = causes[-1]
-                out.recovery.setdefault(cause.label, []).append(after[0] - cause.at)
+                since = max(cause.at, trace.sent)
+                out.recovery.setdefault(cause.label, []).append(after[0] - since)
     return out
 
 
@@ -205,5 +217,6 @@ def totals(outcomes: Sequence[Outcome]) -> Mapping[str, int]:
     return {"runs": len(outcomes), "requests": sum(o.requests for o in outcomes),
             "failed": sum(o.failed for o in outcomes), "hung": sum(o.hung for o in outcomes),
             "mismatched": sum(o.mismatched for o in outcomes),
+            "differing_from_reference": sum(o.differing for o in outcomes),
             "errors": sum(bool(o.error) for o in outcomes),
             "clean_runs": sum(o.clean for o in outcomes)}

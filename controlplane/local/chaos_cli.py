@@ -57,8 +57,8 @@ def _line(outcome: Any) -> str:
     faults = ", ".join(f"{k} {v}" for k, v in sorted(outcome.faults.items())) or "none fired"
     extra = f" error: {outcome.error}" if outcome.error else ""
     return (f"seed {outcome.seed:4d}  {verdict:9s}  requests {outcome.requests:4d}  failed "
-            f"{outcome.failed}  hung {outcome.hung}  mismatched {outcome.mismatched}  "
-            f"{outcome.seconds:6.1f} s  faults: {faults}{extra}")
+            f"{outcome.failed}  hung {outcome.hung}  wrong {outcome.mismatched}  "
+            f"(ties {outcome.differing})  {outcome.seconds:6.1f} s  faults: {faults}{extra}")
 
 
 def _seconds(value: float) -> str:
@@ -100,8 +100,11 @@ def run(args: argparse.Namespace) -> int:
     summary["seconds"] = round(elapsed, 1)
     print(f"\n=== chaos summary: {summary['runs']} runs in {elapsed / 60:.1f} min ===")
     print(f"requests {summary['requests']}, failed {summary['failed']}, hung "
-          f"{summary['hung']}, mismatched {summary['mismatched']}, harness errors "
-          f"{summary['errors']}; clean runs {summary['clean_runs']}/{summary['runs']}")
+          f"{summary['hung']}, wrong outputs {summary['mismatched']} (a token not the greedy "
+          f"choice for the tokens before it), harness errors {summary['errors']}; clean runs "
+          f"{summary['clean_runs']}/{summary['runs']}")
+    print(f"outputs that differ from the no-preemption reference at fp32 near-ties (correct, "
+          f"batch-dependent rounding): {summary['differing_from_reference']}")
     print("recovery: from the fault to the next token of each request it interrupted")
     print(table_text(table))
     if args.json:

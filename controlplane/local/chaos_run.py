@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from spotserve.v1 import common_pb2
 from ..planner.cluster import GpuId
 from .chaos import (
     ADD,
+    DEADLINE,
     KILL,
     NOTICE,
     RESTART,
@@ -43,7 +45,7 @@ from .chaos import (
     verdict,
 )
 from .cloud import Script
-from .runner import LocalRun, RunOptions
+from .runner import LocalRun, RunOptions, RunResult
 from .tiny_model import build_tiny_llama
 
 MIN_ALIVE = 2       # instances one pipeline of the tiny model needs (P=2 or M=2)
@@ -115,7 +117,9 @@ class ChaosRun(LocalRun):
     async def _kill_later(self, name: str, delay: float) -> None:
         assert self.backend is not None
         await asyncio.sleep(delay)
-        await self.backend.kill(name)
+        if name in self._alive():
+            self.struck.append(Struck(self.now(), DEADLINE, name))
+            await self.backend.kill(name)
 
     def _alive(self, noticed_ok: bool = True) -> list[str]:
         assert self.backend is not None
@@ -148,12 +152,17 @@ class ChaosRun(LocalRun):
             self._boot(f"s{self._spares}")
 
 
-def outcome_of(run: ChaosRun, reference: dict[str, list[int]], hung: int,
-               seconds: float, error: str = "") -> Outcome:
+def outcome_of(run: ChaosRun, result: RunResult | None, hung: int, seconds: float,
+               error: str = "") -> Outcome:
+    reference = result.reference if result else {}
+    greedy = result.greedy if result else {}
+    _dump(run, reference, greedy)
     done = common_pb2.FINISH_REASON_LENGTH
-    traces = [RequestTrace(r.request_id, bool(r.done) and not r.error and r.finish == done,
+    traces = [RequestTrace(r.request_id, r.sent,
+                           bool(r.done) and not r.error and r.finish == done,
                            tuple(r.token_times), tuple(r.interruptions),
-                           reference.get(r.request_id, r.tokens) == r.tokens)
+                           greedy.get(r.request_id, False),
+                           reference.get(r.request_id) == r.tokens)
               for r in run.records]
     members: dict[str, list[str]] = {}
     for entry in run.journal.read():
@@ -162,6 +171,22 @@ def outcome_of(run: ChaosRun, reference: dict[str, list[int]], hung: int,
     out.seconds, out.error = round(seconds, 1), error
     out.failed -= min(out.failed, hung)  # a hung request is counted once, as hung
     return out
+
+
+def _dump(run: ChaosRun, reference: dict[str, list[int]], greedy: dict[str, bool]) -> None:
+    """Every request of the run, the faults as they struck: `requests.jsonl`, `faults.json`
+    in the run's folder, to look into what went wrong."""
+    folder = run.options.workdir
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "requests.jsonl").open("w") as out:
+        for r in run.records:
+            out.write(json.dumps({
+                "id": r.request_id, "sent": round(r.sent, 3), "done": round(r.done, 3),
+                "error": r.error, "finish": r.finish, "prompt": r.prompt, "tokens": r.tokens,
+                "greedy": greedy.get(r.request_id), "reference": reference.get(r.request_id),
+                "resumes": r.resumes,
+                "interruptions": [(round(t, 3), p) for t, p in r.interruptions]}) + "\n")
+    (folder / "faults.json").write_text(json.dumps([vars(s) for s in run.struck], indent=1))
 
 
 async def run_seed(plan: ChaosPlan, model: Path, workdir: Path,
@@ -179,12 +204,13 @@ async def run_seed(plan: ChaosPlan, model: Path, workdir: Path,
         with contextlib.suppress(BaseException):
             await task
         hung = sum(not r.done for r in run.records)
-        return outcome_of(run, {}, max(hung, 1), time.monotonic() - start,
+        return outcome_of(run, None, max(hung, 1), time.monotonic() - start,
                           "the run did not end in time")
     except Exception as exc:  # a harness failure is a finding too: report it, go on
-        return outcome_of(run, {}, 0, time.monotonic() - start, f"{type(exc).__name__}: {exc}")
+        return outcome_of(run, None, 0, time.monotonic() - start,
+                          f"{type(exc).__name__}: {exc}")
     hung = sum(not r.done for r in run.records)
-    return outcome_of(run, result.reference, hung, time.monotonic() - start)
+    return outcome_of(run, result, hung, time.monotonic() - start)
 
 
 @contextlib.contextmanager

@@ -46,9 +46,13 @@ def summary(result: RunResult) -> dict[str, Any]:
         "bytes_preloaded": sum(int(e.get("bytes", 0)) for e in result.journal
                                if e["kind"] == "preloaded"),
         "reference_checked": len(checked) if result.reference else 0,
-        "identical_to_reference": bool(result.reference) and not result.mismatched
+        "greedy_checked": len(result.greedy),
+        "identical_to_reference": bool(result.reference) and not result.differing
         and len(checked) == len(served),
+        "differing_from_reference": result.differing,
         "mismatched": result.mismatched,
+        "outputs_correct": bool(result.greedy) and not result.mismatched
+        and len(result.greedy) == len(served),
     }
 
 
@@ -61,10 +65,15 @@ def summary_text(s: dict[str, Any]) -> str:
     for c in s["configurations"]:
         if not configs or configs[-1] != c:
             configs.append(c)
-    if s["reference_checked"]:
-        same = (f"all {s['reference_checked']} identical to the no-preemption reference"
-                if s["identical_to_reference"] else
-                f"{len(s['mismatched'])} DIFFER from the no-preemption reference")
+    if s["greedy_checked"]:
+        differ = len(s["differing_from_reference"])
+        reference = ("all identical to the no-preemption reference" if not differ else
+                     f"{s['reference_checked'] - differ} identical to the no-preemption "
+                     f"reference, {differ} differ from it at fp32 near-ties")
+        same = (f"all {s['greedy_checked']} greedy token by token ({reference})"
+                if s["outputs_correct"] else
+                f"{len(s['mismatched'])} WRONG: a token that is not the greedy choice "
+                f"for the tokens before it ({', '.join(s['mismatched'][:5])})")
     else:
         same = "not checked (no reference run)"
     return "\n".join([
@@ -94,7 +103,8 @@ def write_json(path: Path, result: RunResult, s: dict[str, Any]) -> None:
                       "latency_s": round(r.latency, 3), "tokens": len(r.tokens),
                       "error": r.error,
                       "identical": result.reference.get(r.request_id) == r.tokens
-                      if result.reference else None} for r in result.records],
+                      if result.reference else None,
+                      "greedy": result.greedy.get(r.request_id)} for r in result.records],
     }
     path.write_text(json.dumps(data, indent=1, default=str))
 

@@ -5,7 +5,9 @@
 notices, kills); sends greedy requests at a steady rate through the router's gRPC API;
 optionally restarts the controller mid-run from its state file; and, once the script has
 ended, replays every prompt against the final configuration (the no-preemption
-reference). Every process it starts is stopped on the way out, also on failure.
+reference) and checks every output token by token (`spotserve.worker.greedy_check`:
+each token the model's greedy choice for exactly the tokens before it). Every process it
+starts is stopped on the way out, also on failure.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import random
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,7 +42,7 @@ from ..planner.homogeneous import SearchLimits
 from ..planner.roofline import RooflineCostModel
 from ..router.app import RouterApp
 from ..router.commit_log import CommitLog
-from .backend import BackendOptions, LocalBackend
+from .backend import ROOT, BackendOptions, LocalBackend
 from .cloud import ADD, KILL, NOTICE, RATE, Script
 from .tiny_model import VOCAB
 
@@ -81,6 +85,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)   # when each token arrived
     # when its stream broke, and on which pipeline
     interruptions: list[tuple[float, str]] = field(default_factory=list)
+    resumes: list[str] = field(default_factory=list)  # "mode@pipeline after N tokens"
 
     @property
     def latency(self) -> float:
@@ -91,6 +96,7 @@ class RequestRecord:
 class RunResult:
     records: list[RequestRecord]
     reference: dict[str, list[int]]
+    greedy: dict[str, bool]   # request → every token a greedy step (empty: not checked)
     timeline: list[dict[str, Any]]
     journal: list[dict[str, Any]]
     configs: list[dict[str, Any]]
@@ -106,6 +112,15 @@ class RunResult:
 
     @property
     def mismatched(self) -> list[str]:
+        """Requests whose output is wrong: a token that is not the model's greedy choice
+        for the tokens before it (or, unchecked, one that differs from the reference)."""
+        if self.greedy:
+            return [rid for rid, ok in self.greedy.items() if not ok]
+        return self.differing
+
+    @property
+    def differing(self) -> list[str]:
+        """Served requests whose output differs from the no-preemption reference run."""
         return [r.request_id for r in self.records if not r.error
                 and r.request_id in self.reference and self.reference[r.request_id] != r.tokens]
 
@@ -164,7 +179,9 @@ class LocalRun:
             await self._start_all()
             await self._play()
             reference = await self._reference() if self.options.reference else {}
-            return self._result(reference)
+            greedy = await greedy_check(self.options.model_dir, self.options.workdir,
+                                        self.records) if self.options.reference else {}
+            return self._result(reference, greedy)
         finally:
             await self._stop_all()
 
@@ -298,6 +315,8 @@ class LocalRun:
         if record is not None:
             record.interruptions = [(r.interrupted_at - self._start, r.interrupted_on)
                                     for r in log.resumes if r.interrupted_at]
+            record.resumes = [f"{r.mode}@{r.pipeline_id} after {r.committed}"
+                              for r in log.resumes]
 
     def _prompt(self) -> list[int]:
         vocab = min(self.model.vocab_size, VOCAB)
@@ -371,7 +390,7 @@ class LocalRun:
         await asyncio.gather(*(one(r) for r in self.records if not r.error))
         return out
 
-    def _result(self, reference: dict[str, list[int]]) -> RunResult:
+    def _result(self, reference: dict[str, list[int]], greedy: dict[str, bool]) -> RunResult:
         assert self.router is not None and self.backend is not None
         sample = self.router.router.metrics.registry.get_sample_value
         resumed = {mode: int(sample("spotserve_requests_resumed_total", {"mode": mode}) or 0)
@@ -390,13 +409,36 @@ class LocalRun:
             controller_metrics["bytes_planned"] = get(
                 "spotserve_migration_bytes_planned_total") or 0.0
         return RunResult(
-            records=list(self.records), reference=reference,
+            records=list(self.records), reference=reference, greedy=greedy,
             timeline=list(self.backend.timeline), journal=journal,
             configs=configs, resumed=resumed,
             moved={"kept": moved.kept, "pulled": moved.pulled,
                    "checkpoint": moved.checkpoint, "configures": moved.configures},
             controller_metrics=controller_metrics, wall_seconds=self.now(),
             script_source=self.options.script.source)
+
+
+async def greedy_check(model_dir: Path, workdir: Path, records: list[RequestRecord]
+                       ) -> dict[str, bool]:
+    """Check every finished request token by token in a worker-side process (see
+    `spotserve.worker.greedy_check`): request id → all its tokens greedy choices."""
+    done = [r for r in records if r.tokens and not r.error]
+    path = workdir / "greedy-check.jsonl"
+    path.write_text("".join(json.dumps({"id": r.request_id, "prompt": r.prompt,
+                                        "tokens": r.tokens}) + "\n" for r in done))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "spotserve.worker.greedy_check", "--model", str(model_dir),
+        str(path), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 300)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise SpotserveError("the greedy check of the outputs did not finish in 300 s") from None
+    if process.returncode:
+        raise SpotserveError(f"the greedy check of the outputs failed: "
+                             f"{err.decode(errors='replace')[-500:]}")
+    return {v["id"]: bool(v["ok"]) for v in map(json.loads, out.decode().splitlines())}
 
 
 async def run_local(options: RunOptions) -> RunResult:

@@ -123,3 +123,30 @@ async def test_a_follower_notices_its_idle_driver_is_gone(
         if sig == signal.SIGSTOP:
             a.process.send_signal(signal.SIGCONT)
         await asyncio.gather(*(w.stop(timeout=15) for w in (a, b)))
+
+
+async def test_a_newer_configure_ends_a_rendezvous_whose_peer_never_comes(
+        checkpoint: Path, reference: Callable[[list[int], int], list[int]],
+        tmp_path: Path) -> None:
+    """Epoch 1 asks A to form a pipeline with a peer that died before it could join;
+    epoch 2 (the controller re-planned) must not wait out the rendezvous timeout."""
+    spec = ModelSpec.from_hf_config(checkpoint)
+    a, b = await asyncio.gather(*(spawn(h, checkpoint, tmp_path, "--join-timeout", "60")
+                                  for h in ("127.0.0.46", "127.0.0.47")))
+    try:
+        config = ParallelConfig.uniform(spec.num_layers, 1, 2, 1, batch=8)
+        placement = {Position(0, 0, 0): a, Position(0, 1, 0): b}
+        b.process.send_signal(signal.SIGKILL)  # dies before its Configure arrives
+        stranded = asyncio.ensure_future(configure_pipeline(spec, 1, config, placement))
+        for _ in range(100):   # A is in the rendezvous, waiting for B
+            if (await a.status()).state == worker_pb2.WORKER_STATE_LOADING:
+                break
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await _serves_alone(spec, a, 2, reference)
+        assert time.monotonic() - started < HANG  # not the 60 s join timeout
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stranded
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await asyncio.gather(*(w.stop(timeout=15) for w in (a, b)))
