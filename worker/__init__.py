@@ -8,10 +8,13 @@ concept per module:
 - `epoch`: a Configure's role → the pipeline's `ParallelConfig`, position and rank; each
   pipeline of an epoch is its own torch.distributed world.
 - `weights`: gather a role's weight slices (kept / peer / checkpoint, failing over to the
-  checkpoint) and serve the built stage's parameters to peers; `sources`: the controller's
-  side, the sources and KV imports of a Configure from the layout math.
-- `driver`: the pipeline driver's engine on its own thread; drains pause requests with
-  their KV into `kv_store`, which serves them to peers and assembles imported ones.
+  checkpoint) and serve the built stage's parameters to peers. What a Configure asks for
+  is built by the controller (`spotserve.operator.controller.configure`), the one builder.
+- `driver`: the pipeline driver's engine on its own thread; a drain publishes each rank's
+  share of the paused requests' KV into its `engine.kv_shares`, which `kv_store` serves to
+  peers and fills with the pieces a new role imports.
+- `greedy_check`: every output token checked as the greedy choice for its prefix (the
+  chaos campaign's and the demo's verdict).
 - `requests`: a SubmitRequest checked and turned into engine state; token events into
   deltas. `transfer`, `tensor_store`, `peer_service`: chunked tensor streaming over
   gRPC, or over the `bulk` port (plain TCP behind a one-time ticket from `OpenBulkPull`);

@@ -6,9 +6,11 @@ command and returns a `concurrent.futures.Future`; tokens go to each request's `
 (called on the engine thread; the server forwards them to the request's asyncio queue).
 
 A drain (by steps or by a wall-clock deadline) lets the engine run its allowed steps, then
-exports every unfinished request with its KV cache into `PausedRequests`, ends their
-streams with FINISH_REASON_PAUSED and reports each one's progress. `stop` is a drain of
-zero steps followed by releasing the pipeline's other ranks.
+publishes every unfinished request (each rank keeps its share of the KV cache; the driver
+remembers the tokens in `PausedRequests`), ends their streams with FINISH_REASON_PAUSED and
+reports each one's progress. A drain that `gather`s also keeps each whole cache on the
+driver (a rank is leaving). `stop` is a drain of zero steps followed by releasing the
+pipeline's other ranks.
 
 While idle, the engine thread pings the pipeline's ranks every `ping_every` seconds, which
 keeps every collective inside its timeout and finds a dead peer before a request does. When
@@ -98,6 +100,7 @@ class Driver:
         self._drain: Future[DrainResult] | None = None
         self._deadline: float | None = None
         self._drain_steps = 0
+        self._gather = False   # the drain under way keeps whole caches on the driver too
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
@@ -115,17 +118,20 @@ class Driver:
         return future
 
     def submit(self, state: RequestState, sink: Sink) -> Future[None]:
-        """Start (or resume, from `state.kv` or by re-prefill) a request."""
+        """Start a request, or resume one: from the KV its ranks hold when
+        `state.num_computed` says so (falling back to re-prefill), else by re-prefill."""
         return self._call(lambda: self._submit(state, sink))
 
     def cancel(self, request_id: str) -> Future[bool]:
         return self._call(lambda: self._cancel(request_id))
 
-    def drain(self, steps: int | None = None, deadline_unix: float | None = None
-              ) -> Future[DrainResult]:
-        """Stop after `steps` more steps, or before `deadline_unix`; KV kept."""
+    def drain(self, steps: int | None = None, deadline_unix: float | None = None,
+              gather: bool = False) -> Future[DrainResult]:
+        """Stop after `steps` more steps, or before `deadline_unix`; KV kept (`gather`:
+        each whole cache on the driver too)."""
         done: Future[DrainResult] = Future()
-        return self._call_into(lambda: self._start_drain(steps, deadline_unix, done), done)
+        return self._call_into(lambda: self._start_drain(steps, deadline_unix, done, gather),
+                               done)
 
     def undrain(self) -> Future[None]:
         return self._call(self._undrain)
@@ -237,10 +243,14 @@ class Driver:
             raise NotServing("the pipeline is drained; it takes no new requests")
         if self.engine.scheduler.get(state.request_id) is not None:
             raise DuplicateRequest(f"request {state.request_id} is already running here")
-        if state.kv is None and not state.output_token_ids:
-            self.engine.submit(state.request_id, state.prompt_token_ids, state.params)
-        else:
+        if state.num_computed:
+            if not self.engine.adopt(state):
+                log.warning("request %s: some rank lacks its KV share; it re-prefills",
+                            state.request_id)
+        elif state.output_token_ids:
             self.engine.resume(state)
+        else:
+            self.engine.submit(state.request_id, state.prompt_token_ids, state.params)
         self._sinks[state.request_id] = sink
         self._publish(0.0)
 
@@ -255,16 +265,17 @@ class Driver:
         return True
 
     def _start_drain(self, steps: int | None, deadline: float | None,
-                     done: Future[DrainResult]) -> None:
+                     done: Future[DrainResult], gather: bool = False) -> None:
         if self._drain is not None:   # a second drain replaces the first's limit
             self._drain.add_done_callback(lambda f: _copy_result(f, done))
         else:
             self._drain, self._drain_steps = done, 0
         self.draining, self._deadline = True, deadline
+        self._gather = self._gather or gather
         self.engine.drain(DRAIN_ALL if steps is None else steps)
 
     def _undrain(self) -> None:
-        self.draining, self._deadline = False, None
+        self.draining, self._deadline, self._gather = False, None, False
         self.engine.undrain()
 
     def _finish_drain_if_done(self) -> None:
@@ -273,16 +284,17 @@ class Driver:
         self.engine.drain(0)
         future, self._drain = self._drain, None
         future.set_result(DrainResult(self._drain_steps, self._pause_all()))
+        self._gather = False
 
     def _pause_all(self) -> list[common_pb2.RequestProgress]:
         progress = []
-        for request_id in self.engine.request_ids():
-            state = self.engine.export(request_id, with_kv=True)
+        for state in self.engine.publish(gather=self._gather):
+            request_id = state.request_id
             self.paused.put_state(state)
             progress.append(common_pb2.RequestProgress(
                 request_id=request_id, prompt_tokens=len(state.prompt_token_ids),
                 generated_tokens=len(state.output_token_ids), kv_tokens=state.num_computed,
-                kv_kept=state.kv is not None, max_tokens=state.params.max_tokens))
+                kv_kept=state.num_computed > 0, max_tokens=state.params.max_tokens))
             sink = self._sinks.pop(request_id, None)
             if sink is not None:
                 sink(StreamEvent(len(state.output_token_ids), None, FR.FINISH_REASON_PAUSED))
@@ -297,7 +309,10 @@ class Driver:
             self._drain.set_result(result)
             self._drain = None
         self._stopped = True
-        self.engine.shutdown()
+        try:
+            self.engine.shutdown()
+        except Exception as exc:  # a rank already gone has nothing to be released from
+            log.warning("could not release the pipeline's other ranks: %s", exc)
         done.set_result(result)
 
     def _fail_all(self, reason: str) -> None:

@@ -13,6 +13,7 @@ from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2
 from spotserve.worker.driver import StreamEvent
 from spotserve.worker.engine.engine import EngineConfig
+from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.sequence import RequestState, SamplingParams
 from spotserve.worker.kv_store import PausedRequests
 
@@ -57,8 +58,10 @@ def _check(request: worker_pb2.SubmitRequest, params: SamplingParams, spec: Mode
 
 
 def request_state(request: worker_pb2.SubmitRequest, spec: ModelSpec, engine: EngineConfig,
-                  paused: PausedRequests) -> RequestState:
-    """What the engine runs for `request`; a KV resume takes the cache out of `paused`."""
+                  paused: PausedRequests, shares: KVShares) -> RequestState:
+    """What the engine runs for `request`. A KV resume needs this driver's share of the
+    cache (the other ranks' shares are checked when the engine adopts it); it covers the
+    tokens the router committed, or a prefix of them."""
     params = sampling_params(request)
     _check(request, params, spec, engine)
     rid, prompt = request.request_id, list(request.prompt_token_ids)
@@ -66,15 +69,17 @@ def request_state(request: worker_pb2.SubmitRequest, spec: ModelSpec, engine: En
     state = RequestState(rid, prompt, generated, params)
     if request.resume.mode != common_pb2.RESUME_MODE_KV:
         return state
-    held = paused.pop(rid)
-    if held is None or held.kv is None:
+    held = shares.tokens(rid)
+    if held == 0:
         raise KVUnavailable(f"no KV cache for request {rid!r} here; resume by re-prefill")
-    if held.state is not None and (held.state.prompt_token_ids != prompt or
-                                   held.state.output_token_ids[:len(generated)] != generated):
-        raise KVUnavailable(f"request {rid!r}: the kept KV cache belongs to other tokens")
+    drained = paused.get(rid)
+    if drained is not None:
+        kept = drained.state.output_token_ids
+        common = min(len(kept), len(generated))
+        if drained.state.prompt_token_ids != prompt or kept[:common] != generated[:common]:
+            raise KVUnavailable(f"request {rid!r}: the kept KV cache belongs to other tokens")
     # the router may have committed fewer tokens than were computed: use the prefix
-    usable = min(held.kv_tokens, len(prompt) + len(generated) - 1)
-    state.num_computed, state.kv = usable, held.kv[:, :, :usable].contiguous()
+    state.num_computed = min(held, len(prompt) + len(generated) - 1)
     return state
 
 

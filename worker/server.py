@@ -47,9 +47,10 @@ from spotserve.worker.driver import (
 )
 from spotserve.worker.engine.builder import build_runner
 from spotserve.worker.engine.engine import Engine, EngineConfig
+from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.epoch import EpochRole, join_world, leave_world, parse_role, role_key
-from spotserve.worker.kv_store import PausedRequests, import_kv
+from spotserve.worker.kv_store import Paused, PausedRequests, blob_of, import_kv
 from spotserve.worker.metrics import WorkerMetrics
 from spotserve.worker.model.parallel import DEFAULT_PEER_TIMEOUT, EpochGroups, backend_for
 from spotserve.worker.peer_service import TensorServicer
@@ -83,7 +84,8 @@ class WorkerOptions:
 class WorkerServicer(TensorServicer):
     def __init__(self, options: WorkerOptions, metrics: WorkerMetrics | None = None) -> None:
         self.paused = PausedRequests(options.kv_keep_seconds)
-        super().__init__(TensorStore(), self.paused.blob)
+        self.shares = KVShares(options.kv_keep_seconds)  # this rank's share of paused KV
+        super().__init__(TensorStore(), blob_of(self.shares))
         self.options, self.metrics = options, metrics or WorkerMetrics()
         self.state, self.epoch = WS.WORKER_STATE_STANDBY, 0
         self.role_message = worker_pb2.Role()
@@ -254,7 +256,9 @@ class WorkerServicer(TensorServicer):
     async def _import_kv(self, imports: Any, spec: ModelSpec) -> int:
         if not imports:
             return 0
-        pulled, problems = await import_kv(imports, spec, self._pull, self.paused)
+        pulled, problems = await import_kv(imports, spec, self._pull, self.shares)
+        for request_id in {i.slice.request_id for i in imports}:
+            self.paused.pop(request_id)  # drained here before: it went on elsewhere since
         for problem in problems:
             self._log("KV import failed; those requests will re-prefill", reason=problem)
         return pulled
@@ -281,7 +285,7 @@ class WorkerServicer(TensorServicer):
                                         self.options.peer_timeout_s)
         joined = time.perf_counter()
         runner = build_runner(folder, groups, config, dtype=spec.dtype,
-                              device=self.options.device, tensors=tensors)
+                              device=self.options.device, tensors=tensors, shares=self.shares)
         tensors.clear()
         self.weight_bytes = hold(self.store, runner.model)
         self._log("built the stage", epoch=role.epoch, join_seconds=round(joined - start, 3),
@@ -358,7 +362,8 @@ class WorkerServicer(TensorServicer):
                          f"the pipeline is not serving (state {WS.Name(self.state)})")
         assert self.spec is not None
         try:
-            state = request_state(request, self.spec, self.options.engine, self.paused)
+            state = request_state(request, self.spec, self.options.engine, self.paused,
+                                  self.shares)
         except SpotserveError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KVUnavailable as exc:
@@ -372,9 +377,7 @@ class WorkerServicer(TensorServicer):
         accepted = driver.submit(state, sink)
         try:
             await asyncio.wrap_future(accepted)
-        except SpotserveError as exc:
-            if state.kv is not None:   # not taken: keep the KV for the next attempt
-                self.paused.put_kv(state.request_id, state.kv)
+        except SpotserveError as exc:   # not taken: the shares stay for the next attempt
             await _abort(context, _code_for(exc), str(exc))
         except asyncio.CancelledError:   # the deadline passed before the engine took it
             driver.cancel(request.request_id)
@@ -395,6 +398,7 @@ class WorkerServicer(TensorServicer):
         if not request.request_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         found = self.paused.pop(request.request_id) is not None
+        found = self.shares.drop(request.request_id) or found
         if self.driver is not None:
             with contextlib.suppress(SpotserveError):
                 found = await asyncio.wrap_future(self.driver.cancel(request.request_id)) or found
@@ -414,8 +418,9 @@ class WorkerServicer(TensorServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          "give steps or deadline_unix")
         self.state = WS.WORKER_STATE_DRAINING
-        future = driver.drain(steps=request.steps) if limit == "steps" else \
-            driver.drain(deadline_unix=request.deadline_unix)
+        future = driver.drain(steps=request.steps, gather=request.gather) \
+            if limit == "steps" else \
+            driver.drain(deadline_unix=request.deadline_unix, gather=request.gather)
         try:
             result: DrainResult = await asyncio.wrap_future(future)
         except SpotserveError as exc:
@@ -459,10 +464,10 @@ class WorkerServicer(TensorServicer):
                 snap.kv_blocks_total
             reply.decode_step_seconds = snap.step_seconds
             reply.requests.extend(snap.progress)
-        for rid in self.paused.ids():
-            held = self.paused.get(rid)
-            if held is not None:
-                reply.requests.append(_paused_progress(rid, held))
+        if self.driver is not None:   # paused requests: drained here, or KV imported here
+            for rid in sorted(set(self.paused.ids()) | set(self.shares.ids())):
+                reply.requests.append(_paused_progress(rid, self.paused.get(rid),
+                                                       self.shares.tokens(rid)))
         return reply
 
     def serving(self, service: str) -> bool | None:
@@ -490,10 +495,11 @@ class WorkerServicer(TensorServicer):
             elif self._follower is not None and _driver_address(self.role_message):
                 stub = worker_pb2_grpc.WorkerStub(
                     self._channel(_driver_address(self.role_message)))
-                await stub.Drain(worker_pb2.DrainRequest(deadline_unix=deadline),
+                # this rank's share leaves with it: the driver keeps each whole cache
+                await stub.Drain(worker_pb2.DrainRequest(deadline_unix=deadline, gather=True),
                                  metadata=call_metadata(self.options.token),
                                  timeout=grace_s / 2 + 5)
-        except (TimeoutError, SpotserveError, grpc.aio.AioRpcError) as exc:
+        except Exception as exc:  # its peers may be going too: stopping must still succeed
             log.warning("the pipeline did not drain cleanly: %s", exc)
         for channel in self._channels.values():
             await channel.close()
@@ -536,13 +542,14 @@ def _code_for(error: SpotserveError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
-def _paused_progress(request_id: str, held: Any) -> common_pb2.RequestProgress:
-    state = held.state
+def _paused_progress(request_id: str, held: Paused | None,
+                     kv_tokens: int) -> common_pb2.RequestProgress:
+    state = held.state if held else None
     return common_pb2.RequestProgress(
         request_id=request_id,
         prompt_tokens=len(state.prompt_token_ids) if state else 0,
         generated_tokens=len(state.output_token_ids) if state else 0,
-        kv_tokens=held.kv_tokens, kv_kept=held.kv is not None,
+        kv_tokens=kv_tokens, kv_kept=kv_tokens > 0,
         max_tokens=state.params.max_tokens if state else 0)
 
 

@@ -27,14 +27,23 @@ import torch
 from spotserve.errors import SpotserveError
 from spotserve.layout import ParallelConfig, Position, TensorSlice, position_slices
 from spotserve.model_spec import ModelSpec
-from spotserve.v1 import worker_pb2
+from spotserve.v1 import common_pb2, worker_pb2
 from spotserve.worker.model.decoder import TORCH_DTYPES, StageModel
 from spotserve.worker.model.loader import read_slices
-from spotserve.worker.sources import layout_slice, slice_message
 from spotserve.worker.tensor_store import HeldTensor, SliceError, TensorStore
 from spotserve.worker.transfer import PullItem, TransferError
 
 Puller = Callable[[list[PullItem]], Awaitable[object]]
+
+
+def slice_message(piece: TensorSlice) -> common_pb2.TensorSlice:
+    return common_pb2.TensorSlice(tensor=piece.tensor, dim=-1 if piece.dim is None
+                                  else piece.dim, start=piece.start, stop=piece.stop)
+
+
+def layout_slice(message: common_pb2.TensorSlice) -> TensorSlice:
+    return TensorSlice(message.tensor, None if message.dim < 0 else message.dim,
+                       message.start, message.stop)
 
 
 @dataclass

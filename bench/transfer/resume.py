@@ -4,10 +4,13 @@ A random Llama (hidden 768, 12 layers, 12 heads / 4 KV heads, vocab 16384: ~100M
 parameters, ~400 MB in fp32) is saved as safetensors. Workers A and B serve it as one
 (P=1, M=2) pipeline on 127.0.0.2/3; `--requests` requests with `--prompt`-token prompts
 decode until each has `--before` tokens; then the pipeline is drained (0 more steps, KV
-kept), worker C (127.0.0.4) is configured as (P=1, M=1) pulling every weight slice from A
-and B and the requests' KV caches from A, and the requests are resumed on C from that KV.
-Reported: drain, configure (weights + KV over PullTensors), first resumed token, and the
-same requests resumed by re-prefill instead, for comparison.
+kept: A and B each keep their KV heads), worker C (127.0.0.4) is configured as (P=1, M=1)
+with every Configure built as the controller builds it (the migration plan's transfers),
+and the requests are resumed on C from their KV, which C pulls rank to rank: A's heads from
+A, B's from B, in parallel. Two cases: `cold` (C also pulls every weight slice from A and
+B), and `preloaded` (C gathered its weights while the pipeline still served, as joining
+GPUs do, so only the KV moves after the drain). Reported per case: drain, configure, first
+resumed token, and the same requests resumed by re-prefill instead (the baseline).
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from typing import Any
 import grpc
 
 from spotserve.auth import call_metadata
+from spotserve.catalog import Catalog
 from spotserve.layout import ParallelConfig, Position
 from spotserve.model_spec import ModelSpec
+from spotserve.operator.controller.actuator import DrainedRequest
+from spotserve.operator.controller.configure import explicit_epoch
+from spotserve.operator.local.runner import CATALOG
+from spotserve.operator.planner.cluster import GpuId, Placement
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from spotserve.worker import sources
 from spotserve.worker.transfer import CHANNEL_OPTIONS
 
 MODEL = {"architectures": ["LlamaForCausalLM"], "hidden_size": 768,
@@ -40,6 +47,7 @@ MODEL = {"architectures": ["LlamaForCausalLM"], "hidden_size": 768,
 TOKEN = "bench"
 META = call_metadata(TOKEN)
 ROOT = Path(__file__).resolve().parents[2]
+KIND = Catalog.load(CATALOG).instance("cpu-1x")  # one GPU per instance: a worker per host
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +80,7 @@ def save_model(folder: Path) -> ModelSpec:
 class _Worker:
     def __init__(self, process: asyncio.subprocess.Process, address: str) -> None:
         self.process, self.address = process, address
+        self.host = address.rsplit(":", 1)[0]
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
 
@@ -103,16 +112,26 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-async def _configure(spec: ModelSpec, epoch: int, config: ParallelConfig,
-                     placement: dict[Position, _Worker], **kwargs: Any
+def _placement(config: ParallelConfig, workers: dict[Position, _Worker]) -> Placement:
+    return Placement.of(config, {p: GpuId(w.host, 0) for p, w in workers.items()})
+
+
+async def _configure(spec: ModelSpec, folder: Path, epoch: int, config: ParallelConfig,
+                     placement: dict[Position, _Worker], old: ParallelConfig | None = None,
+                     old_placement: dict[Position, _Worker] | None = None,
+                     drained: list[DrainedRequest] | None = None, preload: bool = False
                      ) -> list[worker_pb2.ConfigureResponse]:
-    driver = placement[Position(0, 0, 0)].address.rsplit(":", 1)[0]
-    master = f"{driver}:{_free_port(driver)}" if config.num_gpus > 1 else ""
-    addresses = {p: w.address for p, w in placement.items()}
-    calls = [w.stub.Configure(sources.configure_request(spec, epoch, config, p, addresses,
-                                                        master_address=master, **kwargs),
-                              metadata=META, timeout=300) for p, w in placement.items()]
-    return list(await asyncio.gather(*calls))
+    """Configure `config` on `placement` as the controller would (from `old`, handing old
+    pipeline 0's `drained` requests' KV to new pipeline 0); with `preload`, only gather."""
+    workers = {GpuId(w.host, 0): w for w in [*placement.values(), *(old_placement or {}).values()]}
+    before = _placement(old, old_placement) if old and old_placement else None
+    built = explicit_epoch(spec, str(folder), epoch, _placement(config, placement), before,
+                           {g: w.address for g, w in workers.items()}, KIND,
+                           old_ids=["e1p0"], drained=drained or [], free_port=_free_port)
+    for _, request in built:
+        request.preload_only = preload
+    return list(await asyncio.gather(*(
+        workers[g].stub.Configure(r, metadata=META, timeout=300) for g, r in built)))
 
 
 def _submit(rid: str, prompt: list[int], max_tokens: int, generated: list[int] | None = None,
@@ -140,15 +159,19 @@ async def _first_tokens(worker: _Worker, requests: list[worker_pb2.SubmitRequest
     return list(await asyncio.gather(*(one(r) for r in requests)))
 
 
-async def _resume_case(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    spec = save_model(folder)
+async def _resume_case(args: argparse.Namespace, folder: Path, spec: ModelSpec,
+                       preloaded: bool) -> dict[str, Any]:
     workers = await asyncio.gather(*(_spawn(f"127.0.0.{i}", folder, args.worker_threads)
                                      for i in (2, 3, 4)))
     a, b, c = workers
     try:
         old = ParallelConfig.uniform(spec.num_layers, 1, 1, 2, batch=args.requests)
         old_placement = {Position(0, 0, 0): a, Position(0, 0, 1): b}
-        await _configure(spec, 1, old, old_placement)
+        single = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=args.requests)
+        await _configure(spec, folder, 1, old, old_placement)
+        if preloaded:  # concurrent initialization: C gathers its weights while A, B serve
+            await _configure(spec, folder, 2, single, {Position(0, 0, 0): c}, old,
+                             old_placement, preload=True)
         prompts = {f"r{i}": [(17 * i + 31 * j) % 16000 + 3 for j in range(args.prompt)]
                    for i in range(args.requests)}
         max_tokens = args.before + 64
@@ -169,12 +192,10 @@ async def _resume_case(args: argparse.Namespace, folder: Path) -> dict[str, Any]
                                      timeout=120)
         t_drain = time.perf_counter() - t0
         await asyncio.gather(*tasks)
-        single = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=args.requests)
-        imports = sources.kv_imports(spec, drained.requests, [a.address])
-        (reply,) = await _configure(spec, 2, single, {Position(0, 0, 0): c}, old=old,
-                                    old_addresses={p: w.address
-                                                   for p, w in old_placement.items()},
-                                    kv=imports)
+        moved = [DrainedRequest(r.request_id, r.prompt_tokens, r.generated_tokens,
+                                r.kv_tokens) for r in drained.requests]
+        (reply,) = await _configure(spec, folder, 2, single, {Position(0, 0, 0): c}, old,
+                                    old_placement, drained=moved)
         t_configure = time.perf_counter() - t0
         kv_resumes = [_submit(rid, prompts[rid], max_tokens, got[rid], common_pb2.RESUME_MODE_KV)
                       for rid in prompts]
@@ -185,10 +206,12 @@ async def _resume_case(args: argparse.Namespace, folder: Path) -> dict[str, Any]
         refirsts = await _first_tokens(c, reprefill, t1)
         kv_bytes = sum(p.kv_tokens for p in drained.requests) * spec.kv_bytes_per_token
         return {
+            "case": "preloaded" if preloaded else "cold",
             "model_params": spec.num_parameters, "requests": args.requests,
             "prompt_tokens": args.prompt, "tokens_before_drain": args.before,
             "drain_s": t_drain, "configure_s": t_configure - t_drain,
             "weights_bytes_pulled": reply.bytes_pulled - kv_bytes, "kv_bytes_pulled": kv_bytes,
+            "bytes_kept": reply.bytes_kept,
             "bytes_from_checkpoint": reply.bytes_from_checkpoint,
             "first_resumed_token_s": min(firsts), "last_resumed_token_s": max(firsts),
             "reprefill_first_token_s": min(refirsts),
@@ -199,19 +222,31 @@ async def _resume_case(args: argparse.Namespace, folder: Path) -> dict[str, Any]
 
 
 def run_resume(args: argparse.Namespace) -> dict[str, Any]:
+    """Both cases, each on fresh workers; the figures by case."""
+    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(_resume_case(args, Path(tmp) / "model"))
-    print(f"\ndrain -> resumed first token: {result['model_params'] / 1e6:.0f}M-parameter "
-          f"Llama, (P=1, M=2) on 2 workers -> (P=1, M=1) on a third, {result['requests']} "
-          f"requests x {result['prompt_tokens']} prompt + {result['tokens_before_drain']} "
-          f"generated tokens")
+        folder = Path(tmp) / "model"
+        spec = save_model(folder)
+        for preloaded in (False, True):
+            result = asyncio.run(_resume_case(args, folder, spec, preloaded))
+            out[result["case"]] = result
+            _print(result)
+    return out
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"\ndrain -> resumed first token ({result['case']}): "
+          f"{result['model_params'] / 1e6:.0f}M-parameter Llama, (P=1, M=2) on 2 workers -> "
+          f"(P=1, M=1) on a third, {result['requests']} requests x {result['prompt_tokens']} "
+          f"prompt + {result['tokens_before_drain']} generated tokens")
+    weights = (f"{result['weights_bytes_pulled'] / 2**20:.0f} MiB weights" if
+               result["weights_bytes_pulled"] else "no weights (preloaded)")
     rows = [("drain (0 more steps, KV kept)", result["drain_s"]),
-            (f"configure: pull {result['weights_bytes_pulled'] / 2**20:.0f} MiB weights + "
-             f"{result['kv_bytes_pulled'] / 2**20:.1f} MiB KV", result["configure_s"]),
+            (f"configure: {weights} + {result['kv_bytes_pulled'] / 2**20:.1f} MiB KV",
+             result["configure_s"]),
             ("Drain -> first resumed token (KV)", result["first_resumed_token_s"]),
             ("Drain -> every request's first token (KV)", result["last_resumed_token_s"]),
             ("re-prefill instead: submit -> first token", result["reprefill_first_token_s"]),
             ("re-prefill: every request's first token", result["reprefill_last_token_s"])]
     for name, seconds in rows:
         print(f"  {name:<48} {seconds:>8.3f} s")
-    return result

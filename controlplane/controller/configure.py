@@ -9,15 +9,16 @@ serving (the worker's fast path) while a regrouped one forms a new world.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
+from spotserve.catalog import InstanceType
 from spotserve.layout import Position
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2
 
-from ..planner.cluster import GpuId
+from ..planner.cluster import GpuId, Instance, Placement
 from .actuator import DrainedRequest
-from .epoch import CHECKPOINT, KEPT, WorkerAssignment
+from .epoch import CHECKPOINT, KEPT, WorkerAssignment, epoch_jobs
 
 KINDS = {KEPT: worker_pb2.SOURCE_KIND_KEPT, CHECKPOINT: worker_pb2.SOURCE_KIND_CHECKPOINT}
 
@@ -64,15 +65,43 @@ def weight_sources(job: WorkerAssignment, address: Address) -> list[worker_pb2.W
     return out
 
 
-def kv_imports(model: ModelSpec, requests: Sequence[DrainedRequest],
-               holder: str) -> list[worker_pb2.KVImport]:
-    """Whole-request KV imports of drained requests from the old driver that holds them."""
-    return [worker_pb2.KVImport(
-        slice=common_pb2.KVSlice(request_id=r.request_id, layer_start=0,
-                                 layer_end=model.num_layers, head_start=0,
-                                 head_stop=model.num_kv_heads, token_start=0,
-                                 token_stop=r.kv_tokens),
-        peers=[holder]) for r in requests if r.kv_tokens > 0]
+def kv_imports(job: WorkerAssignment, drained: Mapping[int, Sequence[DrainedRequest]],
+               address: Callable[[GpuId], str | None]) -> list[worker_pb2.KVImport]:
+    """This GPU's pieces of the KV caches its pipeline inherits, as the migration plan
+    assigns them (`job.kv`: per layer, a KV head range and the old GPU that held it), for
+    every drained request that kept its cache: from that GPU first, then from the old
+    pipeline's driver (which also holds each whole cache when a rank was leaving).
+    Consecutive layers from one holder travel as one slice. `address` is None for a GPU
+    that is gone; a piece nobody can send is left out (its request re-prefills)."""
+    runs: dict[tuple[int, GpuId, int, int], list[int]] = {}
+    for piece in job.kv:
+        key = (piece.old_pipeline, piece.src, piece.head_start, piece.head_stop)
+        runs.setdefault(key, []).append(piece.layer)
+    fallback = address(job.kv_holder) if job.kv_holder is not None else None
+    out = []
+    for (old, src, head_start, head_stop), layers in runs.items():
+        peers = list(dict.fromkeys(a for a in (address(src), fallback) if a))
+        if not peers:
+            continue
+        for start, stop in _spans(sorted(layers)):
+            out += [worker_pb2.KVImport(
+                slice=common_pb2.KVSlice(request_id=r.request_id, layer_start=start,
+                                         layer_end=stop, head_start=head_start,
+                                         head_stop=head_stop, token_start=0,
+                                         token_stop=r.kv_tokens), peers=peers)
+                for r in drained.get(old, ()) if r.kv_tokens > 0]
+    return out
+
+
+def _spans(layers: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted layer numbers as [start, stop) runs of consecutive layers."""
+    out: list[tuple[int, int]] = []
+    for layer in layers:
+        if out and out[-1][1] == layer:
+            out[-1] = (out[-1][0], layer + 1)
+        else:
+            out.append((layer, layer + 1))
+    return out
 
 
 def configure_request(model: ModelSpec, model_dir: str, epoch: int, job: WorkerAssignment,
@@ -93,3 +122,52 @@ def signature(job: WorkerAssignment) -> tuple[object, ...]:
     """What must match for a worker to be left serving as it is."""
     return (job.pipeline_id, Position(0, job.position.stage, job.position.tp_rank),
             job.stage, job.num_stages, job.tp_peers, job.prev_stage, job.next_stage)
+
+
+def epoch_requests(model: ModelSpec, model_dir: str, epoch: int,
+                   jobs: Mapping[GpuId, WorkerAssignment],
+                   drained: Mapping[int, Sequence[DrainedRequest]], address: Address,
+                   reachable: Callable[[GpuId], str | None],
+                   rendezvous: Callable[[GpuId], str], max_batch: int,
+                   serves: Callable[[WorkerAssignment], bool] = lambda job: False
+                   ) -> list[tuple[WorkerAssignment, worker_pb2.ConfigureRequest]]:
+    """The Configure of every GPU of `jobs`, pipeline by pipeline (a pipeline regroups
+    whole: every rank joins the new world on its driver's `rendezvous` address), with the
+    KV pieces each imports from `drained` requests. A pipeline all of whose jobs `serves`
+    (already runs exactly that role) and that imports nothing is left out: it keeps
+    serving; one that imports KV takes it on its fast path, still serving."""
+    out = []
+    for group in pipeline_members(jobs).values():
+        imports = {job.gpu: kv_imports(job, drained, reachable) for job in group}
+        if all(serves(job) for job in group) and not any(imports.values()):
+            continue
+        master = rendezvous(group[0].gpu)
+        out += [(job, configure_request(model, model_dir, epoch, job, group, address, master,
+                                        max_batch, imports[job.gpu])) for job in group]
+    return out
+
+
+def explicit_epoch(model: ModelSpec, model_dir: str, epoch: int, new: Placement,
+                   old: Placement | None, addresses: Mapping[GpuId, str],
+                   kind: InstanceType, *, old_ids: Sequence[str] = ("p0",),
+                   drained: Sequence[DrainedRequest] = (), lost: Collection[GpuId] = (),
+                   doomed: Collection[GpuId] = (), free_port: Callable[[str], int]
+                   ) -> list[tuple[GpuId, worker_pb2.ConfigureRequest]]:
+    """Every Configure of a move chosen by hand rather than planned (tests and benchmarks
+    that drive workers without a controller), built exactly as the controller builds a
+    planned one: `new` and `old` on one-GPU instances of `kind` (`lost` ones gone with
+    their data, `doomed` ones still readable), old pipeline 0's `drained` requests handed
+    to new pipeline 0 with their KV caches."""
+    held = old.instances() if old else set()
+    instances = [Instance(g.instance, kind, state="lost" if g in lost else "doomed"
+                          if g in doomed else "running" if g.instance in held else "joining")
+                 for g in addresses]
+    tokens = sum(r.kv_tokens for r in drained)
+    jobs = epoch_jobs(model, epoch, new, old, instances, {0: 0} if tokens else {},
+                      {0: tokens}, old_ids)
+    host = {g: addresses[g].rsplit(":", 1)[0] for g in addresses}
+    built = epoch_requests(model, model_dir, epoch, jobs, {0: drained}, addresses.__getitem__,
+                           lambda g: None if g in lost else addresses[g],
+                           lambda driver: f"{host[driver]}:{free_port(host[driver])}",
+                           new.config.batch)
+    return [(job.gpu, request) for job, request in built]

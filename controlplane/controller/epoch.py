@@ -26,8 +26,8 @@ from spotserve.layout import (
 )
 from spotserve.model_spec import ModelSpec
 
-from ..planner.cluster import GpuId, Placement
-from ..planner.migration import Transfer
+from ..planner.cluster import CurrentState, GpuId, Instance, PipelineProgress, Placement
+from ..planner.migration import Transfer, migration_plan
 
 KEPT, PEER, CHECKPOINT = "kept", "peer", "checkpoint"
 
@@ -197,3 +197,19 @@ def pipelines_to_drain(old: Placement | None, new: Placement,
     kept = set(unchanged_pipelines(old, new, disturbed).values())
     return [d for d in range(old.config.data)
             if d not in kept or old.pipeline_instances(d) & set(doomed)]
+
+
+def epoch_jobs(model: ModelSpec, epoch: int, new: Placement, old: Placement | None,
+               instances: Sequence[Instance], inherits: Mapping[int, int] | None = None,
+               cached_tokens: Mapping[int, int] | None = None, old_ids: Sequence[str] = ()
+               ) -> dict[GpuId, WorkerAssignment]:
+    """The jobs of a move chosen by hand (the placements given rather than planned), built
+    the way the controller builds a planned one: the migration plan's transfers from `old`
+    to `new` (weights, and the KV caches of old pipelines `inherits` hands to new ones,
+    `cached_tokens` long), then `assignments`. For tests and benchmarks that drive workers
+    without a controller."""
+    heirs = dict(inherits or {})
+    current = None if old is None else CurrentState(old, tuple(
+        PipelineProgress(d, tokens) for d, tokens in (cached_tokens or {}).items()))
+    plan = migration_plan(model, current, new, tuple(heirs.items()), instances)
+    return assignments(model, epoch, new, plan.transfers, old, old_ids, heirs)

@@ -34,7 +34,7 @@ from .actuator import (
     RoutedPipeline,
     Sink,
 )
-from .configure import configure_request, kv_imports, pipeline_members, signature
+from .configure import configure_request, epoch_requests, pipeline_members, signature
 from .epoch import WorkerAssignment
 from .events import PipelineBroken, WorkerRestarted
 from .wire import Configured, Wire, WorkerReport
@@ -150,19 +150,11 @@ class WorkerFleet(Actuator):
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
                         kv: Mapping[int, Sequence[DrainedRequest]]) -> int:
         await self.ensure_workers(epoch, list(jobs))
-        calls: list[tuple[GpuId, worker_pb2.ConfigureRequest, tuple[object, ...] | None]] = []
-        for group in pipeline_members(jobs).values():
-            imports = {job.gpu: self._kv_imports(job, kv) for job in group}
-            if all(self._serves(job) for job in group) and not any(imports.values()):
-                continue   # carried over unchanged: the router keeps sending it requests
-            # a pipeline regroups whole: every rank joins the new world (one that carries
-            # over unchanged only imports the KV it inherits, and keeps serving)
-            master = self.rendezvous(group[0].gpu, epoch)
-            for job in group:
-                request = configure_request(self.model, self.fleet.model_dir, epoch, job,
-                                            group, self.address, master, self.fleet.max_batch,
-                                            imports[job.gpu])
-                calls.append((job.gpu, request, signature(job)))
+        calls: list[tuple[GpuId, worker_pb2.ConfigureRequest, tuple[object, ...] | None]] = [
+            (job.gpu, request, signature(job)) for job, request in epoch_requests(
+                self.model, self.fleet.model_dir, epoch, jobs, kv, self.address,
+                self._reachable, lambda driver: self.rendezvous(driver, epoch),
+                self.fleet.max_batch, self._serves)]
         for gpu in self.workers():   # a worker no role uses stops its old pipeline
             if gpu not in jobs and self.serving.get(gpu, (0, None))[1] is not None:
                 calls.append((gpu, worker_pb2.ConfigureRequest(epoch=epoch), None))
@@ -216,16 +208,11 @@ class WorkerFleet(Actuator):
         """An unchanged job whose worker already runs exactly this role."""
         return job.unchanged and self.serving.get(job.gpu, (0, None))[1] == signature(job)
 
-    def _kv_imports(self, job: WorkerAssignment, kv: Mapping[int, Sequence[DrainedRequest]]
-                    ) -> list[worker_pb2.KVImport]:
-        if not job.is_driver or job.kv_from is None or job.kv_holder is None or \
-                job.kv_holder == job.gpu:
-            return []
+    def _reachable(self, gpu: GpuId) -> str | None:
         try:
-            holder = self.address(job.kv_holder)
+            return self.address(gpu)
         except ActuatorError:
-            return []  # the holder is gone: those requests re-prefill
-        return kv_imports(self.model, kv.get(job.kv_from, ()), holder)
+            return None   # gone: what only it held cannot be had
 
     # ---- switch -----------------------------------------------------------------------
     async def set_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],

@@ -152,9 +152,10 @@ def test_drain_stops_after_exactly_k_steps(checkpoint: Path) -> None:
     engine.drain(3)
     engine.submit("b", PROMPTS["b"], SamplingParams())
     assert len(engine.run()) == 3 and engine.step() == []
-    state = engine.export("a")
-    assert len(state.output_token_ids) == 4 and state.kv.shape[2] == state.num_computed == 10
-    assert [s.num_computed for s in engine.export_all()] == [0]   # b never started
+    a, b = engine.publish()
+    assert len(a.output_token_ids) == 4 and a.num_computed == 10
+    assert engine.runner.shares.tokens("a") == 10
+    assert b.num_computed == 0 and engine.runner.shares.tokens("b") == 0   # never started
 
 
 @pytest.mark.gpu

@@ -79,17 +79,19 @@ def test_token_identity_across_configurations(checkpoint: Path,
 
 
 @pytest.mark.slow
-def test_drain_export_import_resume_across_configurations(
+def test_drain_and_resume_from_the_drivers_whole_copy_across_configurations(
         checkpoint: Path, reference: dict[str, list[int]]) -> None:
-    """Stop after k steps, move the KV cache to another configuration, resume; finally
-    resume without KV by re-prefill. The tokens are those of the uninterrupted run."""
+    """Stop after k steps keeping each whole cache on the driver (what a worker does when
+    a rank is leaving), give every rank of another configuration its ranges of it, resume;
+    finally resume without KV by re-prefill. The tokens are those of the uninterrupted
+    run."""
     phases = [
         # M=2, stop 3 steps after step 3 (request c is mid chunked prefill at step 3)
         Phase(_uniform(1, 2), ARRIVALS, drain_at=3, drain_steps=3),
-        # M=2 → P=2 (M=1) on other processes, by KV import; stop again after 2 steps
+        # M=2 → P=2 (M=1) on other processes, from the KV; stop again after 2 steps
         Phase(_uniform(2, 1), resume=True, drain_at=0, drain_steps=2,
               ranks={Position(0, 0, 0): 2, Position(0, 1, 0): 3}),
-        # P=2 → M=4 (KV heads replicated), by KV import; stop, export tokens only
+        # P=2 → M=4 (KV heads replicated), from the KV; stop, keep the tokens only
         Phase(_uniform(1, 4), resume=True, drain_at=0, drain_steps=2, export_kv=False),
         # re-prefill prompt + generated tokens on a heterogeneous pipeline, run to the end
         Phase(HETERO, resume=True),
@@ -101,8 +103,8 @@ def test_drain_export_import_resume_across_configurations(
 
 @pytest.mark.slow
 def test_rank_to_rank_kv_handover(checkpoint: Path, reference: dict[str, list[int]]) -> None:
-    """The transfer-service path: every rank publishes its layers/heads of each request;
-    the new ranks stage the pieces `kv_reshard_plan` assigns them; the driver adopts."""
+    """The migration path: every rank publishes its layers/heads of each request; the new
+    ranks receive the pieces `kv_reshard_plan` assigns them; the driver adopts."""
     phases = [
         Phase(_uniform(2, 2), ARRIVALS, drain_at=3, drain_steps=2, handover="ranks"),
         Phase(UNEVEN3, resume=True, drain_at=0, drain_steps=3, handover="ranks"),

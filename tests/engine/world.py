@@ -3,9 +3,13 @@ script of configuration epochs, for the multi-process engine tests.
 
 Each `Phase` is one epoch: the processes regroup into its configuration (pipeline 0 only),
 load their slices from the checkpoint, and the driver submits requests at given steps,
-optionally drains after k more steps and exports the unfinished requests (with or
-without KV cache); the next phase may resume them. Every process has a deadline, so a hang
-fails the test instead of blocking it.
+optionally drains after k more steps and publishes the unfinished requests (each rank's
+share of their KV caches, and with the "driver" handover also each whole cache on the
+driver, the fallback the worker keeps for a leaving rank); the next phase may resume them:
+its ranks receive the pieces the handover gives them (`kv_reshard_plan`'s rank-to-rank
+moves, or their ranges cut from the driver's whole copy) and the driver adopts them, or
+re-prefills without KV. Every process has a deadline, so a hang fails the test instead of
+blocking it.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ class Phase:
     resume: bool = False          # continue the previous phase's exported requests
     drain_at: int | None = None   # at this step, allow `drain_steps` more, then export
     drain_steps: int = 0
-    export_kv: bool = True
-    handover: str = "driver"      # "driver": export/resume; "ranks": publish/stage/adopt
+    export_kv: bool = True        # False: the next phase re-prefills
+    handover: str = "driver"      # "driver": whole caches on the driver; "ranks": shares
     ranks: dict[Position, int] | None = None   # default: positions in order → 0..n-1
     engine: EngineConfig = field(default=ENGINE)
 
@@ -105,8 +109,8 @@ def _run_phases(folder: str, phases: list[Phase]) -> list[dict[str, list[int]]]:
     from spotserve.worker.engine.builder import open_epoch
     spec = ModelSpec.from_hf_config(Path(folder))
     states: list[Any] = []
-    held: dict[Position, dict[str, Any]] = {}     # old position → its published KV pieces
-    previous: ParallelConfig | None = None
+    held: dict[Position, dict[str, Any]] = {}     # old position → its KV pieces by request
+    previous: Phase | None = None
     outputs: list[dict[str, list[int]]] = []
     for number, phase in enumerate(phases):
         epoch = open_epoch(folder, number, phase.config, phase.rank_map(), phase.engine)
@@ -118,10 +122,10 @@ def _run_phases(folder: str, phases: list[Phase]) -> list[dict[str, list[int]]]:
                 _stage_pieces(spec, previous, phase.config, position, held, epoch.runner)
             if epoch.engine is not None:   # every pipeline's driver plays the same script
                 resumed = states if phase.resume and position.pipeline == 0 else []
-                carry = (position.pipeline, _drive(epoch.engine, phase, resumed, bool(held)))
+                carry = (position.pipeline, _drive(epoch.engine, phase, resumed))
             else:
                 epoch.runner.serve_forever()
-            published = (position, epoch.runner.published)
+            published = (position, epoch.runner.shares.held())
         epoch.close()
         carries: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(carries, carry)
@@ -133,34 +137,45 @@ def _run_phases(folder: str, phases: list[Phase]) -> list[dict[str, list[int]]]:
         everything: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everything, published)
         held = {pos: pieces for pos, pieces in everything if pos is not None and pieces}
-        previous = phase.config
+        previous = phase
     return outputs
 
 
-def _stage_pieces(spec: Any, old: ParallelConfig, new: ParallelConfig, me: Position,
+def _stage_pieces(spec: Any, old: Phase, new: ParallelConfig, me: Position,
                   held: dict[Position, dict[str, Any]], runner: Any) -> None:
-    """Play the transfer service: hand this rank the KV pieces `kv_reshard_plan` assigns."""
+    """Play the transfer service: put in this rank's shares the KV pieces it receives."""
     from spotserve.layout import kv_reshard_plan
-    for move in kv_reshard_plan(spec, old, 0, new, 0):
+    if old.handover == "driver":   # each rank cuts its ranges from the driver's whole copy
+        layers = (runner.cache.layer_range.start, runner.cache.layer_range.stop)
+        for request_id, pieces in held[Position(0, 0, 0)].items():
+            whole = max(pieces, key=lambda p: (p.layers[1] - p.layers[0]) *
+                        (p.heads[1] - p.heads[0]))
+            runner.shares.put(request_id, whole.cut(layers, runner.cache.head_range))
+        return
+    for move in kv_reshard_plan(spec, old.config, 0, new, 0):
         if move.dst != me:
             continue
-        for request_id, piece in held[move.sources[0]].items():
+        for request_id, (piece,) in held[move.sources[0]].items():
             cut = piece.cut((move.layer, move.layer + 1), (move.head_start, move.head_stop))
-            runner.stage_kv(request_id, cut)
+            runner.shares.put(request_id, cut)
 
 
 def run_local(folder: Path, phases: list[Phase]) -> list[dict[str, list[int]]]:
-    """The same script in this process on one GPU's worth of model (P = M = 1)."""
+    """The same script in this process on one GPU's worth of model (P = M = 1), one
+    worker's KV shares kept from epoch to epoch."""
     from spotserve.model_spec import ModelSpec
     from spotserve.worker.engine.builder import build_runner
     from spotserve.worker.engine.engine import Engine
+    from spotserve.worker.engine.kv_shares import KVShares
     from spotserve.worker.model.parallel import EpochGroups
     layers = ModelSpec.from_hf_config(folder).num_layers
     states: list[Any] = []
     outputs = []
+    shares = KVShares()
     for phase in phases:
         groups = EpochGroups.single(ParallelConfig.uniform(layers, 1, 1, 1))
-        engine = Engine(build_runner(folder, groups, phase.engine), phase.engine)
+        engine = Engine(build_runner(folder, groups, phase.engine, shares=shares),
+                        phase.engine)
         states, produced = _drive(engine, phase, states if phase.resume else [])
         outputs.append(produced)
     return outputs
@@ -177,12 +192,11 @@ def merged(outputs: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     return out
 
 
-def _drive(engine: Any, phase: Phase, states: list[Any], adopt: bool = False
-           ) -> tuple[list[Any], dict]:
+def _drive(engine: Any, phase: Phase, states: list[Any]) -> tuple[list[Any], dict]:
     produced: dict[str, list[int]] = {s.request_id: list(s.output_token_ids) for s in states}
     for state in states:
-        if adopt:
-            engine.adopt(state)
+        if state.num_computed:
+            assert engine.adopt(state), f"{state.request_id}: a rank lacks its KV share"
         else:
             engine.resume(state)
     pending = sorted(phase.arrivals, key=lambda a: a[0])
@@ -199,9 +213,10 @@ def _drive(engine: Any, phase: Phase, states: list[Any], adopt: bool = False
             assert event.index == len(produced[event.request_id])
             produced[event.request_id].append(event.token_id)
     exported = []
-    if phase.drain_at is not None and phase.handover == "ranks":
-        exported = engine.publish()
-    elif phase.drain_at is not None:
-        exported = engine.export_all(with_kv=phase.export_kv)
+    if phase.drain_at is not None:
+        exported = engine.publish(gather=phase.handover == "driver")
+        if not phase.export_kv:
+            for state in exported:
+                state.num_computed = 0
     engine.shutdown()
     return exported, produced

@@ -4,6 +4,7 @@ interruption's recovery is charged to the fault that caused it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from hypothesis import given, settings
@@ -66,7 +67,7 @@ def test_cascades_strike_one_to_five_seconds_apart() -> None:
     for seed in range(200):
         removals = [f.at for f in generate(seed).faults if f.kind in (KILL, NOTICE)
                     and not f.phase]
-        gaps += [b - a for a, b in zip(removals, removals[1:], strict=False)]
+        gaps += [b - a for a, b in itertools.pairwise(removals)]
     assert any(1.0 <= g <= 5.0 for g in gaps)
 
 

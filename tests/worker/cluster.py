@@ -9,20 +9,26 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from spotserve.auth import call_metadata
+from spotserve.catalog import Catalog
 from spotserve.layout import ParallelConfig, Position
 from spotserve.model_spec import ModelSpec
+from spotserve.operator.controller.actuator import DrainedRequest
+from spotserve.operator.controller.configure import explicit_epoch
+from spotserve.operator.local.runner import CATALOG
+from spotserve.operator.planner.cluster import GpuId, Placement
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from spotserve.worker import sources
 from spotserve.worker.transfer import CHANNEL_OPTIONS
 
 TOKEN = "worker-test-token"
+KIND = Catalog.load(CATALOG).instance("cpu-1x")  # one GPU per instance: a worker per host
 META = call_metadata(TOKEN)
 ROOT = Path(__file__).resolve().parents[2]
 FR = common_pb2.FinishReason
@@ -33,6 +39,7 @@ class Worker:
     process: asyncio.subprocess.Process
     address: str
     log: Path
+    model: Path
     channel: grpc.aio.Channel = field(init=False)
     stub: worker_pb2_grpc.WorkerStub = field(init=False)
 
@@ -73,7 +80,7 @@ async def spawn(host: str, model: Path, logs: Path, *extra: str) -> Worker:
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 90)).decode()
     assert "worker listening" in line, f"{line!r}; see {log}: {log.read_text()[-2000:]}"
-    return Worker(process, line.split()[-1], log)
+    return Worker(process, line.split()[-1], log, model)
 
 
 def free_port(host: str) -> int:
@@ -82,35 +89,56 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def gpu_of(worker: Worker) -> GpuId:
+    """The GPU a worker plays in the controller's placements: one per host."""
+    return GpuId(worker.host, 0)
+
+
+def epoch_configures(spec: ModelSpec, epoch: int, config: ParallelConfig,
+                     placement: Mapping[Position, Worker], *,
+                     old: ParallelConfig | None = None,
+                     old_placement: Mapping[Position, Worker] | None = None,
+                     old_ids: Sequence[str] = ("p0",),
+                     drained: Sequence[common_pb2.RequestProgress] = (),
+                     lost: Collection[Worker] = (), doomed: Collection[Worker] = ()
+                     ) -> list[tuple[Worker, worker_pb2.ConfigureRequest]]:
+    """Every Configure of epoch `epoch`, built as the controller builds them: `config`
+    placed on `placement`, coming from `old` on `old_placement` (`lost` workers gone with
+    their data, `doomed` ones still readable), whose old pipeline 0 hands its `drained`
+    requests' KV caches to new pipeline 0."""
+    workers = {gpu_of(w): w for w in [*placement.values(), *(old_placement or {}).values()]}
+    new = Placement.of(config, {p: gpu_of(w) for p, w in placement.items()})
+    before = Placement.of(old, {p: gpu_of(w) for p, w in old_placement.items()}) \
+        if old is not None and old_placement is not None else None
+    requests = [DrainedRequest(r.request_id, r.prompt_tokens, r.generated_tokens,
+                               r.kv_tokens if r.kv_kept else 0) for r in drained]
+    model_dir = str(next(iter(workers.values())).model)
+    built = explicit_epoch(spec, model_dir, epoch, new, before,
+                           {g: w.address for g, w in workers.items()}, KIND, old_ids=old_ids,
+                           drained=requests, lost={gpu_of(w) for w in lost},
+                           doomed={gpu_of(w) for w in doomed}, free_port=free_port)
+    return [(workers[gpu], request) for gpu, request in built]
+
+
 def configure_request(spec: ModelSpec, epoch: int, config: ParallelConfig, position: Position,
-                      placement: Mapping[Position, Worker], *,
-                      old: ParallelConfig | None = None,
-                      old_placement: Mapping[Position, Worker] | None = None,
-                      kv_imports: Sequence[worker_pb2.KVImport] = ()
+                      placement: Mapping[Position, Worker], **kwargs: Any
                       ) -> worker_pb2.ConfigureRequest:
-    """What a controller sends the worker at `position` of `config` (one pipeline)."""
-    driver = placement[Position(position.pipeline, 0, 0)]
-    master = f"{driver.host}:{free_port(driver.host)}" if config.num_gpus > 1 else ""
-    return sources.configure_request(
-        spec, epoch, config, position, {p: w.address for p, w in placement.items()},
-        master_address=master, old=old,
-        old_addresses={p: w.address for p, w in (old_placement or {}).items()}, kv=kv_imports)
+    """What the controller sends the worker at `position` of `config`."""
+    want = placement[position]
+    return next(r for w, r in epoch_configures(spec, epoch, config, placement, **kwargs)
+                if w is want)
 
 
 async def configure_pipeline(spec: ModelSpec, epoch: int, config: ParallelConfig,
-                             placement: Mapping[Position, Worker], **kwargs: object
+                             placement: Mapping[Position, Worker], **kwargs: Any
                              ) -> list[worker_pb2.ConfigureResponse]:
-    """Configure every worker of a one-pipeline `config` concurrently (they rendezvous)."""
-    master = ""
-    requests = []
-    for position in config.positions():
-        request = configure_request(spec, epoch, config, position, placement,
-                                    **kwargs)  # type: ignore[arg-type]
-        master = master or request.rendezvous.master_address
-        request.rendezvous.master_address = master
-        requests.append((placement[position], request))
+    """Configure every worker of `config` concurrently (a pipeline's ranks rendezvous), in
+    the order of `placement`."""
+    built = dict((id(w), r) for w, r in epoch_configures(spec, epoch, config, placement,
+                                                          **kwargs))
+    workers = [w for w in placement.values() if id(w) in built]
     return list(await asyncio.gather(*(
-        w.stub.Configure(r, metadata=META, timeout=90) for w, r in requests)))
+        w.stub.Configure(built[id(w)], metadata=META, timeout=90) for w in workers)))
 
 
 def submit_request(request_id: str, prompt: Sequence[int], max_tokens: int,

@@ -184,8 +184,10 @@ async def test_scale_out_fast_path_keeps_serving(
     config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
     stream = Stream(worker, submit_request("steady", PROMPTS["r3"], 200))
     await asyncio.wait_for(stream.first.wait(), 30)
-    same = configure_request(spec, 7, config, Position(0, 0, 0), {Position(0, 0, 0): worker})
-    same.rendezvous.group_id = "epoch1-p0"   # the controller keeps untouched groups
+    here = {Position(0, 0, 0): worker}
+    # the pipeline formed in epoch 1 carries over unchanged: same id, same group
+    same = configure_request(spec, 7, config, Position(0, 0, 0), here, old=config,
+                             old_placement=here, old_ids=["e1p0"])
     reply = await worker.stub.Configure(same, metadata=META, timeout=30)
     assert reply.state == worker_pb2.WORKER_STATE_READY and reply.bytes_pulled == 0
     assert reply.bytes_kept > 0 and reply.bytes_from_checkpoint == 0
@@ -214,9 +216,9 @@ async def test_drain_by_deadline_then_resume_here_from_the_kept_kv(
     err = await _error(_submit(worker, submit_request("new", [1, 2], 4)))
     assert err.code() == SC.UNAVAILABLE and "DRAINED" in (err.details() or "")
     config = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
-    same = configure_request(spec, status.epoch + 1, config, Position(0, 0, 0),
-                             {Position(0, 0, 0): worker})
-    same.rendezvous.group_id = "epoch1-p0"
+    here = {Position(0, 0, 0): worker}
+    same = configure_request(spec, status.epoch + 1, config, Position(0, 0, 0), here,
+                             old=config, old_placement=here, old_ids=["e1p0"])
     reply = await worker.stub.Configure(same, metadata=META, timeout=30)
     assert reply.state == worker_pb2.WORKER_STATE_READY
     resumed = {rid: Stream(worker, submit_request(rid, PROMPTS[rid], 200, before[rid],

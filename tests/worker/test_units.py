@@ -1,5 +1,6 @@
-"""Unit tests of the worker's pure pieces: Configure sources from the layout math, role
-parsing, KV slicing of paused requests, sampling defaults."""
+"""Unit tests of the worker's pure pieces, fed the messages the controller builds: the
+weight sources of a Configure (kept / peer / checkpoint, doomed holders first), role
+parsing, the KV slices a rank serves from its shares, sampling defaults."""
 
 from __future__ import annotations
 
@@ -8,13 +9,26 @@ import itertools
 import pytest
 import torch
 
+from spotserve.catalog import Catalog
 from spotserve.errors import SpotserveError
 from spotserve.layout import ParallelConfig, Position, position_slices
 from spotserve.model_spec import ModelSpec
+from spotserve.operator.controller.configure import configure_request, pipeline_members
+from spotserve.operator.controller.epoch import (
+    CHECKPOINT,
+    KEPT,
+    PEER,
+    SlicePiece,
+    WorkerAssignment,
+    epoch_jobs,
+)
+from spotserve.operator.local.runner import CATALOG
+from spotserve.operator.planner.cluster import GpuId, Instance, Placement
 from spotserve.v1 import common_pb2, worker_pb2
-from spotserve.worker import health, sources
+from spotserve.worker import health
+from spotserve.worker.engine.kv_shares import KVPiece, KVShares
 from spotserve.worker.epoch import parse_role
-from spotserve.worker.kv_store import PausedRequests
+from spotserve.worker.kv_store import blob_of
 from spotserve.worker.requests import sampling_params
 from spotserve.worker.tensor_store import SliceError
 
@@ -22,53 +36,57 @@ SPEC = ModelSpec.from_hf_config({
     "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
     "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
     "vocab_size": 128, "max_position_embeddings": 256, "torch_dtype": "float32"})
+KIND = Catalog.load(CATALOG).instance("cpu-1x")
 OLD = ParallelConfig.uniform(4, 1, 1, 2)
 NEW = ParallelConfig.uniform(4, 1, 2, 1)
-A, B = "127.0.0.2:1", "127.0.0.3:1"
-OLD_ADDRESSES = {Position(0, 0, 0): A, Position(0, 0, 1): B}
+A, B = GpuId("a", 0), GpuId("b", 0)
+BEFORE = Placement.of(OLD, {Position(0, 0, 0): A, Position(0, 0, 1): B})
+AFTER = Placement.of(NEW, {Position(0, 0, 0): A, Position(0, 1, 0): B})
 
 
-def _covered(found: list[worker_pb2.WeightSource], position: Position) -> None:
-    """The sources cut every slice the position needs into disjoint pieces covering it."""
+def _covered(job_pieces: tuple[SlicePiece, ...], position: Position) -> None:
+    """The pieces cut every slice the position needs into disjoint parts covering it."""
     for want in position_slices(SPEC, NEW, position):
-        pieces = sorted((s.slice.start, s.slice.stop) for s in found
-                        if s.slice.tensor == want.tensor)
+        spans = sorted((p.piece.start, p.piece.stop) for p in job_pieces
+                       if p.piece.tensor == want.tensor)
         if want.dim is None:
-            assert len(pieces) == 1
+            assert len(spans) == 1
             continue
-        assert pieces[0][0] == want.start and pieces[-1][1] == want.stop
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+        assert spans[0][0] == want.start and spans[-1][1] == want.stop
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+
+
+def _jobs(states: dict[str, str], placement: Placement = AFTER
+          ) -> dict[GpuId, WorkerAssignment]:
+    instances = [Instance(name, KIND, state=state) for name, state in states.items()]
+    return epoch_jobs(SPEC, 2, placement, BEFORE, instances)
 
 
 def test_sources_keep_what_is_held_and_pull_the_rest() -> None:
-    found = sources.weight_sources(SPEC, OLD, OLD_ADDRESSES, NEW, Position(0, 0, 0),
-                                   kept_from=Position(0, 0, 0))
-    kinds = {s.kind for s in found}
-    assert kinds == {worker_pb2.SOURCE_KIND_KEPT, worker_pb2.SOURCE_KIND_PEER}
-    assert all(list(s.peers) == [B] for s in found if s.kind == worker_pb2.SOURCE_KIND_PEER)
-    _covered(found, Position(0, 0, 0))
+    job = _jobs({"a": "running", "b": "running"})[A]
+    assert {p.kind for p in job.pieces} == {KEPT, PEER}
+    assert all(p.peers == (B,) for p in job.pieces if p.kind == PEER)
+    _covered(job.pieces, Position(0, 0, 0))
 
 
-def test_sources_list_doomed_holders_first_and_fall_back_to_the_checkpoint() -> None:
-    fresh = sources.weight_sources(SPEC, OLD, OLD_ADDRESSES, NEW, Position(0, 1, 0),
-                                   doomed={B})
-    peers = [s for s in fresh if s.kind == worker_pb2.SOURCE_KIND_PEER]
-    first_a = next(i for i, s in enumerate(fresh) if s.peers and s.peers[0] == A)
-    assert all(s.peers[0] == B for s in peers[:first_a])
-    survivors = {Position(0, 0, 0): A}
-    alone = sources.weight_sources(SPEC, OLD, survivors, NEW, Position(0, 1, 0))
-    assert {s.kind for s in alone} == {worker_pb2.SOURCE_KIND_PEER,
-                                       worker_pb2.SOURCE_KIND_CHECKPOINT}
-    _covered(alone, Position(0, 1, 0))
+def test_doomed_holders_send_and_lost_ones_fall_back_to_the_checkpoint() -> None:
+    moved = Placement.of(NEW, {Position(0, 0, 0): A, Position(0, 1, 0): GpuId("c", 0)})
+    doomed = _jobs({"a": "running", "b": "doomed", "c": "joining"}, moved)[GpuId("c", 0)]
+    assert any(p.peers == (B,) for p in doomed.pieces)
+    lost = _jobs({"a": "running", "b": "lost", "c": "joining"}, moved)[GpuId("c", 0)]
+    assert {p.kind for p in lost.pieces} == {PEER, CHECKPOINT}
+    assert all(B not in p.peers for p in lost.pieces)
+    _covered(lost.pieces, Position(0, 1, 0))
 
 
 def test_role_round_trip_and_errors() -> None:
-    addresses = {Position(0, 0, 0): A, Position(0, 1, 0): B}
-    request = sources.configure_request(SPEC, 3, NEW, Position(0, 1, 0), addresses,
-                                        master_address="127.0.0.2:9")
+    jobs = _jobs({"a": "running", "b": "running"})
+    (group,) = pipeline_members(jobs).values()
+    request = configure_request(SPEC, "/models", 2, jobs[B], group,
+                                lambda g: f"{g.instance}:1", "a:9", 8)
     role = parse_role(request, SPEC)
     assert (role.rank, role.world_size, role.is_driver) == (1, 2, False)
-    assert request.role.prev_stage == A and request.role.next_stage == ""
+    assert request.role.prev_stage == "a:1" and request.role.next_stage == ""
     request.rendezvous.rank = 0
     with pytest.raises(SpotserveError, match="rendezvous says rank 0"):
         parse_role(request, SPEC)
@@ -77,20 +95,25 @@ def test_role_round_trip_and_errors() -> None:
         parse_role(request, SPEC)
 
 
-def test_kv_slices_of_paused_requests() -> None:
-    paused = PausedRequests()
+def test_a_rank_serves_kv_slices_from_the_pieces_it_holds() -> None:
+    shares = KVShares()
     kv = torch.arange(4 * 2 * 5 * 2 * 16, dtype=torch.float32).view(4, 2, 5, 2, 16)
-    paused.put_kv("r", kv)
+    shares.put("r", KVPiece((0, 2), (0, 2), (0, 5), kv[0:2].clone()))  # its own share
+    shares.put("r", KVPiece((2, 4), (1, 2), (0, 5), kv[2:4, :, :, 1:2].clone()))  # pulled
+    blob = blob_of(shares)
     piece = common_pb2.KVSlice(request_id="r", layer_start=1, layer_end=3, head_start=1,
                                head_stop=2, token_start=0, token_stop=4)
-    blob = paused.blob(piece)
-    got = torch.frombuffer(bytearray(blob.data), dtype=torch.float32).view(blob.shape)
-    assert torch.equal(got, kv[1:3, :, 0:4, 1:2])
-    piece.token_stop = 6
-    with pytest.raises(SliceError, match=r"tokens \[0, 6\) outside the held \[0, 5\)"):
-        paused.blob(piece)
+    got = torch.frombuffer(bytearray(blob(piece).data), dtype=torch.float32)
+    assert torch.equal(got.view(2, 2, 4, 1, 16), kv[1:3, :, 0:4, 1:2])
+    assert shares.tokens("r") == 5
+    piece.head_start = 0  # layer 2, head 0 is held by nobody here
     with pytest.raises(SliceError, match="no KV cache held"):
-        paused.blob(common_pb2.KVSlice(request_id="ghost", layer_end=1))
+        blob(piece)
+    piece.head_start, piece.token_stop = 1, 6
+    with pytest.raises(SliceError, match="no KV cache held"):
+        blob(piece)
+    with pytest.raises(SliceError, match="no KV cache held"):
+        blob(common_pb2.KVSlice(request_id="ghost", layer_end=1, head_stop=1, token_stop=1))
 
 
 def test_sampling_defaults_follow_the_contract() -> None:

@@ -22,6 +22,7 @@ import torch
 from spotserve.layout import ParallelConfig, Position
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.kv_cache import KVCache
+from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.model.decoder import StageModel
 from spotserve.worker.model.loader import load_into, load_stage
@@ -30,9 +31,10 @@ from spotserve.worker.model.parallel import EpochGroups
 
 def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, *,
                  dtype: str | None = None, device: torch.device | str = "cpu",
-                 tensors: dict[str, torch.Tensor] | None = None) -> StageRunner:
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 shares: KVShares | None = None) -> StageRunner:
     """Load this rank's slice (from the checkpoint, or from `tensors`) and allocate its KV
-    cache."""
+    cache; `shares` is the worker's store of paused requests' KV (kept across epochs)."""
     assert groups.position is not None, "this process has no position in the epoch"
     if tensors is None:
         model = load_stage(folder, groups.config, groups.position, dtype=dtype, tp=groups.tp,
@@ -43,7 +45,7 @@ def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, 
         model = StageModel(spec, groups.config, groups.position, groups.tp, device)
         load_into(model, tensors)
     cache = KVCache.for_stage(model, config.num_blocks, config.block_size)
-    return StageRunner(model, cache, groups)
+    return StageRunner(model, cache, groups, shares)
 
 
 @dataclass

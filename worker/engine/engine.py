@@ -4,13 +4,13 @@ Single-threaded; the worker service wraps it (its own lock or loop). Contract:
 - `submit` queues a request; it joins the batch at the next `step` that has room.
 - `step` runs one forward of the pipeline and returns the tokens it produced.
 - `drain(k)` lets exactly k more steps run (no new request starts); then `step` does
-  nothing and every unfinished request keeps its KV cache for `export`.
-- `export(request_id)` returns the request's `RequestState` (tokens and, unless asked not
-  to, its KV cache gathered on the driver) and removes it; `resume(state)` continues it
-  here: from the imported KV cache when the state carries one, else by re-prefilling
-  prompt + generated tokens.
-- `publish()` / `adopt(state)` do the same rank to rank: each rank keeps its own share of
-  the KV cache for the transfer service, and the new ranks write what they were sent.
+  nothing and every unfinished request keeps its KV cache for `publish`.
+- `publish()` takes requests out: every rank keeps its own share of each one's KV cache
+  (the runner's shares, which the transfer service serves); the returned states carry the
+  tokens and how many of them the cache covers. `adopt(state)` continues a request from
+  the shares its new ranks hold (its own old ones, or pieces pulled from old ranks), or by
+  re-prefilling prompt + generated tokens when some rank lacks its share; `resume(state)`
+  continues one by re-prefill.
 Either way the request's next tokens are the ones it would have produced uninterrupted.
 """
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from spotserve.errors import SpotserveError
 from spotserve.worker.engine.block_manager import BlockManager
+from spotserve.worker.engine.kv_shares import KVPiece
 from spotserve.worker.engine.plan import StepPlan
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.engine.scheduler import Scheduler, SchedulerConfig
@@ -126,29 +127,23 @@ class Engine:
         return events
 
     # ---- recovery -------------------------------------------------------------------
-    def export(self, request_id: str, with_kv: bool = True) -> RequestState:
-        """Take a request out of this engine, with its KV cache when it has one."""
-        seq = self.scheduler.get(request_id)
-        if seq is None:
-            raise SpotserveError(f"no request {request_id} here")
-        kv = None
-        if with_kv and seq.num_computed > 0:
-            kv = self.runner.export_kv(tuple(seq.block_table), seq.num_computed)
-        state = RequestState.of(seq, kv)
-        self.scheduler.remove(request_id)
-        return state
-
-    def export_all(self, with_kv: bool = True) -> list[RequestState]:
-        return [self.export(r, with_kv) for r in self.request_ids()]
-
-    def publish(self, request_ids: list[str] | None = None) -> list[RequestState]:
+    def publish(self, request_ids: list[str] | None = None, gather: bool = False
+                ) -> list[RequestState]:
         """Hand requests over rank to rank: every rank keeps its share of each request's KV
-        in `runner.published`; the returned states carry tokens and `num_computed` (no
+        in its shares; with `gather`, the driver also keeps each whole cache (the fallback
+        when a rank is leaving). The returned states carry tokens and `num_computed` (no
         tensor). The requests leave this engine."""
         seqs = [s for s in (self.scheduler.get(r) for r in request_ids or self.request_ids())
                 if s is not None]
+        cached = [s for s in seqs if s.num_computed > 0]
+        whole = {s.request_id: self.runner.export_kv(tuple(s.block_table), s.num_computed)
+                 for s in cached} if gather else {}
         self.runner.publish_kv({s.request_id: (tuple(s.block_table), s.num_computed)
-                                for s in seqs if s.num_computed > 0})
+                                for s in cached})
+        spec = self.runner.model.spec
+        for request_id, kv in whole.items():
+            self.runner.shares.put(request_id, KVPiece(
+                (0, spec.num_layers), (0, spec.num_kv_heads), (0, kv.shape[2]), kv))
         states = []
         for seq in seqs:
             state = RequestState.of(seq)
@@ -157,41 +152,33 @@ class Engine:
             self.scheduler.remove(seq.request_id)
         return states
 
-    def adopt(self, state: RequestState) -> None:
-        """Continue a published request whose KV pieces every rank has staged
-        (`runner.stage_kv`); with nothing cached, this is a re-prefill."""
+    def adopt(self, state: RequestState) -> bool:
+        """Continue a published request from the shares of this pipeline's ranks (its
+        first `state.num_computed` tokens). True if they all held theirs; False when the
+        request re-prefills instead."""
         seq = Sequence(state.request_id, list(state.prompt_token_ids), state.params,
                        output_token_ids=list(state.output_token_ids))
         if state.num_computed == 0:
             self.scheduler.add(seq)
-            return
+            return False
         self.blocks.grow(seq, state.num_computed)
         try:
-            self.runner.adopt_kv(state.request_id, tuple(seq.block_table))
+            adopted = self.runner.adopt_kv(state.request_id, tuple(seq.block_table),
+                                           state.num_computed)
         except Exception:
             self.blocks.free(seq)
             raise
-        seq.num_computed = state.num_computed
+        if adopted:
+            seq.num_computed = state.num_computed
+        else:   # some rank lacks its share: recompute prompt + generated tokens
+            self.blocks.free(seq)
         self.scheduler.add(seq)
+        return adopted
 
     def resume(self, state: RequestState) -> None:
-        """Continue a request exported elsewhere (KV import, or re-prefill without KV)."""
-        seq = Sequence(state.request_id, list(state.prompt_token_ids), state.params,
-                       output_token_ids=list(state.output_token_ids))
-        if state.kv is None or state.num_computed == 0:
-            self.scheduler.add(seq)
-            return
-        if state.kv.shape[2] != state.num_computed:
-            raise SpotserveError(f"request {state.request_id}: KV holds {state.kv.shape[2]} "
-                                 f"tokens, state says {state.num_computed}")
-        self.blocks.grow(seq, state.num_computed)
-        try:
-            self.runner.import_kv(tuple(seq.block_table), state.kv)
-        except Exception:
-            self.blocks.free(seq)
-            raise
-        seq.num_computed = state.num_computed
-        self.scheduler.add(seq)
+        """Continue a request exported elsewhere by re-prefilling prompt + generated."""
+        self.scheduler.add(Sequence(state.request_id, list(state.prompt_token_ids),
+                                    state.params, output_token_ids=list(state.output_token_ids)))
 
     def keepalive(self) -> None:
         """Check every rank of an idle pipeline is there (raises when one is not)."""

@@ -1,62 +1,43 @@
 """Runs steps on one rank, and lets the driver drive the whole pipeline.
 
 Every rank of a pipeline holds a `StageRunner` (its stage model, its KV cache, its epoch's
-groups). The driver (stage 0, TP rank 0) calls `step`, `export_kv`, `import_kv`,
-`publish_kv`, `adopt_kv` and `stop`; each broadcasts the command to the pipeline, then does
-the driver's own share. The other ranks sit in `serve_forever`, doing their share of each
-command as it arrives, until `stop`. A one-GPU pipeline skips all communication.
+groups, and the worker's `KVShares`). The driver (stage 0, TP rank 0) calls `step`,
+`publish_kv`, `adopt_kv`, `export_kv`, `ping` and `stop`; each broadcasts the command to
+the pipeline, then does the driver's own share. The other ranks sit in `serve_forever`,
+doing their share of each command as it arrives, until `stop`. A one-GPU pipeline skips
+all communication.
 
-Two ways to move a request's KV cache between configurations:
-- through the driver (`export_kv` / `import_kv`): the whole cache gathered into one tensor;
-  simple, for tests and small models;
-- rank to rank (`publish_kv` / `stage_kv` / `adopt_kv`): on drain every rank copies its own
-  layers and heads of each request into `published` (what the transfer service serves, by
-  layer/head/token range); on the new configuration the transfer service `stage_kv`s the
-  pieces each rank needs (`spotserve.layout.kv_reshard_plan` says which), and the driver's
-  `adopt_kv` has every rank write them into the request's new blocks.
+A request's KV cache moves rank to rank: on drain every rank copies its own layers and
+heads of each request into the shares (`publish_kv`), which the transfer service serves by
+layer/head/token range; a new rank receives the pieces the migration plan assigns it
+(`spotserve.layout.kv_reshard_plan`) into its own shares, and the driver's `adopt_kv` has
+every rank write its ranges into the request's new blocks, or report that it lacks some
+(the request then re-prefills). `export_kv` gathers a request's whole cache on the driver:
+the fallback copy when a rank is known to be leaving.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from spotserve.errors import SpotserveError
 from spotserve.worker.engine.kv_cache import KVCache
+from spotserve.worker.engine.kv_shares import KVPiece, KVShares
 from spotserve.worker.engine.plan import StepPlan
 from spotserve.worker.engine.sampling import sample
 from spotserve.worker.model.attention import AttentionBatch, SequenceChunk
 from spotserve.worker.model.decoder import StageModel
 from spotserve.worker.model.parallel import EpochGroups
 
-
-@dataclass
-class KVPiece:
-    """Layers × heads × tokens of one request's KV cache: [layers, 2, tokens, heads, dim]."""
-
-    layers: tuple[int, int]
-    heads: tuple[int, int]
-    tokens: tuple[int, int]
-    data: torch.Tensor
-
-    def cut(self, layers: tuple[int, int], heads: tuple[int, int]) -> KVPiece:
-        """The sub-piece for the given (global) layer and head ranges."""
-        (l0, _), (h0, _) = self.layers, self.heads
-        data = self.data[layers[0] - l0:layers[1] - l0, :, :, heads[0] - h0:heads[1] - h0]
-        return KVPiece(layers, heads, self.tokens, data.clone())
+__all__ = ["KVPiece", "StageRunner"]
 
 
 class StageRunner:
-    def __init__(self, model: StageModel, cache: KVCache, groups: EpochGroups) -> None:
+    def __init__(self, model: StageModel, cache: KVCache, groups: EpochGroups,
+                 shares: KVShares | None = None) -> None:
         self.model, self.cache, self.groups = model, cache, groups
-        self.published: dict[str, KVPiece] = {}       # request → this rank's share, on drain
-        self.staged: dict[str, list[KVPiece]] = {}    # request → pieces received for it
-
-    def stage_kv(self, request_id: str, piece: KVPiece) -> None:
-        """Hold a received piece until the driver adopts the request (this rank only)."""
-        self.staged.setdefault(request_id, []).append(piece)
+        self.shares = shares if shares is not None else KVShares()
 
     # ---- driver side ----------------------------------------------------------------
     def step(self, plan: StepPlan) -> dict[str, int]:
@@ -68,18 +49,16 @@ class StageRunner:
         from every rank of the pipeline."""
         return self._command("export", (block_table, num_tokens))  # type: ignore[no-any-return]
 
-    def import_kv(self, block_table: tuple[int, ...], kv: torch.Tensor) -> None:
-        """Store a request's whole KV cache; each rank keeps its layers and heads."""
-        self._command("import", (block_table, kv))
-
     def publish_kv(self, requests: dict[str, tuple[tuple[int, ...], int]]) -> None:
         """Every rank copies its layers/heads of each request's first n tokens (request →
-        (block table, n)) into `published`."""
+        (block table, n)) into its shares."""
         self._command("publish", requests)
 
-    def adopt_kv(self, request_id: str, block_table: tuple[int, ...]) -> None:
-        """Every rank writes its staged pieces of the request into `block_table`."""
-        self._command("adopt", (request_id, block_table))
+    def adopt_kv(self, request_id: str, block_table: tuple[int, ...], num_tokens: int
+                 ) -> bool:
+        """Every rank writes its ranges of the request's first `num_tokens` tokens from its
+        shares into `block_table`; False when some rank does not hold all of them."""
+        return bool(self._command("adopt", (request_id, block_table, num_tokens)))
 
     def stop(self) -> None:
         """Release the other ranks from `serve_forever`."""
@@ -110,8 +89,6 @@ class StageRunner:
             return self._step(payload)
         if kind == "export":
             return self._export(*payload)
-        if kind == "import":
-            return self._import(*payload)
         if kind == "publish":
             return self._publish(payload)
         if kind == "adopt":
@@ -170,12 +147,6 @@ class StageRunner:
             return None
         return _assemble(pieces)
 
-    def _import(self, block_table: tuple[int, ...], kv: torch.Tensor) -> None:
-        cache = self.cache
-        (l0, l1), (h0, h1) = (cache.layer_range.start, cache.layer_range.stop), cache.head_range
-        cache.write(block_table, (l0, l1), (h0, h1), (0, kv.shape[2]), kv[l0:l1, :, :, h0:h1])
-
-
     def _own_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
         return (self.cache.layer_range.start, self.cache.layer_range.stop), self.cache.head_range
 
@@ -183,17 +154,19 @@ class StageRunner:
         layers, heads = self._own_ranges()
         for request_id, (table, num_tokens) in requests.items():
             data = self.cache.read(table, layers, heads, (0, num_tokens)).cpu()
-            self.published[request_id] = KVPiece(layers, heads, (0, num_tokens), data)
+            self.shares.replace(request_id, [KVPiece(layers, heads, (0, num_tokens), data)])
 
-    def _adopt(self, request_id: str, block_table: tuple[int, ...]) -> None:
-        pieces = self.staged.pop(request_id, [])
+    def _adopt(self, request_id: str, block_table: tuple[int, ...], num_tokens: int) -> bool:
+        """Write this rank's share; every rank's answer reaches the driver, which adopts
+        only if all of them had theirs (a rank missing some writes nothing that matters:
+        the blocks are freed and the request re-prefills)."""
         layers, heads = self._own_ranges()
-        covered = sum((p.layers[1] - p.layers[0]) * (p.heads[1] - p.heads[0]) for p in pieces)
-        if covered != (layers[1] - layers[0]) * (heads[1] - heads[0]):
-            raise SpotserveError(f"request {request_id}: staged KV pieces do not cover "
-                                 f"layers {layers} x heads {heads} exactly")
-        for p in pieces:
-            self.cache.write(block_table, p.layers, p.heads, p.tokens, p.data)
+        data = self.shares.assemble(request_id, layers, heads, num_tokens)
+        if data is not None:
+            self.cache.write(block_table, layers, heads, (0, num_tokens),
+                             data.to(self.model.device))
+        answers = self.groups.gather_objects(data is not None)
+        return answers is not None and all(answers)
 
 
 def _assemble(pieces: list[Any]) -> torch.Tensor:

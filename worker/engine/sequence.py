@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Any
 
 from spotserve.errors import SpotserveError
 
@@ -89,22 +88,16 @@ class Sequence:
 
 @dataclass
 class RequestState:
-    """What survives a request's move between pipelines: its tokens and, optionally, its KV
-    cache for tokens [0, num_computed) as [layers, 2, tokens, kv_heads, head_dim] (a torch
-    tensor, typed loosely so this module stays torch-free)."""
+    """What survives a request's move between pipelines: its tokens, and how many of them
+    (`num_computed`, from the first) the KV cache its ranks kept covers."""
 
     request_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     params: SamplingParams
     num_computed: int = 0
-    kv: Any = None
 
     @classmethod
-    def of(cls, seq: Sequence, kv: Any = None) -> RequestState:
+    def of(cls, seq: Sequence) -> RequestState:
         return cls(seq.request_id, list(seq.prompt_token_ids), list(seq.output_token_ids),
-                   seq.params, seq.num_computed if kv is not None else 0, kv)
-
-    def without_kv(self) -> RequestState:
-        return RequestState(self.request_id, self.prompt_token_ids, self.output_token_ids,
-                            self.params)
+                   seq.params)

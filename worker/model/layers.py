@@ -22,7 +22,8 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False)
+    # uninitialised: every parameter is loaded (`loader.load_into`) before use
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
 class Linear(nn.Module):

@@ -81,7 +81,9 @@ def load_stage(folder: str | Path, config: ParallelConfig, position: Position, *
 
 
 def load_into(model: StageModel, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy named tensors into the model's parameters; every parameter must be given."""
+    """Put named tensors into the model's parameters; every parameter must be given. A
+    tensor already of the parameter's device and dtype becomes it (no second copy of the
+    weights); others are copied in."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -93,4 +95,9 @@ def load_into(model: StageModel, tensors: dict[str, torch.Tensor]) -> None:
             if params[name].shape != tensor.shape:
                 raise SpotserveError(f"{name}: checkpoint slice {tuple(tensor.shape)} does not "
                                      f"fit {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+            param = params[name]
+            if tensor.device == param.device and tensor.dtype == param.dtype and \
+                    tensor.is_contiguous():
+                param.data = tensor
+            else:
+                param.copy_(tensor)

@@ -199,14 +199,16 @@ class CancelResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("epoch", "steps", "deadline_unix")
+    __slots__ = ("epoch", "steps", "deadline_unix", "gather")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    GATHER_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     steps: int
     deadline_unix: float
-    def __init__(self, epoch: _Optional[int] = ..., steps: _Optional[int] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+    gather: bool
+    def __init__(self, epoch: _Optional[int] = ..., steps: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., gather: _Optional[bool] = ...) -> None: ...
 
 class DrainResponse(_message.Message):
     __slots__ = ("requests", "steps_run")
