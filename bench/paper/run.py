@@ -30,8 +30,8 @@ from spotserve.catalog import Catalog
 from spotserve.models import resolve_model
 from spotserve.operator.planner import Instance, PlanRequest, RooflineCostModel, plan
 from spotserve.operator.sim.runner import Setup, run
-from spotserve.operator.sim.traces import Trace, TraceEvent, load_queries, load_rates, load_trace
 from spotserve.operator.sim.workload import from_queries, generated
+from spotserve.traces import Trace, TraceEvent, load_queries, load_rates, load_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "reference" / "spotserve-artifact"

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from spotserve.operator.sim.runner import Setup, run
-from spotserve.operator.sim.traces import load_trace
 from spotserve.operator.sim.workload import generated
+from spotserve.traces import load_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "reference" / "spotserve-artifact"

@@ -4,7 +4,7 @@ A trace says when instances become available (`add`) and when they are terminate
 (`remove`), in trace seconds; `compression` divides every time. A removal becomes a
 termination notice `grace` seconds (real time) before the kill, unless the node is listed
 in `no_notice`, in which case it is killed without warning. Traces are read with the
-simulator's parser (`spotserve.operator.sim.traces`), so the SpotServe formats (g4dn.csv,
+simulator's parser (`spotserve.traces`), so the SpotServe formats (g4dn.csv,
 JSON-lines segments) work as they are.
 """
 
@@ -14,8 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from spotserve.errors import SpotserveError
-
-from ..sim.traces import Trace, TraceEvent, load_trace
+from spotserve.traces import Trace, TraceEvent, load_trace
 
 ADD, NOTICE, KILL, RATE = "add", "notice", "kill", "rate"
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from spotserve.catalog import Catalog
+from spotserve.traces import load_trace
 
-from ..sim.traces import load_trace
 from .cloud import DEFAULT_NO_NOTICE, DEFAULT_TRACE, Script, script
 from .report import plot, summary, summary_text, write_json
 from .runner import CATALOG, RunOptions, run_local

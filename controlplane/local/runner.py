@@ -1,7 +1,8 @@
 """One local-mode run: router + controller + emulated instances + a steady request stream.
 
-`run_local(options)` starts the real router (in this process, gRPC and HTTP on
-127.0.0.1), the `LocalBackend` and the `Controller`; plays the cloud script (boots,
+`run_local(options)` starts the real router (`spotserve router` in a process of its own,
+gRPC and HTTP on 127.0.0.1), the `LocalBackend` and the `Controller` (in this process);
+plays the cloud script (boots,
 notices, kills); sends greedy requests at a steady rate through the router's gRPC API;
 optionally restarts the controller mid-run from its state file; and, once the script has
 ended, replays every prompt against the final configuration (the no-preemption
@@ -12,10 +13,8 @@ starts is stopped on the way out, also on failure.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import random
@@ -40,10 +39,9 @@ from ..controller.journal import Journal
 from ..planner.cost_model import Workload
 from ..planner.homogeneous import SearchLimits
 from ..planner.roofline import RooflineCostModel
-from ..router.app import RouterApp
-from ..router.commit_log import CommitLog
 from .backend import ROOT, BackendOptions, LocalBackend
 from .cloud import ADD, KILL, NOTICE, RATE, Script
+from .router_process import RouterProcess
 from .tiny_model import VOCAB
 
 log = logging.getLogger("spotserve.local")
@@ -86,6 +84,9 @@ class RequestRecord:
     # when its stream broke, and on which pipeline
     interruptions: list[tuple[float, str]] = field(default_factory=list)
     resumes: list[str] = field(default_factory=list)  # "mode@pipeline after N tokens"
+
+    def resumes_by(self, mode: str) -> int:
+        return sum(r.startswith(f"{mode}@") for r in self.resumes)
 
     @property
     def latency(self) -> float:
@@ -134,15 +135,6 @@ def settings_for(model: ModelSpec, options: RunOptions) -> ControllerSettings:
         replacement_capacity="spot")
 
 
-def router_args(model_dir: Path, grpc_address: str = "127.0.0.1:0",
-                http_address: str = "127.0.0.1:0") -> argparse.Namespace:
-    return argparse.Namespace(
-        model=model_dir, served_model_name=model_dir.resolve().name, max_context=None,
-        grpc=grpc_address, http=http_address, max_queue=512, max_concurrency=8,
-        queue_timeout=120.0, request_timeout=300.0, resume_timeout=120.0, hint_wait=60.0,
-        shutdown_grace=1.0)
-
-
 class LocalRun:
     def __init__(self, options: RunOptions) -> None:
         options = replace(options, model_dir=options.model_dir.resolve(),
@@ -156,7 +148,7 @@ class LocalRun:
         self._by_id: dict[str, RequestRecord] = {}
         self.configs: list[dict[str, Any]] = []
         self.journal = Journal(options.workdir / "controller")
-        self.router: RouterApp | None = None
+        self.router: RouterProcess | None = None
         self.backend: LocalBackend | None = None
         self.controller: Controller | None = None
         self._controller_task: asyncio.Task[None] | None = None
@@ -189,12 +181,9 @@ class LocalRun:
         self.options.workdir.mkdir(parents=True, exist_ok=True)
         for stale in ("state.json", "events.jsonl"):
             (self.options.workdir / "controller" / stale).unlink(missing_ok=True)
-        self.router = RouterApp.from_args(router_args(self.options.model_dir), pipelines=[],
-                                          token=self.token, api_keys=[])
-        self.router.router.on_finish = self._finished
-        with contextlib.redirect_stdout(io.StringIO()):
-            await self.router.start()
-        address = f"127.0.0.1:{self.router.grpc_port}"
+        self.router = await RouterProcess.start(self.options.model_dir,
+                                                self.options.workdir / "logs", self.token)
+        address = self.router.grpc_address
         self.channel = grpc.aio.insecure_channel(address)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.backend = LocalBackend(self.model, self.catalog, BackendOptions(
@@ -233,7 +222,7 @@ class LocalRun:
         if self.router is not None:
             with contextlib.suppress(Exception):
                 await self.channel.close()
-            await self.router.stop(grace=0)
+            await self.router.stop()
 
     async def restart_controller(self) -> None:
         """Stop the controller wherever it is (a migration half done, say) and start a new
@@ -309,14 +298,19 @@ class LocalRun:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - self.now()))
 
-    def _finished(self, log: CommitLog) -> None:
-        """The router's record of a request as it ends: when its stream broke."""
-        record = self._by_id.get(log.request_id)
-        if record is not None:
-            record.interruptions = [(r.interrupted_at - self._start, r.interrupted_on)
-                                    for r in log.resumes if r.interrupted_at]
-            record.resumes = [f"{r.mode}@{r.pipeline_id} after {r.committed}"
-                              for r in log.resumes]
+    def _read_request_log(self) -> None:
+        """How each request ended and every interruption on the way, as the router logged
+        them (seconds since the run started)."""
+        assert self.router is not None
+        logged = self.router.requests()
+        for record in self.records:
+            entry = logged.get(record.request_id)
+            if entry is None:
+                continue
+            resumes = entry["resumes"]
+            record.interruptions = [(r["interrupted_at"] - self._wall0, r["interrupted_on"])
+                                    for r in resumes]
+            record.resumes = [f"{r['mode']}@{r['on']} after {r['committed']}" for r in resumes]
 
     def _prompt(self) -> list[int]:
         vocab = min(self.model.vocab_size, VOCAB)
@@ -392,8 +386,8 @@ class LocalRun:
 
     def _result(self, reference: dict[str, list[int]], greedy: dict[str, bool]) -> RunResult:
         assert self.router is not None and self.backend is not None
-        sample = self.router.router.metrics.registry.get_sample_value
-        resumed = {mode: int(sample("spotserve_requests_resumed_total", {"mode": mode}) or 0)
+        self._read_request_log()
+        resumed = {mode: sum(r.resumes_by(mode) for r in self.records)
                    for mode in ("kv", "reprefill")}
         moved = self.backend.moved
         journal = self.journal.read()

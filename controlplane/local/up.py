@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import io
 import logging
 import secrets
 import signal
@@ -17,10 +15,10 @@ from spotserve.model_spec import ModelSpec
 from ..controller.controller import Controller
 from ..controller.events import LoadChanged
 from ..controller.journal import Journal
-from ..router.app import RouterApp
 from .backend import BackendOptions, LocalBackend
 from .cloud import Script
-from .runner import CATALOG, RunOptions, router_args, settings_for
+from .router_process import RouterProcess
+from .runner import CATALOG, RunOptions, settings_for
 from .tiny_model import build_tiny_llama
 
 
@@ -32,13 +30,11 @@ async def _serve(args: argparse.Namespace) -> int:
     catalog = Catalog.load(CATALOG)
     catalog.instance(args.instance_type)
     token = secrets.token_hex(16)
-    router = RouterApp.from_args(router_args(model_dir, args.grpc, args.http), pipelines=[],
-                                 token=token, api_keys=[])
-    with contextlib.redirect_stdout(io.StringIO()):
-        await router.start()
+    router = await RouterProcess.start(model_dir, args.out / "logs", token, args.grpc,
+                                       args.http)
     backend = LocalBackend(model, catalog, BackendOptions(
-        model_dir=model_dir, workdir=args.out / "logs",
-        router_address=f"127.0.0.1:{router.grpc_port}", token=token, device=args.device))
+        model_dir=model_dir, workdir=args.out / "logs", router_address=router.grpc_address,
+        token=token, device=args.device))
     options = RunOptions(model_dir=model_dir, workdir=args.out, script=Script((), 0, "none"),
                          min_gpus_per_replica=1, standby=0)
     controller = Controller(settings_for(model, options), backend,
@@ -56,9 +52,9 @@ async def _serve(args: argparse.Namespace) -> int:
         plan = controller.last_plan
         config = plan.config.describe() if plan and plan.config else "-"
         base = f"http://{host}:{router.http_port}/v1"
-        name = router.router.limits.name
+        name = model_dir.name
         print(f"serving {model_dir} as model {name!r} ({config}) on {base} (OpenAI API) "
-              f"and grpc {args.grpc.rpartition(':')[0]}:{router.grpc_port}; Ctrl-C stops\n"
+              f"and grpc {router.grpc_address}; Ctrl-C stops\n"
               f"try: curl {base}/completions -H 'content-type: application/json' "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'",
               flush=True)
@@ -72,7 +68,7 @@ async def _serve(args: argparse.Namespace) -> int:
         for task in tasks:
             task.cancel()
         await backend.close()
-        await router.stop(grace=1)
+        await router.stop()
 
 
 async def _forward(backend: LocalBackend, controller: Controller) -> None:

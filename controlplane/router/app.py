@@ -19,6 +19,7 @@ from spotserve.auth import BearerCheck
 
 from .dispatch import Pipeline
 from .openai_http import build_app
+from .request_log import RequestLog
 from .router import Router, RouterConfig
 from .server import start_grpc
 from .tokenizer import ModelTokenizer
@@ -51,6 +52,8 @@ class RouterApp:
             queue_timeout=args.queue_timeout, request_timeout=args.request_timeout,
             resume_timeout=args.resume_timeout, hint_wait=args.hint_wait)
         router = Router(config, tokenizer, WorkerClients(token))
+        if getattr(args, "request_log", None):
+            router.request_log = RequestLog(args.request_log)
         return cls(router, args.grpc, args.http, token, api_keys, pipelines,
                    shutdown_grace=args.shutdown_grace)
 
@@ -89,6 +92,8 @@ class RouterApp:
             stops.append(self._grpc.stop(grace))
         await asyncio.gather(*stops)
         await self.router.close()
+        if self.router.request_log is not None:
+            self.router.request_log.close()
 
     async def serve_forever(self) -> None:
         await self.start()

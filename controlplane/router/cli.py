@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 10)")
     parser.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
                         help="on SIGTERM, how long running requests may finish (default 10)")
+    parser.add_argument("--request-log", type=Path, metavar="FILE",
+                        help="append one JSON line per finished request: how it ended, its "
+                             "tokens, its latency and every interruption and resume")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -69,6 +72,10 @@ def parse_pipeline(spec: str) -> tuple[str, str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from spotserve.lifetime import die_with_parent_if_asked
+
+    die_with_parent_if_asked()  # local mode's router goes with its parent, before threads start
+
     import asyncio
     import logging
 

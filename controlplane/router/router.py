@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -29,6 +29,7 @@ from .dispatch import Pipeline, PipelineState
 from .errors import ErrorKind, RouterError, invalid
 from .load_signal import ArrivalRate, LatencyWindow
 from .metrics import RouterMetrics
+from .request_log import RequestLog
 from .resume import KV, MODE_NAMES, Interruption, Resumer
 from .scheduler import Scheduler
 from .text import IncrementalDetokenizer, StopMatcher
@@ -141,8 +142,7 @@ class Router:
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.closing = False  # shutting down: not ready for new traffic
-        # called with each request's commit log as it ends (how it resumed, and when)
-        self.on_finish: Callable[[CommitLog], None] | None = None
+        self.request_log: RequestLog | None = None  # a line per finished request
 
     # ---- the request path -------------------------------------------------------------
 
@@ -376,8 +376,10 @@ class Router:
         return now
 
     def _finish(self, request: GenerationInput, flight: _InFlight, finish: int) -> None:
-        if self.on_finish is not None:
-            self.on_finish(flight.log)
+        if self.request_log is not None:
+            ended = FR.Name(finish)[len("FINISH_REASON_"):].lower()
+            self.request_log.write(flight.log, "cancelled" if ended == "unspecified" else ended,
+                                   flight.arrived)
         self._inflight.pop(request.request_id, None)
         self.topology.hints.pop(request.request_id, None)
         elapsed = time.monotonic() - flight.arrived

@@ -89,9 +89,9 @@ def _prices(text: str) -> dict[str, float]:
 
 def build_setup(args: argparse.Namespace) -> Any:
     from spotserve.operator.planner.cost_model import Workload
+    from spotserve.traces import load_queries, load_rates, load_trace
 
     from .runner import Setup
-    from .traces import load_queries, load_rates, load_trace
     from .workload import from_queries, generated
 
     _positive(args)

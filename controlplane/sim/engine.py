@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from spotserve.catalog import InstanceType
+from spotserve.traces import Trace
 
-from .traces import Trace
 from .workload import Arrival
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from spotserve.catalog import Catalog, InstanceType
 from spotserve.errors import SpotserveError
 from spotserve.models import resolve_model
+from spotserve.traces import Trace, TraceEvent
 
 from ..planner.cluster import Instance
 from ..planner.cost_model import Workload
@@ -21,7 +22,6 @@ from . import report
 from .engine import ClusterSpec, Policy, Simulation
 from .policies import Reparallelize, Reroute, SpotServe, Variant, best_shape
 from .scenario import Scenario
-from .traces import Trace, TraceEvent
 from .workload import Arrival
 
 BASELINES = ("spotserve", "reparallelize", "reroute", "ondemand")

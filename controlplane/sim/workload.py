@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spotserve.errors import SpotserveError
-
-from .traces import Query
+from spotserve.traces import Query
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from spotserve.operator.local.cloud import Script, script
 from spotserve.operator.local.runner import RunOptions, RunResult, run_local
 from spotserve.operator.local.tiny_model import build_tiny_llama
-from spotserve.operator.sim.traces import Trace, TraceEvent
+from spotserve.traces import Trace, TraceEvent
 
 RATE, MAX_TOKENS = 4.0, 128
 

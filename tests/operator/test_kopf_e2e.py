@@ -9,6 +9,7 @@ finishes, and greedy outputs equal a rerun on the new configuration.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -22,7 +23,7 @@ import grpc
 import pytest
 
 from spotserve.operator.k8s.api import Connection
-from spotserve.operator.local.runner import CATALOG, router_args
+from spotserve.operator.local.runner import CATALOG
 from spotserve.operator.local.tiny_model import build_tiny_llama
 from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -40,6 +41,15 @@ from .test_kopf_app import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def router_args(model_dir: Path) -> argparse.Namespace:
+    """The router's flags, as `spotserve router` parses them, on any free local ports."""
+    from spotserve.operator.router.cli import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--model", str(model_dir), "--grpc", "127.0.0.1:0",
+                              "--http", "127.0.0.1:0", "--shutdown-grace", "1"])
 TOKEN = "t"
 IPS = {"n1": "127.0.0.2", "n2": "127.0.0.3", "n3": "127.0.0.4"}
 
@@ -65,7 +75,7 @@ async def spawn(ip: str, port: int, model: Path, logs: Path) -> asyncio.subproce
            "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{ip}:{port}",
-        "--model", str(model), "--device", "cpu", "--kv-blocks", "256", "--block-size", "8",
+        "--model", str(model), "--device", "cpu", "--kv-blocks", "640", "--block-size", "8",
         "--max-batched-tokens", "256", "--max-model-len", "512", "--threads", "1",
         "--join-timeout", "20", "--grace", "4", cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=(logs / f"worker-{ip}.log").open("w"),
@@ -118,10 +128,11 @@ async def loopback(tmp: Path) -> AsyncIterator[tuple[Path, int, Any]]:
                 await process.wait()
 
 
-TOKENS = 120
+TOKENS = 400  # long enough to be mid-stream when the notice lands
 
 
-async def generate(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) -> list[int]:
+async def generate(stub: inference_pb2_grpc.InferenceStub, prompt: list[int],
+                   started: asyncio.Event | None = None) -> list[int]:
     request = inference_pb2.GenerateRequest(
         token_ids=inference_pb2.TokenIds(ids=prompt),
         sampling=common_pb2.SamplingParams(max_tokens=TOKENS, temperature=0.0,
@@ -129,6 +140,8 @@ async def generate(stub: inference_pb2_grpc.InferenceStub, prompt: list[int]) ->
     out: list[int] = []
     async for message in stub.Generate(request, timeout=120):
         out.extend(message.token_ids)
+        if started is not None and out:
+            started.set()
     return out
 
 
@@ -187,8 +200,10 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: 
                 status = (await until(ready, 120))["status"]
                 doomed = sorted({s["node"] for s in status["placement"]})[0]
                 prompts = [[1 + (i * 7 + j) % 50 for j in range(6 + i % 5)] for i in range(16)]
-                streams = [asyncio.create_task(generate(stub, p)) for p in prompts]
-                await asyncio.sleep(0.5)
+                started = [asyncio.Event() for _ in prompts]
+                streams = [asyncio.create_task(generate(stub, p, e))
+                           for p, e in zip(prompts, started, strict=True)]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
                 await taint(notice)(cluster, doomed)
                 await cluster.call("POST", "/api/v1/nodes", nodes[2])
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from spotserve.operator.sim.runner import Setup
-from spotserve.operator.sim.traces import Trace, TraceEvent
 from spotserve.operator.sim.workload import Arrival
+from spotserve.traces import Trace, TraceEvent
 
 PROFILES = {"6.7b": ("megatron_6.7B_profile.json", 4), "20b": ("megatron_h6144_profile.json", 12)}
 

@@ -25,8 +25,8 @@ from spotserve.operator.planner.homogeneous import SearchLimits, search
 from spotserve.operator.sim import policies
 from spotserve.operator.sim.engine import ClusterSpec, Simulation
 from spotserve.operator.sim.runner import run
-from spotserve.operator.sim.traces import TraceEvent
 from spotserve.operator.sim.workload import Arrival, generated
+from spotserve.traces import TraceEvent
 
 from .support import every, paper_setup, trace
 

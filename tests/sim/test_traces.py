@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from spotserve.errors import SpotserveError
-from spotserve.operator.sim.traces import load_queries, load_rates, load_trace
 from spotserve.operator.sim.workload import generated
+from spotserve.traces import load_queries, load_rates, load_trace
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
