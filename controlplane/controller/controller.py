@@ -136,6 +136,7 @@ class Observed:
     step_ms: Mapping[int, float]
     broken: frozenset[int]   # lost a member or its KV: abandoned, never drained
     stale: frozenset[int]    # drained already: regrouped even if the plan keeps it
+    why: Mapping[int, str] = field(default_factory=dict)  # why each broken one is
 
     @property
     def disturbed(self) -> frozenset[int]:
@@ -309,22 +310,30 @@ class Controller:
         except (ActuatorError, TimeoutError):
             status = {}
         gone = {r.name for r in self.view.in_state(GONE)}
-        progress, steps, broken, stale = [], {}, set(), set()
+        progress, steps, broken, stale, why = [], {}, set(), set(), {}
         for d, pid in enumerate(self.pipeline_ids):
             s = status.get(pid)
             members = {g for _, g in placement.by_pipeline.get(d, ())}
-            if s is None or s.broken or pid in self._broken or members & self._wiped or \
-                    {g.instance for g in members} & gone:
+            reason = self._broken.get(pid) or (s.error if s is not None else
+                                                "its driver does not answer")
+            reason = reason or next((f"{g.instance} is gone" for g in sorted(members)
+                                     if g.instance in gone), "")
+            reason = reason or next((f"worker {g} was replaced" for g in sorted(members)
+                                     if g in self._wiped), "")
+            if reason:
                 broken.add(d)
+                why[d] = reason
                 s = PipelineStatus()
-            elif pid in self._drained or s.state in ("draining", "drained"):
+            elif pid in self._drained or (s is not None and s.state in ("draining",
+                                                                        "drained")):
                 stale.add(d)
+            assert s is not None
             progress.append(PipelineProgress(d, s.cached_tokens, s.remaining_steps))
             if s.decode_step_ms > 0:
                 steps[d] = s.decode_step_ms
         wiped = frozenset(g for g in self._wiped if g in placement.by_gpu)
         current = CurrentState(placement, tuple(progress), frozenset(broken), wiped)
-        return Observed(current, steps, frozenset(broken), frozenset(stale))
+        return Observed(current, steps, frozenset(broken), frozenset(stale), why)
 
     async def plan_next(self) -> tuple[Plan | None, Observed]:
         observed = await self._observe()
@@ -388,7 +397,8 @@ class Controller:
         jobs = assignments(self.settings.model, epoch, new,
                            migration.transfers if migration else (), old, old_ids, inherits,
                            seen.disturbed)
-        await self._abandon([old_ids[d] for d in sorted(seen.broken)], scope)
+        await self._abandon({old_ids[d]: seen.why.get(d, "") for d in sorted(seen.broken)},
+                            scope)
         deadline_running = self.view.earliest_deadline() is not None and old is not None \
             and bool(old.instances() & {r.name for r in self.view.in_state(NOTICE)})
         await self._preload(epoch, jobs, old, scope, deadline_running)
@@ -410,16 +420,16 @@ class Controller:
                                      for d, pid in enumerate(new_ids)})
         await self._release(result)
 
-    async def _abandon(self, pipeline_ids: Sequence[str], scope: Scope) -> None:
-        """Broken pipelines leave the router's rotation before anything else happens."""
-        if not pipeline_ids:
+    async def _abandon(self, reasons: Mapping[str, str], scope: Scope) -> None:
+        """Broken pipelines (id → why) leave the router's rotation before anything else
+        happens."""
+        if not reasons:
             return
-        self.metrics.abandoned.inc(len(pipeline_ids))
-        self.journal.record("abandoned", self.epoch, pipelines=list(pipeline_ids),
-                            reasons={p: self._broken.get(p, "a member is gone")
-                                     for p in pipeline_ids})
+        self.metrics.abandoned.inc(len(reasons))
+        self.journal.record("abandoned", self.epoch, pipelines=list(reasons),
+                            reasons=dict(reasons))
         try:
-            await self._phase("abandoning", self.actuator.abandon(pipeline_ids),
+            await self._phase("abandoning", self.actuator.abandon(list(reasons)),
                               self.settings.switch_seconds, scope)
         except ActuatorError as exc:  # the switch tells the router again
             self._failed("abandon-failed", str(exc))
