@@ -61,6 +61,12 @@ from spotserve.worker.weights import GatherStats, gather, hold
 
 log = logging.getLogger(__name__)
 WS = worker_pb2.WorkerState
+# The router pings its drivers every 10 s, with or without calls in flight, to find a dead
+# one within seconds; the server's defaults (a ping per 5 minutes without data) would
+# answer that with GOAWAY "too_many_pings" and drop the connection.
+KEEPALIVE_ACCEPTED = [("grpc.keepalive_permit_without_calls", 1),
+                      ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                      ("grpc.http2.max_ping_strikes", 0)]
 FR = common_pb2.FinishReason
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -511,7 +517,7 @@ async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetri
     servicer and the address it is reachable at (the real port when `listen` asks for 0)."""
     server = grpc.aio.server(
         interceptors=[TokenInterceptor(options.token, frozenset({health.CHECK}))],
-        options=CHANNEL_OPTIONS)
+        options=[*CHANNEL_OPTIONS, *KEEPALIVE_ACCEPTED])
     port = server.add_insecure_port(listen)
     address = f"{listen.rsplit(':', 1)[0]}:{port}"
     servicer = WorkerServicer(replace(options, address=options.address or address), metrics)

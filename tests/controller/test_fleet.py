@@ -1,0 +1,135 @@
+"""The worker fleet every backend shares, against a fake wire: what it tells workers and
+the router (drains announced to the router first, at the worker's own epoch; a driver that
+moved on reported broken), and its health monitor (a silent worker replaced once its
+deadline passes, a serving pipeline its workers report broken reported once)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from spotserve.models import resolve_model
+from spotserve.operator.controller.actuator import ActuatorError, DrainedRequest, Resume
+from spotserve.operator.controller.actuator import RoutedPipeline as Route
+from spotserve.operator.controller.events import Event, PipelineBroken, WorkerRestarted
+from spotserve.operator.controller.fleet import FleetOptions, WorkerFleet
+from spotserve.operator.controller.wire import Configured, RouterReport, WorkerReport
+from spotserve.operator.planner.cluster import GpuId
+from spotserve.v1 import worker_pb2
+
+A, B = GpuId("a", 0), GpuId("b", 0)
+
+
+class FakeWire:
+    def __init__(self) -> None:
+        self.reports: dict[str, WorkerReport] = {}
+        self.silent: set[str] = set()
+        self.calls: list[tuple[object, ...]] = []
+
+    async def status(self, address: str, timeout: float) -> WorkerReport:
+        if address in self.silent:
+            raise ActuatorError(f"Status {address}: DEADLINE_EXCEEDED")
+        return self.reports.get(address, WorkerReport(0, "standby", "", ""))
+
+    async def drain(self, address: str, epoch: int, steps: int,
+                    timeout: float) -> list[DrainedRequest]:
+        self.calls.append(("drain", address, epoch, steps))
+        return [DrainedRequest("r1", 4, 2, 5)]
+
+    async def configure(self, address: str, request: worker_pb2.ConfigureRequest,
+                        timeout: float) -> Configured:
+        self.calls.append(("configure", address, request.epoch))
+        return Configured("ready")
+
+    async def topology(self, router: str, epoch: int, pipelines: Sequence[tuple[Route, str]],
+                       resume: Sequence[Resume], max_concurrency: int,
+                       timeout: float) -> None:
+        self.calls.append(("topology", epoch, tuple((p.pipeline_id, p.state, a)
+                                                    for p, a in pipelines)))
+
+    async def router_stats(self, router: str, timeout: float) -> RouterReport:
+        return RouterReport(0, 0.0)
+
+    async def forget(self, address: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class Fleet(WorkerFleet):
+    def __init__(self, wire: FakeWire) -> None:
+        super().__init__(resolve_model("opt-6.7b"), wire, FleetOptions(
+            model_dir="/m", max_batch=4, health_every=0.02, health_deadline=0.2))
+        self.replaced: list[GpuId] = []
+
+    def address(self, gpu: GpuId) -> str:
+        return f"{gpu.instance}:1"
+
+    def workers(self) -> Sequence[GpuId]:
+        return [A, B]
+
+    def router_address(self) -> str:
+        return "router:1"
+
+    def rendezvous(self, driver: GpuId, epoch: int) -> str:
+        return f"{driver.instance}:2"
+
+    async def replace_worker(self, gpu: GpuId, reason: str) -> None:
+        self.replaced.append(gpu)
+
+    async def release(self, instances: Sequence[str]) -> None:
+        return None
+
+    async def request_capacity(self, instance_type: str, count: int, capacity: str) -> None:
+        return None
+
+
+async def test_a_drain_is_announced_to_the_router_and_sent_at_the_workers_epoch() -> None:
+    wire = FakeWire()
+    fleet = Fleet(wire)
+    fleet.routed, fleet.router_epoch = [Route("p0", A, 1.0), Route("p1", B, 1.0)], 3
+    fleet.serving[A] = (2, ("role",))
+    drained = await fleet.drain(4, "p0", A, 5, timeout=10)
+    assert wire.calls[0] == ("topology", 3, (("p0", "draining", "a:1"),
+                                             ("p1", "serving", "b:1")))
+    assert wire.calls[1] == ("drain", "a:1", 2, 5)   # the epoch the worker is in
+    assert await fleet.drain(4, "p0", A, 5, timeout=10) == drained  # idempotent
+    assert len([c for c in wire.calls if c[0] == "drain"]) == 1
+
+
+async def test_progress_calls_a_pipeline_whose_driver_moved_on_broken() -> None:
+    wire = FakeWire()
+    fleet = Fleet(wire)
+    fleet.routed = [Route("p0", A, 1.0), Route("p1", B, 1.0)]
+    wire.reports = {"a:1": WorkerReport(2, "ready", "p0", "", 40, 3, 20.0),
+                    "b:1": WorkerReport(2, "ready", "p9", "")}
+    status = await fleet.progress()
+    assert not status["p0"].broken and status["p0"].cached_tokens == 40
+    assert status["p1"].broken and "p9" in status["p1"].error
+
+
+async def test_the_monitor_replaces_a_silent_worker_and_reports_a_broken_pipeline() -> None:
+    wire = FakeWire()
+    fleet = Fleet(wire)
+    fleet.routed = [Route("p0", A, 1.0), Route("p1", B, 1.0)]
+    wire.reports = {"a:1": WorkerReport(2, "standby", "p0", "peer timed out"),
+                    "b:1": WorkerReport(2, "ready", "p1", "")}
+    events: list[Event] = []
+
+    async def sink(event: Event) -> None:
+        events.append(event)
+
+    await fleet.start(sink)
+    try:
+        await asyncio.sleep(0.1)
+        assert events == [PipelineBroken("p0", "peer timed out")]  # once, not every round
+        wire.silent.add("b:1")
+        for _ in range(100):
+            if fleet.replaced:
+                break
+            await asyncio.sleep(0.02)
+        assert fleet.replaced == [B]
+        assert isinstance(events[-1], WorkerRestarted) and events[-1].name == "b"
+    finally:
+        await fleet.stop()
