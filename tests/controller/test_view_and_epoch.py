@@ -106,3 +106,17 @@ def test_unchanged_pipelines_keep_their_ids_and_are_not_touched() -> None:
     # the doomed node-1 pipeline is replaced by a new one on the joining node-3
     assert "p-b" not in ids and any(i.startswith("e2p") for i in ids)
     assert sum(job.unchanged for job in work.values()) == 8  # node-0 and node-2 untouched
+
+
+def test_the_journal_is_bounded_in_memory_and_on_disk(tmp_path: Path) -> None:
+    from spotserve.operator.controller.journal import Journal
+    journal = Journal(tmp_path, max_entries=5, max_bytes=2000)
+    for i in range(100):
+        journal.record("event", i, detail="x" * 40)
+    assert [e["epoch"] for e in journal.entries] == [95, 96, 97, 98, 99]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["events.jsonl", "events.jsonl.1"]
+    assert all(p.stat().st_size <= 2000 + 200 for p in tmp_path.iterdir())
+    read = journal.read()
+    assert read[-1]["epoch"] == 99 and [e["epoch"] for e in read] == sorted(
+        e["epoch"] for e in read)
