@@ -74,13 +74,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _check(args: argparse.Namespace) -> None:
+    from spotserve.errors import SpotserveError
+
+    for flag, value in (("--peer-timeout", args.peer_timeout),
+                        ("--join-timeout", args.join_timeout), ("--grace", args.grace)):
+        if not value > 0:
+            raise SpotserveError(f"{flag} {value}: must be a positive number of seconds")
+
+
 def run(args: argparse.Namespace) -> NoReturn:
+    _check(args)
     import asyncio
     from pathlib import Path
 
     from spotserve.lifetime import die_with_parent_if_asked
 
     die_with_parent_if_asked()  # before anything starts threads
+    # A collective that fails or times out (a peer died) aborts its NCCL communicator and
+    # raises, instead of torch's default of killing this process: the worker keeps its
+    # weights for the next configuration (a user's setting wins).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
 
     import torch
 
