@@ -116,16 +116,23 @@ def join_world(role: EpochRole, backend: str, timeout_s: float,
     give_up = time.monotonic() + timeout_s
     store = _store(host, int(port), role, give_up, abort)
     prefixed = dist.PrefixStore(role.group_id, store)  # type: ignore[attr-defined]
-    prefixed.set(f"arrived/{role.rank}", "1")
-    arrived = [f"arrived/{r}" for r in range(role.world_size)]
-    while True:
-        try:
-            prefixed.wait(arrived, timedelta(seconds=0.25))
-            break
-        except RuntimeError:  # not all here yet (torch raises DistStoreError, a RuntimeError)
-            _check(role, give_up, abort)
-    dist.init_process_group(backend, store=prefixed, rank=role.rank,
-                            world_size=role.world_size, timeout=timedelta(seconds=connect_s))
+    try:
+        prefixed.set(f"arrived/{role.rank}", "1")
+        arrived = [f"arrived/{r}" for r in range(role.world_size)]
+        while True:
+            try:
+                prefixed.wait(arrived, timedelta(seconds=0.25))
+                break
+            except RuntimeError:  # not all here yet (torch raises DistStoreError)
+                _check(role, give_up, abort)
+        dist.init_process_group(backend, store=prefixed, rank=role.rank,
+                                world_size=role.world_size,
+                                timeout=timedelta(seconds=connect_s))
+    except BaseException:
+        # the traceback keeps this frame: drop the store now, or the driver's listening
+        # socket outlives the failed rendezvous and holds its port
+        del prefixed, store
+        raise
 
 
 def _store(host: str, port: int, role: EpochRole, give_up: float,

@@ -165,8 +165,9 @@ class WorkerServicer(TensorServicer):
             raise
         except SpotserveError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception as exc:   # a peer, the rendezvous or the device failed
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"configure failed: {exc}")
+        except Exception as exc:   # a peer, the rendezvous or the device failed: not a
+            # transient fault to retry as it is (ABORTED), but one to re-plan around
+            await _abort(context, grpc.StatusCode.ABORTED, f"configure failed: {exc}")
         return reply
 
     async def _configure_locked(self, request: worker_pb2.ConfigureRequest

@@ -168,6 +168,7 @@ def explicit_epoch(model: ModelSpec, model_dir: str, epoch: int, new: Placement,
     host = {g: addresses[g].rsplit(":", 1)[0] for g in addresses}
     built = epoch_requests(model, model_dir, epoch, jobs, {0: drained}, addresses.__getitem__,
                            lambda g: None if g in lost else addresses[g],
-                           lambda driver: f"{host[driver]}:{free_port(host[driver])}",
+                           # torch's store listens on every address: free on all of them
+                           lambda driver: f"{host[driver]}:{free_port('')}",
                            new.config.batch)
     return [(job.gpu, request) for job, request in built]

@@ -215,6 +215,7 @@ class Controller:
         await self._settle()
 
     async def _settle(self) -> None:
+        await self._absorb(Scope())  # plan on the freshest view
         while self._pending:
             batch, self._pending = self._pending, []
             kinds = [k for _, k in batch if k in TRIGGERS]

@@ -135,16 +135,17 @@ class WorkerFleet(Actuator):
         return drained
 
     async def abandon(self, pipeline_ids: Sequence[str]) -> None:
-        for pipeline_id in pipeline_ids:
-            await self._mark(pipeline_id, "gone")
+        await self._mark(pipeline_ids, "gone")
 
-    async def _mark(self, pipeline_id: str, state: str) -> None:
-        """Tell the router one pipeline's new state within the epoch it serves."""
-        marked = [RoutedPipeline(p.pipeline_id, p.driver, p.capacity,
-                                 state if p.pipeline_id == pipeline_id else p.state)
-                  for p in self.routed]
+    async def _mark(self, pipeline_ids: Sequence[str] | str, state: str) -> None:
+        """Tell the router some pipelines' new state within the epoch it serves. Marks add
+        up until the next switch (a pipeline once gone stays gone)."""
+        ids = {pipeline_ids} if isinstance(pipeline_ids, str) else set(pipeline_ids)
+        self.routed = [RoutedPipeline(p.pipeline_id, p.driver, p.capacity,
+                                      state if p.pipeline_id in ids and p.state != "gone"
+                                      else p.state) for p in self.routed]
         with contextlib.suppress(ActuatorError):
-            await self._send_topology(self.router_epoch, marked, ())
+            await self._send_topology(self.router_epoch, self.routed, ())
 
     # ---- configure --------------------------------------------------------------------
     async def configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],

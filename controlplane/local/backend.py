@@ -59,7 +59,7 @@ class BackendOptions:
     worker_args: tuple[str, ...] = (
         "--kv-blocks", "256", "--block-size", "8", "--max-batched-tokens", "256",
         "--max-model-len", "512", "--threads", "1", "--join-timeout", "20",
-        "--peer-timeout", "3", "--grace", "4", "--log-level", "INFO")
+        "--grace", "4", "--log-level", "INFO")
     configure_timeout: float = 120.0
     health_deadline: float = 6.0     # a worker silent this long is killed and restarted
     device: str = "cpu"
@@ -84,6 +84,7 @@ class LocalInstance:
     host: str
     state: str = "booting"           # booting | ready | notice | gone
     workers: list[WorkerProcess] = field(default_factory=list)
+    deadline: float | None = None    # under notice: when it goes (Unix seconds)
 
 
 class LocalBackend(WorkerFleet):
@@ -125,8 +126,34 @@ class LocalBackend(WorkerFleet):
         return self.options.router_address
 
     def rendezvous(self, driver: GpuId, epoch: int) -> str:
-        host = self._worker(driver).host
-        return f"{host}:{_free_port(host)}"
+        # torch's store listens on every address: the port must be free on all of them
+        return f"{self._worker(driver).host}:{_free_port('')}"
+
+    async def ensure_workers(self, epoch: int, gpus: Sequence[GpuId]) -> None:
+        """Every GPU's instance is up; one that is gone is said again (the controller may
+        have missed it, say while it restarted) and the configuration fails."""
+        gone = sorted({g.instance for g in gpus
+                       if self.instances.get(g.instance, LocalInstance("", "", "", "")).state
+                       in ("gone", "")})
+        for name in gone:
+            await self.events.put(InstanceLost(name))
+        if gone:
+            raise ActuatorError(f"instances {', '.join(gone)} are gone")
+
+    def state_events(self) -> list[Event]:
+        """Every instance's state now, as events (idempotent for the controller): what a
+        controller started afresh must learn, as the operator relearns it from the Nodes."""
+        out: list[Event] = []
+        for name, i in self.instances.items():
+            if i.state == "gone":
+                out.append(InstanceLost(name))
+                continue
+            ready = i.state in ("ready", "notice")
+            out.append((InstanceReady if ready else InstanceBooting)(name, i.instance_type,
+                                                                    i.capacity))
+            if i.state == "notice" and i.deadline is not None:
+                out.append(NoticeReceived(name, i.deadline, "emulator"))
+        return out
 
     def crashed(self, gpu: GpuId) -> bool:
         try:
@@ -215,6 +242,7 @@ class LocalBackend(WorkerFleet):
             return
         deadline = time.time() + grace
         instance.state = "notice" if instance.state == "ready" else instance.state
+        instance.deadline = deadline
         self.note("notice", instance=name, grace=grace)
         await self.events.put(NoticeReceived(name, deadline, "emulator"))
 

@@ -199,6 +199,8 @@ class LocalRun:
         assert self.backend is not None
         self.controller = Controller(settings_for(self.model, self.options), self.backend,
                                      self.journal)
+        for event in self.backend.state_events():  # events the last controller missed
+            self.controller.queue.put_nowait(event)
         self._controller_task = asyncio.create_task(self.controller.run())
 
     async def _forward_events(self) -> None:

@@ -133,3 +133,14 @@ async def test_the_monitor_replaces_a_silent_worker_and_reports_a_broken_pipelin
         assert isinstance(events[-1], WorkerRestarted) and events[-1].name == "b"
     finally:
         await fleet.stop()
+
+
+async def test_marks_add_up_until_the_switch() -> None:
+    wire = FakeWire()
+    fleet = Fleet(wire)
+    fleet.routed, fleet.router_epoch = [Route("p0", A, 1.0), Route("p1", B, 1.0)], 3
+    await fleet.abandon(["p0"])
+    await fleet.drain(4, "p1", B, 0, timeout=10)   # must not bring p0 back
+    last = [c for c in wire.calls if c[0] == "topology"][-1]
+    assert last == ("topology", 3, (("p0", "gone", ""), ("p1", "draining", "b:1")))
+    assert [p.pipeline_id for p in fleet.routed if p.state != "gone"] == ["p1"]

@@ -146,7 +146,7 @@ async def test_a_newer_configure_ends_a_rendezvous_whose_peer_never_comes(
         await _serves_alone(spec, a, 2, reference)
         assert time.monotonic() - started < HANG  # not the 60 s join timeout
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stranded
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            await stranded   # A's rendezvous was given up (or B's call found nobody)
+        assert err.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
     finally:
         await asyncio.gather(*(w.stop(timeout=15) for w in (a, b)))
