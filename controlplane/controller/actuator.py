@@ -92,6 +92,11 @@ class Actuator(ABC):
         """Let the pipeline run exactly `steps` more decode steps, then stop keeping KV;
         give up (`ActuatorError`) after `timeout` seconds."""
 
+    def unresponsive(self) -> frozenset[str]:
+        """Instances with a worker that has stopped answering (not yet replaced): no plan
+        should count on them, or wait for them."""
+        return frozenset()
+
     async def abandon(self, pipeline_ids: Sequence[str]) -> None:
         """Broken pipelines: take them out of the router's rotation now, so that their
         requests resume elsewhere at once instead of after the migration."""

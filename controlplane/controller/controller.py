@@ -294,8 +294,11 @@ class Controller:
     # ---- planning ---------------------------------------------------------------------
     def _instances(self) -> tuple[Instance, ...]:
         used = self.placement.instances() if self.placement else set()
-        instances = self.view.planner_instances(self.settings.catalog, used,
-                                                self.settings.spot_prices)
+        silent = self.actuator.unresponsive()
+        instances = tuple(  # a wedged worker's instance: nothing on it can be counted on
+            replace(i, state="lost") if i.name in silent and i.state != "lost" else i
+            for i in self.view.planner_instances(self.settings.catalog, used,
+                                                 self.settings.spot_prices))
         instances, self._excess = cap_instances(instances, used, self.settings.max_instances)
         return instances
 
@@ -311,6 +314,7 @@ class Controller:
         except (ActuatorError, TimeoutError):
             status = {}
         gone = {r.name for r in self.view.in_state(GONE)}
+        silent = self.actuator.unresponsive()
         progress, steps, broken, stale, why = [], {}, set(), set(), {}
         for d, pid in enumerate(self.pipeline_ids):
             s = status.get(pid)
@@ -321,6 +325,8 @@ class Controller:
                                      if g.instance in gone), "")
             reason = reason or next((f"worker {g} was replaced" for g in sorted(members)
                                      if g in self._wiped), "")
+            reason = reason or next((f"the worker on {g.instance} does not answer"
+                                     for g in sorted(members) if g.instance in silent), "")
             if reason:
                 broken.add(d)
                 why[d] = reason

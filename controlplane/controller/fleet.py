@@ -79,6 +79,7 @@ class WorkerFleet(Actuator):
         self.serving: dict[GpuId, tuple[int, tuple[object, ...] | None]] = {}  # epoch, role
         self._drains: dict[str, list[DrainedRequest]] = {}
         self._monitor: asyncio.Task[None] | None = None
+        self._silent: dict[GpuId, float] = {}   # GPU → since when its worker is silent
 
     # ---- what a backend provides ------------------------------------------------------
     @abstractmethod
@@ -157,7 +158,8 @@ class WorkerFleet(Actuator):
                 self._reachable, lambda driver: self.rendezvous(driver, epoch),
                 self.fleet.max_batch, self._serves)]
         for gpu in self.workers():   # a worker no role uses stops its old pipeline
-            if gpu not in jobs and self.serving.get(gpu, (0, None))[1] is not None:
+            if gpu not in jobs and self.serving.get(gpu, (0, None))[1] is not None \
+                    and gpu.instance not in self.unresponsive():  # (a wedged one can't)
                 calls.append((gpu, worker_pb2.ConfigureRequest(epoch=epoch), None))
         replies = await self._configure_all([(g, r) for g, r, _ in calls])
         failed, moved = [], 0
@@ -237,6 +239,13 @@ class WorkerFleet(Actuator):
                                  self.fleet.max_batch, self.fleet.switch_timeout)
 
     # ---- health -----------------------------------------------------------------------
+    def unresponsive(self) -> frozenset[str]:
+        """Instances with a worker that missed its health checks for a few seconds (two
+        rounds): wedged, or about to be found dead."""
+        now, grace = time.monotonic(), self.fleet.health_every + self.fleet.status_timeout
+        return frozenset(g.instance for g, since in self._silent.items()
+                         if now - since >= grace)
+
     async def start(self, sink: Sink) -> None:
         await self.stop()
         self._monitor = asyncio.create_task(self._watch(sink), name="fleet-health")
@@ -252,7 +261,7 @@ class WorkerFleet(Actuator):
         """Every `health_every` seconds, every worker's Status: one silent for
         `health_deadline` (or whose process exited) is replaced; a serving pipeline its
         workers report broken is reported once."""
-        silent: dict[GpuId, float] = {}
+        silent = self._silent
         reported: set[str] = set()
         while True:
             await asyncio.sleep(self.fleet.health_every)

@@ -217,3 +217,21 @@ async def test_run_hands_the_backend_its_event_sink() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_unresponsive_instance_is_not_planned_on_or_waited_for() -> None:
+    class Wedged(Recorder):
+        silent: frozenset[str] = frozenset()
+
+        def unresponsive(self) -> frozenset[str]:
+            return self.silent
+
+    actuator = Wedged()
+    controller = await started(actuator, names=("a", "b", "c", "d"))
+    hit = next(p for p in actuator.serving() if p.driver.instance == "b")
+    actuator.silent = frozenset({"b"})
+    await controller.handle(ready("e"))   # any re-plan while b's worker is silent
+    assert controller.placement is not None and "b" not in controller.placement.instances()
+    abandoned = next(e for e in controller.journal.entries if e["kind"] == "abandoned")
+    assert abandoned["reasons"] == {hit.pipeline_id: "the worker on b does not answer"}
+    assert ("drain", (hit.pipeline_id, 0)) not in actuator.calls
