@@ -121,8 +121,8 @@ class WorkerFleet(Actuator):
                 out[pipeline.pipeline_id] = _status(pipeline.pipeline_id, report)
         return out
 
-    async def _report(self, gpu: GpuId) -> WorkerReport:
-        return await self.wire.status(self.address(gpu), self.fleet.status_timeout)
+    async def _report(self, gpu: GpuId, timeout: float | None = None) -> WorkerReport:
+        return await self.wire.status(self.address(gpu), timeout or self.fleet.status_timeout)
 
     # ---- drain ------------------------------------------------------------------------
     async def drain(self, epoch: int, pipeline_id: str, driver: GpuId, steps: int,
@@ -258,35 +258,52 @@ class WorkerFleet(Actuator):
                 await task
 
     async def _watch(self, sink: Sink) -> None:
-        """Every `health_every` seconds, every worker's Status: one silent for
-        `health_deadline` (or whose process exited) is replaced; a serving pipeline its
-        workers report broken is reported once."""
-        silent = self._silent
+        """Every `health_every` seconds, every worker's Status (each waited for at most
+        that long, so one silent worker does not slow the round): a serving pipeline its
+        workers report broken, or one with a worker silent past `unresponsive`'s grace, is
+        reported once; a worker silent for `health_deadline` (or whose process exited) is
+        replaced."""
         reported: set[str] = set()
         while True:
             await asyncio.sleep(self.fleet.health_every)
-            gpus = list(self.workers())
-            reports = await asyncio.gather(*(self._report(g) for g in gpus),
-                                           return_exceptions=True)
-            now = time.monotonic()
-            serving = {p.pipeline_id for p in self.routed if p.state == "serving"}
-            for gpu, report in zip(gpus, reports, strict=True):
-                if isinstance(report, WorkerReport):
-                    silent.pop(gpu, None)
-                    pid = report.pipeline_id
-                    if report.pipeline_error and pid in serving and pid not in reported:
-                        reported.add(pid)
-                        await sink(PipelineBroken(pid, report.pipeline_error))
-                    continue
+            try:
+                await self._check(sink, reported)
+            except Exception:  # the monitor must outlive a failed round
+                log.exception("health check round failed")
+
+    async def _check(self, sink: Sink, reported: set[str]) -> None:
+        gpus = list(self.workers())
+        timeout = min(self.fleet.status_timeout, self.fleet.health_every)
+        reports = await asyncio.gather(*(self._report(g, timeout) for g in gpus),
+                                       return_exceptions=True)
+        now, silent = time.monotonic(), self._silent
+        serving = {p.pipeline_id for p in self.routed if p.state == "serving"}
+        wedged = self.unresponsive()
+        for gpu, report in zip(gpus, reports, strict=True):
+            if isinstance(report, WorkerReport):
+                silent.pop(gpu, None)
+                broken = report.pipeline_id, report.pipeline_error
+            else:
                 since = silent.setdefault(gpu, now)
+                role = self.serving.get(gpu, (0, None))[1]
+                pid = str(role[0]) if role else ""
+                broken = pid, (f"the worker on {gpu} does not answer"
+                               if gpu.instance in wedged else "")
                 if self.crashed(gpu) or now - since >= self.fleet.health_deadline:
-                    silent.pop(gpu, None)
-                    why = "exited" if self.crashed(gpu) else \
-                        f"silent for {now - since:.1f} s ({report})"
-                    log.warning("worker %s %s: replacing it", gpu, why)
-                    self.serving.pop(gpu, None)
-                    await self.replace_worker(gpu, why)
-                    await sink(WorkerRestarted(gpu.instance, gpu.index, why))
+                    await self._replace(sink, gpu, since, report)
+            pid, error = broken
+            if error and pid in serving and pid not in reported:
+                reported.add(pid)
+                await sink(PipelineBroken(pid, error))
+
+    async def _replace(self, sink: Sink, gpu: GpuId, since: float, report: object) -> None:
+        self._silent.pop(gpu, None)
+        why = "exited" if self.crashed(gpu) else \
+            f"silent for {time.monotonic() - since:.1f} s ({report})"
+        log.warning("worker %s %s: replacing it", gpu, why)
+        self.serving.pop(gpu, None)
+        await self.replace_worker(gpu, why)
+        await sink(WorkerRestarted(gpu.instance, gpu.index, why))
 
 
 def _status(pipeline_id: str, report: WorkerReport) -> PipelineStatus:

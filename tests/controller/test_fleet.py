@@ -60,7 +60,8 @@ class FakeWire:
 class Fleet(WorkerFleet):
     def __init__(self, wire: FakeWire) -> None:
         super().__init__(resolve_model("opt-6.7b"), wire, FleetOptions(
-            model_dir="/m", max_batch=4, health_every=0.02, health_deadline=0.2))
+            model_dir="/m", max_batch=4, health_every=0.02, status_timeout=0.02,
+            health_deadline=0.3))
         self.replaced: list[GpuId] = []
 
     def address(self, gpu: GpuId) -> str:
@@ -124,12 +125,14 @@ async def test_the_monitor_replaces_a_silent_worker_and_reports_a_broken_pipelin
     try:
         await asyncio.sleep(0.1)
         assert events == [PipelineBroken("p0", "peer timed out")]  # once, not every round
-        wire.silent.add("b:1")
+        fleet.serving[B] = (2, ("p1",))
+        wire.silent.add("b:1")  # wedged: first its pipeline is given up, then it is replaced
         for _ in range(100):
             if fleet.replaced:
                 break
             await asyncio.sleep(0.02)
         assert fleet.replaced == [B]
+        assert events[1] == PipelineBroken("p1", "the worker on b/0 does not answer")
         assert isinstance(events[-1], WorkerRestarted) and events[-1].name == "b"
     finally:
         await fleet.stop()
