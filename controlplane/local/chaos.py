@@ -40,8 +40,10 @@ class Fault:
 
     `kind`: add | notice | kill | stop | restart. `target` is an instance name for `add`,
     else a role resolved when the fault fires: any, driver, follower (of the committed
-    placement) or involved (in the migration under way). With `phase`, the fault waits
-    (up to `window` seconds) for the controller to enter that phase, then strikes."""
+    placement) or involved (in the migration under way). A driver or follower fault
+    fired before any placement has that role (instances still booting) waits for one, up
+    to `window` seconds. With `phase`, the fault waits (up to `window` seconds) for the
+    controller to enter that phase, then strikes."""
 
     at: float
     kind: str

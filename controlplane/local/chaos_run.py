@@ -98,7 +98,7 @@ class ChaosRun(LocalRun):
             self.struck.append(Struck(self.now(), fault.label, "controller"))
             await self.restart_controller()
             return
-        target = self._select(role, noticed_ok=fault.kind != NOTICE)
+        target = await self._await_role(role, fault)
         if target is None:
             self.struck.append(Struck(self.now(), fault.label))
             return
@@ -126,9 +126,18 @@ class ChaosRun(LocalRun):
         states = ("ready", "notice") if noticed_ok else ("ready",)
         return sorted(n for n, i in self.backend.instances.items() if i.state in states)
 
-    def _select(self, role: str, noticed_ok: bool) -> str | None:
-        """An instance for `role`, chosen (seeded) among those alive now."""
-        alive = self._alive(noticed_ok)
+    async def _await_role(self, role: str, fault: Fault) -> str | None:
+        """`_select`, waiting (up to the fault's window) while no live instance plays a
+        driver or follower role yet: a fault aimed at a pipeline member must hit one,
+        however slowly the first instances boot."""
+        give_up = self.now() + fault.window
+        while role in ("driver", "follower") and not self._role_candidates(role) \
+                and self.now() < give_up:
+            await asyncio.sleep(0.05)
+        return self._select(role, noticed_ok=fault.kind != NOTICE)
+
+    def _role_candidates(self, role: str, noticed_ok: bool = True) -> set[str]:
+        """The live instances that play `role` now."""
         controller = self.controller
         placement = controller.placement if controller else None
         candidates: set[str] = set()
@@ -141,7 +150,12 @@ class ChaosRun(LocalRun):
             candidates = set(placement.instances() if placement else ())
             if plan is not None and plan.mapping is not None:
                 candidates |= plan.mapping.placement.instances()
-        pool = sorted(set(alive) & candidates) or alive
+        return candidates & set(self._alive(noticed_ok))
+
+    def _select(self, role: str, noticed_ok: bool) -> str | None:
+        """An instance for `role`, chosen (seeded) among those alive now (any live one
+        when none plays the role)."""
+        pool = sorted(self._role_candidates(role, noticed_ok)) or self._alive(noticed_ok)
         return self.rng.choice(pool) if pool else None
 
     def _keep_capacity(self, target: str) -> None:
