@@ -33,7 +33,7 @@ from spotserve.catalog import Catalog
 from spotserve.layout import ParallelConfig, Position
 from spotserve.model_spec import ModelSpec
 from spotserve.operator.controller.actuator import DrainedRequest
-from spotserve.operator.controller.configure import explicit_epoch
+from spotserve.operator.controller.configure import explicit_epoch, explicit_plan
 from spotserve.operator.local.runner import CATALOG
 from spotserve.operator.planner.cluster import GpuId, Placement
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -196,6 +196,7 @@ async def _resume_case(args: argparse.Namespace, folder: Path, spec: ModelSpec,
                                 r.kv_tokens) for r in drained.requests]
         (reply,) = await _configure(spec, folder, 2, single, {Position(0, 0, 0): c}, old,
                                     old_placement, drained=moved)
+        planned = _planned(spec, single, c, old, old_placement, moved, preloaded)
         t_configure = time.perf_counter() - t0
         kv_resumes = [_submit(rid, prompts[rid], max_tokens, got[rid], common_pb2.RESUME_MODE_KV)
                       for rid in prompts]
@@ -213,12 +214,29 @@ async def _resume_case(args: argparse.Namespace, folder: Path, spec: ModelSpec,
             "weights_bytes_pulled": reply.bytes_pulled - kv_bytes, "kv_bytes_pulled": kv_bytes,
             "bytes_kept": reply.bytes_kept,
             "bytes_from_checkpoint": reply.bytes_from_checkpoint,
+            # what the planner costs for this move (before preloading) vs what C pulled
+            "planned_kv_bytes": planned["kv"], "planned_weight_bytes": planned["weights"],
+            "planned_seconds": planned["seconds"],
             "first_resumed_token_s": min(firsts), "last_resumed_token_s": max(firsts),
             "reprefill_first_token_s": min(refirsts),
             "reprefill_last_token_s": max(refirsts),
         }
     finally:
         await asyncio.gather(*(w.stop() for w in workers))
+
+
+def _planned(spec: ModelSpec, config: ParallelConfig, c: _Worker, old: ParallelConfig,
+             old_placement: dict[Position, _Worker], drained: list[DrainedRequest],
+             preloaded: bool) -> dict[str, float]:
+    """The planner's bytes into C for the resume, and its time estimate for the move: KV
+    pieces, and weights unless C preloaded them (then they are already in its memory)."""
+    workers = {GpuId(w.host, 0): w for w in [c, *old_placement.values()]}
+    plan = explicit_plan(spec, _placement(config, {Position(0, 0, 0): c}),
+                         _placement(old, old_placement),
+                         {g: w.address for g, w in workers.items()}, KIND, drained=drained)
+    kv = sum(t.nbytes for t in plan.transfers if t.kv_pipeline is not None)
+    weights = sum(t.nbytes for t in plan.transfers if t.kv_pipeline is None)
+    return {"kv": kv, "weights": 0 if preloaded else weights, "seconds": plan.seconds}
 
 
 def run_resume(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,6 +262,9 @@ def _print(result: dict[str, Any]) -> None:
     rows = [("drain (0 more steps, KV kept)", result["drain_s"]),
             (f"configure: {weights} + {result['kv_bytes_pulled'] / 2**20:.1f} MiB KV",
              result["configure_s"]),
+            (f"  planned: {result['planned_weight_bytes'] / 2**20:.0f} MiB weights + "
+             f"{result['planned_kv_bytes'] / 2**20:.1f} MiB KV, estimated",
+             result["planned_seconds"]),
             ("Drain -> first resumed token (KV)", result["first_resumed_token_s"]),
             ("Drain -> every request's first token (KV)", result["last_resumed_token_s"]),
             ("re-prefill instead: submit -> first token", result["reprefill_first_token_s"]),

@@ -17,8 +17,9 @@ from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2
 
 from ..planner.cluster import GpuId, Instance, Placement
+from ..planner.migration import MigrationPlan
 from .actuator import DrainedRequest
-from .epoch import CHECKPOINT, KEPT, WorkerAssignment, epoch_jobs
+from .epoch import CHECKPOINT, KEPT, WorkerAssignment, epoch_jobs, hand_plan
 
 KINDS = {KEPT: worker_pb2.SOURCE_KIND_KEPT, CHECKPOINT: worker_pb2.SOURCE_KIND_CHECKPOINT}
 
@@ -158,13 +159,9 @@ def explicit_epoch(model: ModelSpec, model_dir: str, epoch: int, new: Placement,
     planned one: `new` and `old` on one-GPU instances of `kind` (`lost` ones gone with
     their data, `doomed` ones still readable), old pipeline 0's `drained` requests handed
     to new pipeline 0 with their KV caches."""
-    held = old.instances() if old else set()
-    instances = [Instance(g.instance, kind, state="lost" if g in lost else "doomed"
-                          if g in doomed else "running" if g.instance in held else "joining")
-                 for g in addresses]
     tokens = sum(r.kv_tokens for r in drained)
-    jobs = epoch_jobs(model, epoch, new, old, instances, {0: 0} if tokens else {},
-                      {0: tokens}, old_ids)
+    jobs = epoch_jobs(model, epoch, new, old, _instances(old, addresses, kind, lost, doomed),
+                      {0: 0} if tokens else {}, {0: tokens}, old_ids)
     host = {g: addresses[g].rsplit(":", 1)[0] for g in addresses}
     built = epoch_requests(model, model_dir, epoch, jobs, {0: drained}, addresses.__getitem__,
                            lambda g: None if g in lost else addresses[g],
@@ -172,3 +169,22 @@ def explicit_epoch(model: ModelSpec, model_dir: str, epoch: int, new: Placement,
                            lambda driver: f"{host[driver]}:{free_port('')}",
                            new.config.batch)
     return [(job.gpu, request) for job, request in built]
+
+
+def explicit_plan(model: ModelSpec, new: Placement, old: Placement | None,
+                  addresses: Mapping[GpuId, str], kind: InstanceType, *,
+                  drained: Sequence[DrainedRequest] = (), lost: Collection[GpuId] = (),
+                  doomed: Collection[GpuId] = ()) -> MigrationPlan:
+    """The migration plan `explicit_epoch` carries out for the same arguments: the bytes
+    and the time the planner expects, to hold against what the workers report."""
+    tokens = sum(r.kv_tokens for r in drained)
+    return hand_plan(model, new, old, _instances(old, addresses, kind, lost, doomed),
+                     {0: 0} if tokens else {}, {0: tokens})
+
+
+def _instances(old: Placement | None, addresses: Mapping[GpuId, str], kind: InstanceType,
+               lost: Collection[GpuId], doomed: Collection[GpuId]) -> list[Instance]:
+    held = old.instances() if old else set()
+    return [Instance(g.instance, kind, state="lost" if g in lost else "doomed"
+                     if g in doomed else "running" if g.instance in held else "joining")
+            for g in addresses]

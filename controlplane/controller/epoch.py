@@ -27,7 +27,7 @@ from spotserve.layout import (
 from spotserve.model_spec import ModelSpec
 
 from ..planner.cluster import CurrentState, GpuId, Instance, PipelineProgress, Placement
-from ..planner.migration import Transfer, migration_plan
+from ..planner.migration import MigrationPlan, Transfer, migration_plan
 
 KEPT, PEER, CHECKPOINT = "kept", "peer", "checkpoint"
 
@@ -65,7 +65,8 @@ class WorkerAssignment:
     kv: tuple[KVPiece, ...]
     unchanged: bool
     # The old pipeline whose drained requests this GPU's pipeline resumes, and that old
-    # pipeline's driver (which holds their whole KV caches after the drain).
+    # pipeline's driver (the fallback source: it holds a whole copy of a request's KV when
+    # a rank that was leaving gathered its share there at the drain).
     kv_from: int | None = None
     kv_holder: GpuId | None = None
 
@@ -208,8 +209,15 @@ def epoch_jobs(model: ModelSpec, epoch: int, new: Placement, old: Placement | No
     to `new` (weights, and the KV caches of old pipelines `inherits` hands to new ones,
     `cached_tokens` long), then `assignments`. For tests and benchmarks that drive workers
     without a controller."""
-    heirs = dict(inherits or {})
+    plan = hand_plan(model, new, old, instances, inherits, cached_tokens)
+    return assignments(model, epoch, new, plan.transfers, old, old_ids, dict(inherits or {}))
+
+
+def hand_plan(model: ModelSpec, new: Placement, old: Placement | None,
+              instances: Sequence[Instance], inherits: Mapping[int, int] | None = None,
+              cached_tokens: Mapping[int, int] | None = None) -> MigrationPlan:
+    """The migration plan (transfers, bytes, estimated seconds) of a move chosen by hand,
+    as `epoch_jobs` carries it out."""
     current = None if old is None else CurrentState(old, tuple(
         PipelineProgress(d, tokens) for d, tokens in (cached_tokens or {}).items()))
-    plan = migration_plan(model, current, new, tuple(heirs.items()), instances)
-    return assignments(model, epoch, new, plan.transfers, old, old_ids, heirs)
+    return migration_plan(model, current, new, tuple((inherits or {}).items()), instances)
