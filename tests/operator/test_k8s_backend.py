@@ -3,6 +3,8 @@ then on-demand), release, and the pod bookkeeping, against an in-memory API."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 
 from spotserve.operator.controller.actuator import ActuatorError
 from spotserve.operator.controller.epoch import assignments
+from spotserve.operator.controller.events import WorkerRestarted
 from spotserve.operator.controller.wire import Configured
 from spotserve.operator.k8s import manifests as m
 from spotserve.operator.k8s.api import Connection, KubeApi, matches
@@ -169,3 +172,37 @@ async def test_preload_starts_only_the_joining_gpus_pods_and_configures_them_pre
     for address, sent in wire.sent:
         assert sent.preload_only and sent.epoch == 2 and not sent.kv_imports
         assert address.startswith("127.0.0.")
+
+
+class SilentWire(ConfigureWire):
+    """Workers that never answer Status (wedged, or SIGSTOP'd)."""
+
+    async def status(self, address: str, timeout: float) -> Any:
+        raise ActuatorError(f"{address}: deadline exceeded")
+
+
+async def test_a_wedged_worker_pod_is_deleted_and_reported_restarted() -> None:
+    b, api = backend([pool("spot", "spot", 2)])
+    wire = SilentWire()
+    b.wire = wire  # type: ignore[assignment]
+    b.fleet = dataclasses.replace(b.fleet, health_every=0.02, status_timeout=0.02,
+                                  health_deadline=0.2)
+    raw = b.service.pools[0].raw
+    await api.create(m.worker_pod(OWNER, b.spec, raw, "n1", 0, 1))
+    b.addresses = {"n1/0": "10.0.0.1:50051"}
+    events: list[Any] = []
+
+    async def sink(event: Any) -> None:
+        events.append(event)
+
+    await b.start(sink)
+    try:
+        for _ in range(200):
+            if events:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await b.stop()
+    assert isinstance(events[0], WorkerRestarted) and events[0].name == "n1"
+    assert api.objects == {}, "the wedged worker's pod is deleted (a new one is made on demand)"
+    assert b.addresses == {} and wire.forgotten == ["10.0.0.1:50051"]
