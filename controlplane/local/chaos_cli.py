@@ -112,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps({
             "command": "spotserve chaos " + " ".join(sys.argv[2:]),
             "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
-            "summary": summary, "recovery": table,
+            "summary": summary, "recovery": {  # no interrupted request: null, not NaN
+                label: {k: None if isinstance(v, float) and math.isnan(v) else v
+                        for k, v in row.items()} for label, row in table.items()},
             "runs": [vars(o) for o in outcomes]}, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")
     return 0 if all(o.clean for o in outcomes) else 1

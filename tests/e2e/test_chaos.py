@@ -23,8 +23,13 @@ def test_random_failures_cost_no_request(tmp_path: Path) -> None:
         [sys.executable, "-m", "spotserve.cli", "chaos", *SEEDS, "--out", str(tmp_path),
          "--json", str(report)], capture_output=True, text=True, timeout=580)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    summary = json.loads(report.read_text())["summary"]
+    results = json.loads(report.read_text(), parse_constant=_strict)  # valid JSON: no NaN
+    summary = results["summary"]
     assert summary["clean_runs"] == summary["runs"] == 2
     assert summary["requests"] > 100
     assert summary["failed"] == summary["hung"] == summary["mismatched"] == 0
     assert "recovery" in done.stdout
+
+
+def _strict(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
