@@ -3,8 +3,8 @@ by hand-written chaos plans. An event's target is a role resolved when it strike
 instance hosting the driver, a follower, any, or one involved in the migration under way),
 never a name picked because it is convenient; the kill test runs for both roles.
 
-(a) a notice on the follower's instance: 0 failed, outputs right, requests move with
-    their KV;
+(a) a notice on the follower's instance, its grace too short to finish the requests in
+    place: 0 failed, outputs right, the paused requests move with their KV;
 (b) a kill without notice, of the driver's instance and of a follower's: the pipeline is
     abandoned (never drained), its requests re-prefill, 0 failed;
 (c) a second notice during a migration: 0 failed, outputs right;
@@ -34,11 +34,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 RATE, MAX_TOKENS = 4.0, 128
 
 
-def play(tmp: Path, initial: int, faults: list[Fault], end: float) -> RunResult:
+def play(tmp: Path, initial: int, faults: list[Fault], end: float, rate: float = RATE,
+         max_tokens: int = MAX_TOKENS) -> RunResult:
     model = build_tiny_llama(tmp / "model")
     plan = ChaosPlan(0, tuple(f"n{i + 1}" for i in range(initial)), tuple(faults), end)
     options = RunOptions(model_dir=model, workdir=tmp / "run", script=Script((), end, ""),
-                         rate=RATE, max_tokens=MAX_TOKENS, progress_every=1e9)
+                         rate=rate, max_tokens=max_tokens, progress_every=1e9)
     return asyncio.run(asyncio.wait_for(ChaosRun(options, plan).run(), 240))
 
 
@@ -50,18 +51,26 @@ def _ok(result: RunResult) -> None:
 
 @pytest.fixture(scope="module")
 def notice_then_joins(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
-    """D=1, P=2 on two of three instances; the follower's instance gets a notice (6 s
-    grace), so the pipeline moves to the standby and takes its KV along; then three more
-    instances join (scale-out to D=2)."""
+    """D=1, P=2 on two of three instances; the follower's instance gets a notice, so the
+    pipeline moves to the standby and takes its KV along; then three more instances join
+    (scale-out to D=2).
+
+    The grace (3 s) is too short to finish requests of 256 tokens in place: the
+    just-in-time arrangement decodes at most (grace - the planner's 2 s migration
+    overhead) / step more steps, under 256 for any step slower than 4 ms, so whatever the
+    machine's speed the requests started last are paused and move with their KV. (With
+    a long grace every request may rightly finish in place, and nothing moves.)"""
     return play(tmp_path_factory.mktemp("notice"), 3,
-                [Fault(10.0, NOTICE, "follower", grace=6.0), Fault(18.0, ADD, "n4"),
-                 Fault(18.0, ADD, "n5"), Fault(18.0, ADD, "n6")], end=34.0)
+                [Fault(10.0, NOTICE, "follower", grace=3.0), Fault(18.0, ADD, "n4"),
+                 Fault(18.0, ADD, "n5"), Fault(18.0, ADD, "n6")], end=34.0, rate=2.5,
+                max_tokens=256)
 
 
 def test_a_notice_resumes_by_kv_with_correct_outputs(notice_then_joins: RunResult) -> None:
     _ok(notice_then_joins)
     drained = [e for e in entries(notice_then_joins, "drained") if e["requests"]]
-    assert drained, "the notice must interrupt running requests"
+    assert drained, ("the notice must pause running requests",
+                     entries(notice_then_joins, "drained"))
     assert notice_then_joins.resumed["kv"] >= 1
     # a request still queued at the drain (no token yet, no KV) starts over; one that had
     # tokens, and so a KV cache, must not lose it
