@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= worker,operator,dev
 
-.PHONY: install demo plan-demo test lint proto bench clean
+.PHONY: install demo plan-demo test cluster lint proto bench clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,13 @@ demo: install
 plan-demo: install
 	@bash scripts/demo.sh $(VENV)
 
-test: install
+test: install cluster
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The tests' Kubernetes control plane (kube-apiserver, -scheduler, -controller-manager and
+# etcd built from source with Go): minutes the first time, then cached under build/.
+cluster:
+	bash testcluster/build.sh > /dev/null
 
 lint: install
 	$(VENV)/bin/ruff check .

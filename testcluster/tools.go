@@ -1,0 +1,11 @@
+//go:build tools
+
+// The Kubernetes control-plane programs this module builds (see build.sh); imported here
+// only so that `go mod tidy` keeps their dependencies.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+)
