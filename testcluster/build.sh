@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the test cluster's control plane (kube-apiserver, kube-controller-manager,
-# kube-scheduler from k8s.io/kubernetes, and an embedded etcd) into
+# kube-scheduler from k8s.io/kubernetes, and an embedded etcd) and a kubectl of the same
+# release into
 # build/kube-<release>/, once: a folder whose stamp matches go.sum is reused. Go's own
 # caches (GOCACHE, GOMODCACHE) make a rebuild after a go.sum change incremental.
 #   usage: testcluster/build.sh            prints the folder holding the binaries
@@ -9,7 +10,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 release="$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$here/go.mod" | head -1)"
 out="$(cd "$here/.." && pwd)/build/kube-$release"
 stamp="$(cat "$here/go.sum" "$here/go.mod" "$here/etcd/main.go" "$here/build.sh" | sha256sum | cut -c1-16)"
-programs=(kube-apiserver kube-controller-manager kube-scheduler etcd)
+programs=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
 if [[ -f "$out/.stamp" && "$(cat "$out/.stamp")" == "$stamp" ]]; then
   echo "$out"
   exit 0
@@ -33,6 +34,7 @@ go build -trimpath -ldflags="-s -w $version" -o "$out/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
+  k8s.io/kubernetes/cmd/kubectl \
   ./etcd >&2
 for p in "${programs[@]}"; do
   [[ -x "$out/$p" ]] || { echo "testcluster/build.sh: $p was not built" >&2; exit 1; }

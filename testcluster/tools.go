@@ -1,6 +1,6 @@
 //go:build tools
 
-// The Kubernetes control-plane programs this module builds (see build.sh); imported here
+// The Kubernetes programs this module builds (see build.sh); imported here
 // only so that `go mod tidy` keeps their dependencies.
 package tools
 
@@ -8,4 +8,5 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
