@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import socket
 import sys
@@ -217,7 +216,7 @@ async def _resume_case(args: argparse.Namespace, folder: Path, spec: ModelSpec,
             "bytes_from_checkpoint": reply.bytes_from_checkpoint,
             # what the planner costs for this move (before preloading) vs what C pulled
             "planned_kv_bytes": planned["kv"], "planned_weight_bytes": planned["weights"],
-            "planned_seconds": None if math.isnan(planned["seconds"]) else planned["seconds"],
+            "planned_seconds": planned["seconds"],
             "first_resumed_token_s": min(firsts), "last_resumed_token_s": max(firsts),
             "reprefill_first_token_s": min(refirsts),
             "reprefill_last_token_s": max(refirsts),
@@ -228,7 +227,7 @@ async def _resume_case(args: argparse.Namespace, folder: Path, spec: ModelSpec,
 
 def _planned(spec: ModelSpec, config: ParallelConfig, c: _Worker, old: ParallelConfig,
              old_placement: dict[Position, _Worker], drained: list[DrainedRequest],
-             preloaded: bool) -> dict[str, float]:
+             preloaded: bool) -> dict[str, float | None]:
     """The planner's bytes into C for the resume, and its time estimate for the move: KV
     pieces, and weights unless C preloaded them (then they are already in its memory)."""
     workers = {GpuId(w.host, 0): w for w in [c, *old_placement.values()]}
@@ -240,7 +239,7 @@ def _planned(spec: ModelSpec, config: ParallelConfig, c: _Worker, old: ParallelC
     # the estimate is for the whole move (cpu-1x's nominal 1 Gbit/s NIC plus the fixed
     # overhead), so only the cold case is comparable with it
     return {"kv": kv, "weights": 0 if preloaded else weights,
-            "seconds": math.nan if preloaded else plan.seconds}
+            "seconds": None if preloaded else plan.seconds}
 
 
 def run_resume(args: argparse.Namespace) -> dict[str, Any]:

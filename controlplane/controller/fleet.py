@@ -157,9 +157,10 @@ class WorkerFleet(Actuator):
                 self.model, self.fleet.model_dir, epoch, jobs, kv, self.address,
                 self._reachable, lambda driver: self.rendezvous(driver, epoch),
                 self.fleet.max_batch, self._serves)]
+        wedged = self.unresponsive()
         for gpu in self.workers():   # a worker no role uses stops its old pipeline
             if gpu not in jobs and self.serving.get(gpu, (0, None))[1] is not None \
-                    and gpu.instance not in self.unresponsive():  # (a wedged one can't)
+                    and gpu.instance not in wedged:  # (a wedged one can't)
                 calls.append((gpu, worker_pb2.ConfigureRequest(epoch=epoch), None))
         replies = await self._configure_all([(g, r) for g, r, _ in calls])
         failed, moved = [], 0
