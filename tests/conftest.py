@@ -19,6 +19,7 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _pod_network(items)
     if any("gpu" in item.keywords for item in items) and not _cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU; run on a GPU machine")
         for item in items:
@@ -32,3 +33,21 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip(f"reference data not found at {REFERENCE}")
     return REFERENCE
+
+
+def _pod_network(items: list[pytest.Item]) -> None:
+    """Tests that run pods (the `pods` fixture) need the cluster's pod network: the session
+    moves into a private network namespace first (tests/cluster/podnet.py). Without one
+    they fail on CI, and are skipped elsewhere, saying why."""
+    if not any("pod_network" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    from tests.cluster import podnet
+    reason = podnet.enter()
+    if reason is None:
+        return
+    import os
+    if os.environ.get("CI"):
+        return  # the fixture fails them, saying why
+    for item in items:
+        if "pod_network" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skip(reason=f"no pod network: {reason}"))

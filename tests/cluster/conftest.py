@@ -29,3 +29,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def pod_network() -> None:
+    """The private network namespace the session entered (tests/conftest.py does it at
+    collection, before any thread): pods get routable addresses there."""
+    from . import podnet
+    reason = podnet.enter()
+    if reason is not None:
+        pytest.fail(f"no pod network: {reason}")
