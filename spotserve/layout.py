@@ -239,9 +239,12 @@ def position_weight_bytes(model: ModelSpec, config: ParallelConfig, position: Po
 
 def position_kv_bytes_per_token(model: ModelSpec, config: ParallelConfig,
                                 position: Position) -> int:
+    """KV-cache bytes one token takes on the GPU at `position`: its stage's layers, the KV
+    heads it caches. The planner's memory check uses it, and so does the worker's KV-cache
+    sizing (through `spotserve.memory.kv_bytes_per_block`)."""
     stage = config.stage_of(position)
     lo, hi = kv_heads(model, stage.tp, position.tp_rank)
-    return 2 * (hi - lo) * model.head_dim * model.dtype_bytes * stage.num_layers
+    return model.kv_bytes_per_token_per_head * (hi - lo) * stage.num_layers
 
 
 @lru_cache(maxsize=4096)

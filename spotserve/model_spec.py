@@ -195,9 +195,15 @@ class ModelSpec:
         return self.num_parameters * self.dtype_bytes
 
     @property
+    def kv_bytes_per_token_per_head(self) -> int:
+        """Key and value cache bytes one token adds to one layer for one KV head: the one
+        formula every KV byte count (whole model, a GPU's shard, a cache block) builds on."""
+        return 2 * self.head_dim * self.dtype_bytes
+
+    @property
     def kv_bytes_per_token_per_layer(self) -> int:
         """Key and value cache bytes one token adds to one layer (all KV heads)."""
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return self.kv_bytes_per_token_per_head * self.num_kv_heads
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -15,6 +15,8 @@ concept per module:
   peers and fills with the pieces a new role imports.
 - `greedy_check`: every output token checked as the greedy choice for its prefix (the
   chaos campaign's and the demo's verdict).
+- `kv_sizing`: how many KV-cache blocks a configuration's shard gets (`--kv-blocks
+  auto|N`, `--gpu-memory-utilization`, `--kv-memory-gib`), from `spotserve.memory`.
 - `requests`: a SubmitRequest checked and turned into engine state; token events into
   deltas. `transfer`, `tensor_store`, `peer_service`: chunked tensor streaming over
   gRPC, or over the `bulk` port (plain TCP behind a one-time ticket from `OpenBulkPull`);

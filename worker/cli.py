@@ -13,7 +13,13 @@ import logging
 import os
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from spotserve.memory import USABLE_FRACTION
+from spotserve.worker.kv_sizing import CPU_DEFAULT_BLOCKS, KVBudget, parse_kv_blocks
+
+if TYPE_CHECKING:
+    from spotserve.worker.engine.engine import EngineConfig
 
 HELP = "run one GPU's worker: the Worker gRPC service (engine, tensor streaming, drain/resume)"
 
@@ -31,13 +37,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: cuda if available)")
     parser.add_argument("--token-file", default=None,
                         help="file with the shared token (default: $SPOTSERVE_TOKEN)")
-    parser.add_argument("--kv-blocks", type=int, default=512, help="KV-cache blocks (512)")
+    parser.add_argument("--kv-blocks", type=parse_kv_blocks, default="auto", metavar="auto|N",
+                        help="KV-cache blocks per configuration: a number, or auto (default): "
+                        "on a CUDA GPU, what --gpu-memory-utilization of its memory holds "
+                        "after this worker's weight shard and an activation reserve; on CPU "
+                        "512; with --kv-memory-gib, that budget. Never below one "
+                        "--max-model-len sequence (the Configure fails when the GPU cannot "
+                        "hold that)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=USABLE_FRACTION,
+                        metavar="FRACTION",
+                        help=f"share of the GPU's memory for weights, activations and KV "
+                        f"cache with --kv-blocks auto ({USABLE_FRACTION}, the planner's)")
+    parser.add_argument("--kv-memory-gib", type=float, default=None, metavar="GIB",
+                        help="KV-cache budget in GiB per worker with --kv-blocks auto, on any "
+                        "device (default: from --gpu-memory-utilization on a GPU)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block (16)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="batch limit (32)")
     parser.add_argument("--max-batched-tokens", type=int, default=2048,
                         help="token budget per step (2048)")
     parser.add_argument("--max-model-len", type=int, default=4096,
-                        help="longest prompt + output (4096, capped by the model)")
+                        help="longest prompt + output (4096, capped by the model); longer "
+                        "requests are refused when submitted")
     parser.add_argument("--streams-per-peer", type=int, default=2,
                         help="parallel PullTensors streams per peer (2)")
     parser.add_argument("--send-limit-mbps", type=float, default=0.0,
@@ -81,6 +101,26 @@ def _check(args: argparse.Namespace) -> None:
                         ("--join-timeout", args.join_timeout), ("--grace", args.grace)):
         if not value > 0:
             raise SpotserveError(f"{flag} {value}: must be a positive number of seconds")
+    for flag, value in (("--block-size", args.block_size), ("--max-num-seqs", args.max_num_seqs),
+                        ("--max-batched-tokens", args.max_batched_tokens),
+                        ("--max-model-len", args.max_model_len)):
+        if value < 1:
+            raise SpotserveError(f"{flag} {value}: must be positive")
+    kv_budget(args)
+
+
+def kv_budget(args: argparse.Namespace) -> KVBudget:
+    """The `KVBudget` of the KV-cache flags (raises `SpotserveError` on a bad one)."""
+    return KVBudget.from_flags(args.kv_blocks, args.gpu_memory_utilization, args.kv_memory_gib)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The `EngineConfig` of the flags; with --kv-blocks auto, its block count is a
+    placeholder each Configure replaces."""
+    from spotserve.worker.engine.engine import EngineConfig
+    from spotserve.worker.engine.scheduler import SchedulerConfig
+    return EngineConfig(args.kv_blocks or CPU_DEFAULT_BLOCKS, args.block_size, SchedulerConfig(
+        args.max_num_seqs, args.max_batched_tokens, args.max_model_len))
 
 
 def run(args: argparse.Namespace) -> NoReturn:
@@ -99,8 +139,6 @@ def run(args: argparse.Namespace) -> NoReturn:
     import torch
 
     from spotserve.auth import load_token
-    from spotserve.worker.engine.engine import EngineConfig
-    from spotserve.worker.engine.scheduler import SchedulerConfig
     from spotserve.worker.server import WorkerOptions
 
     handler = logging.StreamHandler(sys.stderr)
@@ -109,12 +147,16 @@ def run(args: argparse.Namespace) -> NoReturn:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = EngineConfig(args.kv_blocks, args.block_size, SchedulerConfig(
-        args.max_num_seqs, args.max_batched_tokens, args.max_model_len))
+    engine, budget = engine_config(args), kv_budget(args)
+    logging.getLogger(__name__).info("worker starting", extra={"fields": {
+        "device": device, "kv_cache": budget.describe(), "block_size": args.block_size,
+        "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+        "max_batched_tokens": args.max_batched_tokens}})
     options = WorkerOptions(
         address=args.advertise or "", checkpoint=Path(args.model) if args.model else None,
         dtype=args.dtype, device=device,
-        token=load_token(args.token_file), engine=engine, join_timeout_s=args.join_timeout,
+        token=load_token(args.token_file), engine=engine, kv=budget,
+        join_timeout_s=args.join_timeout,
         peer_timeout_s=args.peer_timeout,
         streams_per_peer=args.streams_per_peer, send_bytes_per_s=args.send_limit_mbps * 1e6,
         bulk_port=args.bulk_port)

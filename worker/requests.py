@@ -46,8 +46,9 @@ def _check(request: worker_pb2.SubmitRequest, params: SamplingParams, spec: Mode
         raise SpotserveError(f"token ids must be in [0, {spec.vocab_size})")
     context = min(engine.scheduler.max_model_len, spec.max_position)
     if len(prompt) + params.max_tokens > context:
+        limit = "the model's" if context == spec.max_position else "this worker's --max-model-len"
         raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
-                             f"exceeds the context length {context}")
+                             f"exceeds the context length {context} ({limit})")
     cache_tokens = engine.num_blocks * engine.block_size
     if len(prompt) + params.max_tokens > cache_tokens:
         raise SpotserveError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "

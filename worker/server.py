@@ -36,7 +36,7 @@ from spotserve.auth import TokenInterceptor, call_metadata
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from spotserve.worker import health
+from spotserve.worker import health, kv_sizing
 from spotserve.worker.driver import (
     DrainResult,
     Driver,
@@ -50,6 +50,7 @@ from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.epoch import EpochRole, join_world, leave_world, parse_role, role_key
+from spotserve.worker.kv_sizing import KVBudget, KVCacheTooSmall, KVSize, size_kv_cache
 from spotserve.worker.kv_store import Paused, PausedRequests, blob_of, import_kv
 from spotserve.worker.metrics import WorkerMetrics
 from spotserve.worker.model.parallel import DEFAULT_PEER_TIMEOUT, EpochGroups, backend_for
@@ -79,6 +80,9 @@ class WorkerOptions:
     device: str = "cpu"
     token: str = ""
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # how each configuration's KV cache is sized (--kv-blocks, --gpu-memory-utilization,
+    # --kv-memory-gib); None: engine.num_blocks blocks, whatever the shard
+    kv: KVBudget | None = None
     join_timeout_s: float = 60.0
     peer_timeout_s: float = DEFAULT_PEER_TIMEOUT  # a silent peer breaks the pipeline after
     streams_per_peer: int = 2
@@ -98,6 +102,8 @@ class WorkerServicer(TensorServicer):
         self.role: EpochRole | None = None
         self.spec: ModelSpec | None = None
         self.weight_bytes = 0
+        self.engine_config = options.engine   # the current epoch's (limits, KV blocks)
+        self.kv_size: KVSize | None = None    # the current epoch's KV cache on this rank
         self._key = b""
         self._groups: EpochGroups | None = None
         self._runner: StageRunner | None = None
@@ -178,7 +184,10 @@ class WorkerServicer(TensorServicer):
             start = time.perf_counter()
             try:
                 reply = await self._configure(request)
-            except SpotserveError:
+            except SpotserveError as exc:
+                if self.state == WS.WORKER_STATE_LOADING:   # it left its epoch: no role
+                    self.state = WS.WORKER_STATE_STANDBY
+                    self._log("configure failed", reason=str(exc))
                 raise
             except Exception:
                 log.exception("configure failed")
@@ -189,9 +198,11 @@ class WorkerServicer(TensorServicer):
                 self._switching = False
             reply.seconds = time.perf_counter() - start
             self.metrics.epoch.set(self.epoch)
+            kv = self.kv_size.fields() if self.kv_size is not None and self.role else {}
             self._log("configured", state=WS.Name(self.state), seconds=round(reply.seconds, 3),
                       gather_seconds=round(self._gather_seconds, 3), kept=reply.bytes_kept,
-                      pulled=reply.bytes_pulled, checkpoint=reply.bytes_from_checkpoint)
+                      pulled=reply.bytes_pulled, checkpoint=reply.bytes_from_checkpoint,
+                      max_model_len=self.engine_config.scheduler.max_model_len, **kv)
             return reply
 
     async def _configure(self, request: worker_pb2.ConfigureRequest
@@ -291,12 +302,20 @@ class WorkerServicer(TensorServicer):
             groups = EpochGroups.create(role.epoch, role.config, role.ranks(),
                                         self.options.peer_timeout_s)
         joined = time.perf_counter()
-        runner = build_runner(folder, groups, config, dtype=spec.dtype,
-                              device=self.options.device, tensors=tensors, shares=self.shares)
+        try:
+            size = self._size_kv(role, spec, config, groups)
+            config = replace(config, num_blocks=size.blocks)
+            runner = build_runner(folder, groups, config, dtype=spec.dtype,
+                                  device=self.options.device, tensors=tensors,
+                                  shares=self.shares)
+        except BaseException:
+            _leave(groups)   # so that the next Configure can form its world
+            raise
         tensors.clear()
         self.weight_bytes = hold(self.store, runner.model)
+        self.engine_config, self.kv_size = config, size
         self._log("built the stage", epoch=role.epoch, join_seconds=round(joined - start, 3),
-                  build_seconds=round(time.perf_counter() - joined, 3))
+                  build_seconds=round(time.perf_counter() - joined, 3), **size.fields())
         self._groups, self._runner = groups, runner
         self.pipeline_error = ""
         if role.is_driver:
@@ -308,6 +327,34 @@ class WorkerServicer(TensorServicer):
             self._follower = threading.Thread(target=self._follow, args=(runner,),
                                               name="follower", daemon=True)
             self._follower.start()
+
+    def _size_kv(self, role: EpochRole, spec: ModelSpec, config: EngineConfig,
+                 groups: EpochGroups) -> KVSize:
+        """This epoch's KV cache: sized for this rank's shard (see `kv_sizing`), then the
+        smallest of the pipeline's ranks, since the driver's block tables address every
+        rank's cache. Every rank takes part even when its own sizing failed, so that its
+        peers fail at once too instead of waiting on it."""
+        budget = self.options.kv or KVBudget(blocks=config.num_blocks)
+        error: KVCacheTooSmall | None = None
+        size: KVSize | None = None
+        try:
+            size = size_kv_cache(budget, spec, role.config, role.position, config,
+                                 kv_sizing.device_memory_bytes(self.options.device))
+        except KVCacheTooSmall as exc:
+            error = exc
+        blocks = groups.min_int(size.blocks if size is not None else 0)
+        if error is not None:
+            raise error
+        assert size is not None
+        if blocks < 1:
+            raise KVCacheTooSmall("another GPU of this pipeline cannot hold its model shard "
+                                  "plus one --max-model-len sequence's KV cache (see its "
+                                  "Configure error)")
+        if blocks < size.blocks:
+            self._log("KV cache cut to the pipeline's smallest", blocks=size.blocks,
+                      pipeline_blocks=blocks)
+            size = replace(size, blocks=blocks)
+        return size
 
     def _follow(self, runner: StageRunner) -> None:
         try:
@@ -369,7 +416,7 @@ class WorkerServicer(TensorServicer):
                          f"the pipeline is not serving (state {WS.Name(self.state)})")
         assert self.spec is not None
         try:
-            state = request_state(request, self.spec, self.options.engine, self.paused,
+            state = request_state(request, self.spec, self.engine_config, self.paused,
                                   self.shares)
         except SpotserveError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

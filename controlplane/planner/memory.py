@@ -4,6 +4,8 @@ Bytes come from the layout math (`position_weight_bytes`, `position_kv_bytes_per
 so the planner, the loader and the tests agree on what a GPU holds. A stage fits when its
 largest rank's weights plus the KV cache of `batch` sequences of `tokens` tokens stay under
 `usable_fraction` of the GPU's memory (the rest is CUDA context, activations, fragmentation).
+The worker sizes its KV cache (`spotserve.worker.kv_sizing`) from the same two functions:
+its bytes per block are the bytes per token here times the block size.
 """
 
 from __future__ import annotations

@@ -38,10 +38,11 @@ class KVCache:
         return cls(model.layer_range, model.kv_head_range, model.spec.head_dim, num_blocks,
                    block_size, model.dtype, model.device)
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, kv_heads: int, head_dim: int, block_size: int,
-                        dtype_bytes: int) -> int:
-        return 2 * num_layers * kv_heads * head_dim * block_size * dtype_bytes
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes on this rank (keys and values of every layer), as allocated;
+        `spotserve.memory.kv_bytes_per_block` is the same figure from the layout math."""
+        return sum(cache[0].nbytes for pair in self.layers for cache in pair)
 
     def _slots(self, block_table: Sequence[int], tokens: Range
                ) -> tuple[torch.Tensor, torch.Tensor]:

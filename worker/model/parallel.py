@@ -218,6 +218,14 @@ class EpochGroups:
         dist.gather_object(obj, out, dst=self.driver_rank, group=self.control_group)
         return out
 
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's `value` in the pipeline (collective)."""
+        if not self.distributed:
+            return value
+        box = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN, group=self.control_group)
+        return int(box.item())
+
     def barrier(self) -> None:
         """A round trip with every rank of the pipeline (raises when one is gone)."""
         if self.distributed:
