@@ -1,37 +1,75 @@
 """`spotserve download`: fetch a model into a folder (the init step of worker pods).
 
-Sources: a Hugging Face Hub repository (`--hf REPO [--revision REV]`, needs the
-`huggingface_hub` package; `HF_TOKEN` is read from the environment), an https archive
-(`.tar`, `.tar.gz`, `.tgz`, `.zip`), or an `s3://` / `gs://` prefix (through the `aws` or
-`gcloud` command line, which the image must carry). The folder must end up holding a
-`config.json` the model spec can read. A second run with the same source does nothing.
+Sources:
+
+- a Hugging Face Hub repository (`--hf REPO [--revision REV]`, needs the `huggingface_hub`
+  package; `HF_TOKEN` is read from the environment);
+- an http(s) archive (`.tar`, `.tar.gz`, `.tgz`, `.zip`);
+- an `s3://BUCKET/PREFIX` or `gs://BUCKET/PREFIX`: every object under the prefix, at its
+  path relative to the prefix ("folder" placeholder keys are skipped), fetched in parallel
+  through the Python SDKs, no command line tools: `boto3` for S3 (`pip install
+  'spotserve[s3]'`), `google-cloud-storage` for GCS (`'spotserve[gcs]'`); both are in the
+  worker and operator extras, so in both images. A URL naming one archive object
+  (`s3://b/m.tar.gz`) is fetched and unpacked like an https archive.
+
+Credentials come from each SDK's default chain, so the pod's identity works as is. S3:
+`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, IRSA (`AWS_ROLE_ARN` +
+`AWS_WEB_IDENTITY_TOKEN_FILE`), EKS Pod Identity, `AWS_PROFILE`, the instance role;
+`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` point it at an S3-compatible store (MinIO,
+Ceph, R2). GCS: Application Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, GKE
+Workload Identity, the node's service account); `STORAGE_EMULATOR_HOST` points it at an
+emulator.
+
+The folder must end up holding a `config.json` the model spec can read. Files are written
+under a temporary name and renamed when complete, and the marker that makes a second run
+with the same source a no-op is written last, so an interrupted download is simply done
+again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
 
-HELP = "Download a model (Hugging Face repo, https archive, s3:// or gs://) into a folder."
+HELP = "Download a model (Hugging Face repo, https archive, s3:// or gs:// prefix) into a folder."
 MARKER = ".spotserve-download.json"
 HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
+WORKERS = 8  # objects fetched at once from a bucket
+EPILOG = """\
+s3:// uses boto3 (pip install 'spotserve[s3]'): credentials from AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY, IRSA (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE), EKS Pod Identity,
+AWS_PROFILE or the instance role; AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an
+S3-compatible store. gs:// uses google-cloud-storage (pip install 'spotserve[gcs]'):
+Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, GKE Workload Identity);
+STORAGE_EMULATOR_HOST for an emulator. Every object under the prefix is fetched, keeping
+its relative path; no aws or gcloud command is needed."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", metavar="REPO", help="Hugging Face Hub repository id")
-    source.add_argument("--url", help="https archive URL, or an s3:// or gs:// prefix")
+    source.add_argument("--url", help="http(s) archive URL, an s3://BUCKET/PREFIX or "
+                                      "gs://BUCKET/PREFIX (every object under it), or an "
+                                      "archive object in a bucket")
     parser.add_argument("--revision", default="main", help="Hub revision (default: main)")
     parser.add_argument("--to", required=True, metavar="DIR", help="destination folder")
 
@@ -43,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{dest}: already holds {source}", file=sys.stderr)
         return 0
     dest.mkdir(parents=True, exist_ok=True)
+    # a marker left by another source must not vouch for a folder this run may leave half done
+    (dest / MARKER).unlink(missing_ok=True)
     if args.hf:
         _from_hub(args.hf, args.revision, dest)
     else:
@@ -79,12 +119,7 @@ def _from_hub(repo: str, revision: str, dest: Path) -> None:
 def _from_url(url: str, dest: Path) -> None:
     scheme = url.split("://", 1)[0]
     if scheme in ("s3", "gs"):
-        tool = ["aws", "s3", "sync", url, str(dest)] if scheme == "s3" else \
-            ["gcloud", "storage", "rsync", "--recursive", url, str(dest)]
-        if shutil.which(tool[0]) is None:
-            raise SpotserveError(f"{scheme}:// URLs need the {tool[0]} command in this image")
-        if subprocess.call(tool) != 0:
-            raise SpotserveError(f"{' '.join(tool[:3])} failed for {url}")
+        _from_bucket(url, dest)
         return
     if scheme not in ("https", "http"):
         raise SpotserveError(f"unsupported URL {url!r}: use https, s3 or gs")
@@ -97,6 +132,293 @@ def _from_url(url: str, dest: Path) -> None:
             raise SpotserveError(f"cannot download {url}: {exc}") from None
         _extract(archive, dest, url)
 
+
+# --- object stores -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    handle: Any = None  # the SDK's object, when fetching needs it
+
+
+class Store(Protocol):
+    """One bucket of S3 or GCS, as `_from_bucket` needs it."""
+
+    def list(self, prefix: str) -> Iterator[StoredObject]: ...
+
+    def fetch(self, obj: StoredObject, path: Path) -> None: ...
+
+    def error(self, exc: Exception) -> SpotserveError | None:
+        """`exc` (raised by list or fetch) said in words, or None if it is not the SDK's."""
+
+
+def _from_bucket(url: str, dest: Path) -> None:
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise SpotserveError(f"{url}: no bucket name (use {scheme}://BUCKET/PREFIX)")
+    store = open_store(scheme, bucket, url)
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    with _explained(store, url):
+        files = [o for o in store.list(prefix)
+                 if not o.key.endswith("/") and Path(o.key).name != MARKER]
+        if not files and key.endswith(ARCHIVES):
+            archive = next((o for o in store.list(key) if o.key == key), None)
+            if archive is not None:
+                _fetch_archive(store, archive, dest, url)
+                return
+    if not files:
+        raise SpotserveError(f"{url}: no objects under this prefix (is the bucket or path "
+                             "misspelt, or the model not uploaded yet?)")
+    _fetch_all(store, files, prefix, dest, url)
+
+
+def _fetch_archive(store: Store, archive: StoredObject, dest: Path, url: str) -> None:
+    print(f"{url}: fetching the archive ({_size(archive.size)})", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "archive"
+        store.fetch(archive, path)
+        _extract(path, dest, url)
+
+
+def _fetch_all(store: Store, files: list[StoredObject], prefix: str, dest: Path,
+               url: str) -> None:
+    jobs: list[tuple[StoredObject, Path]] = []
+    for obj in files:
+        relative = obj.key[len(prefix):].lstrip("/")
+        if not _inside(dest, relative):
+            raise SpotserveError(f"{url}: object {obj.key!r} escapes the folder")
+        jobs.append((obj, dest / relative))
+    total = sum(o.size for o in files)
+    print(f"{url}: {len(files)} files, {_size(total)}, into {dest}", file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs)),
+                            thread_name_prefix="download") as pool:
+        futures: dict[Future[None], tuple[StoredObject, Path]] = {
+            pool.submit(_fetch_one, store, obj, target): (obj, target) for obj, target in jobs}
+        done_count = 0
+        pending: set[Future[None]] = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    with _explained(store, url):
+                        future.result()
+                done_count += 1
+                obj, target = futures[future]
+                print(f"  [{done_count}/{len(jobs)}] {target.relative_to(dest)} "
+                      f"({_size(obj.size)})", file=sys.stderr)
+
+
+def _fetch_one(store: Store, obj: StoredObject, target: Path) -> None:
+    """Fetch under a hidden temporary name, then rename: a file present is a whole file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.part")
+    try:
+        store.fetch(obj, part)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+@contextmanager
+def _explained(store: Store, url: str) -> Iterator[None]:
+    """The SDKs' exceptions as one-line SpotserveErrors (never a traceback)."""
+    try:
+        yield
+    except SpotserveError:
+        raise
+    except Exception as exc:
+        said = store.error(exc)
+        if said is not None:
+            raise said from None
+        if isinstance(exc, OSError):
+            raise SpotserveError(f"{url}: {exc}") from None
+        raise
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _from_package(exc: Exception, *packages: str) -> bool:
+    """Whether `exc` is one of these packages' own (a failure to report, not a bug here)."""
+    return type(exc).__module__.split(".")[0] in packages
+
+
+def _missing(scheme: str, package: str, extra: str) -> SpotserveError:
+    return SpotserveError(f"{scheme}:// URLs need the {package} package in this image: "
+                          f"pip install 'spotserve[{extra}]'")
+
+
+# Factories for the stores, by scheme; tests may put their own here.
+STORES: dict[str, Callable[[str, str], Store]] = {}
+
+
+def open_store(scheme: str, bucket: str, url: str) -> Store:
+    builtin: dict[str, Callable[[str, str], Store]] = {"s3": S3Store, "gs": GCSStore}
+    return (STORES.get(scheme) or builtin[scheme])(bucket, url)
+
+
+AWS_CHAIN = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (e.g. from model.credentialsSecret), "
+             "IRSA (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE, injected when the pod's "
+             "serviceAccountName is annotated with eks.amazonaws.com/role-arn), EKS Pod "
+             "Identity (AWS_CONTAINER_CREDENTIALS_FULL_URI, from a pod identity association "
+             "of the serviceAccountName), AWS_PROFILE / ~/.aws files, and the instance role")
+AWS_METHODS = {"env": "environment keys (AWS_ACCESS_KEY_ID)",
+               "assume-role-with-web-identity": "IRSA web identity (AWS_ROLE_ARN)",
+               "container-role": "EKS Pod Identity / container credentials",
+               "iam-role": "the node's instance role (the pod has no IRSA or Pod Identity)",
+               "shared-credentials-file": "~/.aws/credentials",
+               "config-file": "~/.aws/config"}
+AWS_REJECTED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                "TokenRefreshRequired", "InvalidIdentityToken", "ExpiredTokenException",
+                "InvalidClientTokenId"}
+
+
+class S3Store:
+    """A bucket through boto3, with its default credential chain and endpoint settings."""
+
+    def __init__(self, bucket: str, url: str) -> None:
+        try:
+            import boto3
+            import boto3.s3.transfer
+            import botocore.config
+        except ImportError:
+            raise _missing("s3", "boto3", "s3") from None
+        import botocore.exceptions
+
+        self.bucket, self.url = bucket, url
+        try:
+            session = boto3.session.Session()
+            credentials = session.get_credentials()
+            # retries and timeouts stay botocore's (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE apply)
+            config = botocore.config.Config(max_pool_connections=WORKERS * 4)
+            self.client = session.client("s3", config=config)
+        except (botocore.exceptions.BotoCoreError, ValueError) as exc:  # a bad profile, endpoint
+            raise SpotserveError(f"cannot set up S3 for {url}: {exc}".splitlines()[0]) from None
+        if credentials is None:
+            raise SpotserveError(f"no AWS credentials for {url}: looked for {AWS_CHAIN}")
+        self.method = AWS_METHODS.get(credentials.method, credentials.method)
+        self.transfer = boto3.s3.transfer.TransferConfig(max_concurrency=4)
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                        Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield StoredObject(str(item["Key"]), int(item.get("Size", 0)))
+
+    def fetch(self, obj: StoredObject, path: Path) -> None:
+        self.client.download_file(self.bucket, obj.key, str(path), Config=self.transfer)
+
+    def error(self, exc: Exception) -> SpotserveError | None:
+        from botocore import exceptions as bx
+
+        endpoint = self.client.meta.endpoint_url
+        if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError
+                      | bx.CredentialRetrievalError):
+            return SpotserveError(f"no usable AWS credentials for {self.url} ({exc}): looked "
+                                  f"for {AWS_CHAIN}")
+        if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError
+                      | bx.ReadTimeoutError | bx.ConnectionClosedError):
+            hint = " (set by AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)" if (
+                os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")) \
+                else ""
+            return SpotserveError(f"cannot reach the S3 endpoint {endpoint}{hint} for "
+                                  f"{self.url}: {exc}")
+        if isinstance(exc, bx.ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if str(getattr(exc, "operation_name", "")).startswith("AssumeRole"):
+                return SpotserveError(
+                    f"{self.url}: the IAM role could not be assumed ({code}) with credentials "
+                    f"from {self.method}: check the role's trust policy names the pod's "
+                    f"serviceAccountName: {error.get('Message', '')}".splitlines()[0])
+            if code == "NoSuchBucket":
+                return SpotserveError(f"{self.url}: no bucket {self.bucket!r} at {endpoint}")
+            if code in AWS_REJECTED:
+                return SpotserveError(f"{self.url}: the AWS credentials were refused ({code}); "
+                                      f"they came from {self.method}")
+            if code in ("AccessDenied", "Forbidden", "403") or status == 403:
+                return SpotserveError(
+                    f"{self.url}: access denied with credentials from {self.method}; they "
+                    f"need s3:ListBucket on {self.bucket} and s3:GetObject under the prefix")
+            return SpotserveError(f"{self.url}: {code or status}: "
+                                  f"{error.get('Message') or exc}".splitlines()[0])
+        if _from_package(exc, "botocore", "boto3", "s3transfer", "urllib3"):
+            return SpotserveError(f"{self.url}: {exc}".splitlines()[0])
+        return None
+
+
+GOOGLE_CHAIN = ("Application Default Credentials: GOOGLE_APPLICATION_CREDENTIALS (a key file, "
+                "e.g. mounted from a Secret), gcloud's application-default login, and the "
+                "GKE metadata server (Workload Identity: the pod's serviceAccountName bound "
+                "to a Google service account with roles/storage.objectViewer)")
+
+
+class GCSStore:
+    """A bucket through google-cloud-storage, with Application Default Credentials."""
+
+    def __init__(self, bucket: str, url: str) -> None:
+        try:
+            import google.auth.exceptions
+            from google.cloud import storage
+        except ImportError:
+            raise _missing("gs", "google-cloud-storage", "gcs") from None
+        self.bucket, self.url = bucket, url
+        try:
+            self.client = storage.Client()
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise SpotserveError(f"no Google Cloud credentials for {url}: looked for "
+                                 f"{GOOGLE_CHAIN}") from None
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        for blob in self.client.list_blobs(self.bucket, prefix=prefix):
+            yield StoredObject(str(blob.name), int(blob.size or 0), blob)
+
+    def fetch(self, obj: StoredObject, path: Path) -> None:
+        obj.handle.download_to_filename(str(path))
+
+    def error(self, exc: Exception) -> SpotserveError | None:
+        import google.auth.exceptions
+        import requests.exceptions
+        from google.api_core import exceptions as gx
+
+        credentials = getattr(self.client, "_credentials", None)
+        who = getattr(credentials, "service_account_email", None) or \
+            type(credentials).__name__
+        if isinstance(exc, google.auth.exceptions.DefaultCredentialsError):
+            return SpotserveError(f"no Google Cloud credentials for {self.url}: looked for "
+                                  f"{GOOGLE_CHAIN}")
+        if isinstance(exc, google.auth.exceptions.RefreshError | gx.Unauthorized):
+            return SpotserveError(f"{self.url}: the Google Cloud credentials ({who}) were "
+                                  f"refused: {exc}".splitlines()[0])
+        if isinstance(exc, gx.Forbidden):
+            return SpotserveError(f"{self.url}: access denied for {who}; it needs "
+                                  f"storage.objects.list and storage.objects.get on "
+                                  f"{self.bucket} (roles/storage.objectViewer)")
+        if isinstance(exc, gx.NotFound):
+            return SpotserveError(f"{self.url}: no bucket {self.bucket!r} (or an object "
+                                  "vanished while downloading)")
+        if isinstance(exc, requests.exceptions.ConnectionError | gx.RetryError):
+            host = os.environ.get("STORAGE_EMULATOR_HOST")
+            where = f"the emulator at {host} (STORAGE_EMULATOR_HOST)" if host else "GCS"
+            return SpotserveError(f"cannot reach {where} for {self.url}: {exc}".splitlines()[0])
+        if _from_package(exc, "google", "requests", "urllib3"):
+            return SpotserveError(f"{self.url}: {exc}".splitlines()[0])
+        return None
+
+
+# --- archives ----------------------------------------------------------------------------
 
 def _extract(archive: Path, dest: Path, url: str) -> None:
     if zipfile.is_zipfile(archive):
