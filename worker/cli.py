@@ -2,7 +2,8 @@
 
 Prints `worker listening HOST:PORT` on stdout once it accepts calls (tests and the local
 backend wait for that line). Logs are JSON lines on stderr. SIGTERM (or SIGINT) drains:
-running requests finish until half the grace period, the rest pause with their KV kept.
+running requests finish until half the grace period, the rest pause with their KV kept,
+which peers may pull until 80% of the grace period has passed.
 """
 
 from __future__ import annotations
@@ -191,7 +192,12 @@ async def _serve(args: argparse.Namespace, options: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logging.getLogger(__name__).info("stopping", extra={"fields": {"grace": args.grace}})
+    stopping_at = loop.time()
     await servicer.shutdown(args.grace * 0.8)
+    if servicer.paused.ids():
+        # the paused requests' KV stays here for peers to pull until the grace is nearly
+        # up: the controller learns of an eviction a moment after this process does
+        await asyncio.sleep(max(0.0, stopping_at + args.grace * 0.8 - loop.time()))
     await server.stop(args.grace * 0.2)
     await servicer.stop_bulk()  # or a transfer in flight could hold the exit up
     return 0

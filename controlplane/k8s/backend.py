@@ -37,7 +37,7 @@ log = logging.getLogger("spotserve.operator.backend")
 class BackendOptions:
     ready_timeout: float = 600.0  # pods scheduled, pulled and answering
     poll_seconds: float = 1.0
-    router_address: str | None = None  # host:port of the router's gRPC (default: its Service)
+    router_address: str | None = None  # host:port of the router's Control (default: its pod)
     model_dir: str | None = None  # where workers read the model (default: the pod's mount)
     spot_wait: float = 180.0  # a spot request unanswered this long falls back to on-demand
     health_deadline: float = 15.0  # a worker silent this long is wedged: its pod is deleted
@@ -50,13 +50,20 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
         for c in status.get("conditions") or ())
 
 
+def ended(pod: Mapping[str, Any]) -> bool:
+    """The pod will not run again: Failed or Succeeded, or being deleted."""
+    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded") or \
+        bool(pod["metadata"].get("deletionTimestamp"))
+
+
 class KubernetesBackend(WorkerFleet):
     def __init__(self, api: KubeApi, owner: m.Owner, spec: Mapping[str, Any],
                  service: ServiceSpec, wire: Wire, pool_of: Callable[[str], Pool | None],
                  defaults: m.Defaults = m.DEFAULTS,
                  options: BackendOptions = BackendOptions()) -> None:
         super().__init__(service.settings.model, wire, FleetOptions(
-            model_dir=options.model_dir or m.model_dir(spec),
+            # "": each worker reads the checkpoint where its pod mounts it (its --model)
+            model_dir=options.model_dir or "",
             max_batch=service.settings.limits.max_batch,
             configure_timeout=900.0,  # a checkpoint read or peers' pulls: minutes
             health_deadline=options.health_deadline))
@@ -67,6 +74,7 @@ class KubernetesBackend(WorkerFleet):
         self.current: set[GpuId] = set()       # the GPUs of the latest epoch's jobs
         self._current_epoch = 0
         self.router_rate: float | None = None  # req/s the router last reported
+        self.router_pod: str | None = None     # host:port of the newest running router pod
 
     @property
     def pods_path(self) -> str:
@@ -86,9 +94,25 @@ class KubernetesBackend(WorkerFleet):
         return [GpuId.parse(key) for key in self.addresses]
 
     def router_address(self) -> str:
+        """The router pod's Control port, dialled directly: its Service routes only to
+        Ready pods, and a router is Ready only once it has a topology (finding 1)."""
         if self.options.router_address:
             return self.options.router_address
-        return m.endpoint(self.owner, self.spec)["grpc"]
+        if self.router_pod:
+            return self.router_pod
+        raise ActuatorError("no router pod is running yet")
+
+    async def find_router(self) -> str | None:
+        """Learn the newest running router pod's Control address (None: none runs)."""
+        pods = await self.api.list(self.pods_path, m.labels(self.owner, m.ROUTER))
+        live = [p for p in pods if (p.get("status") or {}).get("podIP") and
+                (p.get("status") or {}).get("phase") == "Running" and
+                not p["metadata"].get("deletionTimestamp")]
+        newest = max(live, key=lambda p: str(p["metadata"].get("creationTimestamp", "")),
+                     default=None)
+        self.router_pod = f"{newest['status']['podIP']}:{m.CONTROL_PORT}" \
+            if newest is not None else None
+        return self.router_pod
 
     def rendezvous(self, driver: GpuId, epoch: int) -> str:
         host = self.address(driver).rpartition(":")[0]
@@ -126,14 +150,27 @@ class KubernetesBackend(WorkerFleet):
         self.router_epoch = epoch if drivers else 0
 
     async def _ensure_pod(self, gpu: GpuId, epoch: int) -> None:
+        """Create the GPU's pod, or mark the existing one do-not-disrupt; a pod that
+        ended for good (Failed: its node shut down, say) is deleted and created anew."""
         pool = self.pool_of(gpu.instance)
         if pool is None:
             raise ActuatorError(f"node {gpu.instance} is in none of the service's pools")
         pod = m.worker_pod(self.owner, self.spec, pool.raw, gpu.instance, gpu.index, epoch,
                            migrating=True, defaults=self.defaults)
-        if not await self.api.create(pod):
-            name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
-            await self.api.patch(f"{self.pods_path}/{name}", m.disruption_annotation(True))
+        name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
+        if await self.api.create(pod):
+            return
+        existing = next((p for p in await self.worker_pods()
+                         if p["metadata"]["name"] == name), None)
+        if existing is not None and ended(existing):
+            log.warning("worker pod %s ended (%s): creating it again", name,
+                        (existing.get("status") or {}).get("reason") or "Failed")
+            self.addresses.pop(str(gpu), None)
+            await self.api.delete(f"{self.pods_path}/{name}")
+            if not await self.api.create(pod):
+                raise ActuatorError(f"worker pod {name} is still terminating")
+            return
+        await self.api.patch(f"{self.pods_path}/{name}", m.disruption_annotation(True))
 
     async def _wait_ready(self, gpus: Sequence[GpuId]) -> None:
         wanted = {m.worker_pod_name(self.owner, g.instance, g.index): g for g in gpus}
@@ -144,7 +181,7 @@ class KubernetesBackend(WorkerFleet):
                 pod = pods.get(name)
                 if pod is not None and pod_ready(pod):
                     self.addresses[str(gpu)] = f"{pod['status']['podIP']}:{self.port}"
-                elif pod is not None and (pod.get("status") or {}).get("phase") == "Failed":
+                elif pod is not None and ended(pod):
                     raise ActuatorError(f"worker pod {name} failed")
             missing = [n for n, g in wanted.items() if str(g) not in self.addresses or
                        n not in pods or not pod_ready(pods[n])]
@@ -162,10 +199,12 @@ class KubernetesBackend(WorkerFleet):
         """Is the router serving the current topology? A router that restarted (its pod
         rescheduled) knows no pipelines: it is told them again, without resume hints (the
         requests it held died with it; clients retry). Records the rate it reports."""
+        if not self.options.router_address:
+            await self.find_router()
         if self.router_epoch == 0:
             return False
-        router = self.router_address()
         try:
+            router = self.router_address()
             report = await self.wire.router_stats(router, self.fleet.status_timeout)
             self.router_rate = report.rate
             if report.epoch < self.router_epoch:
@@ -173,7 +212,7 @@ class KubernetesBackend(WorkerFleet):
                          router, report.epoch, self.router_epoch)
                 await self._send_topology(self.router_epoch, self.routed, ())
         except ActuatorError as exc:
-            log.info("router %s: %s", router, exc)
+            log.info("router %s: %s", self.router_pod, exc)
             return False
         return True
 

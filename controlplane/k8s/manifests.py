@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .nodes import grace_periods, pod_grace_seconds
+
 Manifest = dict[str, Any]
 
 GROUP, VERSION, PLURAL, KIND = "spotserve.dev", "v1alpha1", "llmservices", "LLMService"
@@ -33,6 +35,7 @@ GPU_ID = "spotserve.dev/gpu-id"  # node/index, exactly (labels hold DNS-safe for
 DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
 TOKEN_KEY, TOKEN_DIR, MODEL_DIR = "token", "/var/run/spotserve", "/models"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
+CONTROL_PORT = 50061  # the router's Control service: the operator's, never behind readiness
 WORKER, ROUTER, CAPACITY = "worker", "router", "capacity"
 
 
@@ -170,8 +173,11 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
     image = str(worker.get("image") or defaults.worker_image)
     volumes, model_dir = _model_volume(spec)
     dtype = str((spec.get("model") or {}).get("dtype") or "auto")
+    grace = pod_grace_seconds(grace_periods(spec.get("gracePeriodSeconds")),
+                              pool.get("nodeSelector") or {})
     args = ["worker", f"--listen=0.0.0.0:{port}", f"--advertise=$(POD_IP):{port}",
-            f"--model={model_dir}", f"--token-file={TOKEN_DIR}/{TOKEN_KEY}"]
+            f"--model={model_dir}", f"--token-file={TOKEN_DIR}/{TOKEN_KEY}",
+            f"--grace={grace:g}"]
     if dtype != "auto":
         args.append(f"--dtype={dtype}")
     container: dict[str, Any] = {
@@ -181,6 +187,9 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
                 *[dict(e) for e in worker.get("env") or ()]],
         "resources": _gpu_resources(worker.get("resources"), 1),
         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
+        # a wedged worker (its gRPC health silent for a minute) is restarted in place
+        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 10, "timeoutSeconds": 5,
+                          "failureThreshold": 6},
         "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
                          {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"}],
@@ -190,7 +199,11 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
     if worker.get("imagePullPolicy"):
         container["imagePullPolicy"] = worker["imagePullPolicy"]
     pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",  # a failed worker is re-planned around, not restarted
+        # a crashed worker restarts in place (the controller re-plans around it meanwhile);
+        # a pod that fails for good is deleted and created again by the operator
+        "restartPolicy": "Always",
+        # SIGTERM (an eviction, a node shutdown) drains within --grace; then SIGKILL
+        "terminationGracePeriodSeconds": int(grace) + 5,
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
@@ -267,11 +280,17 @@ def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
         "name": "router", "image": image,
         "args": ["router", f"--model={model_dir}", f"--served-model-name={model_name}",
                  f"--grpc=0.0.0.0:{grpc_port}", f"--http=0.0.0.0:{http_port}",
+                 f"--control=0.0.0.0:{CONTROL_PORT}",
                  f"--token-file={TOKEN_DIR}/{TOKEN_KEY}"],
+        # the Service carries grpc and http only: the operator dials each router pod's
+        # control port itself, so a router is told its topology before it is Ready
         "ports": [{"name": "grpc", "containerPort": grpc_port},
-                  {"name": "http", "containerPort": http_port}],
+                  {"name": "http", "containerPort": http_port},
+                  {"name": "control", "containerPort": CONTROL_PORT}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"},
                            "periodSeconds": 5},
+        # leave the Service's endpoints before refusing requests (no kube-proxy lag)
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
         "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
                          {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,

@@ -283,6 +283,21 @@ def describe_node(node: Mapping[str, Any], *, now: float, catalog: Catalog | Non
                              disrupted_pods=disrupted_pods, grace=grace))
 
 
+def pool_cloud(node_selector: Mapping[str, str]) -> str:
+    """The cloud a pool's nodes are in, judged from its nodeSelector's labels."""
+    return cloud_of({"metadata": {"labels": dict(node_selector)}})
+
+
+def pod_grace_seconds(grace: Mapping[str, float], node_selector: Mapping[str, str]) -> float:
+    """How long a worker pod of this pool may take to stop: its cloud's grace period. A
+    node shutdown (GKE: about 25 s for pods) or an eviction (Karpenter: at once) cuts it
+    short; the worker then drains within what it was given."""
+    cloud = pool_cloud(node_selector)
+    if cloud == "other":  # a selector that names no cloud: the longest any gives
+        return float(max(grace.values(), default=DEFAULT_GRACE_SECONDS["other"]))
+    return float(grace.get(cloud, grace.get("other", DEFAULT_GRACE_SECONDS["other"])))
+
+
 def grace_periods(overrides: Mapping[str, Any] | None) -> dict[str, float]:
     """Default grace periods with an LLMService's `gracePeriodSeconds` overrides applied."""
     merged = dict(DEFAULT_GRACE_SECONDS)

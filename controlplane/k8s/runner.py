@@ -149,6 +149,8 @@ class ServiceRunner:
                                          self.runtime.make_wire(), self._pool_of,
                                          self.runtime.defaults, self.runtime.options)
         await self.backend.ensure_router(self.runtime.token)
+        if not self.runtime.options.router_address:
+            await self.backend.find_router()
         if previous is not None:  # a spec change: the pods and the router stay as they are
             self.backend.addresses = dict(previous.addresses)
             self.backend.serving = dict(previous.serving)

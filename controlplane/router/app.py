@@ -37,9 +37,12 @@ class RouterApp:
     api_keys: list[str]
     static_pipelines: list[tuple[str, str, float]]
     shutdown_grace: float = 10.0
+    control_address: str | None = None  # None: Control is served on grpc_address
     grpc_port: int = 0
     http_port: int = 0
+    control_port: int = 0
     _grpc: grpc.aio.Server | None = None
+    _control: grpc.aio.Server | None = None
     _http: web.AppRunner | None = None
 
     @classmethod
@@ -55,7 +58,8 @@ class RouterApp:
         if getattr(args, "request_log", None):
             router.request_log = RequestLog(args.request_log)
         return cls(router, args.grpc, args.http, token, api_keys, pipelines,
-                   shutdown_grace=args.shutdown_grace)
+                   shutdown_grace=args.shutdown_grace,
+                   control_address=getattr(args, "control", None))
 
     async def start(self) -> None:
         if not self.internal_token:
@@ -64,10 +68,15 @@ class RouterApp:
             await self.router.update_topology(0, [Pipeline(pid, address, capacity)
                                                   for pid, address, capacity
                                                   in self.static_pipelines], [])
+        internal = BearerCheck([self.internal_token] if self.internal_token else [])
+        apart = self.control_address is not None
         self._grpc, self.grpc_port = await start_grpc(
-            self.router, self.grpc_address, internal_token=BearerCheck(
-                [self.internal_token] if self.internal_token else []),
-            api_keys=BearerCheck(self.api_keys))
+            self.router, self.grpc_address, internal_token=internal,
+            api_keys=BearerCheck(self.api_keys), control=not apart)
+        if self.control_address is not None:
+            self._control, self.control_port = await start_grpc(
+                self.router, self.control_address, internal_token=internal,
+                api_keys=BearerCheck(self.api_keys), inference=False)
         self._http = web.AppRunner(build_app(self.router, BearerCheck(self.api_keys)),
                                    handler_cancellation=True, access_log=None,
                                    shutdown_timeout=self.shutdown_grace)
@@ -78,8 +87,10 @@ class RouterApp:
         self.http_port = self._http.addresses[0][1]
         # Tests and scripts read this line to learn the ports chosen by the OS.
         grpc_host = self.grpc_address.rpartition(":")[0]
+        control = f" control={self.control_address.rpartition(':')[0]}:{self.control_port}" \
+            if self.control_address else ""
         print(f"router listening grpc={grpc_host}:{self.grpc_port} "
-              f"http={host}:{self.http_port}", flush=True)
+              f"http={host}:{self.http_port}{control}", flush=True)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting requests (and say so on /readyz); give running ones `grace`
@@ -90,6 +101,8 @@ class RouterApp:
             stops.append(self._http.cleanup())  # waits up to shutdown_grace
         if self._grpc is not None:
             stops.append(self._grpc.stop(grace))
+        if self._control is not None:
+            stops.append(self._control.stop(grace))
         await asyncio.gather(*stops)
         await self.router.close()
         if self.router.request_log is not None:

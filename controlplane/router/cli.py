@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gRPC listen address (Inference and Control); port 0 = any")
     parser.add_argument("--http", default="0.0.0.0:8000", metavar="HOST:PORT",
                         help="OpenAI-compatible HTTP listen address; port 0 = any")
+    parser.add_argument("--control", default=None, metavar="HOST:PORT",
+                        help="serve the controller's Control service here, apart from the "
+                             "public --grpc port (default: on --grpc). On Kubernetes the "
+                             "operator reaches each router pod here whatever its readiness")
     parser.add_argument("--pipeline", action="append", default=[], metavar="ID=HOST:PORT",
                         help="a static pipeline driver (repeatable), optionally "
                              "ID=HOST:PORT@CAPACITY")

@@ -147,14 +147,18 @@ def _hint(index: int, hint: control_pb2.ResumeHint) -> ResumeHint:
 
 
 async def start_grpc(router: Router, address: str, *, internal_token: BearerCheck,
-                     api_keys: BearerCheck) -> tuple[grpc.aio.Server, int]:
-    """Start both services on `address` (host:port; port 0 = any); return the bound port."""
+                     api_keys: BearerCheck, inference: bool = True, control: bool = True
+                     ) -> tuple[grpc.aio.Server, int]:
+    """Start the services asked for (both by default) on `address` (host:port; port 0 =
+    any); return the server and the bound port."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(router, api_keys), server)
-    control_pb2_grpc.add_ControlServicer_to_server(
-        ControlService(router, internal_token), server)
+    if inference:
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceService(router, api_keys), server)
+    if control:
+        control_pb2_grpc.add_ControlServicer_to_server(
+            ControlService(router, internal_token), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

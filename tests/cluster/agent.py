@@ -262,9 +262,11 @@ def run_handler(handler: Mapping[str, Any], host: str, container: Mapping[str, A
 class Probe:
     """A probe's schedule and thresholds, as the kubelet keeps them."""
 
-    def __init__(self, spec: Mapping[str, Any] | None, default_ok: bool) -> None:
+    def __init__(self, spec: Mapping[str, Any] | None, initially: bool) -> None:
+        """`initially`: the verdict before the first probe (liveness: alive; readiness and
+        startup: not yet, when the probe exists)."""
         self.spec = dict(spec or {})
-        self.ok = default_ok if not spec else False
+        self.ok = initially
         self.successes = self.failures = 0
         self.next_at = 0.0
 
@@ -346,9 +348,9 @@ class PodRunner:
         self.init = [Container(dict(c), init=True) for c in self.spec.get("initContainers") or ()]
         self.containers = [Container(dict(c)) for c in self.spec.get("containers") or ()]
         for c in self.containers:
-            c.readiness = Probe(c.spec.get("readinessProbe"), True)
+            c.readiness = Probe(c.spec.get("readinessProbe"), not c.spec.get("readinessProbe"))
             c.liveness = Probe(c.spec.get("livenessProbe"), True)
-            c.startup = Probe(c.spec.get("startupProbe"), True)
+            c.startup = Probe(c.spec.get("startupProbe"), not c.spec.get("startupProbe"))
         self.phase, self.reason, self.message = "Pending", "", ""
         self.started_stamp = now_rfc3339()
         self.deleting_at: float | None = None   # monotonic time the grace ends
@@ -394,13 +396,16 @@ class PodRunner:
         return out
 
     def _rewrite(self, text: str, mounts: Mapping[str, Path], env: Mapping[str, str]) -> str:
+        """`text` as this machine must see it: `$(VAR)` expanded, 0.0.0.0 the pod's
+        address, a path under a mount the folder behind it (one pass: no double rewrite)."""
         text = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                       lambda m: env.get(m.group(1), m.group(0)), text)
         text = text.replace("0.0.0.0", self.ip)
-        for mount in sorted(mounts, key=len, reverse=True):
-            text = re.sub(r"(?<![\w./-])" + re.escape(mount) + r"(?=/|$|[^\w.-])",
-                          lambda _m, m=mount: str(mounts[m]), text)
-        return text
+        if not mounts:
+            return text
+        alternatives = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+        return re.sub(r"(?<![\w./-])(" + alternatives + r")(?=/|$|[^\w.-])",
+                      lambda m: str(mounts[m.group(1)]), text)
 
     def _env(self, container: Mapping[str, Any], mounts: Mapping[str, Path]) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -409,10 +414,9 @@ class PodRunner:
                 env |= self.agent.secret_data(self.namespace, source["secretRef"]["name"])
         for item in container.get("env") or ():
             if "value" in item:
-                env[item["name"]] = self._rewrite(str(item["value"]), {}, env)
+                env[item["name"]] = self._rewrite(str(item["value"]), mounts, env)
             elif "valueFrom" in item:
                 env[item["name"]] = self._value_from(item["valueFrom"])
-        env = {k: self._rewrite(v, mounts, env) for k, v in env.items()}
         base = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
         out = {**base, "HOSTNAME": self.name, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                "GLOO_SOCKET_IFNAME": "lo", **env}
@@ -461,6 +465,7 @@ class PodRunner:
         c.exit_code, c.waiting = None, None
         c.readiness.ok = not c.readiness.spec
         c.startup.ok = not c.startup.spec
+        c.liveness.ok = True
         c.liveness.failures = c.readiness.failures = 0
         if command is None:
             c.holding = True

@@ -1,0 +1,169 @@
+"""The whole story in the test cluster (issue 14): `helm install`, an LLMService on spot
+pools, OpenAI requests through the router's Service (resolved from its EndpointSlices),
+and spot interruptions of each kind hitting nodes that serve: Karpenter (taint, then
+evictions), aws-node-termination-handler with and without taintNode (cordon and drain),
+and GKE's graceful node shutdown. No request may fail, every output must equal the one
+the service gave before any interruption, and requests resume from migrated KV caches
+(the router's spotserve_requests_resumed{mode="kv"})."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .agent import EKS, GKE, KARPENTER, NodeAgent, NodePool, wait_for
+from .plane import ControlPlane
+from .story import Install, gpu_pool, kubectl, llm_service
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+GRACE = 4  # seconds from notice to the node's end (AWS gives 120, GKE 30): short enough
+#            that requests are still running when their node goes, so their KV moves
+KARPENTER_SPOT = NodePool("gpu-spot", KARPENTER, instance_type="g5.xlarge",
+                          provision_after=1.0, consolidate_after=60.0)
+MNG_SPOT = NodePool("gpu-mng", EKS, instance_type="g5.xlarge", provision_after=1.0)
+GKE_SPOT = NodePool("gke-l4", GKE, instance_type="g2-standard-8", gpu_product="NVIDIA-L4",
+                    zone="us-central1-a", provision_after=1.0)
+PROMPTS = [" ".join(f"w{(7 * i + j) % 150 + 5}" for j in range(6)) for i in range(6)]
+MAX_TOKENS = 400
+
+
+@pytest.fixture(scope="module")
+def installed(pod_network: None, cluster: ControlPlane,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Install]:
+    workdir = tmp_path_factory.mktemp("story")
+    with NodeAgent(cluster, workdir / "agent", [KARPENTER_SPOT, MNG_SPOT, GKE_SPOT]) as agent:
+        setup = Install(cluster, agent, workdir)
+        setup.install()
+        yield setup
+
+
+class Load:
+    """Clients sending the prompts round and round through the router's Service."""
+
+    def __init__(self, setup: Install, namespace: str, service: str, clients: int = 3) -> None:
+        self.setup, self.namespace, self.service = setup, namespace, service
+        self.results: list[tuple[str, str]] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
+                        for i in range(clients)]
+
+    def _client(self, index: int) -> None:
+        i = index
+        while not self.stop.is_set():
+            prompt = PROMPTS[i % len(PROMPTS)]
+            i += 1
+            try:
+                reply = self.setup.complete(self.namespace, self.service, prompt, MAX_TOKENS,
+                                            timeout=180)
+                self.results.append((prompt, reply["choices"][0]["text"]))
+            except AssertionError as exc:
+                self.failures.append(f"{prompt!r}: {exc}")
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(240)
+
+
+def serving_nodes(setup: Install, namespace: str, name: str) -> list[str]:
+    body = setup.llm(namespace, name) or {}
+    return sorted({s["node"] for s in (body.get("status") or {}).get("placement") or ()
+                   if s.get("node")})
+
+
+def resumed(setup: Install, namespace: str, service: str, mode: str) -> float:
+    total = 0.0
+    for address in setup.endpoints(namespace, service, "http"):
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        for match in re.finditer(r'^spotserve_requests_resumed_total\{mode="([a-z]+)"\} (\S+)$',
+                                 text, re.M):
+            if match.group(1) == mode:
+                total += float(match.group(2))
+    return total
+
+
+def play(setup: Install, namespace: str, name: str, pools: list[NodePool],
+         interruptions: list[tuple[str, str]]) -> None:
+    """Serve `name` from `pools`, take the reference outputs, then interrupt a serving node
+    of each (pool, how) while clients keep sending; check what the clients got."""
+    kubectl(setup.plane, "create", "namespace", namespace)
+    setup.model_claim(namespace)
+    # the first pool holds two instances: replacements spill over into the next one
+    setup.apply(llm_service(name, namespace, [gpu_pool(p.name, p, maxInstances=2 if i == 0
+                                                       else 4) for i, p in enumerate(pools)],
+                            gracePeriodSeconds={"aws": GRACE, "gcp": GRACE,
+                                                "other": GRACE}))
+    service = f"{name}-router"
+    try:
+        reference = {p: setup.complete(namespace, service, p, MAX_TOKENS, timeout=300)
+                     ["choices"][0]["text"] for p in PROMPTS}
+        with Load(setup, namespace, service) as load:
+            for pool, how in interruptions:
+                victim = wait_for(f"the service serving on two nodes, one in {pool}", lambda
+                                  p=pool: len(nodes := serving_nodes(setup, namespace, name)) >=
+                                  2 and setup.condition(namespace, name, "Ready") and next(
+                                      (n for n in nodes if n.startswith(p)), None), 180)
+                time.sleep(2)  # requests in flight
+                setup.agent.interrupt(victim, how, grace=GRACE)
+                wait_for(f"{victim} gone", lambda v=victim: setup.get(f"/api/v1/nodes/{v}")
+                         is None, GRACE + 30)
+            wait_for("the service serving again", lambda: setup.condition(
+                namespace, name, "Ready"), 180)
+            time.sleep(3)
+    except AssertionError:
+        print(setup.operator_log()[-8000:])
+        raise
+    assert not load.failures, load.failures[:5]
+    assert len(load.results) >= 2 * len(PROMPTS), len(load.results)
+    wrong = [(p, t) for p, t in load.results if t != reference[p]]
+    assert not wrong, f"{len(wrong)} outputs differ from the uninterrupted run: {wrong[:3]}"
+    modes = {mode: resumed(setup, namespace, service, mode) for mode in ("kv", "reprefill")}
+    assert modes["kv"] > 0, f"no request resumed from migrated KV: {modes}"
+
+
+def test_aws_interruptions_lose_no_request(installed: Install) -> None:
+    play(installed, "llm", "tiny", [MNG_SPOT, KARPENTER_SPOT],
+         [("gpu-mng", "nth"), ("gpu-mng", "nth-taint"), ("gpu-spot", "karpenter")])
+
+
+def test_gke_preemptions_lose_no_request(installed: Install) -> None:
+    play(installed, "llm-gke", "tiny", [GKE_SPOT], [("gke-l4", "gke"), ("gke-l4", "gke")])
+
+
+def test_helm_uninstall_after_deleting_the_services_leaves_nothing(
+        installed: Install) -> None:
+    plane = installed.plane
+    for namespace in ("llm", "llm-gke"):
+        kubectl(plane, "delete", "llmservices", "--all", "-n", namespace, "--wait=true",
+                "--timeout=120s")
+        wait_for(f"the garbage collector emptying {namespace}", lambda n=namespace: not [
+            p for p in installed.pods(n) if p["metadata"].get("ownerReferences")], 120)
+    from .story import RELEASE, SYSTEM, helm
+    helm(plane, "uninstall", RELEASE, "--namespace", SYSTEM, "--wait", "--timeout", "120s")
+    left: dict[str, Any] = {}
+    for path in ("/apis/rbac.authorization.k8s.io/v1/clusterroles",
+                 "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings"):
+        names = [o["metadata"]["name"] for o in (installed.get(path) or {}).get("items") or ()
+                 if "spotserve" in o["metadata"]["name"]]
+        if names:
+            left[path] = names
+    for kind in ("pods", "services", "secrets", "serviceaccounts", "configmaps"):
+        names = [o["metadata"]["name"] for o in (installed.get(
+            f"/api/v1/namespaces/{SYSTEM}/{kind}") or {}).get("items") or ()
+            if o["metadata"]["name"] not in ("default", "kube-root-ca.crt")]
+        if names:
+            left[kind] = names
+    assert not left, f"left behind by helm uninstall: {left}"
