@@ -181,6 +181,8 @@ def gpu_pool(name: str, node_pool: NodePool, **extra: Any) -> dict[str, Any]:
                 else {"eks.amazonaws.com/nodegroup": node_pool.name}
                 if node_pool.flavour == "eks" else
                 {"cloud.google.com/gke-nodepool": node_pool.name})
-    return {"name": name, "capacityType": node_pool.capacity,
-            "instanceType": node_pool.instance_type, "maxInstances": 4,
+    # GKE's machine types are not in the catalog: its pools name the GPU and its count
+    kind = {"gpuType": "L4", "gpusPerInstance": node_pool.gpus} if node_pool.flavour == "gke" \
+        else {"instanceType": node_pool.instance_type}
+    return {"name": name, "capacityType": node_pool.capacity, **kind, "maxInstances": 4,
             "nodeSelector": selector, **extra}
