@@ -19,6 +19,7 @@ from ..controller.actuator import ActuatorError
 
 CORE = {"Pod": "pods", "Service": "services", "Secret": "secrets", "Event": "events"}
 APPS = {"Deployment": "deployments"}
+GROUPED = {"PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ def collection(kind: str, namespace: str, api_version: str = "v1") -> str:
         return f"/api/v1/namespaces/{namespace}/{CORE[kind]}"
     if kind in APPS:
         return f"/apis/apps/v1/namespaces/{namespace}/{APPS[kind]}"
+    if kind in GROUPED:
+        return GROUPED[kind].format(ns=namespace)
     group_version, _, _ = api_version.partition("#")
     return f"/apis/{group_version}/namespaces/{namespace}/{kind}"
 

@@ -292,7 +292,7 @@ class KubernetesBackend(WorkerFleet):
         gpus = pool.gpus_per_instance or (
             known[pool.catalog_type].gpus if pool.catalog_type in known else 1)
         while not await self.api.create(m.capacity_pod(self.owner, pool.raw, gpus, index,
-                                                       time.time())):
+                                                       time.time(), self.defaults)):
             index += 1
         return index + 1
 
@@ -306,13 +306,22 @@ class KubernetesBackend(WorkerFleet):
         return out
 
     async def settle_capacity(self) -> int:
-        """Delete capacity pods that were scheduled (their node joined); replace spot ones
-        unanswered for `spot_wait` by the pool's fallback or on-demand; count the rest."""
+        """Delete capacity pods whose node now holds a worker of this service (kept until
+        then, so the autoscaler does not consolidate the new node away first, nor longer
+        than `ready_timeout`); replace spot ones unanswered for `spot_wait` by the pool's
+        fallback or on-demand; count the rest."""
         waiting, pods = 0, await self.capacity_pods()
+        # a worker pod made for the node (scheduled or not) takes the GPUs this one frees
+        manned = {(p["metadata"].get("labels") or {}).get(m.NODE_LABEL)
+                  for p in await self.worker_pods() if not ended(p)}
         for pod in pods:
             meta = pod["metadata"]
-            if (pod.get("spec") or {}).get("nodeName"):
-                await self.api.delete(f"{self.pods_path}/{meta['name']}")
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node:
+                asked = float((meta.get("annotations") or {}).get(m.REQUESTED_AT) or 0)
+                if m.dns_name(node) in manned or \
+                        time.time() - asked > self.options.ready_timeout:
+                    await self.api.delete(f"{self.pods_path}/{meta['name']}")
                 continue
             waiting += 1
             pool = next((p for p in self.service.pools
@@ -347,3 +356,4 @@ class KubernetesBackend(WorkerFleet):
         await self.api.apply(m.router_deployment(self.owner, self.spec,
                                                  self.service.model_name, self.defaults))
         await self.api.apply(m.router_service(self.owner, self.spec))
+        await self.api.apply(m.worker_disruption_budget(self.owner))

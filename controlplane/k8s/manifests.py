@@ -62,6 +62,7 @@ class Defaults:
     router_image: str = "ghcr.io/spotserve/spotserve-operator:latest"
     token_secret: str = "spotserve-token"
     router_placement: Mapping[str, Any] | None = None
+    capacity_priority_class: str | None = None  # below the workers': they preempt it
 
 
 DEFAULTS = Defaults()
@@ -115,6 +116,28 @@ def router_name(owner: Owner) -> str:
     return dns_name(owner.name, "router")
 
 
+# ---- Pod Security "restricted" -------------------------------------------------------------
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                      "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _identity(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The pod's ServiceAccount (for IRSA / Workload Identity); no API token mounted: no
+    spotserve pod talks to the API server."""
+    out: dict[str, Any] = {"automountServiceAccountToken": False}
+    if spec.get("serviceAccountName"):
+        out["serviceAccountName"] = str(spec["serviceAccountName"])
+    return out
+
+
+def max_sequence_args(spec: Mapping[str, Any], flag: str) -> list[str]:
+    """`serving.maxSequenceLength` as a worker's or router's flag (none: the model's)."""
+    longest = (spec.get("serving") or {}).get("maxSequenceLength")
+    return [f"{flag}={int(longest)}"] if longest else []
+
+
 # ---- worker pods ------------------------------------------------------------------------
 def _tolerations(pool: Mapping[str, Any]) -> list[dict[str, Any]]:
     gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -151,7 +174,8 @@ def _download_step(spec: Mapping[str, Any], image: str) -> list[dict[str, Any]]:
     else:
         args = ["download", "--url", str(model.get("url", "")), "--to", MODEL_DIR]
     step: dict[str, Any] = {"name": "download", "image": image, "args": args,
-                            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}]}
+                            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
+                            "securityContext": dict(CONTAINER_SECURITY)}
     if model.get("credentialsSecret"):
         step["envFrom"] = [{"secretRef": {"name": model["credentialsSecret"]}}]
     return [step]
@@ -177,7 +201,7 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
                               pool.get("nodeSelector") or {})
     args = ["worker", f"--listen=0.0.0.0:{port}", f"--advertise=$(POD_IP):{port}",
             f"--model={model_dir}", f"--token-file={TOKEN_DIR}/{TOKEN_KEY}",
-            f"--grace={grace:g}"]
+            f"--grace={grace:g}", *max_sequence_args(spec, "--max-model-len")]
     if dtype != "auto":
         args.append(f"--dtype={dtype}")
     container: dict[str, Any] = {
@@ -193,8 +217,7 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
         "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
                          {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"}],
-        "securityContext": {"allowPrivilegeEscalation": False,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": dict(CONTAINER_SECURITY),
     }
     if worker.get("imagePullPolicy"):
         container["imagePullPolicy"] = worker["imagePullPolicy"]
@@ -211,7 +234,7 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
         "tolerations": _tolerations(pool),
         "initContainers": _download_step(spec, image),
         "containers": [container],
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        "securityContext": dict(POD_SECURITY), **_identity(spec),
         "volumes": [{"name": "token", "secret": {"secretName": token_secret_name(owner)}},
                     *volumes,
                     {"name": "shm", "emptyDir": {"medium": "Memory",
@@ -237,19 +260,23 @@ def disruption_annotation(migrating: bool) -> dict[str, Any]:
 
 # ---- capacity requests ------------------------------------------------------------------
 def capacity_pod(owner: Owner, pool: Mapping[str, Any], gpus: int, index: int,
-                 requested_at: float = 0.0) -> Manifest:
+                 requested_at: float = 0.0, defaults: Defaults = DEFAULTS) -> Manifest:
     """A pending pod asking for one whole instance of `pool` (its GPUs), to be provisioned;
     `requested_at` (Unix seconds) lets the operator fall back when spot does not come."""
     selector_ = dict(pool.get("nodeSelector") or {})
     if pool.get("instanceType"):
         selector_.setdefault("node.kubernetes.io/instance-type", str(pool["instanceType"]))
     name = dns_name(owner.name, "capacity", pool.get("name", ""), index, limit=253)
+    priority = {"priorityClassName": defaults.capacity_priority_class} \
+        if defaults.capacity_priority_class else {}
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": _metadata(owner, name, CAPACITY, {POOL_LABEL: str(pool.get("name"))},
                                   {REQUESTED_AT: str(int(requested_at))}),
             "spec": {"nodeSelector": selector_, "tolerations": _tolerations(pool),
-                     "terminationGracePeriodSeconds": 0,
+                     "terminationGracePeriodSeconds": 0, "securityContext": dict(POD_SECURITY),
+                     "automountServiceAccountToken": False, **priority,
                      "containers": [{"name": "hold", "image": PAUSE_IMAGE,
+                                     "securityContext": dict(CONTAINER_SECURITY),
                                      "resources": _gpu_resources(None, max(1, gpus))}]}}
 
 
@@ -281,7 +308,8 @@ def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
         "args": ["router", f"--model={model_dir}", f"--served-model-name={model_name}",
                  f"--grpc=0.0.0.0:{grpc_port}", f"--http=0.0.0.0:{http_port}",
                  f"--control=0.0.0.0:{CONTROL_PORT}",
-                 f"--token-file={TOKEN_DIR}/{TOKEN_KEY}"],
+                 f"--token-file={TOKEN_DIR}/{TOKEN_KEY}",
+                 *max_sequence_args(spec, "--max-context")],
         # the Service carries grpc and http only: the operator dials each router pod's
         # control port itself, so a router is told its topology before it is Ready
         "ports": [{"name": "grpc", "containerPort": grpc_port},
@@ -290,11 +318,11 @@ def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"},
                            "periodSeconds": 5},
         # leave the Service's endpoints before refusing requests (no kube-proxy lag)
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        # (exec, not the sleep action: that needs Kubernetes 1.30)
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
         "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
                          {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {**CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
     }
     if router.get("resources"):
         container["resources"] = {k: dict(v) for k, v in router["resources"].items()}
@@ -303,7 +331,7 @@ def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
     pod_spec: dict[str, Any] = {
         **_router_placement(spec, defaults),
         "initContainers": _download_step(spec, image), "containers": [container],
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        "securityContext": dict(POD_SECURITY), **_identity(spec),
         "volumes": [{"name": "token", "secret": {"secretName": token_secret_name(owner)}},
                     *volumes]}
     if spec.get("imagePullSecrets"):
@@ -336,10 +364,35 @@ def endpoint(owner: Owner, spec: Mapping[str, Any]) -> dict[str, str]:
             "http": f"http://{host}:{int(router.get('httpPort') or 8000)}/v1"}
 
 
+def worker_disruption_budget(owner: Owner) -> Manifest:
+    """Voluntary disruptions (drains, upgrades, consolidation) take one worker at a time, so
+    the operator migrates before the next goes; unready workers may always be evicted."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _metadata(owner, dns_name(owner.name, "workers"), WORKER),
+            "spec": {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                     "selector": {"matchLabels": labels(owner, WORKER)}}}
+
+
 def token_secret(owner: Owner, token: str) -> Manifest:
     meta = _metadata(owner, token_secret_name(owner), "token")
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque",
             "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
+
+
+def event(owner: Owner, reason: str, message: str, warning: bool = False,
+          now: str = "") -> Manifest:
+    """A core/v1 Event about the LLMService (`kubectl describe llms` shows it)."""
+    name = dns_name(owner.name, reason, format(zlib.crc32(f"{message}{now}".encode()), "08x"),
+                    limit=253)
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": owner.namespace},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                               "name": owner.name, "namespace": owner.namespace,
+                               "uid": owner.uid},
+            "reason": reason, "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "spotserve-operator"},
+            "firstTimestamp": now or None, "lastTimestamp": now or None, "count": 1}
 
 
 def names(objects: Sequence[Manifest]) -> list[str]:

@@ -9,7 +9,8 @@ labels and taints nodes differently; this is the one place that knows all of the
 - GPU type and count: NVIDIA GPU feature discovery, Karpenter's AWS labels, GKE's
   accelerator label, `status.capacity`, or the instance type through the catalog;
 - notices: termination-handler, Karpenter, GKE, AKS and cluster-autoscaler taints, the
-  out-of-service taint, cordons, deletion, Node Events, and pods marked DisruptionTarget.
+  out-of-service taint, cordons (imminent on spot nodes: aws-node-termination-handler's
+  default), deletion, Node Events, and pods marked DisruptionTarget.
 
 A notice's deadline is its first sighting plus the grace period of its cloud (AWS 120 s,
 GCP and Azure 30 s, overridable per source); out-of-service nodes are already gone.
@@ -227,7 +228,10 @@ def node_notices(node: Mapping[str, Any], *, now: float,
             out.append(_notice(source, kind, implied or cloud, when(source, taint.get("timeAdded")),
                                grace, imminent))
     if (spec or {}).get("unschedulable") and not out:
-        out.append(_notice("cordon", "cordon", cloud, when("cordon"), grace, imminent=False))
+        # on a spot node, a cordon is all aws-node-termination-handler shows of an
+        # interruption with its defaults (no taint, no events): take it as one
+        out.append(_notice("cordon", "cordon", cloud, when("cordon"), grace,
+                           imminent=capacity_type(node) == SPOT))
     deleting = _meta(node).get("deletionTimestamp")
     if deleting:
         out.append(_notice("deleting", "deleting", cloud, when("deleting", deleting), grace))

@@ -92,6 +92,7 @@ class ServiceRunner:
         self.router_ready = False  # the router answered and serves the current topology
         self.last_status: dict[str, Any] | None = None
         self.failures_seen = 0  # the controller's failures already in lastErrors
+        self.announced: tuple[Any, ...] | None = None  # the migration last told in an Event
 
     @property
     def path(self) -> str:
@@ -140,6 +141,7 @@ class ServiceRunner:
             self.service = None
             log.warning("%s/%s is invalid: %s", self.owner.namespace, self.owner.name,
                         "; ".join(map(str, result)))
+            await self._event("InvalidSpec", "; ".join(map(str, result)), warning=True)
             await self._patch_status(body, st.Observed(
                 generation=_generation(body), now=time.time(), problems=result,
                 selector=m.selector(self.owner)))
@@ -215,8 +217,35 @@ class ServiceRunner:
             self.failures_seen = fresh[-1].seq
         self.failures += [Problem("status.migration", f"{f.kind}: {f.message}") for f in fresh]
         pods = {p["metadata"]["name"]: p for p in await self.backend.worker_pods()}
-        await self._patch_status(body, self.observe(body, pods, pending))
+        seen = self.observe(body, pods, pending)
+        await self._patch_status(body, seen)
+        for problem in self.failures:
+            await self._event("MigrationFailed", str(problem), warning=True)
         self.failures = []  # now in lastErrors
+        await self._announce(seen.migration)
+
+    async def _announce(self, migration: st.Migration | None) -> None:
+        """An Event when a migration starts and when it ends (`kubectl describe llms`)."""
+        key = (migration.id, migration.phase) if migration is not None else None
+        if migration is None or key == self.announced:
+            return
+        if self.announced is None or self.announced[0] != migration.id:
+            doomed = ", ".join(migration.nodes) or "none"
+            await self._event("Migrating", f"migration {migration.id}: {migration.reason} "
+                              f"(nodes going: {doomed})")
+        done = st.MIGRATION_PHASES.get(migration.phase) == "Completed"
+        if done or migration.phase == "failed":
+            await self._event("Migrated" if done else "MigrationFailed",
+                              f"migration {migration.id} {'done' if done else 'failed'}",
+                              warning=not done)
+        self.announced = key
+
+    async def _event(self, reason: str, message: str, warning: bool = False) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            await self.api.create(m.event(self.owner, reason, message, warning, stamp))
+        except ActuatorError as exc:  # an Event is worth less than the loop
+            log.info("%s: no Event %s: %s", self.owner.name, reason, exc)
 
     def observe(self, body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]],
                 pending: int) -> st.Observed:

@@ -169,7 +169,8 @@ def llm_service(name: str, namespace: str, pools: list[dict[str, Any]], *,
                 **extra: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "model": {"volume": {"claimName": claim}, "servedName": "tiny", "dtype": "float32"},
-        "serving": {"inputTokens": 16, "outputTokens": 16, "maxBatch": 4},
+        "serving": {"inputTokens": 16, "outputTokens": 16, "maxBatch": 4,
+                    "maxSequenceLength": 480},
         "gpuPools": pools, "instances": {"min": minimum, "max": maximum},
         "load": {"requiredRate": 1.0}, **extra}
     return {"apiVersion": "spotserve.dev/v1alpha1", "kind": "LLMService",

@@ -24,9 +24,11 @@ from .story import Install, gpu_pool, kubectl, llm_service
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 GRACE = 4  # seconds from notice to the node's end (AWS gives 120, GKE 30): short enough
 #            that requests are still running when their node goes, so their KV moves
+# empty nodes go after 3 s: a node that joins must be held until its worker is on it
 KARPENTER_SPOT = NodePool("gpu-spot", KARPENTER, instance_type="g5.xlarge",
-                          provision_after=1.0, consolidate_after=60.0)
-MNG_SPOT = NodePool("gpu-mng", EKS, instance_type="g5.xlarge", provision_after=1.0)
+                          provision_after=1.0, consolidate_after=3.0)
+MNG_SPOT = NodePool("gpu-mng", EKS, instance_type="g5.xlarge", provision_after=1.0,
+                    consolidate_after=3.0)
 GKE_SPOT = NodePool("gke-l4", GKE, instance_type="g2-standard-8", gpu_product="NVIDIA-L4",
                     zone="us-central1-a", provision_after=1.0)
 PROMPTS = [" ".join(f"w{(7 * i + j) % 150 + 5}" for j in range(6)) for i in range(6)]
@@ -100,12 +102,17 @@ def play(setup: Install, namespace: str, name: str, pools: list[NodePool],
     """Serve `name` from `pools`, take the reference outputs, then interrupt a serving node
     of each (pool, how) while clients keep sending; check what the clients got."""
     kubectl(setup.plane, "create", "namespace", namespace)
+    # every pod of the service must pass Pod Security "restricted" admission
+    kubectl(setup.plane, "label", "namespace", namespace,
+            "pod-security.kubernetes.io/enforce=restricted")
+    kubectl(setup.plane, "create", "serviceaccount", "model-reader", "-n", namespace)
     setup.model_claim(namespace)
     # the first pool holds two instances: replacements spill over into the next one
     setup.apply(llm_service(name, namespace, [gpu_pool(p.name, p, maxInstances=2 if i == 0
                                                        else 4) for i, p in enumerate(pools)],
                             gracePeriodSeconds={"aws": GRACE, "gcp": GRACE,
-                                                "other": GRACE}))
+                                                "other": GRACE},
+                            serviceAccountName="model-reader"))
     service = f"{name}-router"
     try:
         reference = {p: setup.complete(namespace, service, p, MAX_TOKENS, timeout=300)
@@ -128,12 +135,34 @@ def play(setup: Install, namespace: str, name: str, pools: list[NodePool],
     except AssertionError:
         print(setup.operator_log()[-8000:])
         raise
+    check_pods(setup, namespace, name)
     assert not load.failures, load.failures[:5]
     assert len(load.results) >= 2 * len(PROMPTS), len(load.results)
     wrong = [(p, t) for p, t in load.results if t != reference[p]]
     assert not wrong, f"{len(wrong)} outputs differ from the uninterrupted run: {wrong[:3]}"
     modes = {mode: resumed(setup, namespace, service, mode) for mode in ("kv", "reprefill")}
     assert modes["kv"] > 0, f"no request resumed from migrated KV: {modes}"
+
+
+def check_pods(setup: Install, namespace: str, name: str) -> None:
+    """What the pods of the service carry: the service account, the sequence limit, the
+    grace; the workers' disruption budget; the Events of the migrations."""
+    workers = setup.pods(namespace, f"app.kubernetes.io/component=worker,"
+                                    f"spotserve.dev/service={name}")
+    assert workers
+    for pod in workers:
+        spec = pod["spec"]
+        assert spec["serviceAccountName"] == "model-reader"
+        assert spec["terminationGracePeriodSeconds"] == GRACE + 5
+        args = spec["containers"][0]["args"]
+        assert "--max-model-len=480" in args and f"--grace={GRACE}" in args
+    budget = setup.get(f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets/"
+                       f"{name}-workers")
+    assert budget is not None and budget["spec"]["maxUnavailable"] == 1
+    events = setup.get(f"/api/v1/namespaces/{namespace}/events?fieldSelector="
+                       f"involvedObject.kind%3DLLMService") or {}
+    reasons = {e["reason"] for e in events.get("items") or ()}
+    assert {"Migrating", "Migrated"} <= reasons, reasons
 
 
 def test_aws_interruptions_lose_no_request(installed: Install) -> None:

@@ -97,7 +97,8 @@ def test_pod_manifests_pass_the_kubernetes_schema() -> None:
     validate_k8s = pytest.importorskip("kubernetes_validate")
     for obj in (m.worker_pod(OWNER, spec(), POOL, "n", 0, 1), m.capacity_pod(OWNER, POOL, 4, 0),
                 m.router_deployment(OWNER, spec(), "llama"), m.router_service(OWNER, spec()),
-                m.token_secret(OWNER, "t")):
+                m.token_secret(OWNER, "t"), m.worker_disruption_budget(OWNER),
+                m.event(OWNER, "Migrating", "why", now="2026-12-03T16:00:00Z")):
         validate_k8s.validate(obj, "1.28", strict=True)
 
 

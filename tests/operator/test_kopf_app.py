@@ -75,7 +75,8 @@ class RecordingWire:
     async def configure(self, address: str, request: worker_pb2.ConfigureRequest,
                         timeout: float) -> Configured:
         if request.HasField("role"):
-            assert request.role.pipeline_id and request.model.checkpoint_path == "/models"
+            # "": the worker reads the checkpoint where its pod mounts it (its --model)
+            assert request.role.pipeline_id and request.model.checkpoint_path == ""
         self.configured.append((request.epoch, address))
         if not request.preload_only:
             self.workers[address] = (request.epoch, request.role.pipeline_id,
@@ -208,7 +209,8 @@ async def emulator(objects: Sequence[dict[str, Any]],
 async def running(cluster: Cluster, wire: Any, health: str | None = None
                   ) -> AsyncIterator[None]:
     runtime = Runtime(Connection(cluster.url, insecure=True), token="t", wire=lambda: wire,
-                      options=BackendOptions(ready_timeout=20, poll_seconds=0.2),
+                      options=BackendOptions(ready_timeout=20, poll_seconds=0.2,
+                                             router_address="router:50061"),
                       interval=0.3)
     async with running_with(cluster, runtime, health):
         yield

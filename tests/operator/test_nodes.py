@@ -141,7 +141,11 @@ def test_disruption_target_pods_doom_their_node() -> None:
 
 def test_cordon_and_deletion() -> None:
     cordoned = describe_node(node(EKS_MNG, unschedulable=True), now=NOW)
-    assert cordoned.notice is not None and not cordoned.doomed  # advisory only
+    assert cordoned.notice is not None and not cordoned.doomed  # advisory on on-demand
+    # aws-node-termination-handler's defaults (no taint, no events): only a cordon shows
+    spot = describe_node(node({**EKS_MNG, "eks.amazonaws.com/capacityType": "SPOT"},
+                              unschedulable=True), now=NOW)
+    assert spot.doomed and spot.notice.kind == "cordon"  # type: ignore[union-attr]
     deleting = describe_node(node(EKS_MNG, deleting="2027-01-15T08:00:00Z"), now=NOW)
     assert deleting.doomed and deleting.notice.kind == "deleting"  # type: ignore[union-attr]
 
