@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     token = load_token(args.token_file) if args.token_file else None
     defaults = manifests.Defaults(**defaults_from_env())  # type: ignore[arg-type]
     runtime = Runtime(Connection("https://kubernetes.default.svc"), token=token,
+                      list_node_events=bool(args.namespace),
                       defaults=defaults, interval=args.interval,
                       model_root=Path(args.model_root) if args.model_root else None)
     registry = kopf.OperatorRegistry()

@@ -55,6 +55,9 @@ class Runtime:
     catalog: Catalog = field(default_factory=Catalog.load)
     model_root: Path | None = None  # volume claims as folders, to read a model's config.json
     first_seen: dict[str, dict[str, float]] = field(default_factory=dict)  # node → sightings
+    # With watched namespaces, kopf's event index misses Node Events (written to
+    # `default`, usually): the runner lists them cluster-wide itself.
+    list_node_events: bool = False
 
     def make_wire(self) -> Wire:
         return self.wire() if self.wire else GrpcWire(self.token or "")
@@ -183,6 +186,9 @@ class ServiceRunner:
         nodes_index, events_index, disrupted_index = indices
         nodes = {k: dict(next(iter(v))) for k, v in _items(nodes_index)}
         events = {k: [dict(e) for e in v] for k, v in _items(events_index)}
+        if self.runtime.list_node_events:
+            for name, found in (await node_events_of(self.api)).items():
+                events.setdefault(name, []).extend(found)
         disrupted = {k: [dict(p) for p in v] for k, v in _items(disrupted_index)}
         self.nodes = describe(nodes, events, disrupted, self.service, time.time(),
                               self.runtime.first_seen)
@@ -308,6 +314,21 @@ class ServiceRunner:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
             self.task = None
+
+
+async def node_events_of(api: KubeApi) -> dict[str, list[dict[str, Any]]]:
+    """Every Node's Events, from all namespaces (the chart's ClusterRole lists events
+    cluster-wide); none when the list fails (the taints still tell)."""
+    try:
+        found = await api.list("/api/v1/events?fieldSelector=involvedObject.kind%3DNode")
+    except ActuatorError as exc:
+        log.info("node events: %s", exc)
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for event in found:
+        if (event.get("involvedObject") or {}).get("kind") == "Node":
+            out.setdefault(str(event["involvedObject"].get("name")), []).append(event)
+    return out
 
 
 def _items(index: Any) -> list[tuple[Any, Any]]:

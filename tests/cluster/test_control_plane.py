@@ -87,3 +87,35 @@ def test_the_garbage_collector_deletes_what_an_owner_leaves(cluster: ControlPlan
     assert status == 200, body
     _until("the owned object is collected",
            lambda: cluster.request("GET", f"{path}/owned")[0] == 404)
+
+
+def test_node_events_in_default_are_read_when_namespaces_are_watched(
+        cluster: ControlPlane) -> None:
+    """With operator.watchNamespaces set, kopf watches Events only there; the runner lists
+    Node Events cluster-wide itself (finding 10), e.g. a SpotInterruption in `default`."""
+    import asyncio
+
+    from spotserve.operator.k8s.api import Connection, KubeApi
+    from spotserve.operator.k8s.nodes import describe_node
+    from spotserve.operator.k8s.runner import node_events_of
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    code, _ = cluster.request("POST", "/api/v1/namespaces/default/events", {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": "spot-1.itn"},
+        "involvedObject": {"kind": "Node", "name": "spot-1"}, "reason": "SpotInterruption",
+        "message": "EC2 spot interruption notice", "type": "Warning",
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1})
+    assert code == 201
+
+    async def read() -> dict[str, list[dict[str, Any]]]:
+        api = KubeApi(Connection(cluster.server, cluster.admin_token, insecure=True))
+        try:
+            return await node_events_of(api)
+        finally:
+            await api.close()
+    events = asyncio.run(read())
+    node = {"metadata": {"name": "spot-1", "labels": {
+        "karpenter.sh/capacity-type": "spot", "karpenter.k8s.aws/instance-gpu-count": "1"}},
+        "spec": {"providerID": "aws:///us-east-1a/i-1"}}
+    info = describe_node(node, now=time.time(), events=events.get("spot-1", ()))
+    assert info.doomed and info.notice is not None and info.notice.kind == "termination"
