@@ -2,8 +2,8 @@
 
 Prints `worker listening HOST:PORT` on stdout once it accepts calls (tests and the local
 backend wait for that line). Logs are JSON lines on stderr. SIGTERM (or SIGINT) drains:
-running requests finish until half the grace period, the rest pause with their KV kept,
-which peers may pull until 80% of the grace period has passed.
+running requests finish until 40% of the grace period, the rest pause with their KV kept,
+which peers may pull until 80% of it has passed; the last 20% closes the server.
 """
 
 from __future__ import annotations

@@ -260,11 +260,20 @@ def _dedupe(notices: list[Notice]) -> tuple[Notice, ...]:
     return tuple(sorted(by_source.values(), key=lambda n: (n.deadline, n.source)))
 
 
+# DisruptionTarget reasons that say nothing of the node: the scheduler preempting a pod
+# (a worker taking its capacity request's GPUs), a pod's own failure policy
+POD_LEVEL_DISRUPTIONS = frozenset({"PreemptionByScheduler", "PreemptionByKubeScheduler",
+                                   "TerminationByPodFailurePolicy"})
+
+
 def disruption_condition(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pod's DisruptionTarget condition when it tells of its node going (an eviction,
+    a node shutdown, a taint manager deletion); None otherwise."""
     status = pod.get("status") if isinstance(pod.get("status"), Mapping) else {}
     for cond in (status or {}).get("conditions") or ():
         if isinstance(cond, Mapping) and cond.get("type") == "DisruptionTarget" and \
-                cond.get("status") == "True":
+                cond.get("status") == "True" and \
+                cond.get("reason") not in POD_LEVEL_DISRUPTIONS:
             return cond
     return None
 

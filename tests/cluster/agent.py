@@ -817,6 +817,18 @@ class NodeAgent:
         with self._lock:
             return [r for r in self.pods.values() if r.node == node]
 
+    def crash(self, pod: str, namespace: str) -> bool:
+        """SIGKILL the processes of a pod's containers (as an OOM kill would); the pod's
+        restartPolicy decides what happens next. False when no such pod runs here."""
+        with self._lock:
+            runner = next((r for r in self.pods.values()
+                           if r.name == pod and r.namespace == namespace), None)
+        if runner is None:
+            return False
+        for c in runner.containers:
+            runner._signal(c, signal.SIGKILL)
+        return True
+
     # ---- pods -----------------------------------------------------------------------------
     def _sync_loop(self) -> None:
         while not self._stop.is_set():

@@ -31,6 +31,7 @@ MNG_SPOT = NodePool("gpu-mng", EKS, instance_type="g5.xlarge", provision_after=1
                     consolidate_after=3.0)
 GKE_SPOT = NodePool("gke-l4", GKE, instance_type="g2-standard-8", gpu_product="NVIDIA-L4",
                     zone="us-central1-a", provision_after=1.0)
+RESUMED: dict[str, float] = {}  # router's resumptions by mode, over the story so far
 PROMPTS = [" ".join(f"w{(7 * i + j) % 150 + 5}" for j in range(6)) for i in range(6)]
 MAX_TOKENS = 400
 
@@ -48,7 +49,7 @@ def installed(pod_network: None, cluster: ControlPlane,
 class Load:
     """Clients sending the prompts round and round through the router's Service."""
 
-    def __init__(self, setup: Install, namespace: str, service: str, clients: int = 3) -> None:
+    def __init__(self, setup: Install, namespace: str, service: str, clients: int = 4) -> None:
         self.setup, self.namespace, self.service = setup, namespace, service
         self.results: list[tuple[str, str]] = []
         self.failures: list[str] = []
@@ -107,9 +108,11 @@ def play(setup: Install, namespace: str, name: str, pools: list[NodePool],
             "pod-security.kubernetes.io/enforce=restricted")
     kubectl(setup.plane, "create", "serviceaccount", "model-reader", "-n", namespace)
     setup.model_claim(namespace)
-    # the first pool holds two instances: replacements spill over into the next one
+    # with several pools the first holds two instances: replacements spill over into the
+    # next one
     setup.apply(llm_service(name, namespace, [gpu_pool(p.name, p, maxInstances=2 if i == 0
-                                                       else 4) for i, p in enumerate(pools)],
+                                                       and len(pools) > 1 else 4)
+                                              for i, p in enumerate(pools)],
                             gracePeriodSeconds={"aws": GRACE, "gcp": GRACE,
                                                 "other": GRACE},
                             serviceAccountName="model-reader"))
@@ -140,8 +143,8 @@ def play(setup: Install, namespace: str, name: str, pools: list[NodePool],
     assert len(load.results) >= 2 * len(PROMPTS), len(load.results)
     wrong = [(p, t) for p, t in load.results if t != reference[p]]
     assert not wrong, f"{len(wrong)} outputs differ from the uninterrupted run: {wrong[:3]}"
-    modes = {mode: resumed(setup, namespace, service, mode) for mode in ("kv", "reprefill")}
-    assert modes["kv"] > 0, f"no request resumed from migrated KV: {modes}"
+    for mode in ("kv", "reprefill"):
+        RESUMED[mode] = RESUMED.get(mode, 0.0) + resumed(setup, namespace, service, mode)
 
 
 def check_pods(setup: Install, namespace: str, name: str) -> None:
@@ -172,6 +175,39 @@ def test_aws_interruptions_lose_no_request(installed: Install) -> None:
 
 def test_gke_preemptions_lose_no_request(installed: Install) -> None:
     play(installed, "llm-gke", "tiny", [GKE_SPOT], [("gke-l4", "gke"), ("gke-l4", "gke")])
+
+
+def test_interrupted_requests_resumed_from_migrated_kv(installed: Install) -> None:
+    """Over the five interruptions, some requests were still running when their node
+    went, and went on from their KV cache moved to another worker (not re-prefilled)."""
+    if not RESUMED:
+        pytest.skip("the interruption tests did not run")
+    assert RESUMED.get("kv", 0) > 0, f"no request resumed from migrated KV: {RESUMED}"
+
+
+def test_a_crashed_worker_restarts_in_place_and_no_request_fails(installed: Install) -> None:
+    """Finding 3: a worker killed in its pod (an OOM kill, a crash) is restarted by its
+    restartPolicy, the controller configures it again, and clients see nothing."""
+    namespace, name, service = "llm-gke", "tiny", "tiny-router"
+    reference = {p: installed.complete(namespace, service, p, MAX_TOKENS)["choices"][0]
+                 ["text"] for p in PROMPTS[:3]}
+    selector = f"app.kubernetes.io/component=worker,spotserve.dev/service={name}"
+
+    def restarts() -> int:
+        return sum(int(c.get("restartCount", 0)) for p in installed.pods(namespace, selector)
+                   for c in (p.get("status") or {}).get("containerStatuses") or ())
+    before = restarts()
+    with Load(installed, namespace, service) as load:
+        time.sleep(2)
+        victim = installed.ready_pods(namespace, selector)[0]["metadata"]["name"]
+        assert installed.agent.crash(victim, namespace)
+        wait_for("the container restarted", lambda: restarts() > before, 60)
+        wait_for("both workers serving again", lambda: len(installed.ready_pods(
+            namespace, selector)) >= 2 and installed.condition(namespace, name, "Ready"), 120)
+        time.sleep(3)
+    assert not load.failures, load.failures[:5]
+    wrong = [(p, t) for p, t in load.results if p in reference and t != reference[p]]
+    assert not wrong, wrong[:3]
 
 
 def test_helm_uninstall_after_deleting_the_services_leaves_nothing(

@@ -137,6 +137,10 @@ def test_disruption_target_pods_doom_their_node() -> None:
     healthy = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     info = describe_node(node(GKE_SPOT), now=NOW, disrupted_pods=[pod, healthy])
     assert info.doomed and info.notice.source == "pod:TerminationByKubelet"  # type: ignore
+    # a capacity request preempted by the worker made for its node: the node stays
+    preempted = {"status": {"conditions": [{"type": "DisruptionTarget", "status": "True",
+                                            "reason": "PreemptionByScheduler"}]}}
+    assert not describe_node(node(GKE_SPOT), now=NOW, disrupted_pods=[preempted]).notices
 
 
 def test_cordon_and_deletion() -> None:
