@@ -156,7 +156,8 @@ class KubernetesBackend(WorkerFleet):
         if pool is None:
             raise ActuatorError(f"node {gpu.instance} is in none of the service's pools")
         pod = m.worker_pod(self.owner, self.spec, pool.raw, gpu.instance, gpu.index, epoch,
-                           migrating=True, defaults=self.defaults)
+                           migrating=True, defaults=self.defaults,
+                           model_context=self.service.model.max_position)
         name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
         if await self.api.create(pod):
             return

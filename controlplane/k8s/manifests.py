@@ -132,9 +132,11 @@ def _identity(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def max_sequence_args(spec: Mapping[str, Any], flag: str) -> list[str]:
-    """`serving.maxSequenceLength` as a worker's or router's flag (none: the model's)."""
-    longest = (spec.get("serving") or {}).get("maxSequenceLength")
+def max_sequence_args(spec: Mapping[str, Any], flag: str,
+                      model_context: int | None = None) -> list[str]:
+    """`serving.maxSequenceLength` as a worker's or router's flag; unset, the model's
+    context (`model_context`, when given), so workers and router agree on the limit."""
+    longest = (spec.get("serving") or {}).get("maxSequenceLength") or model_context
     return [f"{flag}={int(longest)}"] if longest else []
 
 
@@ -190,8 +192,10 @@ def _gpu_resources(resources: Mapping[str, Any] | None, gpus: int) -> dict[str, 
 
 def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], node: str,
                gpu_index: int, epoch: int, *, migrating: bool = False,
-               defaults: Defaults = Defaults()) -> Manifest:
-    """The pod serving GPU `gpu_index` of `node` (one GPU each; the device plugin picks it)."""
+               defaults: Defaults = Defaults(), model_context: int | None = None) -> Manifest:
+    """The pod serving GPU `gpu_index` of `node` (one GPU each; the device plugin picks it);
+    `model_context`: the model's longest sequence, the workers' limit when the spec sets
+    none (the router's own default)."""
     worker = spec.get("worker") or {}
     port = int(worker.get("port") or 50051)
     image = str(worker.get("image") or defaults.worker_image)
@@ -201,7 +205,7 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
                               pool.get("nodeSelector") or {})
     args = ["worker", f"--listen=0.0.0.0:{port}", f"--advertise=$(POD_IP):{port}",
             f"--model={model_dir}", f"--token-file={TOKEN_DIR}/{TOKEN_KEY}",
-            f"--grace={grace:g}", *max_sequence_args(spec, "--max-model-len")]
+            f"--grace={grace:g}", *max_sequence_args(spec, "--max-model-len", model_context)]
     if dtype != "auto":
         args.append(f"--dtype={dtype}")
     container: dict[str, Any] = {

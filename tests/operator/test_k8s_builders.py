@@ -93,6 +93,19 @@ def test_router_capacity_and_secret() -> None:
     assert secret["metadata"]["ownerReferences"][0]["name"] == "llama"
 
 
+def test_sequence_limit_reaches_workers_and_router() -> None:
+    limited = {**spec(), "serving": {**spec().get("serving", {}), "maxSequenceLength": 8192}}
+    worker = m.worker_pod(OWNER, limited, POOL, "n", 0, 1, model_context=131072)
+    assert "--max-model-len=8192" in worker["spec"]["containers"][0]["args"]
+    router = m.router_deployment(OWNER, limited, "llama")["spec"]["template"]["spec"]
+    assert "--max-context=8192" in router["containers"][0]["args"]
+    # unset: the workers take the model's context, as the router does by itself
+    unset = {**spec(), "serving": {k: v for k, v in (spec().get("serving") or {}).items()
+                                   if k != "maxSequenceLength"}}
+    worker = m.worker_pod(OWNER, unset, POOL, "n", 0, 1, model_context=131072)
+    assert "--max-model-len=131072" in worker["spec"]["containers"][0]["args"]
+
+
 def test_pod_manifests_pass_the_kubernetes_schema() -> None:
     validate_k8s = pytest.importorskip("kubernetes_validate")
     for obj in (m.worker_pod(OWNER, spec(), POOL, "n", 0, 1), m.capacity_pod(OWNER, POOL, 4, 0),
