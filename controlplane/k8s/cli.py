@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="DIR", help="where the operator sees model volume claims as "
                         "DIR/<claimName> (to read a model's config.json; default: built-in "
                         "model shapes only)")
+    parser.add_argument("--peering", default=os.environ.get("SPOTSERVE_PEERING") or None,
+                        metavar="NAME", help="run as one of several replicas: kopf peering "
+                        "through the (Cluster)KopfPeering NAME keeps the newest working and "
+                        "the others waiting (SPOTSERVE_PEERING; default: alone)")
+    parser.add_argument("--listen-host", default=os.environ.get("SPOTSERVE_LISTEN_HOST",
+                                                                 "0.0.0.0"),
+                        help="address of /healthz and /metrics (SPOTSERVE_LISTEN_HOST)")
     parser.add_argument("--interval", type=float, default=2.0,
                         help="seconds between a service's reconciliations (2)")
     parser.add_argument("--log-level", default=os.environ.get("SPOTSERVE_LOG_LEVEL", "INFO"))
@@ -65,6 +72,7 @@ def _path(value: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None) -> 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import time
 
     import kopf
 
@@ -99,14 +107,22 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port:
         try:
             import prometheus_client
-            prometheus_client.start_http_server(args.metrics_port)
+            prometheus_client.start_http_server(args.metrics_port, addr=args.listen_host)
         except ImportError:
             logging.getLogger("spotserve.operator").warning("prometheus_client missing: "
                                                             "no /metrics")
     settings = kopf.OperatorSettings()
-    settings.peering.standalone = True  # one replica (Recreate): no peering objects
+    peering: dict[str, Any] = {"standalone": True}  # one replica: no peering objects
+    if args.peering:
+        # the newest replica works (highest priority); one that stops leaves the peering
+        # at once, one that dies is forgotten after `lifetime`
+        settings.peering.mandatory = True
+        settings.peering.lifetime = 30
+        peering = {"standalone": False, "peering_name": args.peering,
+                   "priority": int(time.time() * 1000) % 2**31}
+    settings.peering.standalone = not args.peering
     asyncio.run(kopf.operator(
         registry=registry, settings=settings, clusterwide=not args.namespace,
-        namespaces=args.namespace, standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz"))
+        namespaces=args.namespace, **peering,
+        liveness_endpoint=f"http://{args.listen_host}:{args.health_port}/healthz"))
     return 0

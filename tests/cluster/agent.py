@@ -49,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -441,36 +442,39 @@ class PodRunner:
             return "1"
         return ""
 
-    def command(self, container: Mapping[str, Any]) -> list[str] | None:
-        """The command line a container runs here; None for a pause container."""
+    def command(self, container: Mapping[str, Any], mounts: Mapping[str, Path],
+                env: Mapping[str, str]) -> list[str] | None:
+        """The command line a container runs here; None for a pause container. The pod's
+        own words (command, args) are rewritten to this machine's view, then the program
+        is mapped to a local one (never rewritten: it lives outside the pod's mounts)."""
         image = str(container.get("image", ""))
         entry = next((e for prefix, e in IMAGES.items() if image.startswith(prefix)), "unknown")
         if entry is None:
             return None
         if entry == "unknown":
             raise LookupError(f"image {image} is not one the node agent knows")
-        command = list(container.get("command") or entry)
-        return [*local_command(command), *[str(a) for a in container.get("args") or ()]]
+        words = [self._rewrite(str(w), mounts, env)
+                 for w in [*(container.get("command") or ()), *(container.get("args") or ())]]
+        return local_command(words) if container.get("command") else [*entry, *words]
 
     # ---- running ---------------------------------------------------------------------------
     def _start(self, c: Container, volumes: Mapping[str, Path]) -> bool:
+        mounts = self._mounts(c.spec, volumes)
+        env = self._env(c.spec, mounts)
         try:
-            command = self.command(c.spec)
+            argv = self.command(c.spec, mounts, env)
         except LookupError as exc:
             c.waiting, c.waiting_message = "ErrImagePull", str(exc)
             return False
-        mounts = self._mounts(c.spec, volumes)
-        env = self._env(c.spec, mounts)
         c.started_at, c.started_stamp = time.monotonic(), now_rfc3339()
         c.exit_code, c.waiting = None, None
         c.readiness.ok = not c.readiness.spec
         c.startup.ok = not c.startup.spec
         c.liveness.ok = True
         c.liveness.failures = c.readiness.failures = 0
-        if command is None:
+        if argv is None:
             c.holding = True
             return True
-        argv = [self._rewrite(a, mounts, env) for a in command]
         log = (self.dir / f"{c.name}.log").open("ab")
         c.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      cwd=self.dir, start_new_session=True)
@@ -484,7 +488,7 @@ class PodRunner:
         env = self._env(c.spec, mounts)
 
         def run(command: list[str], timeout: float) -> int:
-            argv = [self._rewrite(a, mounts, env) for a in local_command(command)]
+            argv = local_command([self._rewrite(a, mounts, env) for a in command])
             return subprocess.run(argv, env=env, cwd=self.dir, timeout=timeout,
                                   capture_output=True).returncode
         return run
@@ -494,6 +498,7 @@ class PodRunner:
             self._run()
         except Exception as exc:
             self.phase, self.reason, self.message = "Failed", "AgentError", repr(exc)
+            (self.dir / "agent-error.log").write_text(traceback.format_exc())
             self._kill_all(signal.SIGKILL)
         finally:
             with contextlib.suppress(Exception):

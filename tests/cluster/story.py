@@ -72,9 +72,9 @@ class Install:
              "--set", "operator.extraVolumeMounts[0].name=claims",
              "--set", "operator.extraVolumeMounts[0].mountPath=/claims",
              "--set", "operator.extraVolumeMounts[0].readOnly=true",
-             "--set", "operator.logFormat=text", *values)
-        wait_for("the operator pod Ready", lambda: self.ready_pods(
-            SYSTEM, "app.kubernetes.io/name=spotserve"), 120)
+             "--set", "operator.logFormat=text", "--set", "operator.replicas=2", *values)
+        wait_for("the operator pods Ready", lambda: len(self.ready_pods(
+            SYSTEM, "app.kubernetes.io/name=spotserve")) >= 2, 120)
 
     # ---- reading the cluster -------------------------------------------------------------
     def get(self, path: str) -> dict[str, Any] | None:

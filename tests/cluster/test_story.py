@@ -185,6 +185,37 @@ def test_interrupted_requests_resumed_from_migrated_kv(installed: Install) -> No
     assert RESUMED.get("kv", 0) > 0, f"no request resumed from migrated KV: {RESUMED}"
 
 
+def test_the_waiting_operator_takes_over_when_the_working_one_goes(
+        installed: Install) -> None:
+    """Finding 11 (operator HA): two replicas in kopf peering; the working one (the highest
+    priority) is deleted, and a node is preempted right after: the other replica runs the
+    migration, and no request fails."""
+    from .story import RELEASE, SYSTEM
+    namespace, name, service = "llm-gke", "tiny", "tiny-router"
+    peering = installed.get(f"/apis/kopf.dev/v1/clusterkopfpeerings/{RELEASE}") or {}
+    peers = {k: v for k, v in (peering.get("status") or {}).items()
+             if isinstance(v, dict) and "priority" in v}
+    assert len(peers) == 2, peering
+    working = max(peers, key=lambda k: peers[k]["priority"])
+    reference = {p: installed.complete(namespace, service, p, MAX_TOKENS)["choices"][0]
+                 ["text"] for p in PROMPTS[:3]}
+    with Load(installed, namespace, service) as load:
+        kubectl(installed.plane, "delete", "pod", working, "-n", SYSTEM, "--wait=false")
+        victim = wait_for("a serving node", lambda: next(iter(serving_nodes(
+            installed, namespace, name)), None), 60)
+        installed.agent.interrupt(victim, "gke", grace=GRACE + 5)
+        wait_for(f"{victim} gone", lambda: installed.get(f"/api/v1/nodes/{victim}") is None,
+                 60)
+        wait_for("the service serving on two nodes again", lambda: len(serving_nodes(
+            installed, namespace, name)) >= 2 and victim not in serving_nodes(
+            installed, namespace, name) and installed.condition(namespace, name, "Ready"),
+            180)
+        time.sleep(3)
+    assert not load.failures, load.failures[:5]
+    wrong = [(p, t) for p, t in load.results if p in reference and t != reference[p]]
+    assert not wrong, wrong[:3]
+
+
 def test_a_crashed_worker_restarts_in_place_and_no_request_fails(installed: Install) -> None:
     """Finding 3: a worker killed in its pod (an OOM kill, a crash) is restarted by its
     restartPolicy, the controller configures it again, and clients see nothing."""

@@ -108,8 +108,11 @@ def test_b_a_kill_without_notice_abandons_the_pipeline_and_reprefills(
 
 
 def test_c_second_notice_during_a_migration(tmp_path: Path) -> None:
-    result = play(tmp_path, 5, [Fault(10.0, NOTICE, "any", grace=6.0),
-                                Fault(10.0, NOTICE, phase="draining", grace=6.0)], end=24.0)
+    # a 3 s grace and 256-token requests: the first migration must drain (with 6 s the
+    # just-in-time arrangement can finish everything in place, and no draining comes)
+    result = play(tmp_path, 5, [Fault(10.0, NOTICE, "any", grace=3.0),
+                                Fault(10.0, NOTICE, phase="draining", grace=6.0)], end=24.0,
+                  max_tokens=256)
     _ok(result)
     notices = [e for e in result.journal if e.get("event") == "NoticeReceived"]
     assert len(notices) == 2

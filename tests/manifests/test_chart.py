@@ -115,8 +115,11 @@ def test_strict_validation_catches_a_misspelt_field(helm: str) -> None:
 
 
 def test_chart_installs_the_crd(helm: str) -> None:
-    (crd,) = _kinds(_render(helm, "default"), "CustomResourceDefinition")
-    assert crd["metadata"]["name"] == "llmservices.spotserve.dev"
+    crds = {c["metadata"]["name"] for c in _kinds(_render(helm, "default"),
+                                                  "CustomResourceDefinition")}
+    # and kopf's peering resources, for operator.replicas > 1
+    assert crds == {"llmservices.spotserve.dev", "clusterkopfpeerings.kopf.dev",
+                    "kopfpeerings.kopf.dev"}
 
 
 def test_optional_objects_render_only_when_enabled(helm: str) -> None:
@@ -206,6 +209,18 @@ def test_operator_configuration_reaches_the_pod(helm: str) -> None:
     assert token["secret"]["secretName"] == "my-token"
 
 
+def test_several_operator_replicas_use_kopf_peering(helm: str) -> None:
+    out = _run(helm, "template", "spotserve", str(CHART), "--set", "operator.replicas=2")
+    assert out.returncode == 0, out.stderr
+    objects = [o for o in yaml.safe_load_all(out.stdout) if o]
+    (peering,) = [o for o in objects if o["kind"] == "ClusterKopfPeering"]
+    deployment = _deployment(objects)
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPOTSERVE_PEERING"]["value"] == peering["metadata"]["name"]
+    assert _deployment(_render(helm, "default"))["spec"]["strategy"]["type"] == "Recreate"
+
+
 def test_shared_token_is_generated_unless_given(helm: str) -> None:
     (secret,) = _kinds(_render(helm, "default"), "Secret")
     assert len(base64.b64decode(secret["data"]["token"])) == 48
@@ -214,7 +229,7 @@ def test_shared_token_is_generated_unless_given(helm: str) -> None:
     assert "lookup" in template, "the token must be read back on upgrade"
 
 
-@pytest.mark.parametrize("bad", ["image.pullPolicy=Sometimes", "operator.replicas=2",
+@pytest.mark.parametrize("bad", ["image.pullPolicy=Sometimes", "operator.replicas=0",
                                  "networkPolicy.workerPort=0", "operator.logLevel=loud"])
 def test_values_schema_rejects(helm: str, bad: str) -> None:
     out = _run(helm, "template", "spotserve", str(CHART), "--set", bad)
