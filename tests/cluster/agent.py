@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from . import podnet
 from .plane import ControlPlane
@@ -1127,10 +1126,7 @@ class NodeAgent:
         for pod in data.get("items") or ():
             node = (pod.get("spec") or {}).get("nodeName")
             if node and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
-                annotations = pod["metadata"].get("annotations") or {}
-                busy[node] = True
-                if annotations.get("karpenter.sh/do-not-disrupt") == "true":
-                    busy[node] = True
+                busy[node] = True  # any running pod keeps its node (do-not-disrupt or not)
         for node in list(self.nodes.values()):
             if node.gone or node.pool.consolidate_after is None:
                 continue
@@ -1153,14 +1149,3 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0,
         if time.monotonic() > give_up:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
-
-
-def path_of(namespace: str, kind: str, name: str = "") -> str:
-    base = f"/api/v1/namespaces/{quote(namespace)}/{kind}"
-    return f"{base}/{quote(name)}" if name else base
-
-
-def pods_of(plane: ControlPlane, namespace: str, selector: str = "") -> list[dict[str, Any]]:
-    suffix = f"?labelSelector={quote(selector)}" if selector else ""
-    code, data = plane.request("GET", path_of(namespace, "pods") + suffix)
-    return list(data.get("items") or ()) if code == 200 else []
