@@ -20,6 +20,10 @@ Ceph, R2). GCS: Application Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS
 Workload Identity, the node's service account); `STORAGE_EMULATOR_HOST` points it at an
 emulator.
 
+With `--metadata-only` (the router's init step: it needs the tokenizer, the chat template
+and the config, never the weights) only those files are fetched: Hub files and bucket
+objects by name; an archive is fetched whole and its weights dropped.
+
 The folder must end up holding a `config.json` the model spec can read. Files are written
 under a temporary name and renamed when complete, and the marker that makes a second run
 with the same source a no-op is written last, so an interrupted download is simply done
@@ -29,6 +33,7 @@ again.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -49,7 +54,8 @@ from spotserve.model_spec import ModelSpec
 
 HELP = "Download a model (Hugging Face repo, https archive, s3:// or gs:// prefix) into a folder."
 MARKER = ".spotserve-download.json"
-HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+METADATA_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+HF_PATTERNS = [*METADATA_PATTERNS, "*.safetensors"]
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
 WORKERS = 8  # objects fetched at once from a bucket
 EPILOG = """\
@@ -72,21 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "archive object in a bucket")
     parser.add_argument("--revision", default="main", help="Hub revision (default: main)")
     parser.add_argument("--to", required=True, metavar="DIR", help="destination folder")
+    parser.add_argument("--metadata-only", action="store_true",
+                        help="fetch the config, tokenizer and chat template files only, no "
+                        "weights (what the router reads)")
 
 
 def run(args: argparse.Namespace) -> int:
     dest = Path(args.to)
     source = f"hf:{args.hf}@{args.revision}" if args.hf else str(args.url)
+    if args.metadata_only:
+        source += " (metadata)"
     if _already(dest, source):
         print(f"{dest}: already holds {source}", file=sys.stderr)
         return 0
     dest.mkdir(parents=True, exist_ok=True)
     # a marker left by another source must not vouch for a folder this run may leave half done
     (dest / MARKER).unlink(missing_ok=True)
+    patterns = METADATA_PATTERNS if args.metadata_only else HF_PATTERNS
     if args.hf:
-        _from_hub(args.hf, args.revision, dest)
+        _from_hub(args.hf, args.revision, dest, patterns)
     else:
-        _from_url(str(args.url), dest)
+        _from_url(str(args.url), dest, args.metadata_only)
     spec = ModelSpec.from_hf_config(dest)
     (dest / MARKER).write_text(json.dumps({"source": source}))
     print(f"{dest}: {spec.name} ({spec.family}, {spec.num_parameters / 1e9:.2f} B parameters) "
@@ -102,7 +114,12 @@ def _already(dest: Path, source: str) -> bool:
         return False
 
 
-def _from_hub(repo: str, revision: str, dest: Path) -> None:
+def is_metadata(name: str) -> bool:
+    """A file the router needs (config, tokenizer, chat template), by its name."""
+    return any(fnmatch.fnmatch(Path(name).name, p) for p in METADATA_PATTERNS)
+
+
+def _from_hub(repo: str, revision: str, dest: Path, patterns: list[str]) -> None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -110,16 +127,16 @@ def _from_hub(repo: str, revision: str, dest: Path) -> None:
                              "(pip install huggingface_hub)") from None
     try:
         snapshot_download(repo_id=repo, revision=revision, local_dir=str(dest),
-                          allow_patterns=HF_PATTERNS)
+                          allow_patterns=patterns)
     except Exception as exc:  # the hub raises many kinds; each is a user-facing failure
         raise SpotserveError(f"cannot download {repo}@{revision}: {exc}".splitlines()[0]) \
             from None
 
 
-def _from_url(url: str, dest: Path) -> None:
+def _from_url(url: str, dest: Path, metadata_only: bool = False) -> None:
     scheme = url.split("://", 1)[0]
     if scheme in ("s3", "gs"):
-        _from_bucket(url, dest)
+        _from_bucket(url, dest, metadata_only)
         return
     if scheme not in ("https", "http"):
         raise SpotserveError(f"unsupported URL {url!r}: use https, s3 or gs")
@@ -130,7 +147,7 @@ def _from_url(url: str, dest: Path) -> None:
                 shutil.copyfileobj(response, out, 1 << 20)
         except OSError as exc:
             raise SpotserveError(f"cannot download {url}: {exc}") from None
-        _extract(archive, dest, url)
+        _extract(archive, dest, url, metadata_only)
 
 
 # --- object stores -----------------------------------------------------------------------
@@ -153,7 +170,7 @@ class Store(Protocol):
         """`exc` (raised by list or fetch) said in words, or None if it is not the SDK's."""
 
 
-def _from_bucket(url: str, dest: Path) -> None:
+def _from_bucket(url: str, dest: Path, metadata_only: bool = False) -> None:
     scheme, _, rest = url.partition("://")
     bucket, _, key = rest.partition("/")
     if not bucket:
@@ -166,20 +183,23 @@ def _from_bucket(url: str, dest: Path) -> None:
         if not files and key.endswith(ARCHIVES):
             archive = next((o for o in store.list(key) if o.key == key), None)
             if archive is not None:
-                _fetch_archive(store, archive, dest, url)
+                _fetch_archive(store, archive, dest, url, metadata_only)
                 return
+    if metadata_only and files:
+        files = [o for o in files if is_metadata(o.key)]
     if not files:
         raise SpotserveError(f"{url}: no objects under this prefix (is the bucket or path "
                              "misspelt, or the model not uploaded yet?)")
     _fetch_all(store, files, prefix, dest, url)
 
 
-def _fetch_archive(store: Store, archive: StoredObject, dest: Path, url: str) -> None:
+def _fetch_archive(store: Store, archive: StoredObject, dest: Path, url: str,
+                   metadata_only: bool = False) -> None:
     print(f"{url}: fetching the archive ({_size(archive.size)})", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "archive"
         store.fetch(archive, path)
-        _extract(path, dest, url)
+        _extract(path, dest, url, metadata_only)
 
 
 def _fetch_all(store: Store, files: list[StoredObject], prefix: str, dest: Path,
@@ -420,7 +440,27 @@ class GCSStore:
 
 # --- archives ----------------------------------------------------------------------------
 
-def _extract(archive: Path, dest: Path, url: str) -> None:
+def _extract(archive: Path, dest: Path, url: str, metadata_only: bool = False) -> None:
+    """Unpack into a scratch folder inside `dest`, lift a wrapping folder, drop the weights
+    with `metadata_only`, then move everything into `dest` (replacing what is there)."""
+    scratch = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
+    try:
+        _unpack(archive, scratch, url)
+        _flatten(scratch)
+        if metadata_only:
+            for path in [p for p in scratch.rglob("*") if p.is_file()]:
+                if not is_metadata(path.name):
+                    path.unlink()
+        for item in scratch.iterdir():
+            target = dest / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _unpack(archive: Path, dest: Path, url: str) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for name in zf.namelist():
@@ -435,7 +475,6 @@ def _extract(archive: Path, dest: Path, url: str) -> None:
                 raise SpotserveError(f"{url}: unsafe archive member: {exc}") from None
     else:
         raise SpotserveError(f"{url}: not a tar or zip archive")
-    _flatten(dest)
 
 
 def _inside(dest: Path, name: str) -> bool:

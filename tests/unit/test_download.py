@@ -105,3 +105,36 @@ def test_hub_download_passes_repo_revision_and_folder(
     assert main(["download", "--hf", "org/tiny", "--revision", "v1", "--to", str(dest)]) == 0
     assert calls[0]["repo_id"] == "org/tiny" and calls[0]["revision"] == "v1"
     assert calls[0]["local_dir"] == str(dest)
+
+
+def test_metadata_only_keeps_the_config_and_tokenizer_and_no_weights(
+        serve: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's init step: what it reads (config, tokenizer, chat template), never the
+    checkpoint; and a metadata-only folder never passes for a whole download."""
+    serve["/m.tar.gz"] = _tarball({"model/config.json": json.dumps(CONFIG).encode(),
+                                   "model/tokenizer.json": b"{}",
+                                   "model/chat_template.jinja": b"{{ x }}",
+                                   "model/model.safetensors": b"x" * 10})
+    url = serve["__base__"].decode() + "/m.tar.gz"
+    dest = tmp_path / "router"
+    assert main(["download", "--url", url, "--to", str(dest), "--metadata-only"]) == 0
+    assert sorted(p.name for p in dest.iterdir() if p.name != MARKER) == [
+        "chat_template.jinja", "config.json", "tokenizer.json"]
+    assert main(["download", "--url", url, "--to", str(dest)]) == 0  # now the weights too
+    assert (dest / "model.safetensors").is_file()
+
+    calls: list[dict[str, object]] = []
+
+    def snapshot_download(**kwargs: object) -> str:
+        calls.append(kwargs)
+        (Path(str(kwargs["local_dir"])) / "config.json").write_text(json.dumps(CONFIG))
+        return str(kwargs["local_dir"])
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download = snapshot_download  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert main(["download", "--hf", "org/tiny", "--to", str(tmp_path / "h"),
+                 "--metadata-only"]) == 0
+    patterns = list(calls[0]["allow_patterns"])  # type: ignore[call-overload]
+    assert "tokenizer*" in patterns and "*.jinja" in patterns
+    assert not any("safetensors" in p or "bin" in p for p in patterns)

@@ -124,6 +124,18 @@ def test_s3_prefix_round_trip_then_a_second_run_is_a_no_op(
     assert _tree(dest) == files
 
 
+def test_s3_metadata_only_fetches_no_weights(s3: S3Bucket, tmp_path: Path) -> None:
+    files = _model(tmp_path)
+    _upload_s3(s3, "llama/tiny", files)
+    dest = tmp_path / "router"
+    assert main(["download", "--url", f"s3://{s3.name}/llama/tiny", "--to", str(dest),
+                 "--metadata-only"]) == 0
+    got = _tree(dest)
+    assert "config.json" in got and got
+    assert not [name for name in got if name.endswith(".safetensors")]
+    assert set(got) == {n for n in files if not n.endswith(".safetensors")}
+
+
 def test_s3_trailing_slash_and_an_archive_object(s3: S3Bucket, tmp_path: Path) -> None:
     files = _model(tmp_path)
     _upload_s3(s3, "llama/tiny", files)
