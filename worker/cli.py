@@ -1,4 +1,5 @@
-"""`spotserve worker`: one process per GPU serving the Worker gRPC service.
+"""`spotserve worker`: one process per GPU serving the Worker gRPC service (`--gpus N`: a
+group of N such processes under one parent, worker/group.py).
 
 Prints `worker listening HOST:PORT` on stdout once it accepts calls (tests and the local
 backend wait for that line). Logs are JSON lines on stderr. SIGTERM (or SIGINT) drains:
@@ -28,6 +29,11 @@ HELP = "run one GPU's worker: the Worker gRPC service (engine, tensor streaming,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="0.0.0.0:50051",
                         help="host:port to serve on (port 0: any free port)")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="serve N GPUs: a worker process per GPU, GPU i on the --listen "
+                        "(and --advertise, --metrics) port + i and device cuda:i (1: this "
+                        "process serves one GPU; on Kubernetes, a pod holds all of an "
+                        "instance's GPUs)")
     parser.add_argument("--advertise", default=None,
                         help="address peers use to reach this worker (default: --listen)")
     parser.add_argument("--model", default=None,
@@ -35,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32/bfloat16/float16 "
                         "(default: the model's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N "
-                        "(default: cuda if available)")
+                        "(default: cuda if available; cuda means cuda:$LOCAL_RANK when set)")
     parser.add_argument("--token-file", default=None,
                         help="file with the shared token (default: $SPOTSERVE_TOKEN)")
     parser.add_argument("--kv-blocks", type=parse_kv_blocks, default="auto", metavar="auto|N",
@@ -124,8 +130,26 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         args.max_num_seqs, args.max_batched_tokens, args.max_model_len))
 
 
-def run(args: argparse.Namespace) -> NoReturn:
+def run(args: argparse.Namespace) -> int:
     _check(args)
+    if args.gpus != 1:
+        from spotserve.worker import group
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return group.run(parser, args)
+    _serve_one(args)
+
+
+def device_of(requested: str | None, cuda_available: bool, local_rank: str | None) -> str:
+    """The torch device a worker uses: `requested`, else cuda when there is one; `cuda`
+    alone is the GPU of this process's `LOCAL_RANK` in a group (torchrun's convention)."""
+    device = requested or ("cuda" if cuda_available else "cpu")
+    if device == "cuda" and local_rank and local_rank.isdigit():
+        return f"cuda:{local_rank}"
+    return device
+
+
+def _serve_one(args: argparse.Namespace) -> NoReturn:
     import asyncio
     from pathlib import Path
 
@@ -147,7 +171,9 @@ def run(args: argparse.Namespace) -> NoReturn:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args.device, torch.cuda.is_available(), os.environ.get("LOCAL_RANK"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # NCCL and new tensors: this GPU
     engine, budget = engine_config(args), kv_budget(args)
     logging.getLogger(__name__).info("worker starting", extra={"fields": {
         "device": device, "kv_cache": budget.describe(), "block_size": args.block_size,

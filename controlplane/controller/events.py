@@ -15,6 +15,7 @@ class InstanceBooting:
     instance_type: str
     capacity: str = "spot"
     zone: str = ""
+    gpus: int = 0  # GPUs it offers, when fewer than its type has (a shared node)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class InstanceReady:
     instance_type: str
     capacity: str = "spot"
     zone: str = ""
+    gpus: int = 0  # GPUs it offers, when fewer than its type has (a shared node)
 
 
 @dataclass(frozen=True)

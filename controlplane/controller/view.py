@@ -38,11 +38,12 @@ class InstanceRecord:
     state: str = BOOTING
     deadline: float | None = None
     since: float = 0.0
+    gpus: int = 0  # GPUs the service may use, when fewer than the type's (0: all)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "instance_type": self.instance_type,
                 "capacity": self.capacity, "zone": self.zone, "state": self.state,
-                "deadline": self.deadline, "since": self.since}
+                "deadline": self.deadline, "since": self.since, "gpus": self.gpus}
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ class ClusterView:
                 state = "joining"
             if state == "lost" and record.name not in placed:
                 continue  # gone and held nothing: irrelevant
-            out.append(Instance(record.name, catalog.instance(record.instance_type),
-                                record.capacity, record.zone, state,
+            kind = catalog.instance(record.instance_type)
+            if 0 < record.gpus < kind.gpus:  # a node shared with other GPU pods
+                kind = replace(kind, gpus=record.gpus)
+            out.append(Instance(record.name, kind, record.capacity, record.zone, state,
                                 (spot_prices or {}).get(record.instance_type)))
         return tuple(out)
 
@@ -105,7 +108,7 @@ def _next(old: InstanceRecord | None, event: Event, now: float) -> InstanceRecor
             state = READY
         since = old.since if old is not None and old.state == state else now
         return InstanceRecord(event.name, event.instance_type, event.capacity, event.zone,
-                              state, None, since)
+                              state, None, since, event.gpus)
     if old is None:
         return None  # a notice or loss for an instance we never saw
     if isinstance(event, NoticeReceived):

@@ -1,7 +1,8 @@
 """The kopf app: node indices and one controller daemon per LLMService.
 
-Three kopf indices keep the cluster's picture: Nodes, Node Events, and pods marked
-`DisruptionTarget` (by node). Each LLMService gets a daemon running a `ServiceRunner`
+Four kopf indices keep the cluster's picture: Nodes, Node Events, pods marked
+`DisruptionTarget` (by node), and the GPUs pods hold (by node: what other pods take from a
+shared node). Each LLMService gets a daemon running a `ServiceRunner`
 (runner.py) every interval; the daemon stops with the LLMService, and owner references
 garbage-collect what it created.
 """
@@ -16,7 +17,7 @@ import kopf
 from ..controller.actuator import ActuatorError
 from . import manifests as m
 from .api import KubeApi
-from .nodes import disruption_condition
+from .nodes import disruption_condition, gpu_holder, pod_gpus
 from .runner import Runtime, ServiceRunner
 
 __all__ = ["Runtime", "register"]
@@ -40,9 +41,16 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     def disruption_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {str(body.get("spec", {}).get("nodeName")): dict(body)}
 
+    @kopf.index("pods", id="gpu_pod_index", registry=registry,
+                when=lambda body, **_: bool(body.get("spec", {}).get("nodeName")) and
+                pod_gpus(body) > 0)
+    def gpu_pod_index(body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {str(body["spec"]["nodeName"]): gpu_holder(body)}
+
     @kopf.daemon(m.GROUP, m.VERSION, m.PLURAL, registry=registry, cancellation_timeout=5.0)
     async def serve(body: kopf.Body, stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
-        indices = (kwargs["node_index"], kwargs["node_event_index"], kwargs["disruption_index"])
+        indices = (kwargs["node_index"], kwargs["node_event_index"], kwargs["disruption_index"],
+                   kwargs["gpu_pod_index"])
         api = KubeApi(runtime.connection)
         runner = ServiceRunner(runtime, api, body)
         try:

@@ -1,14 +1,17 @@
 """KubernetesBackend: the controller's actuator on a cluster.
 
-An instance is a Node; a GPU `node/i` is served by one worker pod pinned to that node. The
-backend creates the pods of an epoch's jobs (marked `karpenter.sh/do-not-disrupt` until the
-switch) and waits for their IPs and readiness; what is then said to the workers and the
+An instance is a Node; its GPUs `node/0..n-1` are served by one worker pod on that node
+holding n GPUs, a worker process per GPU inside (GPU i on the worker port + i). The backend
+creates the pods of an epoch's nodes (marked `karpenter.sh/do-not-disrupt` until the
+switch), or adopts the capacity request the scheduler bound to a new node, and waits until
+the pod is Ready and every GPU's worker answers; what is then said to the workers and the
 router is the shared `WorkerFleet`'s. After the switch it deletes the pods no job uses and
-clears the annotation. A worker pod the health monitor finds wedged is deleted, and
-created again when a configuration next needs its GPU. Capacity requests are pending pause
-pods in a pool (spot first, then its fallback or any on-demand pool) that the cluster
-autoscaler or Karpenter answers with a node. Every step is create-if-absent or patch, so a
-restarted operator can repeat it.
+clears the annotation. A worker the health monitor finds wedged costs its pod (the pod's
+other workers are then found gone, and replaced in turn); a configuration that needs the
+node creates it again. Capacity requests are pending worker pods of a whole instance in a
+pool (spot first, then its fallback or any on-demand pool) that the cluster autoscaler or
+Karpenter answers with a node. Every step is create-if-absent or patch, so a restarted
+operator can repeat it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from ..controller.wire import Wire
 from ..planner.cluster import GpuId
 from . import manifests as m
 from .api import KubeApi, collection
+from .nodes import pod_gpus
 from .spec import Pool, ServiceSpec
 
-RENDEZVOUS_PORTS = 64  # a pipeline's store listens on worker port + 1 + epoch % this
+# a pipeline's store listens on its driver's pod, past the workers' ports:
+# worker port + MAX_GPUS * (1 + epoch % RENDEZVOUS_SLOTS) + the driver's GPU index
+RENDEZVOUS_SLOTS = 32
 
 log = logging.getLogger("spotserve.operator.backend")
 
@@ -60,7 +66,8 @@ class KubernetesBackend(WorkerFleet):
     def __init__(self, api: KubeApi, owner: m.Owner, spec: Mapping[str, Any],
                  service: ServiceSpec, wire: Wire, pool_of: Callable[[str], Pool | None],
                  defaults: m.Defaults = m.DEFAULTS,
-                 options: BackendOptions = BackendOptions()) -> None:
+                 options: BackendOptions = BackendOptions(),
+                 gpus_of: Callable[[str], int] | None = None) -> None:
         super().__init__(service.settings.model, wire, FleetOptions(
             # "": each worker reads the checkpoint where its pod mounts it (its --model)
             model_dir=options.model_dir or "",
@@ -69,8 +76,10 @@ class KubernetesBackend(WorkerFleet):
             health_deadline=options.health_deadline))
         self.api, self.owner, self.spec, self.service = api, owner, spec, service
         self.pool_of, self.defaults, self.options = pool_of, defaults, options
+        self.gpus_of = gpus_of or (lambda _node: 1)
         self.port = int((spec.get("worker") or {}).get("port") or 50051)
         self.addresses: dict[str, str] = {}    # "node/index" → host:port
+        self.pod_names: dict[str, str] = {}    # node → its worker pod (adopted ones differ)
         self.current: set[GpuId] = set()       # the GPUs of the latest epoch's jobs
         self._current_epoch = 0
         self.router_rate: float | None = None  # req/s the router last reported
@@ -116,26 +125,35 @@ class KubernetesBackend(WorkerFleet):
 
     def rendezvous(self, driver: GpuId, epoch: int) -> str:
         host = self.address(driver).rpartition(":")[0]
-        return f"{host}:{self.port + 1 + epoch % RENDEZVOUS_PORTS}"
+        slot = 1 + epoch % RENDEZVOUS_SLOTS
+        return f"{host}:{self.port + m.MAX_GPUS * slot + driver.index}"
+
+    def pod_name(self, node: str) -> str:
+        return self.pod_names.get(node) or m.worker_pod_name(self.owner, node)
 
     async def ensure_workers(self, epoch: int, gpus: Sequence[GpuId]) -> None:
-        """The pods of `gpus` exist (protected from voluntary disruption until the switch)
-        and answer."""
+        """The pods of `gpus`' nodes exist (protected from voluntary disruption until the
+        switch) and every one of `gpus` answers."""
         if epoch != self._current_epoch:   # preload and configure of one epoch add up
             self.current, self._current_epoch = set(), epoch
         self.current |= set(gpus)
-        for gpu in gpus:
-            await self._ensure_pod(gpu, epoch)
+        for node in sorted({g.instance for g in gpus}):
+            await self._ensure_pod(node, epoch)
         await self._wait_ready(gpus)
 
     async def replace_worker(self, gpu: GpuId, reason: str) -> None:
-        """Delete the wedged worker's pod; a configuration that needs the GPU creates it
-        again (the kubelet, not us, restarts a crashed container in place)."""
+        """Delete the wedged worker's pod (its group's other workers go with it and are
+        found gone in turn); a configuration that needs the node creates it again. A
+        worker that exits is restarted by its group, a group that exits by the kubelet."""
         address = self.addresses.pop(str(gpu), None)
         if address is not None:
             await self.wire.forget(address)
-        name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
-        log.warning("worker pod %s is wedged (%s): deleting it", name, reason)
+        name = self.pod_name(gpu.instance)
+        pod = next((p for p in await self.worker_pods() if p["metadata"]["name"] == name), None)
+        if pod is None or (address is not None and
+                           (pod.get("status") or {}).get("podIP") != address.rpartition(":")[0]):
+            return  # gone already, or a new pod since: it holds nothing wedged
+        log.warning("worker %s in pod %s is wedged (%s): deleting the pod", gpu, name, reason)
         await self.api.delete(f"{self.pods_path}/{name}")
 
     async def adopt(self, drivers: Mapping[str, GpuId], epoch: int = 0) -> None:
@@ -143,49 +161,91 @@ class KubernetesBackend(WorkerFleet):
         pipelines' drivers from the resumed placement, so drains and progress still work;
         the router is taken to serve those pipelines at `epoch` until it says otherwise."""
         for pod in await self.worker_pods():
-            gpu = (pod["metadata"].get("annotations") or {}).get(m.GPU_ID)
-            if gpu and pod_ready(pod):
-                self.addresses[gpu] = f"{pod['status']['podIP']}:{self.port}"
+            node = (pod["metadata"].get("annotations") or {}).get(m.INSTANCE)
+            if node and pod_ready(pod) and not ended(pod):
+                self.pod_names[node] = pod["metadata"]["name"]
+                self._learn(node, pod)
         self.routed = [RoutedPipeline(pid, gpu, 1.0) for pid, gpu in drivers.items()]
         self.router_epoch = epoch if drivers else 0
 
-    async def _ensure_pod(self, gpu: GpuId, epoch: int) -> None:
-        """Create the GPU's pod, or mark the existing one do-not-disrupt; a pod that
-        ended for good (Failed: its node shut down, say) is deleted and created anew."""
-        pool = self.pool_of(gpu.instance)
+    def _learn(self, node: str, pod: Mapping[str, Any]) -> None:
+        """The addresses of a ready pod's workers: GPU i on the pod's IP, port + i."""
+        for i in range(pod_gpus(pod)):
+            self.addresses[str(GpuId(node, i))] = f"{pod['status']['podIP']}:{self.port + i}"
+
+    async def _node_pod(self, node: str) -> dict[str, Any] | None:
+        """The service's pod on `node`: its worker pod, else a capacity request bound
+        there."""
+        found = await self.api.list(self.pods_path, {m.SERVICE_LABEL: self.owner.name})
+        mine = [p for p in found
+                if (p["metadata"].get("labels") or {}).get(m.COMPONENT) in (m.WORKER, m.CAPACITY)
+                and ((p["metadata"].get("annotations") or {}).get(m.INSTANCE) == node or
+                     (p.get("spec") or {}).get("nodeName") == node)]
+        mine.sort(key=lambda p: (ended(p), (p["metadata"].get("labels") or {})
+                                 .get(m.COMPONENT) != m.WORKER))
+        return mine[0] if mine else None
+
+    async def _ensure_pod(self, node: str, epoch: int) -> None:
+        """Create the node's worker pod, adopt the capacity request bound to it, or mark
+        the existing pod do-not-disrupt; a pod that ended for good (Failed: its node shut
+        down, say) is deleted and created anew."""
+        pool = self.pool_of(node)
         if pool is None:
-            raise ActuatorError(f"node {gpu.instance} is in none of the service's pools")
-        pod = m.worker_pod(self.owner, self.spec, pool.raw, gpu.instance, gpu.index, epoch,
+            raise ActuatorError(f"node {node} is in none of the service's pools")
+        existing = await self._node_pod(node)
+        if existing is not None and not ended(existing):
+            name = existing["metadata"]["name"]
+            self.pod_names[node] = name
+            labels = existing["metadata"].get("labels") or {}
+            if labels.get(m.COMPONENT) == m.CAPACITY:
+                log.info("pod %s, a capacity request, is node %s's worker pod now", name, node)
+            await self.api.patch(f"{self.pods_path}/{name}", m.adopted(node, epoch, True))
+            return
+        gpus = self.gpus_of(node)
+        if gpus < 1:
+            raise ActuatorError(f"node {node} has no GPU free for the service")
+        pod = m.worker_pod(self.owner, self.spec, pool.raw, node, gpus, epoch,
                            migrating=True, defaults=self.defaults,
-                           model_context=self.service.model.max_position)
-        name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
-        if await self.api.create(pod):
-            return
-        existing = next((p for p in await self.worker_pods()
-                         if p["metadata"]["name"] == name), None)
-        if existing is not None and ended(existing):
-            log.warning("worker pod %s ended (%s): creating it again", name,
+                           model_context=self.service.model.max_position,
+                           model_bytes=self.service.model.weight_bytes)
+        name = pod["metadata"]["name"]
+        self.pod_names[node] = name
+        if existing is not None:  # ended
+            log.warning("worker pod %s ended (%s): creating it again",
+                        existing["metadata"]["name"],
                         (existing.get("status") or {}).get("reason") or "Failed")
-            self.addresses.pop(str(gpu), None)
-            await self.api.delete(f"{self.pods_path}/{name}")
-            if not await self.api.create(pod):
-                raise ActuatorError(f"worker pod {name} is still terminating")
-            return
-        await self.api.patch(f"{self.pods_path}/{name}", m.disruption_annotation(True))
+            for key in [k for k in self.addresses if k.rpartition("/")[0] == node]:
+                self.addresses.pop(key)
+            await self.api.delete(f"{self.pods_path}/{existing['metadata']['name']}")
+        if not await self.api.create(pod):
+            raise ActuatorError(f"worker pod {name} is still terminating")
 
     async def _wait_ready(self, gpus: Sequence[GpuId]) -> None:
-        wanted = {m.worker_pod_name(self.owner, g.instance, g.index): g for g in gpus}
+        """Every node's pod Ready and every GPU's worker answering (a pod is Ready when
+        its GPU 0 answers; the others may start a moment later)."""
+        nodes = sorted({g.instance for g in gpus})
         give_up = time.monotonic() + self.options.ready_timeout
         while True:
             pods = {p["metadata"]["name"]: p for p in await self.worker_pods()}
-            for name, gpu in wanted.items():
+            missing = []
+            for node in nodes:
+                name = self.pod_name(node)
                 pod = pods.get(name)
-                if pod is not None and pod_ready(pod):
-                    self.addresses[str(gpu)] = f"{pod['status']['podIP']}:{self.port}"
-                elif pod is not None and ended(pod):
+                if pod is not None and ended(pod):
                     raise ActuatorError(f"worker pod {name} failed")
-            missing = [n for n, g in wanted.items() if str(g) not in self.addresses or
-                       n not in pods or not pod_ready(pods[n])]
+                if pod is None or not pod_ready(pod):
+                    missing.append(name)
+                    continue
+                self._learn(node, pod)
+                wanted = [g for g in gpus if g.instance == node]
+                if any(g.index >= pod_gpus(pod) for g in wanted):
+                    raise ActuatorError(f"worker pod {name} holds {pod_gpus(pod)} GPUs, "
+                                        f"fewer than the plan uses")
+                answers = await asyncio.gather(
+                    *(self._report(g, self.fleet.status_timeout) for g in wanted),
+                    return_exceptions=True)
+                missing += [str(g) for g, a in zip(wanted, answers, strict=True)
+                            if isinstance(a, BaseException)]
             if not missing:
                 return
             if time.monotonic() > give_up:
@@ -218,13 +278,13 @@ class KubernetesBackend(WorkerFleet):
         return True
 
     async def _clean_up(self, epoch: int) -> None:
-        """Delete pods of GPUs no serving pipeline uses; clear do-not-disrupt on the rest."""
-        used = {(m.dns_name(g.instance), str(g.index)) for g in self.current}
+        """Delete pods of nodes no serving pipeline uses; clear do-not-disrupt on the rest."""
+        used = {m.dns_name(g.instance) for g in self.current}
         for pod in await self.worker_pods():
             meta = pod["metadata"]
             labels = meta.get("labels") or {}
-            key = (labels.get(m.NODE_LABEL, ""), str(labels.get(m.GPU_LABEL)))
-            if int(labels.get(m.EPOCH_LABEL, epoch)) < epoch and key not in used:
+            if int(labels.get(m.EPOCH_LABEL, epoch)) < epoch and \
+                    labels.get(m.NODE_LABEL, "") not in used:
                 await self.api.delete(f"{self.pods_path}/{meta['name']}")
             elif (meta.get("annotations") or {}).get(m.DO_NOT_DISRUPT):
                 await self.api.patch(f"{self.pods_path}/{meta['name']}",
@@ -292,8 +352,9 @@ class KubernetesBackend(WorkerFleet):
         known = self.service.settings.catalog.instances
         gpus = pool.gpus_per_instance or (
             known[pool.catalog_type].gpus if pool.catalog_type in known else 1)
-        while not await self.api.create(m.capacity_pod(self.owner, pool.raw, gpus, index,
-                                                       time.time(), self.defaults)):
+        while not await self.api.create(m.capacity_pod(
+                self.owner, self.spec, pool.raw, gpus, index, time.time(), self.defaults,
+                self.service.model.max_position, self.service.model.weight_bytes)):
             index += 1
         return index + 1
 
@@ -307,12 +368,12 @@ class KubernetesBackend(WorkerFleet):
         return out
 
     async def settle_capacity(self) -> int:
-        """Delete capacity pods whose node now holds a worker of this service (kept until
-        then, so the autoscaler does not consolidate the new node away first, nor longer
-        than `ready_timeout`); replace spot ones unanswered for `spot_wait` by the pool's
-        fallback or on-demand; count the rest."""
+        """Capacity requests bound to a node wait there (fetching the model) until the
+        controller adopts them as the node's worker pod: one left unadopted for
+        `ready_timeout`, or on a node that has a worker pod of the service already, is
+        deleted. Spot ones unanswered for `spot_wait` are replaced by the pool's fallback
+        or on-demand. Returns how many are still pending."""
         waiting, pods = 0, await self.capacity_pods()
-        # a worker pod made for the node (scheduled or not) takes the GPUs this one frees
         manned = {(p["metadata"].get("labels") or {}).get(m.NODE_LABEL)
                   for p in await self.worker_pods() if not ended(p)}
         for pod in pods:

@@ -59,8 +59,7 @@ def defaults_from_env() -> dict[str, object]:
     out: dict[str, object] = {"router_placement": router_placement or None}
     for key, env in (("worker_image", "SPOTSERVE_WORKER_IMAGE"),
                      ("router_image", "SPOTSERVE_ROUTER_IMAGE"),
-                     ("token_secret", "SPOTSERVE_TOKEN_SECRET"),
-                     ("capacity_priority_class", "SPOTSERVE_CAPACITY_PRIORITY_CLASS")):
+                     ("token_secret", "SPOTSERVE_TOKEN_SECRET")):
         if os.environ.get(env):
             out[key] = os.environ[env]
     return out

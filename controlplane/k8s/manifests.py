@@ -1,12 +1,16 @@
 """The Kubernetes objects an LLMService owns, built as plain dicts (pure: no API calls).
 
-- a worker pod per GPU, pinned to its node, with the pool's selector and tolerations, one
-  `nvidia.com/gpu`, the shared token mounted, and `karpenter.sh/do-not-disrupt` while the
-  service migrates;
+- a worker pod per instance (node), holding all the GPUs it gets there, a worker process
+  per GPU inside (`spotserve worker --gpus N`: GPU i on the worker port + i), so tensor
+  parallelism inside an instance stays inside one pod (NCCL over NVLink/P2P); placed by the
+  scheduler through its GPU requests, the pool's selector and tolerations and a node
+  affinity; `karpenter.sh/do-not-disrupt` while the service migrates;
+- "capacity requests": the same worker pods without a node, asking for a whole instance of
+  a pool, so the cluster autoscaler or Karpenter starts one; the scheduler binds each to
+  its new node (never one that already holds a pod of the service), where it starts
+  fetching the model at once, and the operator adopts it as that node's worker pod;
 - the router Deployment and Service;
-- the namespace's copy of the shared-token Secret;
-- "capacity request" pods: pause containers asking for a whole instance of a pool, so the
-  cluster autoscaler or Karpenter starts one; they are deleted once the node has joined.
+- the namespace's copy of the shared-token Secret.
 
 Every object carries the labels docs/kubernetes.md promises (the chart's NetworkPolicy and
 ServiceMonitor select by them) and an owner reference to the LLMService.
@@ -29,12 +33,12 @@ GROUP, VERSION, PLURAL, KIND = "spotserve.dev", "v1alpha1", "llmservices", "LLMS
 SERVICE_LABEL = "spotserve.dev/service"
 EPOCH_LABEL, POOL_LABEL, NODE_LABEL = "spotserve.dev/epoch", "spotserve.dev/pool", \
     "spotserve.dev/node"
-GPU_LABEL = "spotserve.dev/gpu"
 REQUESTED_AT = "spotserve.dev/requested-at"
-GPU_ID = "spotserve.dev/gpu-id"  # node/index, exactly (labels hold DNS-safe forms)
+INSTANCE = "spotserve.dev/instance"  # the node's name, exactly (labels hold DNS-safe forms)
 DO_NOT_DISRUPT = "karpenter.sh/do-not-disrupt"
+COMPONENT = "app.kubernetes.io/component"
 TOKEN_KEY, TOKEN_DIR, MODEL_DIR = "token", "/var/run/spotserve", "/models"
-PAUSE_IMAGE = "registry.k8s.io/pause:3.9"
+MAX_GPUS = 16  # an instance's workers listen on the worker port .. port + 15
 CONTROL_PORT = 50061  # the router's Control service: the operator's, never behind readiness
 WORKER, ROUTER, CAPACITY = "worker", "router", "capacity"
 
@@ -62,14 +66,13 @@ class Defaults:
     router_image: str = "ghcr.io/spotserve/spotserve-operator:latest"
     token_secret: str = "spotserve-token"
     router_placement: Mapping[str, Any] | None = None
-    capacity_priority_class: str | None = None  # below the workers': they preempt it
 
 
 DEFAULTS = Defaults()
 
 
 def labels(owner: Owner, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/part-of": "spotserve", "app.kubernetes.io/component": component,
+    return {"app.kubernetes.io/part-of": "spotserve", COMPONENT: component,
             "app.kubernetes.io/instance": owner.name, SERVICE_LABEL: owner.name}
 
 
@@ -103,9 +106,9 @@ def dns_name(*parts: object, limit: int = 63) -> str:
     return f"{text[:limit - 7].rstrip('-')}-{digest}"
 
 
-def worker_pod_name(owner: Owner, node: str, gpu_index: int) -> str:
+def worker_pod_name(owner: Owner, node: str) -> str:
     # a pod name may be 253 characters; keep it a DNS label anyway, for its hostname
-    return dns_name(owner.name, "w", node, gpu_index, limit=253)
+    return dns_name(owner.name, "w", node, limit=253)
 
 
 def token_secret_name(owner: Owner) -> str:
@@ -147,8 +150,23 @@ def _tolerations(pool: Mapping[str, Any]) -> list[dict[str, Any]]:
     return own + ([gpu] if all(t.get("key") != "nvidia.com/gpu" for t in own) else [])
 
 
-def _model_volume(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
-    """The model's volume and the directory the worker reads it from."""
+GIB = 1 << 30
+
+
+def model_storage(model_bytes: int | None) -> str | None:
+    """The node-local disk a downloaded checkpoint needs (its weights, a tenth more for
+    the tokenizer and file system, and a GiB of slack), as a Kubernetes quantity; None
+    when the size is unknown."""
+    if not model_bytes:
+        return None
+    return f"{-(-(int(model_bytes * 1.1) + GIB) // GIB)}Gi"
+
+
+def _model_volume(spec: Mapping[str, Any], model_bytes: int | None = None
+                  ) -> tuple[list[dict[str, Any]], str]:
+    """The model's volume and the directory the worker reads it from: the claim when the
+    spec names one, else an emptyDir on the node's disk sized for the checkpoint (a pod
+    per instance: one download per node)."""
     model = spec.get("model") or {}
     volume = model.get("volume")
     if volume:
@@ -156,7 +174,8 @@ def _model_volume(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
         source = {"persistentVolumeClaim": {"claimName": volume["claimName"],
                                             "readOnly": True}}
         return [{"name": "model", **source}], f"{MODEL_DIR}/{path}".rstrip("/.") or MODEL_DIR
-    return [{"name": "model", "emptyDir": {}}], MODEL_DIR
+    size = model_storage(model_bytes)
+    return [{"name": "model", "emptyDir": {"sizeLimit": size} if size else {}}], MODEL_DIR
 
 
 def model_dir(spec: Mapping[str, Any]) -> str:
@@ -164,8 +183,10 @@ def model_dir(spec: Mapping[str, Any]) -> str:
     return _model_volume(spec)[1]
 
 
-def _download_step(spec: Mapping[str, Any], image: str) -> list[dict[str, Any]]:
-    """An init container fetching a Hub repository or URL into the model volume."""
+def _download_step(spec: Mapping[str, Any], image: str, *,
+                   metadata_only: bool = False) -> list[dict[str, Any]]:
+    """An init container fetching a Hub repository or URL into the model volume (with
+    `metadata_only`, the config and tokenizer files alone: the router's)."""
     model = spec.get("model") or {}
     if model.get("volume"):
         return []
@@ -175,6 +196,8 @@ def _download_step(spec: Mapping[str, Any], image: str) -> list[dict[str, Any]]:
                 str(hub.get("revision") or "main"), "--to", MODEL_DIR]
     else:
         args = ["download", "--url", str(model.get("url", "")), "--to", MODEL_DIR]
+    if metadata_only:
+        args.append("--metadata-only")
     step: dict[str, Any] = {"name": "download", "image": image, "args": args,
                             "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
                             "securityContext": dict(CONTAINER_SECURITY)}
@@ -183,39 +206,51 @@ def _download_step(spec: Mapping[str, Any], image: str) -> list[dict[str, Any]]:
     return [step]
 
 
-def _gpu_resources(resources: Mapping[str, Any] | None, gpus: int) -> dict[str, Any]:
+def _worker_resources(resources: Mapping[str, Any] | None, gpus: int,
+                      storage: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {k: dict(v) for k, v in (resources or {}).items()}
     out.setdefault("limits", {})["nvidia.com/gpu"] = gpus
     out.setdefault("requests", {})["nvidia.com/gpu"] = gpus
+    if storage:  # the scheduler puts the pod only where the checkpoint fits
+        out["requests"].setdefault("ephemeral-storage", storage)
     return out
 
 
-def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], node: str,
-               gpu_index: int, epoch: int, *, migrating: bool = False,
-               defaults: Defaults = Defaults(), model_context: int | None = None) -> Manifest:
-    """The pod serving GPU `gpu_index` of `node` (one GPU each; the device plugin picks it);
-    `model_context`: the model's longest sequence, the workers' limit when the spec sets
-    none (the router's own default)."""
+def _hostname_term(nodes: Sequence[str]) -> dict[str, Any]:
+    return {"matchExpressions": [
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": list(nodes)}]}
+
+
+def _worker_spec(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], gpus: int,
+                 defaults: Defaults, model_context: int | None,
+                 model_bytes: int | None) -> dict[str, Any]:
+    """The pod spec of an instance's workers: `gpus` GPUs, a worker process each."""
     worker = spec.get("worker") or {}
     port = int(worker.get("port") or 50051)
     image = str(worker.get("image") or defaults.worker_image)
-    volumes, model_dir = _model_volume(spec)
+    volumes, model_dir = _model_volume(spec, model_bytes)
     dtype = str((spec.get("model") or {}).get("dtype") or "auto")
     grace = pod_grace_seconds(grace_periods(spec.get("gracePeriodSeconds")),
                               pool.get("nodeSelector") or {})
-    args = ["worker", f"--listen=0.0.0.0:{port}", f"--advertise=$(POD_IP):{port}",
-            f"--model={model_dir}", f"--token-file={TOKEN_DIR}/{TOKEN_KEY}",
-            f"--grace={grace:g}", *max_sequence_args(spec, "--max-model-len", model_context)]
+    args = ["worker", f"--gpus={gpus}", f"--listen=0.0.0.0:{port}",
+            f"--advertise=$(POD_IP):{port}", f"--model={model_dir}",
+            f"--token-file={TOKEN_DIR}/{TOKEN_KEY}", f"--grace={grace:g}",
+            *max_sequence_args(spec, "--max-model-len", model_context)]
     if dtype != "auto":
         args.append(f"--dtype={dtype}")
     container: dict[str, Any] = {
         "name": "worker", "image": image, "args": args,
-        "ports": [{"name": "grpc", "containerPort": port}],
+        # GPU i's worker listens on port + i
+        "ports": [{"name": f"grpc-{i}", "containerPort": port + i} for i in range(gpus)],
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                 *[dict(e) for e in worker.get("env") or ()]],
-        "resources": _gpu_resources(worker.get("resources"), 1),
+        "resources": _worker_resources(worker.get("resources"), gpus,
+                                       None if (spec.get("model") or {}).get("volume")
+                                       else model_storage(model_bytes)),
+        # GPU 0's worker answers for the pod; the operator checks every GPU's itself
         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5},
-        # a wedged worker (its gRPC health silent for a minute) is restarted in place
+        # a wedged group (GPU 0's gRPC health silent for a minute) is restarted in place;
+        # a worker that exits is restarted by the group
         "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 10, "timeoutSeconds": 5,
                           "failureThreshold": 6},
         "volumeMounts": [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
@@ -226,14 +261,11 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
     if worker.get("imagePullPolicy"):
         container["imagePullPolicy"] = worker["imagePullPolicy"]
     pod_spec: dict[str, Any] = {
-        # a crashed worker restarts in place (the controller re-plans around it meanwhile);
+        # a crashed group restarts in place (the controller re-plans around it meanwhile);
         # a pod that fails for good is deleted and created again by the operator
         "restartPolicy": "Always",
         # SIGTERM (an eviction, a node shutdown) drains within --grace; then SIGKILL
         "terminationGracePeriodSeconds": int(grace) + 5,
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
         "nodeSelector": dict(pool.get("nodeSelector") or {}),
         "tolerations": _tolerations(pool),
         "initContainers": _download_step(spec, image),
@@ -241,20 +273,42 @@ def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], n
         "securityContext": dict(POD_SECURITY), **_identity(spec),
         "volumes": [{"name": "token", "secret": {"secretName": token_secret_name(owner)}},
                     *volumes,
+                    # NCCL's shared memory between the instance's workers
                     {"name": "shm", "emptyDir": {"medium": "Memory",
                                                  "sizeLimit": str(worker.get("shmSize",
                                                                              "8Gi"))}}],
     }
     if spec.get("imagePullSecrets"):
         pod_spec["imagePullSecrets"] = [dict(s) for s in spec["imagePullSecrets"]]
+    return pod_spec
+
+
+def worker_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], node: str,
+               gpus: int, epoch: int, *, migrating: bool = False,
+               defaults: Defaults = Defaults(), model_context: int | None = None,
+               model_bytes: int | None = None) -> Manifest:
+    """The pod serving the `gpus` GPUs of `node` (the device plugin picks them; GPU i is
+    cuda:i inside); `model_context`: the model's longest sequence, the workers' limit when
+    the spec sets none (the router's own default); `model_bytes`: the checkpoint's size,
+    for the node-local disk the pod asks for."""
+    pod_spec = _worker_spec(owner, spec, pool, gpus, defaults, model_context, model_bytes)
+    pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                                             {"nodeSelectorTerms": [_hostname_term([node])]}}}
     extra = {EPOCH_LABEL: str(epoch), POOL_LABEL: str(pool.get("name", "")),
-             NODE_LABEL: dns_name(node), GPU_LABEL: str(gpu_index)}
-    annotations = {GPU_ID: f"{node}/{gpu_index}", **({DO_NOT_DISRUPT: "true"} if migrating
-                                                     else {})}
+             NODE_LABEL: dns_name(node)}
+    annotations = {INSTANCE: node, **({DO_NOT_DISRUPT: "true"} if migrating else {})}
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": _metadata(owner, worker_pod_name(owner, node, gpu_index), WORKER,
-                                  extra, annotations),
+            "metadata": _metadata(owner, worker_pod_name(owner, node), WORKER, extra,
+                                  annotations),
             "spec": pod_spec}
+
+
+def adopted(node: str, epoch: int, migrating: bool) -> dict[str, Any]:
+    """Merge patch making a pod (a capacity request the scheduler bound to `node`) the
+    node's worker pod."""
+    return {"metadata": {
+        "labels": {COMPONENT: WORKER, NODE_LABEL: dns_name(node), EPOCH_LABEL: str(epoch)},
+        "annotations": {INSTANCE: node, DO_NOT_DISRUPT: "true" if migrating else None}}}
 
 
 def disruption_annotation(migrating: bool) -> dict[str, Any]:
@@ -263,25 +317,28 @@ def disruption_annotation(migrating: bool) -> dict[str, Any]:
 
 
 # ---- capacity requests ------------------------------------------------------------------
-def capacity_pod(owner: Owner, pool: Mapping[str, Any], gpus: int, index: int,
-                 requested_at: float = 0.0, defaults: Defaults = DEFAULTS) -> Manifest:
-    """A pending pod asking for one whole instance of `pool` (its GPUs), to be provisioned;
-    `requested_at` (Unix seconds) lets the operator fall back when spot does not come."""
-    selector_ = dict(pool.get("nodeSelector") or {})
+def capacity_pod(owner: Owner, spec: Mapping[str, Any], pool: Mapping[str, Any], gpus: int,
+                 index: int, requested_at: float = 0.0, defaults: Defaults = DEFAULTS,
+                 model_context: int | None = None, model_bytes: int | None = None
+                 ) -> Manifest:
+    """A worker pod for a whole instance of `pool` that no node has yet: pending, it asks
+    the autoscaler for one; bound, it fetches the model while the operator learns of the
+    node, then becomes its worker pod (`adopted`). `requested_at` (Unix seconds) lets the
+    operator fall back when spot does not come."""
+    pod_spec = _worker_spec(owner, spec, pool, max(1, gpus), defaults, model_context,
+                            model_bytes)
     if pool.get("instanceType"):
-        selector_.setdefault("node.kubernetes.io/instance-type", str(pool["instanceType"]))
+        pod_spec["nodeSelector"].setdefault("node.kubernetes.io/instance-type",
+                                            str(pool["instanceType"]))
+    # a node that holds a pod of this service already is not new capacity
+    pod_spec["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {
+            "app.kubernetes.io/part-of": "spotserve", SERVICE_LABEL: owner.name}}}]}}
     name = dns_name(owner.name, "capacity", pool.get("name", ""), index, limit=253)
-    priority = {"priorityClassName": defaults.capacity_priority_class} \
-        if defaults.capacity_priority_class else {}
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": _metadata(owner, name, CAPACITY, {POOL_LABEL: str(pool.get("name"))},
                                   {REQUESTED_AT: str(int(requested_at))}),
-            "spec": {"nodeSelector": selector_, "tolerations": _tolerations(pool),
-                     "terminationGracePeriodSeconds": 0, "securityContext": dict(POD_SECURITY),
-                     "automountServiceAccountToken": False, **priority,
-                     "containers": [{"name": "hold", "image": PAUSE_IMAGE,
-                                     "securityContext": dict(CONTAINER_SECURITY),
-                                     "resources": _gpu_resources(None, max(1, gpus))}]}}
+            "spec": pod_spec}
 
 
 # ---- router -----------------------------------------------------------------------------
@@ -334,7 +391,9 @@ def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
         container["imagePullPolicy"] = router["imagePullPolicy"]
     pod_spec: dict[str, Any] = {
         **_router_placement(spec, defaults),
-        "initContainers": _download_step(spec, image), "containers": [container],
+        # the router reads the tokenizer and config only
+        "initContainers": _download_step(spec, image, metadata_only=True),
+        "containers": [container],
         "securityContext": dict(POD_SECURITY), **_identity(spec),
         "volumes": [{"name": "token", "secret": {"secretName": token_secret_name(owner)}},
                     *volumes]}

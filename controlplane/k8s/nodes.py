@@ -7,7 +7,9 @@ labels and taints nodes differently; this is the one place that knows all of the
 - capacity type: Karpenter, EKS managed node groups, GKE spot / preemptible, AKS spot
   scale sets, and the older `node.kubernetes.io/lifecycle`;
 - GPU type and count: NVIDIA GPU feature discovery, Karpenter's AWS labels, GKE's
-  accelerator label, `status.capacity`, or the instance type through the catalog;
+  accelerator label, `status.capacity`, or the instance type through the catalog; and the
+  GPUs a service may use there: `status.allocatable` less what other pods request (a node
+  shared with other GPU pods), or what the service's own pod there holds;
 - notices: termination-handler, Karpenter, GKE, AKS and cluster-autoscaler taints, the
   out-of-service taint, cordons (imminent on spot nodes: aws-node-termination-handler's
   default), deletion, Node Events, and pods marked DisruptionTarget.
@@ -18,7 +20,7 @@ GCP and Azure 30 s, overridable per source); out-of-service nodes are already go
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -95,6 +97,7 @@ class NodeInfo:
     cloud: str
     ready: bool
     notices: tuple[Notice, ...] = field(default=())
+    usable_gpus: int | None = None  # GPUs the service may use here (None: gpu_count)
 
     @property
     def notice(self) -> Notice | None:
@@ -190,6 +193,52 @@ def gpus(node: Mapping[str, Any], catalog: Catalog | None = None) -> tuple[str |
     return gpu_type, count
 
 
+def pod_gpus(pod: Mapping[str, Any]) -> int:
+    """The GPUs a pod holds on its node: its containers' `nvidia.com/gpu` requests (limits
+    when no request), or its largest init container's, whichever is more; 0 once the pod
+    has ended (Succeeded or Failed pods hold nothing)."""
+    spec = pod.get("spec") if isinstance(pod.get("spec"), Mapping) else {}
+    status = pod.get("status") if isinstance(pod.get("status"), Mapping) else {}
+    if (status or {}).get("phase") in ("Succeeded", "Failed"):
+        return 0
+
+    def one(container: Any) -> int:
+        resources = (container or {}).get("resources") or {}
+        value = (resources.get("requests") or {}).get("nvidia.com/gpu",
+                                                       (resources.get("limits") or {})
+                                                       .get("nvidia.com/gpu"))
+        return _int_value(value)
+
+    regular = sum(one(c) for c in (spec or {}).get("containers") or ())
+    init = max((one(c) for c in (spec or {}).get("initContainers") or ()), default=0)
+    return max(regular, init)
+
+
+def gpu_holder(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """What `usable_gpus` needs of a pod (an index keeps this, not the whole pod)."""
+    meta = _meta(pod)
+    return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
+                         "labels": dict(meta.get("labels") or {})},
+            "spec": {"containers": [
+                {"resources": {"requests": {"nvidia.com/gpu": pod_gpus(pod)}}}]},
+            "status": {"phase": ((pod.get("status") or {}).get("phase"))}}
+
+
+def usable_gpus(node: Mapping[str, Any], pods: Iterable[Mapping[str, Any]],
+                is_ours: Callable[[Mapping[str, Any]], bool],
+                catalog: Catalog | None = None) -> int:
+    """The GPUs a service may use on `node`: what its own pod there holds, when it has one
+    (a pod's GPUs cannot change while it runs); else the node's allocatable GPUs less
+    every other pod's."""
+    ours = [pod_gpus(p) for p in pods if is_ours(p) and pod_gpus(p)]
+    if ours:
+        return max(ours)
+    status = node.get("status") if isinstance(node.get("status"), Mapping) else {}
+    allocatable = _int_value(((status or {}).get("allocatable") or {}).get("nvidia.com/gpu"))
+    total = allocatable or gpus(node, catalog)[1]
+    return max(0, total - sum(pod_gpus(p) for p in pods if not is_ours(p)))
+
+
 def is_ready(node: Mapping[str, Any]) -> bool:
     status = node.get("status") if isinstance(node.get("status"), Mapping) else {}
     for cond in (status or {}).get("conditions") or ():
@@ -282,7 +331,8 @@ def describe_node(node: Mapping[str, Any], *, now: float, catalog: Catalog | Non
                   first_seen: Mapping[str, float] | None = None,
                   events: Iterable[Mapping[str, Any]] = (),
                   disrupted_pods: Iterable[Mapping[str, Any]] = (),
-                  grace: Mapping[str, float] = DEFAULT_GRACE_SECONDS) -> NodeInfo:
+                  grace: Mapping[str, float] = DEFAULT_GRACE_SECONDS,
+                  usable: int | None = None) -> NodeInfo:
     labels = _labels(node)
     gpu_type, count = gpus(node, catalog)
     zone = labels.get("topology.kubernetes.io/zone") or \
@@ -293,7 +343,8 @@ def describe_node(node: Mapping[str, Any], *, now: float, catalog: Catalog | Non
         instance_type=labels.get("node.kubernetes.io/instance-type"), zone=zone,
         cloud=cloud_of(node), ready=is_ready(node),
         notices=node_notices(node, now=now, first_seen=first_seen, events=events,
-                             disrupted_pods=disrupted_pods, grace=grace))
+                             disrupted_pods=disrupted_pods, grace=grace),
+        usable_gpus=usable)
 
 
 def pool_cloud(node_selector: Mapping[str, str]) -> str:

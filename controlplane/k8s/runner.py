@@ -33,8 +33,8 @@ from . import manifests as m
 from . import status as st
 from .api import Connection, KubeApi
 from .backend import BackendOptions, KubernetesBackend
-from .fleet import describe, instance_type_of, node_events
-from .nodes import NodeInfo
+from .fleet import describe, instance_type, instance_type_of, node_events
+from .nodes import NodeInfo, gpu_holder, pod_gpus
 from .spec import Pool, Problem, ServiceSpec, validate
 
 log = logging.getLogger("spotserve.operator")
@@ -102,7 +102,7 @@ class ServiceRunner:
         o = self.owner
         return f"/apis/{m.GROUP}/{m.VERSION}/namespaces/{o.namespace}/{m.PLURAL}/{o.name}"
 
-    async def tick(self, body: Mapping[str, Any], indices: tuple[Any, Any, Any]) -> None:
+    async def tick(self, body: Mapping[str, Any], indices: tuple[Any, Any, Any, Any]) -> None:
         spec = dict(body.get("spec") or {})
         text = json.dumps(spec, sort_keys=True)
         if text != self.spec_text:
@@ -152,7 +152,8 @@ class ServiceRunner:
         self.service, previous = result, self.backend
         self.backend = KubernetesBackend(self.api, self.owner, spec, result,
                                          self.runtime.make_wire(), self._pool_of,
-                                         self.runtime.defaults, self.runtime.options)
+                                         self.runtime.defaults, self.runtime.options,
+                                         gpus_of=self._gpus_of)
         await self.backend.ensure_router(self.runtime.token)
         if not self.runtime.options.router_address:
             await self.backend.find_router()
@@ -181,17 +182,41 @@ class ServiceRunner:
         entry = self.nodes.get(node)
         return entry[1] if entry else None
 
-    async def _feed(self, indices: tuple[Any, Any, Any]) -> None:
+    def _gpus_of(self, node: str) -> int:
+        """The GPUs the node's worker pod asks for: the instance's, as the planner counts
+        them (fewer on a node shared with other GPU pods)."""
+        entry = self.nodes.get(node)
+        if entry is None:
+            return 0
+        info, pool = entry
+        catalog = self.runtime.catalog
+        kind = instance_type(info, pool, catalog)
+        total = catalog.instances[kind].gpus if kind and kind in catalog.instances else \
+            info.gpu_count or pool.gpus_per_instance or 1
+        return min(total, info.usable_gpus or total)
+
+    def _ours(self, pod: Mapping[str, Any]) -> bool:
+        """A worker pod (or capacity request) of this service."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        return meta.get("namespace") == self.owner.namespace and \
+            labels.get(m.SERVICE_LABEL) == self.owner.name and \
+            labels.get(m.COMPONENT) in (m.WORKER, m.CAPACITY)
+
+    async def _feed(self, indices: tuple[Any, Any, Any, Any]) -> None:
         assert self.service is not None and self.controller is not None
-        nodes_index, events_index, disrupted_index = indices
+        nodes_index, events_index, disrupted_index, gpu_pods_index = indices
         nodes = {k: dict(next(iter(v))) for k, v in _items(nodes_index)}
         events = {k: [dict(e) for e in v] for k, v in _items(events_index)}
+        gpu_pods: dict[str, list[Mapping[str, Any]]] | None = {
+            k: [dict(p) for p in v] for k, v in _items(gpu_pods_index)}
         if self.runtime.list_node_events:
             for name, found in (await node_events_of(self.api)).items():
                 events.setdefault(name, []).extend(found)
+            gpu_pods = await gpu_pods_of(self.api)
         disrupted = {k: [dict(p) for p in v] for k, v in _items(disrupted_index)}
         self.nodes = describe(nodes, events, disrupted, self.service, time.time(),
-                              self.runtime.first_seen)
+                              self.runtime.first_seen, gpu_pods, self._ours)
         # the controller ignores what it knows already: every tick says it all again
         view = self.controller.view
         known = [n for n, r in view.instances.items() if r.state != GONE]
@@ -260,7 +285,8 @@ class ServiceRunner:
         placement = controller.placement
         slots = []
         for position, gpu in placement.assignment if placement else ():
-            name = m.worker_pod_name(self.owner, gpu.instance, gpu.index)
+            name = backend.pod_names.get(gpu.instance) or \
+                m.worker_pod_name(self.owner, gpu.instance)
             pod = pods.get(name, {})
             info, pool = self.nodes.get(gpu.instance, (None, None))
             slots.append(st.Slot(
@@ -328,6 +354,24 @@ async def node_events_of(api: KubeApi) -> dict[str, list[dict[str, Any]]]:
     for event in found:
         if (event.get("involvedObject") or {}).get("kind") == "Node":
             out.setdefault(str(event["involvedObject"].get("name")), []).append(event)
+    return out
+
+
+async def gpu_pods_of(api: KubeApi) -> dict[str, list[Mapping[str, Any]]] | None:
+    """The GPUs every running pod holds, by node, from all namespaces (with watched
+    namespaces, kopf's index sees only those); None when the list fails (then every GPU
+    counts as free: a worker pod that does not fit stays Pending, and says why)."""
+    try:
+        found = await api.list("/api/v1/pods?fieldSelector="
+                               "status.phase%21%3DSucceeded%2Cstatus.phase%21%3DFailed")
+    except ActuatorError as exc:
+        log.info("GPU pods: %s", exc)
+        return None
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for pod in found:
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node and pod_gpus(pod):
+            out.setdefault(str(node), []).append(gpu_holder(pod))
     return out
 
 

@@ -29,6 +29,8 @@ KARPENTER_SPOT = NodePool("gpu-spot", KARPENTER, instance_type="g5.xlarge",
                           provision_after=1.0, consolidate_after=3.0)
 MNG_SPOT = NodePool("gpu-mng", EKS, instance_type="g5.xlarge", provision_after=1.0,
                     consolidate_after=3.0)
+# a four-GPU instance, its nodes added by the test (no autoscaling)
+QUAD_SPOT = NodePool("gpu-quad", KARPENTER, instance_type="g5.12xlarge", gpus=4, max_nodes=1)
 GKE_SPOT = NodePool("gke-l4", GKE, instance_type="g2-standard-8", gpu_product="NVIDIA-L4",
                     zone="us-central1-a", provision_after=1.0)
 RESUMED: dict[str, float] = {}  # router's resumptions by mode, over the story so far
@@ -241,10 +243,59 @@ def test_a_crashed_worker_restarts_in_place_and_no_request_fails(installed: Inst
     assert not wrong, wrong[:3]
 
 
+def test_an_instance_is_one_pod_with_a_worker_per_gpu_beside_other_gpu_pods(
+        installed: Install) -> None:
+    """Findings 8 and 6: a four-GPU node where another team's pod holds one GPU. The
+    service plans with the three left, runs them as one pod holding three GPUs (a worker
+    process per GPU, each on its own port), scheduled there by its requests, not left
+    Pending; requests are served."""
+    setup, namespace, name = installed, "llm-quad", "tiny"
+    node = setup.agent.add_node(QUAD_SPOT)
+    kubectl(setup.plane, "create", "namespace", "other-team")
+    setup.apply({"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "their-job", "namespace": "other-team"},
+                 "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                          "tolerations": [{"operator": "Exists"}],
+                          "containers": [{"name": "job", "image": "registry.k8s.io/pause:3.9",
+                                          "resources": {"limits": {"nvidia.com/gpu": 1}}}]}})
+    wait_for("the other team's pod running", lambda: (setup.get(
+        f"/api/v1/namespaces/other-team/pods/their-job") or {}).get("status", {})
+        .get("phase") == "Running", 60)
+    kubectl(setup.plane, "create", "namespace", namespace)
+    kubectl(setup.plane, "create", "serviceaccount", "model-reader", "-n", namespace)
+    setup.model_claim(namespace)
+    # a rate one GPU cannot serve: the plan spreads over every GPU it may use
+    setup.apply(llm_service(name, namespace, [gpu_pool(QUAD_SPOT.name, QUAD_SPOT,
+                                                       maxInstances=1)],
+                            minimum=1, maximum=1, load={"requiredRate": 200.0},
+                            serviceAccountName="model-reader"))
+    try:
+        wait_for("the service Ready", lambda: setup.condition(namespace, name, "Ready"), 240)
+        text = setup.complete(namespace, f"{name}-router", PROMPTS[0], 32)["choices"][0]["text"]
+    except AssertionError:
+        print(setup.operator_log()[-6000:])
+        raise
+    assert text
+    (pod,) = setup.pods(namespace, f"app.kubernetes.io/component=worker,"
+                                   f"spotserve.dev/service={name}")
+    assert pod["spec"]["nodeName"] == node and pod["status"]["phase"] == "Running"
+    container = pod["spec"]["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] in (3, "3")
+    assert "--gpus=3" in container["args"]
+    slots = (setup.llm(namespace, name) or {})["status"]["placement"]
+    assert {s["node"] for s in slots} == {node}
+    assert {s["pod"] for s in slots} == {pod["metadata"]["name"]}
+    addresses = [s["address"] for s in slots]
+    assert len(slots) == 3 and len(set(addresses)) == 3, addresses
+    assert {a.rpartition(":")[0] for a in addresses} == {pod["status"]["podIP"]}
+    kubectl(setup.plane, "delete", "llmservices", "--all", "-n", namespace, "--wait=true",
+            "--timeout=120s")
+
+
 def test_helm_uninstall_after_deleting_the_services_leaves_nothing(
         installed: Install) -> None:
     plane = installed.plane
-    for namespace in ("llm", "llm-gke"):
+    for namespace in ("llm", "llm-gke", "llm-quad"):
         kubectl(plane, "delete", "llmservices", "--all", "-n", namespace, "--wait=true",
                 "--timeout=120s")
         wait_for(f"the garbage collector emptying {namespace}", lambda n=namespace: not [

@@ -40,6 +40,9 @@ class MemoryApi(KubeApi):
         self.objects[obj["metadata"]["name"]] = dict(obj)
 
     async def patch(self, path: str, body: Mapping[str, Any]) -> Any:
+        target = self.objects.get(path.rpartition("/")[2])
+        if target is not None:
+            merge(target, body)
         return body
 
     async def delete(self, path: str) -> None:
@@ -48,6 +51,17 @@ class MemoryApi(KubeApi):
     async def list(self, path: str, labels: Mapping[str, str] | None = None
                    ) -> list[dict[str, Any]]:
         return [o for o in self.objects.values() if matches(o, labels or {})]
+
+
+def merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    """A JSON merge patch, in place."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = dict(value) if isinstance(value, Mapping) else value
 
 
 def backend(pools: list[dict[str, Any]], limit: int = 8, spot_wait: float = 180.0
@@ -83,31 +97,39 @@ async def test_spot_first_then_the_fallback_pool() -> None:
         await b.request_capacity("g4dn.12xlarge", 1, "spot")
 
 
-async def test_on_demand_without_a_fallback_and_scheduled_requests_settle() -> None:
+async def test_a_capacity_request_bound_to_its_new_node_becomes_the_nodes_worker_pod() -> None:
+    """Finding 6: capacity is asked for with real pending worker pods; the one the
+    scheduler binds to the new node waits there (kept, so the node is never empty) and is
+    adopted as that node's worker pod, not duplicated."""
     b, api = backend([pool("spot", "spot", 0), pool("od", "on-demand", 1)])
+    b.pool_of = lambda node: b.service.pools[1]
     await b.request_capacity("g4dn.12xlarge", 1, "spot")
     assert requested(api) == ["od"]
     (name,) = api.objects
     api.objects[name]["spec"]["nodeName"] = "n9"  # a node joined and took it
     assert await b.settle_capacity() == 0
-    # kept while no worker is on the node: an empty node could be consolidated away
+    assert list(api.objects) == [name]  # kept: an empty node could be consolidated away
+    await b._ensure_pod("n9", 3)
+    assert list(api.objects) == [name], "adopted, not a second pod"
+    pod = api.objects[name]
+    assert pod["metadata"]["labels"][m.COMPONENT] == m.WORKER
+    assert pod["metadata"]["labels"][m.EPOCH_LABEL] == "3"
+    assert pod["metadata"]["annotations"][m.INSTANCE] == "n9"
+    assert pod["metadata"]["annotations"][m.DO_NOT_DISRUPT] == "true"
+    assert b.pod_name("n9") == name
+    assert await b.capacity_pods() == [] and await b.settle_capacity() == 0
     assert list(api.objects) == [name]
-    worker = m.worker_pod(b.owner, b.spec, b.service.pools[1].raw, "n9", 0, 1)
-    worker["spec"]["nodeName"] = "n9"
-    await api.create(worker)
-    assert await b.settle_capacity() == 0
-    assert list(api.objects) == [worker["metadata"]["name"]]
 
 
 async def test_release_deletes_the_pods_of_those_nodes_only() -> None:
     b, api = backend([pool("spot", "spot", 2)])
     raw = b.service.pools[0].raw
     for node_name in ("n1", "n2"):
-        for gpu in range(2):
-            await api.create(m.worker_pod(OWNER, b.spec, raw, node_name, gpu, 1))
-    b.addresses = {"n1/0": "10.0.0.1:50051", "n2/0": "10.0.0.2:50051"}
+        await api.create(m.worker_pod(OWNER, b.spec, raw, node_name, 2, 1))
+    b.addresses = {"n1/0": "10.0.0.1:50051", "n1/1": "10.0.0.1:50052",
+                   "n2/0": "10.0.0.2:50051"}
     await b.release(["n1"])
-    assert sorted(api.objects) == ["llama-w-n2-0", "llama-w-n2-1"]
+    assert sorted(api.objects) == ["llama-w-n2"]
     assert list(b.addresses) == ["n2/0"]
 
 
@@ -150,6 +172,9 @@ class ConfigureWire:
     async def forget(self, address: str) -> None:
         self.forgotten.append(address)
 
+    async def status(self, address: str, timeout: float) -> Any:
+        return object()  # every worker answers
+
 
 async def test_preload_starts_only_the_joining_gpus_pods_and_configures_them_preload_only(
 ) -> None:
@@ -168,16 +193,23 @@ async def test_preload_starts_only_the_joining_gpus_pods_and_configures_them_pre
     api, wire = ReadyApi(), ConfigureWire()
     b = KubernetesBackend(api, OWNER, spec, service, wire=wire,  # type: ignore[arg-type]
                           pool_of=lambda node: service.pools[0],
-                          options=BackendOptions(poll_seconds=0.01))
+                          options=BackendOptions(poll_seconds=0.01), gpus_of=lambda node: 4)
     b.addresses = {str(g): f"10.0.0.{i + 1}:50051" for i, (_, g) in enumerate(old.assignment)}
     gathered = await b.preload(2, jobs, joining)
     assert gathered == len(joining) << 20
-    assert sorted(api.objects) == sorted(m.worker_pod_name(OWNER, g.instance, g.index)
-                                         for g in joining)
+    # one pod for the joining instance, all its GPUs, GPU i's worker on port + i
+    assert sorted(api.objects) == ["llama-w-node-3"]
+    (pod,) = api.objects.values()
+    assert pod["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 4
     assert len(wire.sent) == len(joining)
-    for address, sent in wire.sent:
+    ip = pod["status"]["podIP"]
+    assert sorted(address for address, _ in wire.sent) == sorted(
+        f"{ip}:{50051 + g.index}" for g in joining)
+    for _, sent in wire.sent:
         assert sent.preload_only and sent.epoch == 2 and not sent.kv_imports
-        assert address.startswith("127.0.0.")
+    # two pipelines whose drivers share the pod meet at different stores
+    assert b.rendezvous(joining[0], 2) != b.rendezvous(joining[1], 2)
+    assert b.rendezvous(joining[0], 2) not in {f"{ip}:{50051 + i}" for i in range(16)}
 
 
 class SilentWire(ConfigureWire):
@@ -194,7 +226,8 @@ async def test_a_wedged_worker_pod_is_deleted_and_reported_restarted() -> None:
     b.fleet = dataclasses.replace(b.fleet, health_every=0.02, status_timeout=0.02,
                                   health_deadline=0.2)
     raw = b.service.pools[0].raw
-    await api.create(m.worker_pod(OWNER, b.spec, raw, "n1", 0, 1))
+    await api.create(m.worker_pod(OWNER, b.spec, raw, "n1", 1, 1))
+    api.objects["llama-w-n1"]["status"] = {"podIP": "10.0.0.1"}
     b.addresses = {"n1/0": "10.0.0.1:50051"}
     events: list[Any] = []
 

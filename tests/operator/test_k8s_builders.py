@@ -36,8 +36,12 @@ def spec(**changes: Any) -> dict[str, Any]:
 
 
 # ---- manifests --------------------------------------------------------------------------
-def test_worker_pod_is_pinned_owned_labelled_and_mounts_the_token() -> None:
-    pod = m.worker_pod(OWNER, spec(), POOL, "ip-10-0-0-1", 2, 3, migrating=True)
+def test_worker_pod_holds_the_instance_and_is_placed_owned_labelled_with_the_token() -> None:
+    """One pod per instance (finding 8): all four GPUs of a g5.12xlarge in one pod, a worker
+    process per GPU on ports 50051..50054, placed by the scheduler on the node."""
+    eight_b = 16_060_522_496  # Llama-3.1-8B's weights in bf16
+    pod = m.worker_pod(OWNER, spec(), POOL, "ip-10-0-0-1", 4, 3, migrating=True,
+                       model_bytes=eight_b)
     meta = pod["metadata"]
     assert meta["ownerReferences"][0]["uid"] == "uid-1"
     assert meta["ownerReferences"][0]["kind"] == "LLMService"
@@ -45,18 +49,27 @@ def test_worker_pod_is_pinned_owned_labelled_and_mounts_the_token() -> None:
     assert meta["labels"]["spotserve.dev/service"] == "llama"
     assert meta["labels"]["app.kubernetes.io/part-of"] == "spotserve"
     assert meta["annotations"] == {"karpenter.sh/do-not-disrupt": "true",
-                                   "spotserve.dev/gpu-id": "ip-10-0-0-1/2"}
+                                   "spotserve.dev/instance": "ip-10-0-0-1"}
+    assert meta["name"] == "llama-w-ip-10-0-0-1"
+    assert "nodeName" not in pod["spec"]  # the scheduler places it
     terms = pod["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["ip-10-0-0-1"]
     assert pod["spec"]["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
     assert len(pod["spec"]["tolerations"]) == 1
     (container,) = pod["spec"]["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert "--gpus=4" in container["args"]
+    assert [p["containerPort"] for p in container["ports"]] == [50051, 50052, 50053, 50054]
     assert container["readinessProbe"]["grpc"]["port"] == 50051
+    # the checkpoint (8B parameters, bf16: 16 GB) lands on the node's disk, declared
+    size = container["resources"]["requests"]["ephemeral-storage"]
+    assert size == m.model_storage(eight_b) == "18Gi"
+    model = next(v for v in pod["spec"]["volumes"] if v["name"] == "model")
+    assert model == {"name": "model", "emptyDir": {"sizeLimit": "18Gi"}}
     assert {"name": "token", "secret": {"secretName": "llama-token"}} in pod["spec"]["volumes"]
     assert pod["spec"]["initContainers"][0]["name"] == "download"
-    calm = m.worker_pod(OWNER, spec(), POOL, "ip-10-0-0-1", 2, 3)
+    calm = m.worker_pod(OWNER, spec(), POOL, "ip-10-0-0-1", 4, 3)
     assert "karpenter.sh/do-not-disrupt" not in calm["metadata"]["annotations"]
     assert m.disruption_annotation(False)["metadata"]["annotations"] == \
         {"karpenter.sh/do-not-disrupt": None}
@@ -65,13 +78,14 @@ def test_worker_pod_is_pinned_owned_labelled_and_mounts_the_token() -> None:
 def test_names_are_dns_labels_even_for_long_nodes() -> None:
     name = m.dns_name("x" * 80, "router")
     assert len(name) <= 63 and name == m.dns_name("x" * 80, "router")
-    assert m.worker_pod_name(OWNER, "Node_A.b", 0) == "llama-w-node-a-b-0"
+    assert m.worker_pod_name(OWNER, "Node_A.b") == "llama-w-node-a-b"
 
 
 def test_volume_model_is_mounted_read_only_without_a_download_step() -> None:
     s = spec(model={"volume": {"claimName": "weights", "path": "Llama-3.1-8B"}})
-    pod = m.worker_pod(OWNER, s, POOL, "n", 0, 1)
+    pod = m.worker_pod(OWNER, s, POOL, "n", 1, 1, model_bytes=10**9)
     assert pod["spec"]["initContainers"] == []
+    assert "ephemeral-storage" not in pod["spec"]["containers"][0]["resources"]["requests"]
     assert "--model=/models/Llama-3.1-8B" in pod["spec"]["containers"][0]["args"]
     claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "model")
     assert claim["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
@@ -85,9 +99,23 @@ def test_router_capacity_and_secret() -> None:
         "app.kubernetes.io/component"] == "router"
     assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "http"}
     assert m.endpoint(OWNER, spec())["grpc"] == "llama-router.llm.svc:50051"
-    cap = m.capacity_pod(OWNER, POOL, 4, 0)
+    # the router fetches the tokenizer and config, never the weights (finding 4)
+    router_init = dep["spec"]["template"]["spec"]["initContainers"][0]
+    assert "--metadata-only" in router_init["args"]
+    # a capacity request is a real worker pod of a whole instance, with no node yet, kept
+    # off nodes that hold a pod of this service already (finding 6)
+    cap = m.capacity_pod(OWNER, spec(), POOL, 4, 0)
     assert cap["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] == "g5.12xlarge"
     assert cap["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert cap["spec"]["containers"][0]["args"][:2] == ["worker", "--gpus=4"]
+    assert cap["metadata"]["labels"]["app.kubernetes.io/component"] == "capacity"
+    anti = cap["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["labelSelector"]["matchLabels"]["spotserve.dev/service"] == "llama"
+    assert "priorityClassName" not in cap["spec"]
+    adopt = m.adopted("ip-1", 5, True)["metadata"]
+    assert adopt["labels"]["app.kubernetes.io/component"] == "worker"
+    assert adopt["annotations"]["spotserve.dev/instance"] == "ip-1"
     secret = m.token_secret(OWNER, "s3cret")
     assert secret["data"]["token"] == "czNjcmV0"
     assert secret["metadata"]["ownerReferences"][0]["name"] == "llama"
@@ -95,20 +123,21 @@ def test_router_capacity_and_secret() -> None:
 
 def test_sequence_limit_reaches_workers_and_router() -> None:
     limited = {**spec(), "serving": {**spec().get("serving", {}), "maxSequenceLength": 8192}}
-    worker = m.worker_pod(OWNER, limited, POOL, "n", 0, 1, model_context=131072)
+    worker = m.worker_pod(OWNER, limited, POOL, "n", 1, 1, model_context=131072)
     assert "--max-model-len=8192" in worker["spec"]["containers"][0]["args"]
     router = m.router_deployment(OWNER, limited, "llama")["spec"]["template"]["spec"]
     assert "--max-context=8192" in router["containers"][0]["args"]
     # unset: the workers take the model's context, as the router does by itself
     unset = {**spec(), "serving": {k: v for k, v in (spec().get("serving") or {}).items()
                                    if k != "maxSequenceLength"}}
-    worker = m.worker_pod(OWNER, unset, POOL, "n", 0, 1, model_context=131072)
+    worker = m.worker_pod(OWNER, unset, POOL, "n", 1, 1, model_context=131072)
     assert "--max-model-len=131072" in worker["spec"]["containers"][0]["args"]
 
 
 def test_pod_manifests_pass_the_kubernetes_schema() -> None:
     validate_k8s = pytest.importorskip("kubernetes_validate")
-    for obj in (m.worker_pod(OWNER, spec(), POOL, "n", 0, 1), m.capacity_pod(OWNER, POOL, 4, 0),
+    for obj in (m.worker_pod(OWNER, spec(), POOL, "n", 4, 1, model_bytes=10**9),
+                m.capacity_pod(OWNER, spec(), POOL, 4, 0),
                 m.router_deployment(OWNER, spec(), "llama"), m.router_service(OWNER, spec()),
                 m.token_secret(OWNER, "t"), m.worker_disruption_budget(OWNER),
                 m.event(OWNER, "Migrating", "why", now="2026-12-03T16:00:00Z")):
@@ -141,7 +170,7 @@ def test_a_pool_of_an_unlisted_instance_type_plans_by_its_gpus() -> None:
     result = validate(spec(gpuPools=[gke]))
     assert isinstance(result, ServiceSpec)
     assert result.pools[0].catalog_type == "g6.48xlarge"
-    cap = m.capacity_pod(OWNER, gke, 8, 0)
+    cap = m.capacity_pod(OWNER, spec(gpuPools=[gke]), gke, 8, 0)
     assert cap["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] == "g2-standard-96"
 
 

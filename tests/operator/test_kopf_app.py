@@ -371,7 +371,10 @@ async def test_service_is_planned_placed_and_migrates_on_a_notice(source: str) -
             f"{current['tensor']}"
         pods = [p for p in await cluster.items(PODS)
                 if p["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"]
-        assert len(pods) == len(status["placement"]) == status["replicas"]["workers"]
+        # a pod per instance holding its GPUs; a worker (a placement slot) per GPU
+        assert len(pods) == len({s["pod"] for s in status["placement"]}) == len(
+            {s["node"] for s in status["placement"]})
+        assert len(status["placement"]) == status["replicas"]["workers"]
         assert all(p["metadata"]["ownerReferences"][0]["uid"] == "uid-llama" for p in pods)
         deployment = await cluster.get(f"/apis/apps/v1/namespaces/{NS}/deployments/"
                                        "llama-router")

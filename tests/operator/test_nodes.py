@@ -12,8 +12,11 @@ from spotserve.operator.k8s.nodes import (
     NOTICE_TAINTS,
     describe_node,
     grace_periods,
+    gpu_holder,
     node_notices,
+    pod_gpus,
     remember,
+    usable_gpus,
 )
 
 NOW = 1_800_000_000.0
@@ -166,3 +169,49 @@ def test_malformed_objects_do_not_crash() -> None:
                 {"metadata": {"labels": None}, "spec": {"taints": None}}):
         info = describe_node(bad, now=NOW)
         assert info.capacity_type == "unknown" and info.notices == ()
+
+
+def gpu_pod(gpus: int, service: str = "", phase: str = "Running", init: int = 0
+            ) -> dict[str, Any]:
+    labels = {"spotserve.dev/service": service} if service else {}
+    resources = {"requests": {"nvidia.com/gpu": str(gpus)}} if gpus else {}
+    spec: dict[str, Any] = {"nodeName": "n1", "containers": [{"resources": resources},
+                                                             {"resources": {}}]}
+    if init:
+        spec["initContainers"] = [{"resources": {"limits": {"nvidia.com/gpu": init}}}]
+    return {"metadata": {"name": "p", "namespace": "ml", "labels": labels}, "spec": spec,
+            "status": {"phase": phase}}
+
+
+def test_a_node_shared_with_other_gpu_pods_offers_only_what_they_leave() -> None:
+    """Finding 6: GPUs free for the service are allocatable less other pods' requests
+    (ended pods hold none), or what its own pod there already holds."""
+    shared = node(KARPENTER, gpus=4)
+    shared["status"]["allocatable"] = {"nvidia.com/gpu": "4"}
+
+    def ours(pod: dict[str, Any]) -> bool:
+        return pod["metadata"]["labels"].get("spotserve.dev/service") == "llama"
+
+    assert usable_gpus(shared, [], ours) == 4
+    others = [gpu_pod(1), gpu_pod(2, phase="Succeeded"), gpu_pod(0, init=1)]
+    assert [pod_gpus(p) for p in others] == [1, 0, 1]
+    assert usable_gpus(shared, others, ours) == 2
+    # once the service's pod holds its GPUs there, it keeps counting those
+    assert usable_gpus(shared, [*others, gpu_pod(2, "llama")], ours) == 2
+    assert usable_gpus(shared, [gpu_pod(4), gpu_pod(1)], ours) == 0
+    # no allocatable reported yet: the node's GPU count from its labels
+    assert usable_gpus(node(KARPENTER), [gpu_pod(1)], ours) == 3
+    assert pod_gpus(gpu_holder(gpu_pod(3, "llama"))) == 3
+    assert ours(gpu_holder(gpu_pod(3, "llama")))
+
+
+def test_an_instance_offering_fewer_gpus_is_planned_with_those() -> None:
+    from spotserve.operator.controller.events import InstanceReady
+    from spotserve.operator.controller.view import ClusterView
+
+    catalog = Catalog.load()
+    view = ClusterView().apply(InstanceReady("n1", "g5.12xlarge", "spot", "", gpus=3), NOW)
+    view = view.apply(InstanceReady("n2", "g5.12xlarge", "spot"), NOW)
+    n1, n2 = view.planner_instances(catalog)
+    assert (len(n1.gpus), len(n2.gpus)) == (3, 4)
+    assert ClusterView.from_dict(view.to_dict()) == view
