@@ -259,7 +259,7 @@ def test_an_instance_is_one_pod_with_a_worker_per_gpu_beside_other_gpu_pods(
                           "containers": [{"name": "job", "image": "registry.k8s.io/pause:3.9",
                                           "resources": {"limits": {"nvidia.com/gpu": 1}}}]}})
     wait_for("the other team's pod running", lambda: (setup.get(
-        f"/api/v1/namespaces/other-team/pods/their-job") or {}).get("status", {})
+        "/api/v1/namespaces/other-team/pods/their-job") or {}).get("status", {})
         .get("phase") == "Running", 60)
     kubectl(setup.plane, "create", "namespace", namespace)
     kubectl(setup.plane, "create", "serviceaccount", "model-reader", "-n", namespace)

@@ -11,8 +11,8 @@ from spotserve.catalog import Catalog
 from spotserve.operator.k8s.nodes import (
     NOTICE_TAINTS,
     describe_node,
-    grace_periods,
     gpu_holder,
+    grace_periods,
     node_notices,
     pod_gpus,
     remember,
