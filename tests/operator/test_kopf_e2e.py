@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from spotserve.operator.local.runner import CATALOG
 from spotserve.operator.local.tiny_model import build_tiny_llama
 from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
+from ..ports import free_port_range
 from .test_kopf_app import (
     LLMS,
     PODS,
@@ -56,18 +56,7 @@ IPS = {"n1": "127.0.0.2", "n2": "127.0.0.3", "n3": "127.0.0.4"}
 
 def common_port() -> int:
     """A port free on every node's address."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.2", 0))
-            port = int(s.getsockname()[1])
-        try:
-            for ip in IPS.values():
-                with socket.socket() as s:
-                    s.bind((ip, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common port")
+    return free_port_range(list(IPS.values()))
 
 
 async def spawn(ip: str, port: int, model: Path, logs: Path) -> asyncio.subprocess.Process:

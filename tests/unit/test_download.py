@@ -89,8 +89,9 @@ def test_bad_sources_exit_2(serve: dict[str, bytes], tmp_path: Path,
     assert "unsupported URL" in capsys.readouterr().err
 
 
-def test_hub_download_passes_repo_revision_and_folder(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def hub_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """A stand-in `huggingface_hub` that records its calls and writes a config.json."""
     calls: list[dict[str, object]] = []
 
     def snapshot_download(**kwargs: object) -> str:
@@ -101,6 +102,12 @@ def test_hub_download_passes_repo_revision_and_folder(
     hub = types.ModuleType("huggingface_hub")
     hub.snapshot_download = snapshot_download  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    return calls
+
+
+def test_hub_download_passes_repo_revision_and_folder(
+        tmp_path: Path, hub_calls: list[dict[str, object]]) -> None:
+    calls = hub_calls
     dest = tmp_path / "m"
     assert main(["download", "--hf", "org/tiny", "--revision", "v1", "--to", str(dest)]) == 0
     assert calls[0]["repo_id"] == "org/tiny" and calls[0]["revision"] == "v1"
@@ -108,7 +115,7 @@ def test_hub_download_passes_repo_revision_and_folder(
 
 
 def test_metadata_only_keeps_the_config_and_tokenizer_and_no_weights(
-        serve: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        serve: dict[str, bytes], tmp_path: Path, hub_calls: list[dict[str, object]]) -> None:
     """The router's init step: what it reads (config, tokenizer, chat template), never the
     checkpoint; and a metadata-only folder never passes for a whole download."""
     serve["/m.tar.gz"] = _tarball({"model/config.json": json.dumps(CONFIG).encode(),
@@ -123,18 +130,8 @@ def test_metadata_only_keeps_the_config_and_tokenizer_and_no_weights(
     assert main(["download", "--url", url, "--to", str(dest)]) == 0  # now the weights too
     assert (dest / "model.safetensors").is_file()
 
-    calls: list[dict[str, object]] = []
-
-    def snapshot_download(**kwargs: object) -> str:
-        calls.append(kwargs)
-        (Path(str(kwargs["local_dir"])) / "config.json").write_text(json.dumps(CONFIG))
-        return str(kwargs["local_dir"])
-
-    hub = types.ModuleType("huggingface_hub")
-    hub.snapshot_download = snapshot_download  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
     assert main(["download", "--hf", "org/tiny", "--to", str(tmp_path / "h"),
                  "--metadata-only"]) == 0
-    patterns = list(calls[0]["allow_patterns"])  # type: ignore[call-overload]
+    patterns = list(hub_calls[0]["allow_patterns"])  # type: ignore[call-overload]
     assert "tokenizer*" in patterns and "*.jinja" in patterns
     assert not any("safetensors" in p or "bin" in p for p in patterns)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from spotserve.cli import main
 from spotserve.v1 import worker_pb2, worker_pb2_grpc
 from spotserve.worker import group
 from spotserve.worker.cli import add_arguments, device_of
+
+from ..ports import free_port_range
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "group-token"
@@ -65,24 +66,6 @@ def test_bad_group_flags_are_one_clear_line(argv: list[str], message: str,
     assert message in err and "Traceback" not in err
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """A base port with `count` consecutive free ports."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = int(s.getsockname()[1])
-        if base + count >= 65535:
-            continue
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind((host, port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
-
-
 def answers(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:
         try:
@@ -119,7 +102,7 @@ def until(what: str, check: object, timeout: float = 60.0) -> None:
 
 @pytest.mark.timeout(120)
 def test_a_dead_worker_is_started_again_and_sigterm_stops_the_group(tmp_path: Path) -> None:
-    base = free_ports(2)
+    base = free_port_range(["127.0.0.1"], 2)
     first, second = f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"
     env = {**os.environ, "SPOTSERVE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     with (tmp_path / "group.log").open("w") as log:
