@@ -33,7 +33,7 @@ MNG_SPOT = NodePool("gpu-mng", EKS, instance_type="g5.xlarge", provision_after=1
 QUAD_SPOT = NodePool("gpu-quad", KARPENTER, instance_type="g5.12xlarge", gpus=4, max_nodes=1)
 GKE_SPOT = NodePool("gke-l4", GKE, instance_type="g2-standard-8", gpu_product="NVIDIA-L4",
                     zone="us-central1-a", provision_after=1.0)
-RESUMED: dict[str, float] = {}  # router's resumptions by mode, over the story so far
+PLAYED: list[str] = []  # the namespaces whose interruptions ran
 PROMPTS = [" ".join(f"w{(7 * i + j) % 150 + 5}" for j in range(6)) for i in range(6)]
 MAX_TOKENS = 400
 
@@ -145,8 +145,7 @@ def play(setup: Install, namespace: str, name: str, pools: list[NodePool],
     assert len(load.results) >= 2 * len(PROMPTS), len(load.results)
     wrong = [(p, t) for p, t in load.results if t != reference[p]]
     assert not wrong, f"{len(wrong)} outputs differ from the uninterrupted run: {wrong[:3]}"
-    for mode in ("kv", "reprefill"):
-        RESUMED[mode] = RESUMED.get(mode, 0.0) + resumed(setup, namespace, service, mode)
+    PLAYED.append(namespace)
 
 
 def check_pods(setup: Install, namespace: str, name: str) -> None:
@@ -187,14 +186,6 @@ def test_aws_interruptions_lose_no_request(installed: Install) -> None:
 
 def test_gke_preemptions_lose_no_request(installed: Install) -> None:
     play(installed, "llm-gke", "tiny", [GKE_SPOT], [("gke-l4", "gke"), ("gke-l4", "gke")])
-
-
-def test_interrupted_requests_resumed_from_migrated_kv(installed: Install) -> None:
-    """Over the five interruptions, some requests were still running when their node
-    went, and went on from their KV cache moved to another worker (not re-prefilled)."""
-    if not RESUMED:
-        pytest.skip("the interruption tests did not run")
-    assert RESUMED.get("kv", 0) > 0, f"no request resumed from migrated KV: {RESUMED}"
 
 
 def test_the_waiting_operator_takes_over_when_the_working_one_goes(
@@ -304,6 +295,19 @@ def test_an_instance_is_one_pod_with_a_worker_per_gpu_beside_other_gpu_pods(
     assert {a.rpartition(":")[0] for a in addresses} == {pod["status"]["podIP"]}
     kubectl(setup.plane, "delete", "llmservices", "--all", "-n", namespace, "--wait=true",
             "--timeout=120s")
+
+
+def test_interrupted_requests_resumed_from_migrated_kv(installed: Install) -> None:
+    """Over the story's six interruptions, some requests were still running when their
+    node went, and went on from their KV cache moved to another worker (not re-prefilled).
+    Whether a given interruption moves KV depends on the plan: when the service shrinks,
+    the surviving pipeline keeps serving and the going one's requests re-prefill, unless
+    the going one holds more KV (the planner keeps the most cached bytes)."""
+    if not PLAYED:
+        pytest.skip("the interruption tests did not run")
+    counts = {mode: sum(resumed(installed, namespace, "tiny-router", mode)
+                        for namespace in PLAYED) for mode in ("kv", "reprefill")}
+    assert counts["kv"] > 0, f"no request resumed from migrated KV: {counts}"
 
 
 def test_helm_uninstall_after_deleting_the_services_leaves_nothing(
