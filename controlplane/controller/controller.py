@@ -27,6 +27,10 @@ left), and events that arrive meanwhile are applied within a moment. An urgent e
 notice, a loss, a broken pipeline, a replaced worker) that touches the migration aborts
 it, and the controller re-plans from the state reached: drains are idempotent, weights
 already moved stay, KV that can no longer be saved is dropped (its requests re-prefill).
+While a going pipeline has no heir (the service shrinks, say), an instance that joins
+also aborts the migration, up to the start of configuring: the re-plan can map the going
+pipeline onto the newcomer, so its KV moves there instead of being re-prefilled (with
+AWS's two minutes of grace, the replacement usually arrives in time).
 `run` owns the loop, the retries and the error policy; `status` is its snapshot. Every
 transition is journaled; a restarted controller re-plans from the last committed
 placement.
@@ -126,6 +130,9 @@ class Scope:
 
     instances: frozenset[str] = frozenset()
     kept: frozenset[str] = frozenset()  # pipelines it leaves serving as they are
+    # a going pipeline has no heir (its requests would re-prefill): until configuring
+    # starts, an instance that joins aborts the migration, so the re-plan can give it one
+    orphans: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,7 +247,9 @@ class Controller:
         while not self.queue.empty():
             event = self.queue.get_nowait()
             why = await self._apply(event)
-            if why and abort is None and is_urgent(event) and self._touches(event, scope):
+            if why and abort is None and (
+                    (is_urgent(event) and self._touches(event, scope)) or
+                    (scope.orphans and isinstance(event, InstanceReady))):
                 abort = f"{why} (during {self.phase} of epoch {self.epoch})"
         return abort
 
@@ -401,6 +410,7 @@ class Controller:
         scope = Scope(frozenset(new.instances() | (old.instances() if old else set())),
                       frozenset(set(new_ids) & set(old_ids)))
         inherits = dict(result.mapping.inherits) if result.mapping else {}
+        scope = replace(scope, orphans=self._orphans(old, seen, inherits))
         jobs = assignments(self.settings.model, epoch, new,
                            migration.transfers if migration else (), old, old_ids, inherits,
                            seen.disturbed)
@@ -410,6 +420,10 @@ class Controller:
             and bool(old.instances() & {r.name for r in self.view.in_state(NOTICE)})
         await self._preload(epoch, jobs, old, scope, deadline_running)
         drained = await self._drain(epoch, result, seen, old, old_ids, new, scope)
+        why = await self._absorb(scope)  # the last moment a join can still take them over
+        if why is not None:
+            self._abort(why)
+        scope = replace(scope, orphans=False)
         await self._configure(epoch, jobs, inherits, drained, scope)
         routes = self._routes(result, new, new_ids, old_ids)
         await self._phase("switching", self.actuator.set_topology(
@@ -426,6 +440,17 @@ class Controller:
                             members={pid: sorted(new.pipeline_instances(d))
                                      for d, pid in enumerate(new_ids)})
         await self._release(result)
+
+    def _orphans(self, old: Placement | None, seen: Observed,
+                 inherits: Mapping[int, int]) -> bool:
+        """Does a pipeline on a going instance stop with no new pipeline to inherit its
+        KV (say the service shrinks), so that its requests would re-prefill?"""
+        if old is None:
+            return False
+        doomed = {r.name for r in self.view.in_state(NOTICE)}
+        heirs = set(inherits.values())
+        return any(old.pipeline_instances(d) & doomed and d not in heirs and
+                   d not in seen.broken for d in old.by_pipeline)
 
     async def _abandon(self, reasons: Mapping[str, str], scope: Scope) -> None:
         """Broken pipelines (id → why) leave the router's rotation before anything else

@@ -47,6 +47,7 @@ class Recorder(Actuator):
         self.resumes: list[Resume] = []
         self.lost: set[str] = set()
         self.on_configure: list[object] = []
+        self.on_drain: list[object] = []
         self.capacity: list[tuple[str, int, str]] = []
         self.jobs: dict[GpuId, WorkerAssignment] = {}
 
@@ -58,6 +59,8 @@ class Recorder(Actuator):
     async def drain(self, epoch: int, pipeline_id: str, driver: GpuId,
                     steps: int, timeout: float) -> Sequence[DrainedRequest]:
         self.calls.append(("drain", (pipeline_id, steps)))
+        if self.on_drain:
+            await self.on_drain.pop(0)  # type: ignore[misc]
         if driver.instance in self.lost:
             raise ActuatorError(f"{driver} does not answer")
         return [DrainedRequest(f"{pipeline_id}-r{i}", 512, 10 + steps, 522 + steps)
@@ -199,6 +202,49 @@ async def test_second_notice_during_a_migration_replans_from_the_state_reached()
     assert controller.placement is not None
     assert controller.placement.instances() <= {"a", "d"}
     assert all(p.driver.instance in {"a", "d"} for p in actuator.serving())
+
+
+@pytest.mark.parametrize("when", ["while it drains", "after it drained"])
+async def test_a_replacement_that_joins_in_the_grace_inherits_the_going_pipelines_kv(
+        when: str) -> None:
+    """The service shrinks on a notice (the going pipeline has no heir); the replacement
+    joins while the going pipeline still decodes in its grace, or just after it drained:
+    the migration is re-planned, the newcomer takes the going pipeline over, and its
+    requests resume from their KV, none by re-prefill."""
+    actuator = Recorder()
+    controller = await started(actuator, names=("a", "b"))
+    going = next(p for p in actuator.serving() if p.driver.instance == "b")
+
+    async def join() -> None:
+        await controller.submit(InstanceReady("d", NODE))
+        if when == "while it drains":
+            await asyncio.sleep(0.05)  # the drain is still under way when the join lands
+
+    actuator.on_drain.append(join())
+    await controller.handle([NoticeReceived("b", deadline=1100.0)])
+    kinds = [e["kind"] for e in controller.journal.entries]
+    assert "aborted" in kinds, kinds
+    assert controller.placement is not None and "d" in controller.placement.instances()
+    assert "b" not in controller.placement.instances()
+    mine = {r.request_id: r for r in actuator.resumes if r.request_id.startswith(
+        going.pipeline_id)}
+    assert len(mine) == 2 and all(r.mode == "kv" for r in mine.values()), mine
+
+
+async def test_a_join_after_configuring_began_waits_for_the_next_plan() -> None:
+    """Once configuring started, a join no longer aborts (the going pipeline's requests
+    re-prefill as planned); it is planned for next."""
+    actuator = Recorder()
+    controller = await started(actuator, names=("a", "b"))
+
+    async def join() -> None:
+        await controller.submit(InstanceReady("d", NODE))
+
+    actuator.on_configure.append(join())
+    await controller.handle([NoticeReceived("b", deadline=1100.0)])
+    kinds = [e["kind"] for e in controller.journal.entries]
+    assert "aborted" not in kinds
+    assert controller.placement is not None and "d" in controller.placement.instances()
 
 
 async def test_restart_resumes_the_view_and_placement(tmp_path: Path) -> None:
