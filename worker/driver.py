@@ -245,8 +245,8 @@ class Driver:
             raise DuplicateRequest(f"request {state.request_id} is already running here")
         if state.num_computed:
             if not self.engine.adopt(state):
-                log.warning("request %s: some rank lacks its KV share; it re-prefills",
-                            state.request_id)
+                log.warning("request %s: its KV cannot be adopted here (a rank lacks its "
+                            "share, or the cache is full); it re-prefills", state.request_id)
         elif state.output_token_ids:
             self.engine.resume(state)
         else:

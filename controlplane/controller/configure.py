@@ -70,7 +70,7 @@ def kv_imports(job: WorkerAssignment, drained: Mapping[int, Sequence[DrainedRequ
                address: Callable[[GpuId], str | None]) -> list[worker_pb2.KVImport]:
     """This GPU's pieces of the KV caches its pipeline inherits, as the migration plan
     assigns them (`job.kv`: per layer, a KV head range and the old GPU that held it), for
-    every drained request that kept its cache: from that GPU first, then from the old
+    every drained request that kept its cache: from that GPU first, then from its old
     pipeline's driver (which also holds each whole cache when a rank was leaving).
     Consecutive layers from one holder travel as one slice. `address` is None for a GPU
     that is gone; a piece nobody can send is left out (its request re-prefills)."""
@@ -78,9 +78,11 @@ def kv_imports(job: WorkerAssignment, drained: Mapping[int, Sequence[DrainedRequ
     for piece in job.kv:
         key = (piece.old_pipeline, piece.src, piece.head_start, piece.head_stop)
         runs.setdefault(key, []).append(piece.layer)
-    fallback = address(job.kv_holder) if job.kv_holder is not None else None
+    drivers = dict(job.kv_holders)
     out = []
     for (old, src, head_start, head_stop), layers in runs.items():
+        driver = drivers.get(old)
+        fallback = address(driver) if driver is not None else None
         peers = list(dict.fromkeys(a for a in (address(src), fallback) if a))
         if not peers:
             continue
@@ -161,7 +163,7 @@ def explicit_epoch(model: ModelSpec, model_dir: str, epoch: int, new: Placement,
     to new pipeline 0 with their KV caches."""
     tokens = sum(r.kv_tokens for r in drained)
     jobs = epoch_jobs(model, epoch, new, old, _instances(old, addresses, kind, lost, doomed),
-                      {0: 0} if tokens else {}, {0: tokens}, old_ids)
+                      ((0, 0),) if tokens else (), {0: tokens}, old_ids)
     host = {g: addresses[g].rsplit(":", 1)[0] for g in addresses}
     built = epoch_requests(model, model_dir, epoch, jobs, {0: drained}, addresses.__getitem__,
                            lambda g: None if g in lost else addresses[g],
@@ -179,7 +181,7 @@ def explicit_plan(model: ModelSpec, new: Placement, old: Placement | None,
     and the time the planner expects, to hold against what the workers report."""
     tokens = sum(r.kv_tokens for r in drained)
     return hand_plan(model, new, old, _instances(old, addresses, kind, lost, doomed),
-                     {0: 0} if tokens else {}, {0: tokens})
+                     ((0, 0),) if tokens else (), {0: tokens})
 
 
 def _instances(old: Placement | None, addresses: Mapping[GpuId, str], kind: InstanceType,

@@ -27,10 +27,9 @@ left), and events that arrive meanwhile are applied within a moment. An urgent e
 notice, a loss, a broken pipeline, a replaced worker) that touches the migration aborts
 it, and the controller re-plans from the state reached: drains are idempotent, weights
 already moved stay, KV that can no longer be saved is dropped (its requests re-prefill).
-While a going pipeline has no heir (the service shrinks, say), an instance that joins
-also aborts the migration, up to the start of configuring: the re-plan can map the going
-pipeline onto the newcomer, so its KV moves there instead of being re-prefilled (with
-AWS's two minutes of grace, the replacement usually arrives in time).
+When the service shrinks, a going pipeline's requests still move with their KV: the
+planner has a surviving pipeline adopt them, and that one imports their KV on its fast
+path while it keeps serving.
 `run` owns the loop, the retries and the error policy; `status` is its snapshot. Every
 transition is journaled; a restarted controller re-plans from the last committed
 placement.
@@ -53,6 +52,7 @@ from spotserve.model_spec import ModelSpec
 
 from ..planner.cluster import CurrentState, GpuId, Instance, PipelineProgress, Placement
 from ..planner.cost_model import CostModel, Workload
+from ..planner.device_mapper import Inheritance
 from ..planner.heterogeneous import HeteroLimits
 from ..planner.homogeneous import SearchLimits
 from ..planner.planner import Plan, plan
@@ -130,9 +130,6 @@ class Scope:
 
     instances: frozenset[str] = frozenset()
     kept: frozenset[str] = frozenset()  # pipelines it leaves serving as they are
-    # a going pipeline has no heir (its requests would re-prefill): until configuring
-    # starts, an instance that joins aborts the migration, so the re-plan can give it one
-    orphans: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,9 +244,7 @@ class Controller:
         while not self.queue.empty():
             event = self.queue.get_nowait()
             why = await self._apply(event)
-            if why and abort is None and (
-                    (is_urgent(event) and self._touches(event, scope)) or
-                    (scope.orphans and isinstance(event, InstanceReady))):
+            if why and abort is None and is_urgent(event) and self._touches(event, scope):
                 abort = f"{why} (during {self.phase} of epoch {self.epoch})"
         return abort
 
@@ -409,8 +404,7 @@ class Controller:
         new_ids = pipeline_ids(epoch, old_ids, old, new, seen.disturbed)
         scope = Scope(frozenset(new.instances() | (old.instances() if old else set())),
                       frozenset(set(new_ids) & set(old_ids)))
-        inherits = dict(result.mapping.inherits) if result.mapping else {}
-        scope = replace(scope, orphans=self._orphans(old, seen, inherits))
+        inherits = result.mapping.inherits if result.mapping else ()
         jobs = assignments(self.settings.model, epoch, new,
                            migration.transfers if migration else (), old, old_ids, inherits,
                            seen.disturbed)
@@ -420,10 +414,6 @@ class Controller:
             and bool(old.instances() & {r.name for r in self.view.in_state(NOTICE)})
         await self._preload(epoch, jobs, old, scope, deadline_running)
         drained = await self._drain(epoch, result, seen, old, old_ids, new, scope)
-        why = await self._absorb(scope)  # the last moment a join can still take them over
-        if why is not None:
-            self._abort(why)
-        scope = replace(scope, orphans=False)
         await self._configure(epoch, jobs, inherits, drained, scope)
         routes = self._routes(result, new, new_ids, old_ids)
         await self._phase("switching", self.actuator.set_topology(
@@ -440,17 +430,6 @@ class Controller:
                             members={pid: sorted(new.pipeline_instances(d))
                                      for d, pid in enumerate(new_ids)})
         await self._release(result)
-
-    def _orphans(self, old: Placement | None, seen: Observed,
-                 inherits: Mapping[int, int]) -> bool:
-        """Does a pipeline on a going instance stop with no new pipeline to inherit its
-        KV (say the service shrinks), so that its requests would re-prefill?"""
-        if old is None:
-            return False
-        doomed = {r.name for r in self.view.in_state(NOTICE)}
-        heirs = set(inherits.values())
-        return any(old.pipeline_instances(d) & doomed and d not in heirs and
-                   d not in seen.broken for d in old.by_pipeline)
 
     async def _abandon(self, reasons: Mapping[str, str], scope: Scope) -> None:
         """Broken pipelines (id → why) leave the router's rotation before anything else
@@ -538,9 +517,9 @@ class Controller:
         return drained
 
     async def _configure(self, epoch: int, jobs: Mapping[GpuId, WorkerAssignment],
-                         inherits: Mapping[int, int],
+                         inherits: Inheritance,
                          drained: Mapping[int, Sequence[DrainedRequest]], scope: Scope) -> None:
-        kv = {o: drained.get(o, ()) for o in inherits.values()}
+        kv = {o: drained.get(o, ()) for _, o in inherits}
         try:
             moved = await self._phase("configuring", self.actuator.configure(epoch, jobs, kv),
                                       self._transfer_budget(), scope)
@@ -611,12 +590,12 @@ class Controller:
         raise MigrationAborted(f"configure failed in epoch {epoch}: {exc}") from None
 
     def _count_migration(self, result: Plan, drained: Mapping[int, Sequence[DrainedRequest]],
-                         inherits: Mapping[int, int]) -> None:
+                         inherits: Inheritance) -> None:
         m = self.metrics
         m.migrations.labels(self._trigger or "other", "completed").inc()
         m.epoch.set(self.epoch)
         m.bytes_planned.inc(result.migration.total_bytes if result.migration else 0)
-        heirs = set(inherits.values())
+        heirs = {o for _, o in inherits}
         for old, requests in drained.items():
             m.resumed.labels("kv" if old in heirs else "reprefill").inc(len(requests))
         for state in ("booting", "ready", "notice", "gone"):
@@ -641,9 +620,9 @@ class Controller:
         return routes + [RoutedPipeline(pid, driver, 0.0, "gone") for pid in gone]
 
     @staticmethod
-    def _resumes(drained: Mapping[int, Sequence[DrainedRequest]], inherits: Mapping[int, int],
+    def _resumes(drained: Mapping[int, Sequence[DrainedRequest]], inherits: Inheritance,
                  new_ids: Sequence[str]) -> list[Resume]:
-        heir = {o: n for n, o in inherits.items()}
+        heir = {o: n for n, o in inherits}
         out = []
         for old, requests in drained.items():
             for r in requests:

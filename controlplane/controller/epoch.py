@@ -27,6 +27,7 @@ from spotserve.layout import (
 from spotserve.model_spec import ModelSpec
 
 from ..planner.cluster import CurrentState, GpuId, Instance, PipelineProgress, Placement
+from ..planner.device_mapper import Inheritance
 from ..planner.migration import MigrationPlan, Transfer, migration_plan
 
 KEPT, PEER, CHECKPOINT = "kept", "peer", "checkpoint"
@@ -64,11 +65,10 @@ class WorkerAssignment:
     pieces: tuple[SlicePiece, ...]
     kv: tuple[KVPiece, ...]
     unchanged: bool
-    # The old pipeline whose drained requests this GPU's pipeline resumes, and that old
-    # pipeline's driver (the fallback source: it holds a whole copy of a request's KV when
-    # a rank that was leaving gathered its share there at the drain).
-    kv_from: int | None = None
-    kv_holder: GpuId | None = None
+    # The old pipelines whose drained requests this GPU's pipeline resumes, each with its
+    # driver (the fallback source: it holds a whole copy of a request's KV when a rank
+    # that was leaving gathered its share there at the drain).
+    kv_holders: tuple[tuple[int, GpuId | None], ...] = ()
 
     @property
     def is_driver(self) -> bool:
@@ -149,12 +149,14 @@ def _drivers(gpu_at: Mapping[Position, GpuId], pipeline: int, num_stages: int
 
 def assignments(model: ModelSpec, epoch: int, new: Placement, transfers: Sequence[Transfer],
                 old: Placement | None = None, old_ids: Sequence[str] = (),
-                inherits: Mapping[int, int] | None = None,
+                inherits: Inheritance = (),
                 disturbed: Collection[int] = ()) -> dict[GpuId, WorkerAssignment]:
-    """What every GPU of `new` does in `epoch`; `inherits` maps a new pipeline to the old
-    one whose interrupted requests it resumes; `disturbed` old pipelines regroup."""
+    """What every GPU of `new` does in `epoch`; `inherits` pairs a new pipeline with an
+    old one whose interrupted requests it resumes; `disturbed` old pipelines regroup."""
     config = new.config
-    heirs = dict(inherits or {})
+    holders: dict[int, list[tuple[int, GpuId | None]]] = defaultdict(list)
+    for n, o in inherits:
+        holders[n].append((o, _old_driver(old, o)))
     ids = pipeline_ids(epoch, old_ids, old, new, disturbed)
     same = unchanged_pipelines(old, new, disturbed)
     weights: dict[GpuId, list[Transfer]] = defaultdict(list)
@@ -178,13 +180,12 @@ def assignments(model: ModelSpec, epoch: int, new: Placement, transfers: Sequenc
             prev_stage=driver[position.stage - 1], next_stage=driver[position.stage + 1],
             pieces=_pieces(model, config, position, weights.get(gpu, [])),
             kv=tuple(kv.get(gpu, [])), unchanged=position.pipeline in same,
-            kv_from=heirs.get(position.pipeline),
-            kv_holder=_old_driver(old, heirs.get(position.pipeline)))
+            kv_holders=tuple(holders.get(position.pipeline, ())))
     return out
 
 
-def _old_driver(old: Placement | None, pipeline: int | None) -> GpuId | None:
-    if old is None or pipeline is None or pipeline >= old.config.data:
+def _old_driver(old: Placement | None, pipeline: int) -> GpuId | None:
+    if old is None or pipeline >= old.config.data:
         return None
     return old.by_position.get(Position(pipeline, 0, 0))
 
@@ -201,7 +202,7 @@ def pipelines_to_drain(old: Placement | None, new: Placement,
 
 
 def epoch_jobs(model: ModelSpec, epoch: int, new: Placement, old: Placement | None,
-               instances: Sequence[Instance], inherits: Mapping[int, int] | None = None,
+               instances: Sequence[Instance], inherits: Inheritance = (),
                cached_tokens: Mapping[int, int] | None = None, old_ids: Sequence[str] = ()
                ) -> dict[GpuId, WorkerAssignment]:
     """The jobs of a move chosen by hand (the placements given rather than planned), built
@@ -210,14 +211,14 @@ def epoch_jobs(model: ModelSpec, epoch: int, new: Placement, old: Placement | No
     `cached_tokens` long), then `assignments`. For tests and benchmarks that drive workers
     without a controller."""
     plan = hand_plan(model, new, old, instances, inherits, cached_tokens)
-    return assignments(model, epoch, new, plan.transfers, old, old_ids, dict(inherits or {}))
+    return assignments(model, epoch, new, plan.transfers, old, old_ids, inherits)
 
 
 def hand_plan(model: ModelSpec, new: Placement, old: Placement | None,
-              instances: Sequence[Instance], inherits: Mapping[int, int] | None = None,
+              instances: Sequence[Instance], inherits: Inheritance = (),
               cached_tokens: Mapping[int, int] | None = None) -> MigrationPlan:
     """The migration plan (transfers, bytes, estimated seconds) of a move chosen by hand,
     as `epoch_jobs` carries it out."""
     current = None if old is None else CurrentState(old, tuple(
         PipelineProgress(d, tokens) for d, tokens in (cached_tokens or {}).items()))
-    return migration_plan(model, current, new, tuple((inherits or {}).items()), instances)
+    return migration_plan(model, current, new, inherits, instances)

@@ -7,8 +7,14 @@ GPUs of an instance to the ranks of a slot; level two matches instances to slots
 maximise reused bytes: weights a GPU already holds (`shared_weight_bytes`) plus, when the
 new pipeline inherits the old pipeline's requests, its KV cache (`shared_kv_bytes`).
 `scipy.optimize.linear_sum_assignment` solves both levels; identical level-one matrices
-are solved once. When D shrinks, the pipelines with the most decoded tokens keep their KV.
-A pure scale-out (old pipelines kept as they are, new ones added) skips the matching.
+are solved once. A pure scale-out (old pipelines kept as they are, new ones added) skips
+the matching.
+
+Inheritance: every old pipeline whose KV can still be read hands its requests, with their
+KV, to one new pipeline. The ones with the most cached tokens are matched one to one (the
+placement keeps their GPUs where it can); when D shrinks, each of the rest is adopted by
+the new pipeline with the fewest inherited tokens so far, and its KV moves there, so that
+a shrink costs no re-prefill.
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ from spotserve.model_spec import ModelSpec
 
 from .cluster import CurrentState, GpuId, Instance, Placement
 
+# (new pipeline, old pipeline) pairs: the new one resumes the old one's requests from their
+# KV. Each old pipeline appears at most once; a new one may take several (a shrink).
+Inheritance = tuple[tuple[int, int], ...]
+
 
 @dataclass(frozen=True)
 class MappingResult:
     placement: Placement
-    inherits: tuple[tuple[int, int], ...]  # (new pipeline, old pipeline) whose KV it keeps
+    inherits: Inheritance  # (new pipeline, old pipeline whose requests and KV it takes)
     reused_weight_bytes: int
     reused_kv_bytes: int
     fast_path: bool = False
@@ -52,22 +62,33 @@ class Slot:
 
 
 def choose_inheritance(current: CurrentState | None, new: ParallelConfig,
-                       readable: set[str]) -> dict[int, int]:
-    """New pipeline → old pipeline whose KV cache it keeps: the old pipelines with the most
-    cached tokens whose every GPU can still be read (not broken, nothing wiped), one per
-    new pipeline."""
+                       readable: set[str]) -> Inheritance:
+    """Which new pipeline resumes which old pipeline's requests from their KV: every old
+    pipeline with cached tokens whose every GPU can still be read (not broken, nothing
+    wiped). The `new.data` with the most cached tokens go one to one (an old pipeline
+    keeps its index where it can, which lets an unchanged pipeline carry over); each of
+    the others is adopted by the new pipeline holding the fewest inherited tokens so far."""
     if current is None:
-        return {}
+        return ()
     old = current.placement
+    tokens = {d: current.progress_of(d).cached_tokens for d in range(old.config.data)}
     alive = [d for d in range(old.config.data)
-             if current.progress_of(d).cached_tokens > 0 and d not in current.broken
+             if tokens[d] > 0 and d not in current.broken
              and old.pipeline_instances(d) <= readable
              and not {g for _, g in old.by_pipeline.get(d, ())} & current.wiped]
-    kept = sorted(alive, key=lambda d: (-current.progress_of(d).cached_tokens, d))[:new.data]
+    alive.sort(key=lambda d: (-tokens[d], d))
+    kept, rest = alive[:new.data], alive[new.data:]
     heirs = {d: d for d in kept if d < new.data}
-    free = iter(n for n in range(new.data) if n not in heirs)
-    heirs.update((next(free), d) for d in kept if d >= new.data)
-    return heirs
+    free = iter(n for n in range(new.data) if n not in heirs.values())
+    heirs.update((d, next(free)) for d in kept if d >= new.data)
+    load = dict.fromkeys(range(new.data), 0)
+    for d, n in heirs.items():
+        load[n] += tokens[d]
+    for d in rest:
+        n = min(load, key=lambda n: (load[n], n))
+        heirs[d] = n
+        load[n] += tokens[d]
+    return tuple(sorted((n, d) for d, n in heirs.items()))
 
 
 def pack_slots(config: ParallelConfig, kinds: Mapping[str | None, tuple[str, int]]) -> list[Slot]:
@@ -135,7 +156,7 @@ def _shape_classes(config: ParallelConfig, positions: Sequence[Position]
 
 def reuse_matrix(model: ModelSpec, current: CurrentState | None, new: ParallelConfig,
                  gpus: Sequence[GpuId], positions: Sequence[Position | None],
-                 readable: set[str], inherits: Mapping[int, int]
+                 readable: set[str], inherits: Inheritance
                  ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """(weight bytes, KV bytes) GPU `gpus[i]` already holds for `positions[j]` (None: pad)."""
     shape = (len(gpus), len(positions))
@@ -160,10 +181,13 @@ def reuse_matrix(model: ModelSpec, current: CurrentState | None, new: ParallelCo
     r, c = np.ix_(rows, cols)
     weights[r, c] = w_small[np.ix_(ko, kn)]
     old_pipe = np.array([p.pipeline for p in old_pos])
-    heir = np.array([inherits.get(p.pipeline, -1) for p in new_pos])
+    new_pipe = np.array([p.pipeline for p in new_pos])
+    takes = np.zeros((old.config.data, new.data), dtype=bool)
+    for n, o in inherits:
+        takes[o, n] = True
     tokens = np.array([current.progress_of(p.pipeline).cached_tokens for p in old_pos],
                       dtype=np.float64)
-    same = old_pipe[:, None] == heir[None, :]
+    same = takes[np.ix_(old_pipe, new_pipe)]
     kv[r, c] = kv_small[np.ix_(ko, kn)] * same * tokens[:, None]
     return weights, kv
 
@@ -193,7 +217,7 @@ def map_devices(model: ModelSpec, new: ParallelConfig, instances: Sequence[Insta
 
 def _match_kind(model: ModelSpec, new: ParallelConfig, slots: list[Slot], hosts: list[Instance],
                 current: CurrentState | None, readable: set[str],
-                inherits: Mapping[int, int]) -> dict[Position, GpuId]:
+                inherits: Inheritance) -> dict[Position, GpuId]:
     if len(hosts) < len(slots):
         raise SpotserveError(f"the configuration needs {len(slots)} {slots[0].kind} "
                              f"instances but only {len(hosts)} are usable")
@@ -237,7 +261,7 @@ def _inner_solutions(blocks: NDArray[np.float64]
 
 def _scale_out(model: ModelSpec, new: ParallelConfig, hosts: list[Instance],
                current: CurrentState | None, instances: Sequence[Instance],
-               inherits: Mapping[int, int]) -> MappingResult | None:
+               inherits: Inheritance) -> MappingResult | None:
     """Old pipelines untouched on surviving instances, new pipelines on idle instances."""
     if current is None:
         return None
@@ -269,16 +293,16 @@ def _scale_out(model: ModelSpec, new: ParallelConfig, hosts: list[Instance],
 
 
 def _result(model: ModelSpec, new: ParallelConfig, assignment: dict[Position, GpuId],
-            current: CurrentState | None, readable: set[str], inherits: Mapping[int, int],
+            current: CurrentState | None, readable: set[str], inherits: Inheritance,
             fast_path: bool) -> MappingResult:
     placement = Placement.of(new, assignment)
     weight_total, kv_total = reused_bytes(model, placement, current, readable, inherits)
-    return MappingResult(placement, tuple(sorted(inherits.items())), weight_total, kv_total,
+    return MappingResult(placement, inherits, weight_total, kv_total,
                          fast_path)
 
 
 def reused_bytes(model: ModelSpec, placement: Placement, current: CurrentState | None,
-                 readable: set[str], inherits: Mapping[int, int]) -> tuple[int, int]:
+                 readable: set[str], inherits: Inheritance) -> tuple[int, int]:
     """(weight bytes, KV bytes) already where `placement` needs them."""
     if current is None:
         return 0, 0

@@ -25,7 +25,7 @@ from spotserve.layout import ParallelConfig
 
 from ..planner.arrangement import arrange
 from ..planner.cluster import CurrentState, Instance, PipelineProgress, Placement
-from ..planner.device_mapper import choose_inheritance, map_devices
+from ..planner.device_mapper import Inheritance, choose_inheritance, map_devices
 from ..planner.homogeneous import PipelineShape, pipeline_shapes, search
 from ..planner.migration import MigrationPlan, estimate_seconds, migration_plan
 from ..planner.planner import plan
@@ -47,7 +47,7 @@ class Variant:
 @dataclass(frozen=True)
 class Decision:
     placement: Placement
-    inherits: dict[int, int]      # new pipeline → old pipeline whose KV it keeps
+    inherits: Inheritance         # (new pipeline, old pipeline whose KV it takes)
     migration_s: float
     bytes_moved: int
     stop_after: dict[int, float]  # doomed old pipeline → seconds after now it stops
@@ -161,7 +161,7 @@ class SpotServe(_Deployer):
             if result.config is None or result.mapping is None or result.migration is None:
                 return None
             warm = sim.now == 0 and self.placement is None
-            return Decision(result.mapping.placement, dict(result.mapping.inherits),
+            return Decision(result.mapping.placement, result.mapping.inherits,
                             0.0 if warm else result.migration.seconds,
                             0 if warm else result.migration.total_bytes,
                             {a.pipeline: a.stop_after_s for a in result.arrangement},
@@ -178,13 +178,12 @@ class SpotServe(_Deployer):
             return None
         if v.device_mapper:
             mapping = map_devices(scenario.model, config, instances, current)
-            placement, inherits = mapping.placement, dict(mapping.inherits)
+            placement, inherits = mapping.placement, mapping.inherits
         else:
             placement = adapter.naive_placement(config, hosts)
             readable = {i.name for i in instances if i.state != "lost"}
             inherits = choose_inheritance(current, config, readable)
-        migration = migration_plan(scenario.model, current, placement,
-                                   tuple(sorted(inherits.items())), instances,
+        migration = migration_plan(scenario.model, current, placement, inherits, instances,
                                    scenario.migration_overhead_s)
         warm = sim.now == 0 and self.placement is None
         stop_after: dict[int, float] = {}
@@ -256,7 +255,7 @@ class SpotServe(_Deployer):
             self.replan(sim)
             return
         kept = self._kept(sim, new) if self.variant.migration_planner else {}
-        heirs = {old: n for n, old in decision.inherits.items()} if self.variant.arranger else {}
+        heirs = {old: n for n, old in decision.inherits} if self.variant.arranger else {}
         carried: dict[int, list[Request]] = {}
         for d, uid in enumerate(self.uids):
             p = sim.pipelines.get(uid)
@@ -267,14 +266,17 @@ class SpotServe(_Deployer):
             sim.pipelines.pop(uid)
             heir = heirs.get(d)
             if heir is not None and self._kv_survives(sim, p, decision):
-                carried[heir] = requests
+                carried.setdefault(heir, []).extend(requests)
             else:
                 sim.requeue(requests, keep_committed=True)
         available = sim.now + decision.migration_s
         uids = []
         for n in range(new.config.data):
             if n in kept:
-                uids.append(self.uids[kept[n]])
+                uid = self.uids[kept[n]]
+                uids.append(uid)
+                if n in carried:  # a pipeline that keeps serving takes the KV in
+                    sim.at(available, self._take_over, sim, uid, carried[n])
                 continue
             pipe = self.pipeline(sim, new, n, decision.micro, available)
             pipe.resume = carried.get(n, [])
@@ -284,6 +286,19 @@ class SpotServe(_Deployer):
             uids.append(pipe.uid)
         self.placement, self.uids, self.micro = new, uids, decision.micro
         sim.record("switch", new.config.describe())
+
+    @staticmethod
+    def _take_over(sim: Simulation, uid: int, requests: list[Request]) -> None:
+        """Requests whose KV a serving pipeline imported join it, once the KV is there
+        (re-queued, from their committed tokens, when that pipeline is gone since)."""
+        p = sim.pipelines.get(uid)
+        if p is None:
+            sim.requeue(requests, keep_committed=True)
+        else:
+            p.resume.extend(requests)
+            for r in requests:
+                r.kv_pipeline = uid
+        sim.dispatch()
 
     def _kv_survives(self, sim: Simulation, old: Pipeline, decision: Decision) -> bool:
         """The KV cache can be read until the migration ends (no instance gone before)."""

@@ -204,47 +204,47 @@ async def test_second_notice_during_a_migration_replans_from_the_state_reached()
     assert all(p.driver.instance in {"a", "d"} for p in actuator.serving())
 
 
-@pytest.mark.parametrize("when", ["while it drains", "after it drained"])
-async def test_a_replacement_that_joins_in_the_grace_inherits_the_going_pipelines_kv(
-        when: str) -> None:
-    """The service shrinks on a notice (the going pipeline has no heir); the replacement
-    joins while the going pipeline still decodes in its grace, or just after it drained:
-    the migration is re-planned, the newcomer takes the going pipeline over, and its
-    requests resume from their KV, none by re-prefill."""
+async def test_a_shrink_moves_the_going_pipelines_kv_into_a_surviving_one() -> None:
+    """The service shrinks on a notice (no replacement yet): the surviving pipeline keeps
+    serving, imports the going pipeline's KV on its fast path, and every request of the
+    going pipeline resumes there from its KV, none by re-prefill."""
     actuator = Recorder()
     controller = await started(actuator, names=("a", "b"))
     going = next(p for p in actuator.serving() if p.driver.instance == "b")
-
-    async def join() -> None:
-        await controller.submit(InstanceReady("d", NODE))
-        if when == "while it drains":
-            await asyncio.sleep(0.05)  # the drain is still under way when the join lands
-
-    actuator.on_drain.append(join())
+    staying = next(p for p in actuator.serving() if p.driver.instance == "a")
+    actuator.calls.clear()
     await controller.handle([NoticeReceived("b", deadline=1100.0)])
-    kinds = [e["kind"] for e in controller.journal.entries]
-    assert "aborted" in kinds, kinds
-    assert controller.placement is not None and "d" in controller.placement.instances()
-    assert "b" not in controller.placement.instances()
-    mine = {r.request_id: r for r in actuator.resumes if r.request_id.startswith(
-        going.pipeline_id)}
-    assert len(mine) == 2 and all(r.mode == "kv" for r in mine.values()), mine
+    assert controller.placement is not None
+    assert controller.placement.instances() == {"a"}
+    assert [p.pipeline_id for p in actuator.serving()] == [staying.pipeline_id]
+    assert ("drain", (staying.pipeline_id, 0)) not in actuator.calls  # it never stopped
+    mine = {r.request_id: r for r in actuator.resumes
+            if r.request_id.startswith(going.pipeline_id)}
+    assert len(mine) == 2, mine
+    assert all(r.mode == "kv" and r.pipeline_id == staying.pipeline_id
+               for r in mine.values()), mine
+    imports = [k for job in actuator.jobs.values() for k in job.kv]
+    assert imports and all(k.src.instance == "b" for k in imports)
 
 
-async def test_a_join_after_configuring_began_waits_for_the_next_plan() -> None:
-    """Once configuring started, a join no longer aborts (the going pipeline's requests
-    re-prefill as planned); it is planned for next."""
+@pytest.mark.parametrize("hook", ["on_drain", "on_configure"])
+async def test_a_join_during_a_shrink_is_planned_next_and_costs_no_kv(hook: str) -> None:
+    """A replacement that joins while the going pipeline drains, or once configuring
+    began, does not abort the shrink (its KV already has a home); it is planned next."""
     actuator = Recorder()
     controller = await started(actuator, names=("a", "b"))
 
     async def join() -> None:
         await controller.submit(InstanceReady("d", NODE))
 
-    actuator.on_configure.append(join())
+    getattr(actuator, hook).append(join())
     await controller.handle([NoticeReceived("b", deadline=1100.0)])
     kinds = [e["kind"] for e in controller.journal.entries]
     assert "aborted" not in kinds
     assert controller.placement is not None and "d" in controller.placement.instances()
+    resumed = controller.metrics.registry.get_sample_value
+    assert resumed("spotserve_controller_resumed_requests_total", {"mode": "kv"}) == 2
+    assert not resumed("spotserve_controller_resumed_requests_total", {"mode": "reprefill"})
 
 
 async def test_restart_resumes_the_view_and_placement(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from spotserve.worker.engine.builder import local_engine
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.sampling import filter_logits, position_key, sample_one
 from spotserve.worker.engine.scheduler import SchedulerConfig
-from spotserve.worker.engine.sequence import FinishReason, SamplingParams
+from spotserve.worker.engine.sequence import FinishReason, SamplingParams, Sequence
 from tests.engine.tiny_models import save_tiny
 
 PROMPTS = {"a": [5, 17, 99, 3, 42, 8, 61], "b": [9, 4, 77], "c": list(range(20, 50))}
@@ -156,6 +156,34 @@ def test_drain_stops_after_exactly_k_steps(checkpoint: Path) -> None:
     assert len(a.output_token_ids) == 4 and a.num_computed == 10
     assert engine.runner.shares.tokens("a") == 10
     assert b.num_computed == 0 and engine.runner.shares.tokens("b") == 0   # never started
+
+
+def test_a_request_adopted_into_a_full_cache_re_prefills_with_the_same_tokens(
+        checkpoint: Path) -> None:
+    """A pipeline that adopts another's requests may hold more than its cache fits: the
+    one that finds no room re-prefills (adopt says False) instead of failing."""
+    params = {"c": SamplingParams(max_tokens=6, ignore_eos=True),
+              **dict.fromkeys("ab", SamplingParams(max_tokens=16, ignore_eos=True))}
+    roomy = _generate(_engine(checkpoint), params)
+    engine = _engine(checkpoint, blocks=10, budget=40)
+    engine.submit("c", PROMPTS["c"], params["c"])
+    out: dict[str, list[int]] = {rid: [] for rid in params}
+    events = engine.step()
+    engine.drain(1)
+    for event in events + engine.run():
+        out[event.request_id].append(event.token_id)
+    (paused,) = engine.publish()
+    engine.undrain()
+    assert paused.num_computed > 0
+    for rid in "ab":
+        engine.submit(rid, PROMPTS[rid], params[rid])
+    for event in engine.step():
+        out[event.request_id].append(event.token_id)
+    assert not engine.blocks.can_grow(Sequence("x", [0], SamplingParams()), paused.num_computed)
+    assert engine.adopt(paused) is False
+    for event in engine.run():
+        out[event.request_id].append(event.token_id)
+    assert out == roomy
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from spotserve.operator.planner import (
     Instance,
     PipelineProgress,
     map_devices,
+    migration_plan,
 )
 from spotserve.operator.planner.device_mapper import instance_kinds, pack_slots
 
@@ -21,20 +22,20 @@ from .support import place, pool, small_type, tiny_model
 
 
 def pair_reuse(model: ModelSpec, current: CurrentState, new: ParallelConfig,
-               inherits: dict[int, int], readable: set[str], gpu, pos) -> int:  # type: ignore[no-untyped-def]
+               inherits: set[tuple[int, int]], readable: set[str], gpu, pos) -> int:  # type: ignore[no-untyped-def]
     old = current.placement
     before = old.by_gpu.get(gpu)
     if before is None or pos is None or gpu.instance not in readable:
         return 0
     total = shared_weight_bytes(model, old.config, before, new, pos)
-    if inherits.get(pos.pipeline) == before.pipeline:
+    if (pos.pipeline, before.pipeline) in inherits:
         tokens = current.progress_of(before.pipeline).cached_tokens
         total += shared_kv_bytes(model, old.config, before, new, pos, tokens)
     return total
 
 
 def brute_force(model: ModelSpec, current: CurrentState, new: ParallelConfig,
-                instances: list[Instance], inherits: dict[int, int]) -> int:
+                instances: list[Instance], inherits: set[tuple[int, int]]) -> int:
     """Best total over every instance → slot assignment and every GPU order inside."""
     hosts = [i for i in instances if i.usable]
     readable = {i.name for i in instances if i.state != "lost"}
@@ -88,7 +89,7 @@ def test_kuhn_munkres_matches_brute_force(scenario) -> None:  # type: ignore[no-
     if not hosts or len(pack_slots(new, instance_kinds(hosts))) > len(hosts) or len(hosts) > 4:
         return
     result = map_devices(model, new, instances, current)
-    expected = brute_force(model, current, new, instances, dict(result.inherits))
+    expected = brute_force(model, current, new, instances, set(result.inherits))
     assert result.reused_bytes == expected
     for pos, gpu in result.placement.assignment:
         assert gpu.instance in {h.name for h in hosts}
@@ -121,7 +122,7 @@ def test_scale_out_leaves_running_pipelines_alone() -> None:
     assert result.inherits == ((0, 0), (1, 1))
 
 
-def test_shrinking_keeps_the_kv_of_the_furthest_pipelines() -> None:
+def test_shrinking_keeps_the_furthest_pipelines_in_place_and_moves_the_rest() -> None:
     model = tiny_model(4)
     itype = small_type("box", 2)
     old = ParallelConfig.uniform(4, 3, 1, 2, 2)
@@ -131,10 +132,30 @@ def test_shrinking_keeps_the_kv_of_the_furthest_pipelines() -> None:
     current = CurrentState(placement, progress)
     result = map_devices(model, ParallelConfig.uniform(4, 2, 1, 2, 2), pool(itype, 3),
                          current)
-    assert sorted(o for _, o in result.inherits) == [1, 2]
+    heir = {o: n for n, o in result.inherits}
+    assert sorted(heir) == [0, 1, 2]  # nobody re-prefills
     kept = {result.placement.by_position[p].instance for p in result.placement.config.positions()}
     assert kept == {placement.by_position[p].instance for p in old.positions()
                     if p.pipeline in (1, 2)}
+    # the two furthest stay where their KV is; the third joins the lighter of them
+    assert heir[1] != heir[2] and heir[0] == heir[2]
+    assert result.reused_kv_bytes > 0
+
+
+def test_an_adopted_pipelines_kv_moves_to_its_new_home() -> None:
+    model = tiny_model(4)
+    itype = small_type("box", 2)
+    old = ParallelConfig.uniform(4, 2, 1, 2, 2)
+    placement = place(model, old, pool(itype, 2))
+    current = CurrentState(placement, (PipelineProgress(0, 30, 4), PipelineProgress(1, 20, 4)))
+    now = pool(itype, 2, states={1: "doomed"})
+    result = map_devices(model, ParallelConfig.uniform(4, 1, 1, 2, 2), now, current)
+    assert result.inherits == ((0, 0), (0, 1))
+    plan = migration_plan(model, current, result.placement, result.inherits, now)
+    moved = [t for t in plan.transfers if t.kv_pipeline == 1]
+    assert moved and all(t.src.instance == "n1" and t.urgent for t in moved)
+    assert {t.dst for t in moved} == {g for _, g in result.placement.assignment}
+    assert not any(t.kv_pipeline == 0 for t in plan.transfers)  # pipeline 0's stays put
 
 
 def test_lost_instances_lend_nothing() -> None:

@@ -41,7 +41,7 @@ def check_plan(model, current, new, instances):  # type: ignore[no-untyped-def]
     for t in plan.transfers:
         assert t.src is None or state[t.src.instance] != "lost"
         assert t.urgent == (t.src is not None and state[t.src.instance] == "doomed")
-        key = (t.dst, t.tensor if t.kv_pipeline is None else f"kv{t.layer}")
+        key = (t.dst, t.tensor if t.kv_pipeline is None else f"kv{t.kv_pipeline}.{t.layer}")
         for a, b in got[key]:
             assert b <= t.start or t.stop <= a, "a piece arrives twice"
         got[key].append((t.start, t.stop))
@@ -77,7 +77,7 @@ def check_plan(model, current, new, instances):  # type: ignore[no-untyped-def]
                 if before is not None and before.pipeline == old_pipe \
                         and layer in old.config.stage_of(before).layers():
                     local = [kv_heads(model, old.config.stage_of(before).tp, before.tp_rank)]
-                assert covered(local + got[(gpu, f"kv{layer}")], lo, hi)
+                assert covered(local + got[(gpu, f"kv{old_pipe}.{layer}")], lo, hi)
     return mapping, plan
 
 

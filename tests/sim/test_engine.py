@@ -266,3 +266,31 @@ def test_continuous_batching_survives_a_preemption(reference_dir: Path) -> None:
         for name in ("spotserve", "reparallelize", "reroute"):
             entry = run(setup, name)
             assert entry["completed"] == entry["requests"], (grace, name)
+
+
+@pytest.mark.parametrize("node", ["node-0", "node-1", "node-2", "node-3"])
+def test_a_shrink_hands_the_going_pipelines_requests_over_with_their_kv(
+        reference_dir: Path, node: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node gets its notice and no replacement comes: the service shrinks onto the three
+    left. Whichever node goes, and whenever (a sweep of times), no request that had KV
+    re-prefills: the new pipelines adopt every going pipeline's requests with their KV,
+    as the controller does. Only requests caught before their prefill ended start it
+    again."""
+    lost_kv: list[int] = []
+    requeue = Simulation.requeue
+
+    def counting(self: Simulation, requests: list[Any], keep_committed: bool) -> None:
+        lost_kv.extend(r.arrival.id for r in requests if r.kv_pipeline is not None)
+        requeue(self, requests, keep_committed)
+
+    monkeypatch.setattr(Simulation, "requeue", counting)
+    # long answers: the going pipeline cannot finish them in its 30 s of grace
+    arrivals = generated((1.0,), 60, 600, 1.0, 2, 512, 1024)
+    for at in (300.0, 311.0, 323.0, 337.0):
+        removal = TraceEvent(at, "remove", (node,))
+        setup = paper_setup(reference_dir, "6.7b", trace(4, 600, removal), arrivals, 1.0)
+        entry = run(setup, "spotserve")
+        configs = [t["config"] for t in entry["timeline"] if t["event"] == "switch"]
+        assert configs[0].startswith("D=4") and configs[-1].startswith("D=3"), configs
+        assert entry["restarts"] == 0
+        assert not lost_kv, (at, lost_kv)

@@ -106,7 +106,7 @@ async def test_kv_moves_rank_to_rank_across_layouts(
         status = await a.status()
         assert status.state == worker_pb2.WORKER_STATE_READY and status.kv_blocks_used == 0
         resumed_by_kv = [line for line in a.log.read_text().splitlines()
-                         if "lacks its KV share" in line]
+                         if "cannot be adopted" in line]
         assert not resumed_by_kv, "every request must resume from KV, none re-prefill"
     finally:
         codes = await asyncio.gather(*(w.stop() for w in (a, b, c)))

@@ -155,10 +155,11 @@ class Engine:
     def adopt(self, state: RequestState) -> bool:
         """Continue a published request from the shares of this pipeline's ranks (its
         first `state.num_computed` tokens). True if they all held theirs; False when the
-        request re-prefills instead."""
+        request re-prefills instead (a rank lacks its share, or the cache has no room for
+        it now: a pipeline that adopted another's requests may hold more than it fits)."""
         seq = Sequence(state.request_id, list(state.prompt_token_ids), state.params,
                        output_token_ids=list(state.output_token_ids))
-        if state.num_computed == 0:
+        if state.num_computed == 0 or not self.blocks.can_grow(seq, state.num_computed):
             self.scheduler.add(seq)
             return False
         self.blocks.grow(seq, state.num_computed)
