@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spotserve.errors import SpotserveError
@@ -135,6 +135,13 @@ class Driver:
 
     def undrain(self) -> Future[None]:
         return self._call(self._undrain)
+
+    def set_max_batch(self, max_num_seqs: int) -> Future[None]:
+        """Run at most this many requests at once from the next step on."""
+        def apply() -> None:
+            scheduler = self.engine.scheduler
+            scheduler.config = replace(scheduler.config, max_num_seqs=max_num_seqs)
+        return self._call(apply)
 
     def stop(self) -> Future[DrainResult]:
         """Pause every request (KV kept) and release the pipeline's other ranks."""

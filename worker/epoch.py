@@ -52,9 +52,16 @@ class EpochRole:
 
 def role_key(request: worker_pb2.ConfigureRequest) -> bytes:
     """What must match for a worker to keep serving untouched (the fast path): the same
-    model, role and process group."""
+    model, role and process group. The pipeline's index in the configuration and its batch
+    size do not count: a pipeline that keeps its GPUs and layout while the others change
+    (a shrink renumbers it, a new plan resizes its batch) goes on serving, and takes the
+    new batch size live."""
+    role = worker_pb2.Role()
+    role.CopyFrom(request.role)
+    role.ClearField("pipeline")
+    role.ClearField("max_batch")
     return b"\0".join((request.model.SerializeToString(deterministic=True),
-                       request.role.SerializeToString(deterministic=True),
+                       role.SerializeToString(deterministic=True),
                        request.rendezvous.group_id.encode()))
 
 

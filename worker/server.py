@@ -237,8 +237,10 @@ class WorkerServicer(TensorServicer):
             self.state = before
         elif fast:
             self._switching = True
-            self.epoch = request.epoch
+            self.epoch, self.role_message = request.epoch, request.role
             if self.driver is not None:
+                config = self._engine_config(request.role, spec).scheduler
+                await asyncio.wrap_future(self.driver.set_max_batch(config.max_num_seqs))
                 await asyncio.wrap_future(self.driver.undrain())
             self.state = WS.WORKER_STATE_READY
         else:

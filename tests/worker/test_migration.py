@@ -8,8 +8,9 @@ pulling its weights from A and B and each request's KV rank to rank, A's heads f
 B's from B; pipeline 1 regroups A and B into (P=2, M=1), each keeping half of its new
 weights and pulling the other half. The requests resume on C from that KV. Epoch 3: C is
 drained in turn, and pipeline 1, unchanged, inherits its requests: A pulls the first
-layers' KV from C and B the last ones, on their fast path, without stopping. Every
-request's tokens equal an uninterrupted run's, and no request re-prefills. Finally SIGTERM
+layers' KV from C and B the last ones, on their fast path, without stopping the request
+they serve meanwhile. Every request's tokens equal an uninterrupted run's, and no request
+re-prefills. Finally SIGTERM
 stops every worker cleanly.
 """
 
@@ -89,6 +90,11 @@ async def test_kv_moves_rank_to_rank_across_layouts(
                                                  KV)) for rid in PROMPTS}
 
         # ---- epoch 3: C drains; the unchanged (P=2) pipeline on A and B takes them over --
+        # while serving a request of its own, through the Configure (it is pipeline 0 now,
+        # not 1: a renumbering that must not stop it)
+        own = next(iter(PROMPTS))
+        serving = Stream(a, submit_request("own", PROMPTS[own], MAX_TOKENS))
+        await asyncio.wait_for(serving.first.wait(), 60)
         again, drained = await _drain(c, resumed, 1)
         one = ParallelConfig((staged,), batch=8)
         replies = await configure_pipeline(
@@ -103,6 +109,8 @@ async def test_kv_moves_rank_to_rank_across_layouts(
         for rid, stream in final.items():
             assert await stream.result() == reference(PROMPTS[rid], MAX_TOKENS), rid
             assert stream.finish == FR.FINISH_REASON_LENGTH
+        assert await serving.result() == reference(PROMPTS[own], MAX_TOKENS)
+        assert serving.finish == FR.FINISH_REASON_LENGTH, "the fast path must not pause it"
         status = await a.status()
         assert status.state == worker_pb2.WORKER_STATE_READY and status.kv_blocks_used == 0
         resumed_by_kv = [line for line in a.log.read_text().splitlines()

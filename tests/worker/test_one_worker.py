@@ -198,6 +198,36 @@ async def test_scale_out_fast_path_keeps_serving(
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_new_batch_size_applies_on_the_fast_path(
+        worker: Worker, checkpoint: Path,
+        reference: Callable[[list[int], int], list[int]]) -> None:
+    """A new plan may resize an unchanged pipeline's batch: the worker keeps serving (its
+    request is not paused) and runs at most the new number of requests at once."""
+    spec = ModelSpec.from_hf_config(checkpoint)
+    here = {Position(0, 0, 0): worker}
+    wide, narrow = (ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=b) for b in (8, 1))
+    first = Stream(worker, submit_request("first", PROMPTS["r3"], 60))
+    await asyncio.wait_for(first.first.wait(), 30)
+    resize = configure_request(spec, 8, narrow, Position(0, 0, 0), here, old=wide,
+                               old_placement=here, old_ids=["e1p0"])
+    reply = await worker.stub.Configure(resize, metadata=META, timeout=30)
+    assert reply.state == worker_pb2.WORKER_STATE_READY and reply.bytes_pulled == 0
+    assert not first.task.done(), "the request must still be running after the Configure"
+    later = [Stream(worker, submit_request(f"later{i}", PROMPTS["r3"], 60)) for i in range(2)]
+    busiest = 0
+    while not all(s.task.done() for s in (first, *later)):
+        busiest = max(busiest, (await worker.status()).running)
+        await asyncio.sleep(0.02)
+    assert busiest == 1
+    for stream in (first, *later):
+        assert await stream.result() == reference(PROMPTS["r3"], 60)
+        assert stream.finish == FR.FINISH_REASON_LENGTH
+    back = configure_request(spec, 9, wide, Position(0, 0, 0), here, old=narrow,
+                             old_placement=here, old_ids=["e1p0"])
+    await worker.stub.Configure(back, metadata=META, timeout=30)
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_drain_by_deadline_then_resume_here_from_the_kept_kv(
         worker: Worker, checkpoint: Path,
         reference: Callable[[list[int], int], list[int]]) -> None:
