@@ -167,7 +167,10 @@ class WorkerFleet(Actuator):
         for (gpu, _, role), reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):
                 self.serving.pop(gpu, None)
-                failed.append(f"{gpu}: {reply}")
+                if gpu in jobs:
+                    failed.append(f"{gpu}: {reply}")
+                else:  # standing down one that is gone already (its node stopping): done
+                    log.info("worker %s did not stand down (%s); no role needs it", gpu, reply)
                 continue
             self.serving[gpu] = (epoch, role)
             self.moved.add(reply)

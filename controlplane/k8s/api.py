@@ -113,8 +113,20 @@ class KubeApi:
     async def patch(self, path: str, body: Mapping[str, Any]) -> Any:
         return await self._checked("PATCH", path, body, "application/merge-patch+json")
 
-    async def delete(self, path: str) -> None:
-        await self._checked("DELETE", path, ok=(200, 202, 404))
+    async def delete(self, path: str, resource_version: str | None = None) -> bool:
+        """Delete the object at `path` (gone already counts as deleted). With
+        `resource_version`, only while the object is still at that version: False when it
+        changed since it was read (someone else acted on it meanwhile)."""
+        body = None if resource_version is None else {
+            "kind": "DeleteOptions", "apiVersion": "v1",
+            "preconditions": {"resourceVersion": resource_version}}
+        code, data = await self._request("DELETE", path, body)
+        if code == 409:
+            return False
+        if code not in (200, 202, 404):
+            message = data.get("message") if isinstance(data, Mapping) else data
+            raise ActuatorError(f"DELETE {path}: HTTP {code}: {message}")
+        return True
 
     async def list(self, path: str, labels: Mapping[str, str] | None = None
                    ) -> list[dict[str, Any]]:

@@ -374,8 +374,11 @@ class KubernetesBackend(WorkerFleet):
         deleted. Spot ones unanswered for `spot_wait` are replaced by the pool's fallback
         or on-demand. Returns how many are still pending."""
         waiting, pods = 0, await self.capacity_pods()
+        requests = {p["metadata"]["name"] for p in pods}
+        # (a request adopted since the first list shows up as a worker pod: not another)
         manned = {(p["metadata"].get("labels") or {}).get(m.NODE_LABEL)
-                  for p in await self.worker_pods() if not ended(p)}
+                  for p in await self.worker_pods()
+                  if not ended(p) and p["metadata"]["name"] not in requests}
         for pod in pods:
             meta = pod["metadata"]
             node = (pod.get("spec") or {}).get("nodeName")
@@ -383,7 +386,9 @@ class KubernetesBackend(WorkerFleet):
                 asked = float((meta.get("annotations") or {}).get(m.REQUESTED_AT) or 0)
                 if m.dns_name(node) in manned or \
                         time.time() - asked > self.options.ready_timeout:
-                    await self.api.delete(f"{self.pods_path}/{meta['name']}")
+                    # only as it was read: one the controller adopted meanwhile stays
+                    await self.api.delete(f"{self.pods_path}/{meta['name']}",
+                                          meta.get("resourceVersion"))
                 continue
             waiting += 1
             pool = next((p for p in self.service.pools

@@ -119,3 +119,34 @@ def test_node_events_in_default_are_read_when_namespaces_are_watched(
         "spec": {"providerID": "aws:///us-east-1a/i-1"}}
     info = describe_node(node, now=time.time(), events=events.get("spot-1", ()))
     assert info.doomed and info.notice is not None and info.notice.kind == "termination"
+
+
+def test_a_delete_made_on_a_stale_read_leaves_a_changed_object_alone(
+        cluster: ControlPlane) -> None:
+    """The operator deletes a capacity request it read a moment ago only if nobody changed
+    it since (the apiserver's resourceVersion precondition): one adopted as a node's
+    worker pod in between stays."""
+    import asyncio
+
+    from spotserve.operator.k8s.api import Connection, KubeApi
+
+    path = "/api/v1/namespaces/default/configmaps"
+    code, body = cluster.request("POST", path, {"metadata": {"name": "request-1"}})
+    assert code == 201, body
+    stale = body["metadata"]["resourceVersion"]
+    code, _ = cluster.request("PATCH", f"{path}/request-1",
+                              {"metadata": {"labels": {"adopted": "yes"}}},
+                              content_type="application/merge-patch+json")
+    assert code == 200
+
+    async def delete(version: str) -> bool:
+        api = KubeApi(Connection(cluster.server, cluster.admin_token, insecure=True))
+        try:
+            return await api.delete(f"{path}/request-1", version)
+        finally:
+            await api.close()
+    assert asyncio.run(delete(stale)) is False
+    code, now = cluster.request("GET", f"{path}/request-1")
+    assert code == 200 and now["metadata"]["labels"] == {"adopted": "yes"}
+    assert asyncio.run(delete(now["metadata"]["resourceVersion"])) is True
+    assert cluster.request("GET", f"{path}/request-1")[0] == 404

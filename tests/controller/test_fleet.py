@@ -8,13 +8,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import pytest
+
+from spotserve.catalog import Catalog
+from spotserve.layout import ParallelConfig, Position
 from spotserve.models import resolve_model
 from spotserve.operator.controller.actuator import ActuatorError, DrainedRequest, Resume
 from spotserve.operator.controller.actuator import RoutedPipeline as Route
+from spotserve.operator.controller.epoch import WorkerAssignment, epoch_jobs
 from spotserve.operator.controller.events import Event, PipelineBroken, WorkerRestarted
 from spotserve.operator.controller.fleet import FleetOptions, WorkerFleet
 from spotserve.operator.controller.wire import Configured, RouterReport, WorkerReport
-from spotserve.operator.planner.cluster import GpuId
+from spotserve.operator.planner.cluster import GpuId, Instance, Placement
 from spotserve.v1 import worker_pb2
 
 A, B = GpuId("a", 0), GpuId("b", 0)
@@ -39,6 +44,8 @@ class FakeWire:
     async def configure(self, address: str, request: worker_pb2.ConfigureRequest,
                         timeout: float) -> Configured:
         self.calls.append(("configure", address, request.epoch))
+        if address in self.silent:
+            raise ActuatorError(f"Configure {address}: UNAVAILABLE")
         return Configured("ready")
 
     async def topology(self, router: str, epoch: int, pipelines: Sequence[tuple[Route, str]],
@@ -147,3 +154,26 @@ async def test_marks_add_up_until_the_switch() -> None:
     last = [c for c in wire.calls if c[0] == "topology"][-1]
     assert last == ("topology", 3, (("p0", "gone", ""), ("p1", "draining", "b:1")))
     assert [p.pipeline_id for p in fleet.routed if p.state != "gone"] == ["p1"]
+
+
+def _job_on_a(epoch: int) -> dict[GpuId, WorkerAssignment]:
+    model = resolve_model("opt-6.7b")
+    config = ParallelConfig.uniform(model.num_layers, 1, 1, 1, batch=4)
+    kind = Catalog.load().instance("p4d.24xlarge")
+    return epoch_jobs(model, epoch, Placement.of(config, {Position(0, 0, 0): A}), None,
+                      [Instance("a", kind, state="joining")])
+
+
+async def test_a_worker_that_is_gone_need_not_stand_down() -> None:
+    """B left the configuration (its node is stopping, its worker gone already): telling
+    it to stand down fails, and that must not fail the migration; A's role must."""
+    wire = FakeWire()
+    fleet = Fleet(wire)
+    fleet.serving[B] = (4, ("old role",))
+    wire.silent.add("b:1")
+    assert await fleet.configure(5, _job_on_a(5), {}) == 0
+    assert ("configure", "b:1", 5) in wire.calls and B not in fleet.serving
+    fleet.serving[B] = (4, ("old role",))
+    wire.silent = {"a:1"}
+    with pytest.raises(ActuatorError, match="a/0"):
+        await fleet.configure(6, _job_on_a(6), {})

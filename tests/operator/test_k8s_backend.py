@@ -4,6 +4,7 @@ then on-demand), release, and the pod bookkeeping, against an in-memory API."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,28 +30,43 @@ class MemoryApi(KubeApi):
         super().__init__(Connection("http://unused"))
         self.objects: dict[str, dict[str, Any]] = {}
 
+        self.version = 0
+
+    def _stamp(self, obj: dict[str, Any]) -> None:
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+
     async def create(self, obj: Mapping[str, Any]) -> bool:
         name = obj["metadata"]["name"]
         if name in self.objects:
             return False
-        self.objects[name] = dict(obj)
+        self.objects[name] = copy.deepcopy(dict(obj))
+        self._stamp(self.objects[name])
         return True
 
     async def apply(self, obj: Mapping[str, Any]) -> Any:
-        self.objects[obj["metadata"]["name"]] = dict(obj)
+        self.objects[obj["metadata"]["name"]] = copy.deepcopy(dict(obj))
+        self._stamp(self.objects[obj["metadata"]["name"]])
 
     async def patch(self, path: str, body: Mapping[str, Any]) -> Any:
         target = self.objects.get(path.rpartition("/")[2])
         if target is not None:
             merge(target, body)
+            self._stamp(target)
         return body
 
-    async def delete(self, path: str) -> None:
-        self.objects.pop(path.rpartition("/")[2], None)
+    async def delete(self, path: str, resource_version: str | None = None) -> bool:
+        name = path.rpartition("/")[2]
+        held = self.objects.get(name)
+        if held is not None and resource_version is not None and \
+                held["metadata"]["resourceVersion"] != resource_version:
+            return False  # the apiserver's 409 on a failed precondition
+        self.objects.pop(name, None)
+        return True
 
     async def list(self, path: str, labels: Mapping[str, str] | None = None
                    ) -> list[dict[str, Any]]:
-        return [o for o in self.objects.values() if matches(o, labels or {})]
+        return [copy.deepcopy(o) for o in self.objects.values() if matches(o, labels or {})]
 
 
 def merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
@@ -119,6 +135,30 @@ async def test_a_capacity_request_bound_to_its_new_node_becomes_the_nodes_worker
     assert b.pod_name("n9") == name
     assert await b.capacity_pods() == [] and await b.settle_capacity() == 0
     assert list(api.objects) == [name]
+
+
+async def test_a_capacity_request_adopted_while_capacity_settles_is_kept() -> None:
+    """The unlucky timing: the controller adopts a capacity pod as its node's worker pod
+    between settle_capacity's two reads (capacity requests, then worker pods). The pod
+    then looks like the node's worker pod beside itself; it must not be deleted."""
+    b, api = backend([pool("spot", "spot", 2)])
+    b.pool_of = lambda node: b.service.pools[0]
+    await b.request_capacity("g4dn.12xlarge", 1, "spot")
+    (name,) = api.objects
+    api.objects[name]["spec"]["nodeName"] = "n9"
+    real_list = api.list
+
+    async def adopting(path: str, labels: Mapping[str, str] | None = None
+                       ) -> list[dict[str, Any]]:
+        out = await real_list(path, labels)
+        if (labels or {}).get(m.COMPONENT) == m.CAPACITY:  # adopted just after this read
+            await api.patch(f"{b.pods_path}/{name}", m.adopted("n9", 3, True))
+        return out
+
+    api.list = adopting  # type: ignore[method-assign]
+    await b.settle_capacity()
+    assert list(api.objects) == [name]
+    assert api.objects[name]["metadata"]["labels"][m.COMPONENT] == m.WORKER
 
 
 async def test_release_deletes_the_pods_of_those_nodes_only() -> None:
