@@ -473,7 +473,8 @@ class WorkerServicer(TensorServicer):
         if limit is None:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          "give steps or deadline_unix")
-        self.state = WS.WORKER_STATE_DRAINING
+        if self.state != WS.WORKER_STATE_STOPPING:  # (SIGTERM: its own drain runs already;
+            self.state = WS.WORKER_STATE_DRAINING   # this one takes it over, still stopping)
         future = driver.drain(steps=request.steps, gather=request.gather) \
             if limit == "steps" else \
             driver.drain(deadline_unix=request.deadline_unix, gather=request.gather)

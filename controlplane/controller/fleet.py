@@ -40,7 +40,9 @@ from .events import PipelineBroken, WorkerRestarted
 from .wire import Configured, Wire, WorkerReport
 
 log = logging.getLogger("spotserve.fleet")
-SERVING_STATES = ("ready", "draining", "drained")
+# A stopping driver (SIGTERM: evicted, its node shutting down) is draining itself with its
+# KV kept for peers to pull: its pipeline is going, not broken (the notice follows).
+SERVING_STATES = ("ready", "draining", "drained", "stopping")
 
 
 @dataclass(frozen=True)

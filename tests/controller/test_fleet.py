@@ -115,6 +115,10 @@ async def test_progress_calls_a_pipeline_whose_driver_moved_on_broken() -> None:
     status = await fleet.progress()
     assert not status["p0"].broken and status["p0"].cached_tokens == 40
     assert status["p1"].broken and "p9" in status["p1"].error
+    # a driver that got SIGTERM drains itself, its KV kept: going, not broken
+    wire.reports["a:1"] = WorkerReport(2, "stopping", "p0", "", 40, 3, 20.0)
+    status = await fleet.progress()
+    assert not status["p0"].broken and status["p0"].cached_tokens == 40
 
 
 async def test_the_monitor_replaces_a_silent_worker_and_reports_a_broken_pipeline() -> None:

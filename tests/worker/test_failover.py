@@ -107,3 +107,43 @@ async def test_sigterm_on_a_follower_drains_its_pipeline_first(
         assert "cannot be adopted" not in c.log.read_text()
     finally:
         await asyncio.gather(*(w.stop(timeout=15) for w in (a, b, c)))
+
+
+async def test_a_drain_takes_over_a_stopping_drivers_own_drain(
+        checkpoint: Path, reference: Callable[[list[int], int], list[int]],
+        tmp_path: Path) -> None:
+    """A driver's node shuts down (GKE: SIGTERM comes with the notice): it drains itself,
+    letting its request decode for part of its grace. The controller's Drain, a moment
+    later, takes that drain over (stop now, KV kept) and the worker stays stopping; its
+    KV can still be pulled, and the request continues exactly from it elsewhere."""
+    spec = ModelSpec.from_hf_config(checkpoint)
+    a, c = await asyncio.gather(spawn("127.0.0.15", checkpoint, tmp_path, "--grace", "8"),
+                                spawn("127.0.0.16", checkpoint, tmp_path))
+    try:
+        old = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+        old_placement = {Position(0, 0, 0): a}
+        await configure_pipeline(spec, 1, old, old_placement)
+        stream = Stream(a, submit_request("r1", PROMPTS["r1"], 240))
+        await asyncio.wait_for(stream.first.wait(), 60)
+        a.process.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            if (await a.status()).state == worker_pb2.WORKER_STATE_STOPPING:
+                break
+            await asyncio.sleep(0.05)
+        drained = await a.stub.Drain(worker_pb2.DrainRequest(steps=0), metadata=META,
+                                     timeout=5)   # well before its own drain would end
+        before = await stream.result()
+        assert stream.finish == FR.FINISH_REASON_PAUSED and 0 < len(before) < 240
+        assert (await a.status()).state == worker_pb2.WORKER_STATE_STOPPING
+        (progress,) = drained.requests
+        assert progress.kv_kept
+        single = ParallelConfig.uniform(spec.num_layers, 1, 1, 1, batch=8)
+        (reply,) = await configure_pipeline(
+            spec, 2, single, {Position(0, 0, 0): c}, old=old, old_placement=old_placement,
+            doomed=[a], drained=[progress])
+        assert reply.bytes_pulled > 0
+        resumed = Stream(c, submit_request("r1", PROMPTS["r1"], 240, before, KV))
+        assert await resumed.result() == reference(PROMPTS["r1"], 240)
+        assert "cannot be adopted" not in c.log.read_text()
+    finally:
+        await asyncio.gather(*(w.stop(timeout=30) for w in (a, c)))
