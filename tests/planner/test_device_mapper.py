@@ -142,13 +142,19 @@ def test_shrinking_keeps_the_furthest_pipelines_in_place_and_moves_the_rest() ->
     assert result.reused_kv_bytes > 0
 
 
+def two_pipelines(tokens: tuple[int, int], count: int, states: dict[int, str]
+                  ) -> tuple[ModelSpec, CurrentState, list[Instance]]:
+    """Two (P=1, M=2) pipelines on two-GPU boxes holding `tokens` cached tokens, and
+    `count` boxes now in `states`."""
+    model, itype = tiny_model(4), small_type("box", 2)
+    placement = place(model, ParallelConfig.uniform(4, 2, 1, 2, 2), pool(itype, 2))
+    current = CurrentState(placement, tuple(PipelineProgress(d, t, 4)
+                                            for d, t in enumerate(tokens)))
+    return model, current, pool(itype, count, states=states)
+
+
 def test_an_adopted_pipelines_kv_moves_to_its_new_home() -> None:
-    model = tiny_model(4)
-    itype = small_type("box", 2)
-    old = ParallelConfig.uniform(4, 2, 1, 2, 2)
-    placement = place(model, old, pool(itype, 2))
-    current = CurrentState(placement, (PipelineProgress(0, 30, 4), PipelineProgress(1, 20, 4)))
-    now = pool(itype, 2, states={1: "doomed"})
+    model, current, now = two_pipelines((30, 20), 2, {1: "doomed"})
     result = map_devices(model, ParallelConfig.uniform(4, 1, 1, 2, 2), now, current)
     assert result.inherits == ((0, 0), (0, 1))
     plan = migration_plan(model, current, result.placement, result.inherits, now)
@@ -159,12 +165,7 @@ def test_an_adopted_pipelines_kv_moves_to_its_new_home() -> None:
 
 
 def test_lost_instances_lend_nothing() -> None:
-    model = tiny_model(4)
-    itype = small_type("box", 2)
-    old = ParallelConfig.uniform(4, 2, 1, 2, 2)
-    placement = place(model, old, pool(itype, 2))
-    current = CurrentState(placement, (PipelineProgress(0, 10, 4), PipelineProgress(1, 10, 4)))
-    now = pool(itype, 3, states={0: "lost"})
+    model, current, now = two_pipelines((10, 10), 3, {0: "lost"})
     result = map_devices(model, ParallelConfig.uniform(4, 2, 1, 2, 2), now, current)
     assert "n0" not in result.placement.instances()
     assert result.inherits == ((1, 1),)
