@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import secrets
+import shutil
 import signal
 import sys
 
@@ -23,7 +25,14 @@ from .tiny_model import build_tiny_llama
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()   # Ctrl-C (or SIGTERM) stops it at any moment, starting too
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     args.out = args.out.resolve()  # workers run elsewhere: every path they get is absolute
+    # A previous run's controller state names workers that ended with that run: resuming
+    # it would wait on them for ever. Each run starts clean.
+    shutil.rmtree(args.out / "controller", ignore_errors=True)
     model_dir = args.model.resolve() if args.model else \
         build_tiny_llama(args.out / "tiny-llama")
     model = ModelSpec.from_hf_config(model_dir)
@@ -45,7 +54,11 @@ async def _serve(args: argparse.Namespace) -> int:
         await asyncio.gather(*(backend.add_instance(f"local{i}", args.instance_type)
                                for i in range(args.instances)))
         while not any(p.state == "serving" for p in backend.routed):
-            await asyncio.sleep(0.2)
+            if stop.is_set():
+                print("stopped before serving", flush=True)
+                return 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
             await _forward(backend, controller)
         tasks.append(asyncio.create_task(_forward_forever(backend, controller)))
         host = args.http.rpartition(":")[0]
@@ -58,10 +71,6 @@ async def _serve(args: argparse.Namespace) -> int:
               f"try: curl {base}/completions -H 'content-type: application/json' "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'",
               flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         return 0
     finally:

@@ -2,7 +2,9 @@
 
 Starts the router (OpenAI HTTP + gRPC), the controller and `--instances` emulated
 instances (one `spotserve worker` process per GPU, on 127.0.0.N), then serves until
-Ctrl-C. Top level imports only the standard library and the core.
+Ctrl-C, which stops it at any moment, while starting too. Each run starts clean: a
+previous run's controller state (its workers ended with it) is cleared. Top level imports
+only the standard library and the core.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc", default="127.0.0.1:50051", metavar="HOST:PORT",
                         help="gRPC Inference address (127.0.0.1:50051)")
     parser.add_argument("--out", type=Path, default=Path("spotserve-up"), metavar="DIR",
-                        help="logs and controller state (./spotserve-up)")
+                        help="logs and this run's controller state, cleared at each start "
+                             "(./spotserve-up)")
 
 
 def run(args: argparse.Namespace) -> int:
