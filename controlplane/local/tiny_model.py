@@ -83,16 +83,30 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             out.write(blob)
 
 
+# Chat: each turn is its role's marker word and its text; the assistant's marker opens
+# the reply. Words outside the vocabulary read as w0, as any unknown word does.
+ROLE_WORDS = {"system": word(3), "user": word(4), "assistant": word(5)}
+CHAT_TEMPLATE = (
+    "{{ bos_token }} {% for m in messages %}"
+    "{{ " + repr(ROLE_WORDS) + ".get(m['role'], '" + ROLE_WORDS["user"] + "') }} "
+    "{{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}" + ROLE_WORDS["assistant"] + "{% endif %}")
+
+
 def write_tokenizer(folder: Path, vocab: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A word-level tokenizer whose BOS (w1) and EOS (w2) are special tokens (left out of
+    decoded text), with a chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     tokenizer = Tokenizer(models.WordLevel({word(i): i for i in range(vocab)},
                                            unk_token=word(0)))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.add_special_tokens([AddedToken(word(i), special=True, single_word=True)
+                                  for i in (1, 2)])  # w1, not the w1 of w10
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": word(1), "eos_token": word(2)}))
+        {"bos_token": word(1), "eos_token": word(2), "chat_template": CHAT_TEMPLATE}))
 
 
 def build_tiny_llama(folder: Path, seed: int = 0, **overrides: Any) -> Path:

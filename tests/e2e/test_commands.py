@@ -62,6 +62,16 @@ def _serves(process: subprocess.Popen[str]) -> None:
     with urllib.request.urlopen(request, timeout=60) as reply:
         answer = json.loads(reply.read())
     assert answer["usage"]["completion_tokens"] == 6
+    # chat, the first thing most clients try, through the openai client (issue 15, item 3)
+    import openai
+    client = openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
+    chat = client.chat.completions.create(
+        model="tiny-llama", max_tokens=8, temperature=0,
+        messages=[{"role": "system", "content": "w9 w10"},
+                  {"role": "user", "content": "hello w7"}])
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage is not None and 0 < chat.usage.completion_tokens <= 8
+    assert "w2" not in (chat.choices[0].message.content or "").split()  # EOS is special
 
 
 def test_up_local_serves_until_interrupted_and_again_in_the_same_folder(
