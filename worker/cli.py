@@ -85,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics here")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO",
+                        type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log lines at this level and above (INFO)")
 
 
 class JsonFormatter(logging.Formatter):

@@ -47,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address of /healthz and /metrics (SPOTSERVE_LISTEN_HOST)")
     parser.add_argument("--interval", type=float, default=2.0,
                         help="seconds between a service's reconciliations (2)")
-    parser.add_argument("--log-level", default=os.environ.get("SPOTSERVE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("SPOTSERVE_LOG_LEVEL", "INFO"),
+                        type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log lines at this level and above ($SPOTSERVE_LOG_LEVEL, else "
+                             "INFO)")
 
 
 def defaults_from_env() -> dict[str, object]:

@@ -31,6 +31,19 @@ FLAGS = ("--max-queue", "512", "--max-concurrency", "8", "--queue-timeout", "120
          "--shutdown-grace", "1")
 
 
+def router_args(model_dir: Path, grpc: str, http: str, request_log: Path,
+                served_name: str | None = None, max_queue: int | None = None,
+                max_concurrency: int | None = None) -> list[str]:
+    """`spotserve router`'s arguments in local mode: `FLAGS`, then what the caller sets."""
+    out = ["router", "--model", str(model_dir), "--grpc", grpc, "--http", http,
+           "--request-log", str(request_log), *FLAGS]
+    for flag, value in (("--served-model-name", served_name), ("--max-queue", max_queue),
+                        ("--max-concurrency", max_concurrency)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
 @dataclass
 class RouterProcess:
     process: asyncio.subprocess.Process
@@ -41,18 +54,19 @@ class RouterProcess:
     @classmethod
     async def start(cls, model_dir: Path, workdir: Path, token: str,
                     grpc: str = "127.0.0.1:0", http: str = "127.0.0.1:0",
-                    served_name: str | None = None) -> RouterProcess:
+                    served_name: str | None = None, max_queue: int | None = None,
+                    max_concurrency: int | None = None) -> RouterProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         log, request_log = workdir / "router.log", workdir / "requests.jsonl"
         request_log.unlink(missing_ok=True)
         env = {**os.environ, "SPOTSERVE_TOKEN": token, "PYTHONUNBUFFERED": "1",
                DIE_WITH_PARENT_ENV: str(os.getpid())}
-        name = ("--served-model-name", served_name) if served_name else ()
         with log.open("w") as stderr:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "spotserve.cli", "router", "--model", str(model_dir),
-                "--grpc", grpc, "--http", http, "--request-log", str(request_log), *name,
-                *FLAGS, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr)
+                sys.executable, "-m", "spotserve.cli",
+                *router_args(model_dir, grpc, http, request_log, served_name, max_queue,
+                             max_concurrency),
+                cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr)
         assert process.stdout is not None
         try:
             line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()

@@ -40,7 +40,8 @@ async def _serve(args: argparse.Namespace) -> int:
     catalog.instance(args.instance_type)
     token = secrets.token_hex(16)
     router = await RouterProcess.start(model_dir, args.out / "logs", token, args.grpc,
-                                       args.http)
+                                       args.http, max_queue=args.max_queue,
+                                       max_concurrency=args.max_concurrency)
     backend = LocalBackend(model, catalog, BackendOptions(
         model_dir=model_dir, workdir=args.out / "logs", router_address=router.grpc_address,
         token=token, device=args.device))

@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OpenAI-compatible HTTP address (127.0.0.1:8000)")
     parser.add_argument("--grpc", default="127.0.0.1:50051", metavar="HOST:PORT",
                         help="gRPC Inference address (127.0.0.1:50051)")
+    parser.add_argument("--max-queue", type=int, default=512, metavar="N",
+                        help="requests that may wait for a slot before the router answers "
+                             "429 (512: more than `spotserve router`'s 256, since a local "
+                             "CPU worker is slow to free slots)")
+    parser.add_argument("--max-concurrency", type=int, default=8, metavar="N",
+                        help="requests one pipeline runs at once when the plan sets no cap "
+                             "(8: what a CPU worker serves well; `spotserve router` says 64)")
     parser.add_argument("--out", type=Path, default=Path("spotserve-up"), metavar="DIR",
                         help="logs and this run's controller state, cleared at each start "
                              "(./spotserve-up)")
@@ -43,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.local:
         raise SpotserveError("spotserve up needs --local (on Kubernetes, install the Helm "
                              "chart: charts/spotserve)")
-    if args.instances < 1:
-        raise SpotserveError(f"--instances {args.instances}: must be at least 1")
+    for flag, number in (("--instances", args.instances), ("--max-queue", args.max_queue),
+                         ("--max-concurrency", args.max_concurrency)):
+        if number < 1:
+            raise SpotserveError(f"{flag} {number}: must be at least 1")
     if args.model is not None and not (args.model / "tokenizer.json").is_file():
         raise SpotserveError(f"--model {args.model}: needs config.json and tokenizer.json")
     for flag, value in (("--http", args.http), ("--grpc", args.grpc)):

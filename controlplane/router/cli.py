@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-log", type=Path, metavar="FILE",
                         help="append one JSON line per finished request: how it ended, its "
                              "tokens, its latency and every interruption and resume")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO",
+                        type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="log lines at this level and above (INFO)")
 
 
 def parse_pipeline(spec: str) -> tuple[str, str, float]:

@@ -34,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--approach", default="all", help="all (spotserve, reparallelize, "
                         "reroute, ondemand), ablation, every, or one name")
     parser.add_argument("--profile", help="SpotServe profile JSON (else the roofline model)")
-    parser.add_argument("--min-gpus-per-replica", type=int, default=1)
-    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--min-gpus-per-replica", type=int, default=1,
+                        help="fewest GPUs one pipeline may use (the model must fit: 1)")
+    parser.add_argument("--max-batch", type=int, default=4,
+                        help="largest batch B the planner may choose (4)")
     parser.add_argument("--instance-type", default="g4dn.12xlarge",
                         help="catalog instance type of the trace's nodes")
     parser.add_argument("--prices", default="", help="spot prices as TYPE=USD_PER_HOUR,... "
@@ -51,10 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batching", choices=("static", "continuous"), default="static",
                         help="static batches (SpotServe's engine, default) or continuous "
                         "batching (this project's worker engine)")
-    parser.add_argument("--input-tokens", type=int, default=512)
-    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--input-tokens", type=int, default=512,
+                        help="prompt tokens of every generated request (512)")
+    parser.add_argument("--output-tokens", type=int, default=128,
+                        help="output tokens of every generated request (128)")
     parser.add_argument("--out", help="directory for report.json, report.md and plots")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="write report.json and report.md only, no PNG plots")
     parser.add_argument("--json", action="store_true", help="print the JSON report")
 
 

@@ -28,6 +28,7 @@ def spotserve(*args: str) -> subprocess.CompletedProcess[str]:
     (["demo", "--model", "/no/such/model"], "config.json"),
     (["up"], "--local"),
     (["up", "--local", "--instances", "0"], "--instances"),
+    (["up", "--local", "--max-queue", "0"], "--max-queue"),
 ])
 def test_bad_flags_exit_2_with_one_line(args: list[str], words: str, tmp_path: Path) -> None:
     done = spotserve(*args, "--out", str(tmp_path / "out"))

@@ -62,3 +62,39 @@ def test_a_missing_extra_is_named_not_a_traceback() -> None:
                          timeout=120)
     assert out.returncode == 2, out.stderr
     assert "spotserve[worker]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_every_option_of_every_command_explains_itself() -> None:
+    """`spotserve COMMAND --help` says what each option does (issue 15, item 10)."""
+    import argparse
+
+    from spotserve.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+              for name, child in sub.choices.items() for action in child._actions
+              if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not silent, silent
+
+
+def test_log_levels_take_either_case_and_refuse_others() -> None:
+    from spotserve.cli import build_parser
+
+    args = build_parser("router").parse_args(["router", "--model", "m", "--log-level",
+                                               "warning"])
+    assert args.log_level == "WARNING"   # the chart's values are lower case
+    with pytest.raises(SystemExit):
+        build_parser("router").parse_args(["router", "--model", "m", "--log-level", "loud"])
+
+
+def test_up_passes_its_queue_and_concurrency_to_its_router(tmp_path: Path) -> None:
+    from spotserve.cli import build_parser
+    from spotserve.operator.local.router_process import router_args
+
+    up = build_parser("up").parse_args(["up", "--local"])
+    assert (up.max_queue, up.max_concurrency) == (512, 8)  # local mode's defaults
+    argv = router_args(tmp_path, "127.0.0.1:0", "127.0.0.1:0", tmp_path / "log",
+                       max_queue=40, max_concurrency=3)
+    router = build_parser("router").parse_args(argv)
+    assert (router.max_queue, router.max_concurrency) == (40, 3)
