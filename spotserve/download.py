@@ -91,14 +91,25 @@ def run(args: argparse.Namespace) -> int:
     if _already(dest, source):
         print(f"{dest}: already holds {source}", file=sys.stderr)
         return 0
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not dest.is_dir():
+        raise SpotserveError(f"--to {dest}: is a file, not a folder")
+    created = not dest.exists()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpotserveError(f"--to {dest}: cannot create it ({exc.strerror})") from None
     # a marker left by another source must not vouch for a folder this run may leave half done
     (dest / MARKER).unlink(missing_ok=True)
     patterns = METADATA_PATTERNS if args.metadata_only else HF_PATTERNS
-    if args.hf:
-        _from_hub(args.hf, args.revision, dest, patterns)
-    else:
-        _from_url(str(args.url), dest, args.metadata_only)
+    try:
+        if args.hf:
+            _from_hub(args.hf, args.revision, dest, patterns)
+        else:
+            _from_url(str(args.url), dest, args.metadata_only)
+    except BaseException:
+        if created and not any(dest.iterdir()):
+            dest.rmdir()   # a failed download leaves no empty folder behind
+        raise
     spec = ModelSpec.from_hf_config(dest)
     (dest / MARKER).write_text(json.dumps({"source": source}))
     print(f"{dest}: {spec.name} ({spec.family}, {spec.num_parameters / 1e9:.2f} B parameters) "

@@ -329,8 +329,8 @@ def _family(config: Mapping[str, Any]) -> str:
 
 def _int(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpotserveError(f"config.json: {key} must be an integer (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpotserveError(f"config.json: {key} must be a positive integer (got {value!r})")
     return value
 
 

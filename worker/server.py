@@ -569,7 +569,11 @@ async def start_server(listen: str, options: WorkerOptions, metrics: WorkerMetri
     server = grpc.aio.server(
         interceptors=[TokenInterceptor(options.token, frozenset({health.CHECK}))],
         options=[*CHANNEL_OPTIONS, *KEEPALIVE_ACCEPTED])
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:   # gRPC's "Failed to bind": a port in use, say
+        raise SpotserveError(f"cannot listen on {listen}: the address is in use or not "
+                             f"this machine's") from exc
     address = f"{listen.rsplit(':', 1)[0]}:{port}"
     servicer = WorkerServicer(replace(options, address=options.address or address), metrics)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)

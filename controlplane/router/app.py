@@ -16,6 +16,7 @@ import grpc
 from aiohttp import web
 
 from spotserve.auth import BearerCheck
+from spotserve.errors import SpotserveError
 
 from .dispatch import Pipeline
 from .openai_http import build_app
@@ -109,7 +110,11 @@ class RouterApp:
             self.router.request_log.close()
 
     async def serve_forever(self) -> None:
-        await self.start()
+        try:
+            await self.start()
+        except OSError as exc:   # a port in use, say: close what did start, then say why
+            await self.stop(grace=0)
+            raise SpotserveError(f"cannot listen: {exc.strerror or exc}") from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
