@@ -103,13 +103,24 @@ def _int32(name: str, value: int) -> int:
     return value
 
 
+def _unicode(name: str, text: str) -> str:
+    """`text` as given, if it is valid Unicode: JSON may carry a lone UTF-16 surrogate
+    (\\ud800), which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(name, "contains a lone UTF-16 surrogate (\\ud800-\\udfff): not valid "
+                            "Unicode") from None
+    return text
+
+
 def _stop_strings(value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
+        return [_unicode("stop", value)]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return list(value)
+        return [_unicode(f"stop[{i}]", s) for i, s in enumerate(value)]
     raise invalid("stop", "must be a string or a list of strings")
 
 
@@ -123,7 +134,7 @@ def parse_prompt(router: Router, value: Any) -> list[int]:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         value = value[0]  # a batch of one
     if isinstance(value, str):
-        return router.encode_prompt(value)
+        return router.encode_prompt(_unicode("prompt", value))
     if isinstance(value, list) and (not value or isinstance(value[0], int)):
         return _token_ids("prompt", value)
     if value is None:
@@ -148,14 +159,14 @@ def parse_messages(value: Any) -> list[ChatMessage]:
 
 def _content(where: str, content: Any) -> str:
     if isinstance(content, str):
-        return content
+        return _unicode(where, content)
     if isinstance(content, list):  # content parts: text only
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or \
                     not isinstance(part.get("text"), str):
                 raise invalid(where, "only text content parts are supported")
-            parts.append(part["text"])
+            parts.append(_unicode(where, part["text"]))
         return "".join(parts)
     raise invalid(where, "must be a string or a list of text parts")
 

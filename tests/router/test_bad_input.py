@@ -45,6 +45,9 @@ COMPLETION_CASES: list[tuple[dict[str, Any], str]] = [
     ({"stop_token_ids": ["x"]}, "stop_token_ids"),
     ({"model": "gpt-4"}, "model"),
     ({"stream": "yes"}, "stream"),
+    ({"prompt": "a \ud800 b"}, "prompt"),     # lone UTF-16 surrogates: not Unicode
+    ({"stop": "x\udfff"}, "stop"),
+    ({"stop": ["ok", "\ud800"]}, "stop[1]"),
 ]
 CHAT_CASES: list[tuple[dict[str, Any], str]] = [
     ({"messages": []}, "messages"),
@@ -55,6 +58,10 @@ CHAT_CASES: list[tuple[dict[str, Any], str]] = [
      "messages[0].content"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": LONG}]}, "prompt"),
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+     "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": "\ud800"}, "stop"),
 ]
 
 
