@@ -38,6 +38,7 @@ UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suf
                "response_format")
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 8 * 1024 * 1024  # bytes of a request body
 
 
 def error_body(exc: RouterError) -> dict[str, Any]:
@@ -303,6 +304,24 @@ async def models(request: web.Request) -> web.Response:
         "max_model_len": limits.max_context}]})
 
 
+async def model(request: web.Request) -> web.Response:
+    limits = request.app[ROUTER_KEY].limits
+    wanted = request.match_info["model"]
+    if wanted != limits.name:
+        return _openai_error(404, f"The model '{wanted}' does not exist; this server serves "
+                                  f"'{limits.name}'", "model", "model_not_found")
+    return web.json_response({"id": limits.name, "object": "model", "created": 0,
+                              "owned_by": "spotserve", "max_model_len": limits.max_context})
+
+
+def _openai_error(status: int, message: str, param: str | None = None,
+                  code: str | None = None) -> web.Response:
+    """An error in OpenAI's JSON shape, for what the router's own errors do not cover (an
+    unknown path, a wrong method, a body too large)."""
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error",
+                                        "param": param, "code": code}}, status=status)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
@@ -331,12 +350,21 @@ def build_app(router: Router, api_keys: BearerCheck) -> web.Application:
             return await handler(request)
         except RouterError as exc:
             return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = {404: f"Invalid URL ({request.method} {request.path})",
+                       405: f"Method {request.method} is not allowed on {request.path}",
+                       413: f"The request body is larger than {MAX_BODY} bytes"}.get(
+                           exc.status, exc.reason)
+            return _openai_error(exc.status, message)
 
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[ROUTER_KEY] = router
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)  # ids may hold a slash
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -189,3 +189,28 @@ async def test_a_driver_refusing_the_request_is_invalid_argument(
     status, body, _ = await _post(app.http_port, "/v1/completions",
                                   {**GOOD, "max_tokens": 40})
     assert status == 400 and "context length 32" in body["error"]["message"]
+
+
+async def test_models_by_id_and_http_errors_in_openai_shape(
+        start_worker: StartWorker, start_router: StartRouter) -> None:
+    """`GET /v1/models/{id}` (issue 15, item 8); an unknown path, a wrong method and a body
+    too large answer in OpenAI's JSON error shape, as every other error does."""
+    app = await start_router([])
+    base = f"http://127.0.0.1:{app.http_port}"
+    async with aiohttp.ClientSession() as http:
+        listed = await (await http.get(f"{base}/v1/models")).json()
+        name = listed["data"][0]["id"]
+        one = await http.get(f"{base}/v1/models/{name}")
+        assert one.status == 200 and (await one.json())["id"] == name
+        for method, path, data, status in (
+                ("GET", "/v1/models/gpt-4", None, 404),
+                ("GET", "/v1/nothing/here", None, 404),
+                ("GET", "/v1/completions", None, 405),
+                ("POST", "/v1/completions", b"x" * (9 * 1024 * 1024), 413)):
+            async with http.request(method, base + path, data=data) as response:
+                body = await response.json()
+                assert response.status == status, (path, body)
+                assert set(body["error"]) == {"message", "type", "param", "code"}, body
+                assert body["error"]["message"], body
+        missing = await (await http.get(f"{base}/v1/models/gpt-4")).json()
+        assert missing["error"]["code"] == "model_not_found"
