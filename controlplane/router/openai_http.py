@@ -5,11 +5,16 @@ Requests become `Router.prepare` calls; every bad field is a 400 whose message n
 a full queue is a 429 with Retry-After. A streamed response starts once the first token
 is there, so refusals still get their own status code; a failure after that arrives as a
 final `error` event.
+
+Lenient on purpose, and documented: a body is read as JSON whatever its Content-Type
+(`curl -d` without a header sends form-encoded), and fields this server does not read are
+ignored as OpenAI's API ignores them, each name logged once at debug level.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +29,7 @@ from .metrics import CONTENT_TYPE
 from .router import Chunk, Router
 from .tokenizer import ChatMessage
 
+log = logging.getLogger(__name__)
 HTTP_STATUS = {
     ErrorKind.INVALID_ARGUMENT: 400, ErrorKind.ALREADY_EXISTS: 409,
     ErrorKind.RESOURCE_EXHAUSTED: 429, ErrorKind.UNAVAILABLE: 503,
@@ -36,6 +42,13 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 ROLES = ("system", "user", "assistant", "tool", "developer")
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix", "tools",
                "response_format")
+# Fields read (or refused as unsupported) above; any other is ignored, as OpenAI's API does,
+# and logged once per name at debug level (a misspelt field then shows in the log).
+KNOWN = frozenset({"model", "prompt", "messages", "max_tokens", "max_completion_tokens",
+                   "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                   "ignore_eos", "n", "stream", "stream_options", "presence_penalty",
+                   "frequency_penalty", "user", *UNSUPPORTED})
+_ignored: set[str] = set()
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 8 * 1024 * 1024  # bytes of a request body
@@ -175,12 +188,16 @@ def _content(where: str, content: Any) -> str:
 # ---- handlers -----------------------------------------------------------------------------
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The body as JSON, whatever its Content-Type says (`curl -d` sends form-encoded)."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise invalid("body", "is not valid JSON") from None
     if not isinstance(body, dict):
         raise invalid("body", "must be a JSON object")
+    for name in body.keys() - KNOWN - _ignored:
+        _ignored.add(name)
+        log.debug("ignoring the request field %r (not one this server reads)", name)
     return body
 
 

@@ -4,6 +4,8 @@ full queue is a 429 with Retry-After / RESOURCE_EXHAUSTED; keys and tokens are c
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -214,3 +216,21 @@ async def test_models_by_id_and_http_errors_in_openai_shape(
                 assert body["error"]["message"], body
         missing = await (await http.get(f"{base}/v1/models/gpt-4")).json()
         assert missing["error"]["code"] == "model_not_found"
+
+
+async def test_lenient_on_content_type_and_unknown_fields_logged_once(
+        start_worker: StartWorker, start_router: StartRouter,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The documented leniency (issue 15, item 9): a JSON body sent as text/plain (or
+    curl's form encoding) is read; an unknown field is ignored and logged once."""
+    _, _, address = await start_worker()
+    app = await start_router([Pipeline("p0", address)])
+    url = f"http://127.0.0.1:{app.http_port}/v1/completions"
+    caplog.set_level(logging.DEBUG, logger="spotserve.operator.router.openai_http")
+    async with aiohttp.ClientSession() as http:
+        for kind in ("text/plain", "application/x-www-form-urlencoded"):
+            body = json.dumps({**GOOD, "temprature": 0.5}).encode()
+            async with http.post(url, data=body, headers={"Content-Type": kind}) as response:
+                assert response.status == 200, await response.text()
+    noted = [r for r in caplog.records if "temprature" in r.getMessage()]
+    assert len(noted) == 1 and noted[0].levelno == logging.DEBUG
