@@ -17,6 +17,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from spotserve.errors import SpotserveError
 from spotserve.memory import USABLE_FRACTION
 from spotserve.worker.kv_sizing import CPU_DEFAULT_BLOCKS, KVBudget, parse_kv_blocks
 
@@ -104,8 +105,6 @@ class JsonFormatter(logging.Formatter):
 
 
 def _check(args: argparse.Namespace) -> None:
-    from spotserve.errors import SpotserveError
-
     for flag, value in (("--peer-timeout", args.peer_timeout),
                         ("--join-timeout", args.join_timeout), ("--grace", args.grace)):
         if not value > 0:
@@ -151,6 +150,24 @@ def device_of(requested: str | None, cuda_available: bool, local_rank: str | Non
     return device
 
 
+def check_device(device: str, torch: Any) -> None:
+    """Refuse a device this process cannot use, saying why (a CPU-only torch, no GPU
+    visible, an index past the GPUs there are)."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.backends.cuda.is_built():
+        raise SpotserveError(f"--device {device}: this torch ({torch.__version__}) is a "
+                             "CPU-only build; install a CUDA build, or use --device cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise SpotserveError(f"--device {device}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use "
+                             "--device cpu")
+    index = device.partition(":")[2]
+    if index.isdigit() and int(index) >= count:
+        raise SpotserveError(f"--device {device}: only {count} GPU(s) visible")
+
+
 def _serve_one(args: argparse.Namespace) -> NoReturn:
     import asyncio
     from pathlib import Path
@@ -174,6 +191,7 @@ def _serve_one(args: argparse.Namespace) -> NoReturn:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_of(args.device, torch.cuda.is_available(), os.environ.get("LOCAL_RANK"))
+    check_device(device, torch)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # NCCL and new tensors: this GPU
     engine, budget = engine_config(args), kv_budget(args)

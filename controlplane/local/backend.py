@@ -233,7 +233,8 @@ class LocalBackend(WorkerFleet):
             raise
         if "worker listening" not in line:
             await process.wait()
-            raise RuntimeError(f"worker {gpu} did not start; see {log_file}")
+            raise RuntimeError(f"worker {gpu} did not start ({_last_line(log_file)}); see "
+                               f"{log_file}")
         return WorkerProcess(gpu, process, line.split()[-1])
 
     async def notice(self, name: str, grace: float) -> None:
@@ -324,6 +325,15 @@ async def _stop(worker: WorkerProcess, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+def _last_line(log_file: Path) -> str:
+    """The last line a worker wrote: why it ended (its one-line error, or an exception's)."""
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
 
 
 def _free_port(host: str) -> int:

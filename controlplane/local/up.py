@@ -12,6 +12,7 @@ import signal
 import sys
 
 from spotserve.catalog import Catalog
+from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
 
 from ..controller.controller import Controller
@@ -58,6 +59,9 @@ async def _serve(args: argparse.Namespace) -> int:
             if stop.is_set():
                 print("stopped before serving", flush=True)
                 return 0
+            failed = [e for e in backend.timeline if e["kind"] == "boot-failed"]
+            if len(failed) == len(backend.instances):   # every instance: nothing can serve
+                raise SpotserveError(f"the workers could not start: {failed[-1]['error']}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
             await _forward(backend, controller)

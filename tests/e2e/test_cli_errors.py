@@ -73,3 +73,37 @@ def test_spotserve_trace_segment_parses(reference_dir: Path) -> None:
         pytest.skip("trace_0304_real.txt not in the reference data")
     cloud = load_script(str(segment), 10.0, 3.0)
     assert any(e.kind == KILL for e in cloud.events) and cloud.end > 0
+
+
+def test_up_with_a_device_its_workers_cannot_use_ends_with_their_error(
+        tmp_path: Path) -> None:
+    """Issue 15, item 4: `up --local --device cuda` where torch sees no GPU ends within
+    seconds with the worker's own one-line reason, instead of waiting for ever."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here: --device cuda works")
+    done = spotserve("up", "--local", "--device", "cuda", "--http", "127.0.0.1:0",
+                     "--grpc", "127.0.0.1:0", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "could not start" in line and "--device cuda" in line, line
+
+
+@pytest.mark.parametrize(("built", "count", "device", "words"), [
+    (False, 0, "cuda", "CPU-only build"),
+    (True, 0, "cuda", "no CUDA GPU is visible"),
+    (True, 2, "cuda:3", "only 2 GPU(s)"),
+])
+def test_a_worker_refuses_a_device_it_cannot_use(built: bool, count: int, device: str,
+                                                 words: str) -> None:
+    from types import SimpleNamespace
+
+    from spotserve.worker.cli import check_device
+
+    torch = SimpleNamespace(
+        __version__="2.13.0", backends=SimpleNamespace(cuda=SimpleNamespace(
+            is_built=lambda: built)),
+        cuda=SimpleNamespace(is_available=lambda: count > 0, device_count=lambda: count))
+    with pytest.raises(SpotserveError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_device(device, torch)
+    check_device("cpu", torch)
