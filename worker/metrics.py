@@ -64,6 +64,10 @@ class WorkerMetrics:
         self.kv_blocks_total = _metric("Gauge", "spotserve_worker_kv_blocks_total",
                                        "KV blocks", r)
         self.epoch = _metric("Gauge", "spotserve_worker_epoch", "Configuration epoch", r)
+        # vLLM's name, for existing dashboards: the fraction of KV blocks in use (0 to 1)
+        self.kv_usage = _metric("Gauge", "vllm:kv_cache_usage_perc",
+                                "Fraction of the KV cache in use (1 = full)", r,
+                                labelnames=["model_name"])
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on host:port (0 = any free port); the port used."""

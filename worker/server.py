@@ -382,6 +382,9 @@ class WorkerServicer(TensorServicer):
         self.metrics.running.set(snapshot.running)
         self.metrics.waiting.set(snapshot.waiting)
         self.metrics.kv_blocks_used.set(snapshot.kv_blocks_used)
+        if snapshot.kv_blocks_total:
+            self.metrics.kv_usage.labels(self.spec.name if self.spec else "").set(
+                snapshot.kv_blocks_used / snapshot.kv_blocks_total)
 
     async def _teardown(self) -> None:
         """Leave the current epoch: pause its requests (KV kept), release the pipeline."""

@@ -55,6 +55,18 @@ class RouterMetrics:
         self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end latency.",
                                   ["model_name"], buckets=LATENCY_BUCKETS,
                                   registry=r).labels(m)
+        self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.",
+                                          ["model_name"], registry=r).labels(m)
+        self.vllm_generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.",
+                                              ["model_name"], registry=r).labels(m)
+        self.vllm_success = Counter("vllm:request_success", "Finished requests, by why.",
+                                    ["model_name", "finished_reason"], registry=r)
+        # the same observations under vLLM's old and new names (dashboards use either)
+        self.vllm_itl = [Histogram(name, "Time between output tokens.", ["model_name"],
+                                   buckets=TOKEN_BUCKETS, registry=r).labels(m)
+                         for name in ("vllm:time_per_output_token_seconds",
+                                      "vllm:inter_token_latency_seconds")]
+        self.model_name = m
 
     def set_queue(self, waiting: int, running: int) -> None:
         self.waiting.set(waiting)
@@ -69,6 +81,26 @@ class RouterMetrics:
     def observe_e2e(self, seconds: float) -> None:
         self.e2e.observe(seconds)
         self.vllm_e2e.observe(seconds)
+
+    def observe_itl(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        for histogram in self.vllm_itl:
+            histogram.observe(seconds)
+
+    def count_tokens(self, prompt: int = 0, generated: int = 0) -> None:
+        if prompt:
+            self.prompt_tokens.inc(prompt)
+            self.vllm_prompt_tokens.inc(prompt)
+        if generated:
+            self.generation_tokens.inc(generated)
+            self.vllm_generation_tokens.inc(generated)
+
+    def count_finished(self, reason: str) -> None:
+        """A request ended: stop, length, cancelled or error (vLLM says abort for the last
+        two)."""
+        self.requests.labels(reason).inc()
+        self.vllm_success.labels(self.model_name,
+                                 reason if reason in ("stop", "length") else "abort").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -176,7 +176,7 @@ class Router:
                               field="request_id")
         self._inflight[request.request_id] = flight
         self.arrivals.record(arrived)
-        self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+        self.metrics.count_tokens(prompt=len(request.prompt_token_ids))
         finish: int = FR.FINISH_REASON_UNSPECIFIED
         try:
             async for chunk in self._serve(request, flight, deadline):
@@ -362,7 +362,7 @@ class Router:
             finish = FR.FINISH_REASON_STOP
         if not fresh and not text and finish == FR.FINISH_REASON_UNSPECIFIED:
             return None
-        self.metrics.generation_tokens.inc(len(fresh))
+        self.metrics.count_tokens(generated=len(fresh))
         return Chunk(request.request_id, fresh, text, finish,
                      len(request.prompt_token_ids), flight.log.committed)
 
@@ -372,7 +372,7 @@ class Router:
             self.metrics.observe_ttft(now - flight.arrived)
             self.counters.ttft.add(now - flight.arrived)
         else:
-            self.metrics.itl.observe(now - last)
+            self.metrics.observe_itl(now - last)
         return now
 
     def _finish(self, request: GenerationInput, flight: _InFlight, finish: int) -> None:
@@ -387,9 +387,9 @@ class Router:
             self.counters.completed += 1
             self.counters.e2e.add(elapsed)
             self.metrics.observe_e2e(elapsed)
-            self.metrics.requests.labels(FR.Name(finish)[len("FINISH_REASON_"):].lower()).inc()
+            self.metrics.count_finished(FR.Name(finish)[len("FINISH_REASON_"):].lower())
         elif finish == FR.FINISH_REASON_UNSPECIFIED:  # the client went away
-            self.metrics.requests.labels("cancelled").inc()
+            self.metrics.count_finished("cancelled")
             attempt = flight.attempt
             if attempt is not None and attempt.address:
                 self._spawn(self.workers.cancel(attempt.address, request.request_id))
@@ -399,7 +399,7 @@ class Router:
         if exc.kind is ErrorKind.RESOURCE_EXHAUSTED:
             return  # a refusal, counted as rejected
         self.counters.failed += 1
-        self.metrics.requests.labels("error").inc()
+        self.metrics.count_finished("error")
 
     def _publish_queue(self) -> None:
         self.metrics.set_queue(self.scheduler.queued, self.scheduler.total_running)

@@ -142,3 +142,24 @@ async def test_health_ready_and_metrics(start_worker: StartWorker, start_router:
                  "vllm:e2e_request_latency_seconds_count"):
         assert name in body, name
     assert 'spotserve_requests_total{finish_reason="length"} 3.0' in body
+    # the vLLM names and types dashboards read (issue 15, item 6), labelled by model_name
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    for name, kind in (("vllm:num_requests_running", "gauge"),
+                       ("vllm:num_requests_waiting", "gauge"),
+                       ("vllm:prompt_tokens", "counter"),
+                       ("vllm:generation_tokens", "counter"),
+                       ("vllm:request_success", "counter"),
+                       ("vllm:time_to_first_token_seconds", "histogram"),
+                       ("vllm:time_per_output_token_seconds", "histogram"),
+                       ("vllm:inter_token_latency_seconds", "histogram"),
+                       ("vllm:e2e_request_latency_seconds", "histogram")):
+        family = families[name]
+        assert family.type == kind, name
+        assert all("model_name" in s.labels for s in family.samples), name
+    def value(name: str, **labels: str) -> float:
+        return next(s.value for s in families[name.rsplit("_total", 1)[0]].samples
+                    if s.name == name and labels.items() <= s.labels.items())
+    assert value("vllm:request_success_total", finished_reason="length") == 3
+    assert value("vllm:generation_tokens_total") == 3 * 8
+    assert value("vllm:prompt_tokens_total") > 0

@@ -302,3 +302,11 @@ async def test_prometheus_metrics(worker: Worker) -> None:
     assert values["spotserve_worker_running_requests"] == 0
     assert values["spotserve_worker_kv_blocks_total"] == 64
     assert "spotserve_worker_transfer_seconds_count" in values
+    # vLLM's KV gauge (issue 15, item 6): a fraction, labelled with the model's name
+    from prometheus_client.parser import text_string_to_metric_families
+    (usage,) = [f for f in text_string_to_metric_families(text)
+                if f.name == "vllm:kv_cache_usage_perc"]
+    assert usage.type == "gauge"
+    (sample,) = usage.samples
+    assert set(sample.labels) == {"model_name"} and sample.labels["model_name"]
+    assert 0.0 <= sample.value <= 1.0
