@@ -40,6 +40,8 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
@@ -155,10 +157,64 @@ def _from_url(url: str, dest: Path, metadata_only: bool = False) -> None:
         archive = Path(tmp) / "archive"
         try:
             with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as out:
-                shutil.copyfileobj(response, out, 1 << 20)
+                length = response.headers.get("Content-Length")
+                progress = Progress(url, int(length) if length and length.isdigit() else None)
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    progress.add(len(chunk))
+                progress.close()
         except OSError as exc:
             raise SpotserveError(f"cannot download {url}: {exc}") from None
         _extract(archive, dest, url, metadata_only)
+
+
+class Progress:
+    """Bytes done of a download, its rate and what is left, on stderr: one line rewritten
+    in place on a terminal (at most 5 times a second), else a plain line every `every`
+    seconds (logs of an init container, say), and one at the end."""
+
+    def __init__(self, label: str, total: int | None, every: float = 10.0,
+                 stream: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.total, self.every, self.clock = label, total, every, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done, self.started = 0, clock()
+        self._shown = self.started
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int, note: str = "") -> None:
+        with self._lock:
+            self.done += nbytes
+            now = self.clock()
+            if note and not self.tty:
+                print(f"  {note}  {self.line(now)}", file=self.stream, flush=True)
+                self._shown = now
+            elif now - self._shown >= (0.2 if self.tty else self.every):
+                self._show(now)
+
+    def close(self) -> None:
+        with self._lock:
+            self._show(self.clock())
+            if self.tty:
+                print(file=self.stream, flush=True)
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.started, 1e-9)
+        text = f"{_size(self.done)}"
+        if self.total:
+            text += f" of {_size(self.total)} ({100 * self.done / self.total:.0f}%)"
+        text += f", {_size(int(rate))}/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", {(self.total - self.done) / rate:.0f} s left"
+        return text
+
+    def _show(self, now: float) -> None:
+        self._shown = now
+        if self.tty:
+            print(f"\r{self.label}: {self.line(now)}\x1b[K", end="", file=self.stream,
+                  flush=True)
+        else:
+            print(f"{self.label}: {self.line(now)}", file=self.stream, flush=True)
 
 
 # --- object stores -----------------------------------------------------------------------
@@ -223,6 +279,7 @@ def _fetch_all(store: Store, files: list[StoredObject], prefix: str, dest: Path,
         jobs.append((obj, dest / relative))
     total = sum(o.size for o in files)
     print(f"{url}: {len(files)} files, {_size(total)}, into {dest}", file=sys.stderr)
+    progress = Progress(url, total)
     with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs)),
                             thread_name_prefix="download") as pool:
         futures: dict[Future[None], tuple[StoredObject, Path]] = {
@@ -239,8 +296,9 @@ def _fetch_all(store: Store, files: list[StoredObject], prefix: str, dest: Path,
                         future.result()
                 done_count += 1
                 obj, target = futures[future]
-                print(f"  [{done_count}/{len(jobs)}] {target.relative_to(dest)} "
-                      f"({_size(obj.size)})", file=sys.stderr)
+                progress.add(obj.size, f"[{done_count}/{len(jobs)}] "
+                                       f"{target.relative_to(dest)} ({_size(obj.size)})")
+    progress.close()
 
 
 def _fetch_one(store: Store, obj: StoredObject, target: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spotserve.cli import main
-from spotserve.download import MARKER
+from spotserve.download import MARKER, Progress
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -40,6 +40,7 @@ def serve() -> Iterator[dict[str, bytes]]:
         def do_GET(self) -> None:
             body = files.get(self.path)
             self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
             self.end_headers()
             self.wfile.write(body or b"")
 
@@ -62,9 +63,54 @@ def test_https_archive_is_unpacked_flattened_and_not_fetched_twice(
     assert main(["download", "--url", url, "--to", str(dest)]) == 0
     assert (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()
     assert json.loads((dest / MARKER).read_text())["source"] == url
+    said = capsys.readouterr().err
+    assert f"{url}: " in said and "(100%)" in said, said   # the download's progress
     del serve["/m.tar.gz"]  # a second run must not fetch again
     assert main(["download", "--url", url, "--to", str(dest)]) == 0
     assert "already holds" in capsys.readouterr().err
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_in_logs_is_a_plain_line_every_ten_seconds_and_at_the_end() -> None:
+    """Issue 15, item 11: bytes, share, rate and time left, as lines a log keeps."""
+    clock, out = Clock(), Stream(tty=False)
+    progress = Progress("s3://b/m", 4_000_000_000, stream=out, clock=clock)
+    for _ in range(30):           # 100 MB a second for 30 s
+        clock.now += 1
+        progress.add(100_000_000)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in out.getvalue()
+    assert lines[0] == "s3://b/m: 1.0 GB of 4.0 GB (25%), 100.0 MB/s, 30 s left"
+    assert lines[-1].startswith("s3://b/m: 3.0 GB of 4.0 GB (75%)")
+
+
+def test_progress_on_a_terminal_rewrites_one_line() -> None:
+    clock, out = Clock(), Stream(tty=True)
+    progress = Progress("https://x/m.tar", None, stream=out, clock=clock)
+    for _ in range(16):
+        clock.now += 0.0625
+        progress.add(1_000_000)
+    progress.close()
+    text = out.getvalue()
+    assert text.count("\r") == 5 and text.endswith("\n")  # at most 5 a second, the end
+    assert "16.0 MB, 16.0 MB/s" in text.rsplit("\r", 1)[1]
 
 
 @pytest.mark.parametrize(("members", "message"), [
