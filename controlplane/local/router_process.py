@@ -26,22 +26,20 @@ from .backend import ROOT
 LISTENING = re.compile(r"router listening grpc=(\S+) http=(\S+)")
 # Local mode's requests wait for capacity and resumes longer than the defaults allow: an
 # emulated outage (every instance gone until a replacement boots) lasts that long.
-FLAGS = ("--max-queue", "512", "--max-concurrency", "8", "--queue-timeout", "120",
+# (`router_args` adds the queue and concurrency limits: 512 and 8 unless the caller says)
+FLAGS = ("--queue-timeout", "120",
          "--request-timeout", "300", "--resume-timeout", "120", "--hint-wait", "60",
          "--shutdown-grace", "1")
 
 
 def router_args(model_dir: Path, grpc: str, http: str, request_log: Path,
-                served_name: str | None = None, max_queue: int | None = None,
-                max_concurrency: int | None = None) -> list[str]:
-    """`spotserve router`'s arguments in local mode: `FLAGS`, then what the caller sets."""
+                served_name: str | None = None, max_queue: int = 512,
+                max_concurrency: int = 8) -> list[str]:
+    """`spotserve router`'s arguments in local mode."""
     out = ["router", "--model", str(model_dir), "--grpc", grpc, "--http", http,
-           "--request-log", str(request_log), *FLAGS]
-    for flag, value in (("--served-model-name", served_name), ("--max-queue", max_queue),
-                        ("--max-concurrency", max_concurrency)):
-        if value is not None:
-            out += [flag, str(value)]
-    return out
+           "--request-log", str(request_log), *FLAGS, "--max-queue", str(max_queue),
+           "--max-concurrency", str(max_concurrency)]
+    return [*out, "--served-model-name", served_name] if served_name else out
 
 
 @dataclass
@@ -54,8 +52,8 @@ class RouterProcess:
     @classmethod
     async def start(cls, model_dir: Path, workdir: Path, token: str,
                     grpc: str = "127.0.0.1:0", http: str = "127.0.0.1:0",
-                    served_name: str | None = None, max_queue: int | None = None,
-                    max_concurrency: int | None = None) -> RouterProcess:
+                    served_name: str | None = None, max_queue: int = 512,
+                    max_concurrency: int = 8) -> RouterProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         log, request_log = workdir / "router.log", workdir / "requests.jsonl"
         request_log.unlink(missing_ok=True)

@@ -314,21 +314,22 @@ def _usage(chunk: Chunk) -> dict[str, int]:
             "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
 
 
-async def models(request: web.Request) -> web.Response:
+def _model_card(request: web.Request) -> dict[str, Any]:
     limits = request.app[ROUTER_KEY].limits
-    return web.json_response({"object": "list", "data": [{
-        "id": limits.name, "object": "model", "created": 0, "owned_by": "spotserve",
-        "max_model_len": limits.max_context}]})
+    return {"id": limits.name, "object": "model", "created": 0, "owned_by": "spotserve",
+            "max_model_len": limits.max_context}
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request)]})
 
 
 async def model(request: web.Request) -> web.Response:
-    limits = request.app[ROUTER_KEY].limits
-    wanted = request.match_info["model"]
-    if wanted != limits.name:
+    card, wanted = _model_card(request), request.match_info["model"]
+    if wanted != card["id"]:
         return _openai_error(404, f"The model '{wanted}' does not exist; this server serves "
-                                  f"'{limits.name}'", "model", "model_not_found")
-    return web.json_response({"id": limits.name, "object": "model", "created": 0,
-                              "owned_by": "spotserve", "max_model_len": limits.max_context})
+                                  f"'{card['id']}'", "model", "model_not_found")
+    return web.json_response(card)
 
 
 def _openai_error(status: int, message: str, param: str | None = None,
