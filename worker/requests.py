@@ -1,17 +1,15 @@
 """Submit's side of the Worker service: a `SubmitRequest` checked and turned into the
 engine's `RequestState` (fresh, resumed by re-prefill, or resumed from a KV cache held
-here), and the engine's token events turned back into `TokenDelta`s. No gRPC server here:
+here). No gRPC server here:
 errors are `SpotserveError` (a bad request) or `KVUnavailable` (resume by re-prefill)."""
 
 from __future__ import annotations
 
-import asyncio
 import zlib
 
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2
-from spotserve.worker.driver import StreamEvent
 from spotserve.worker.engine.engine import EngineConfig
 from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.sequence import RequestState, SamplingParams
@@ -83,24 +81,3 @@ def request_state(request: worker_pb2.SubmitRequest, spec: ModelSpec, engine: En
     state.num_computed = min(held, len(prompt) + len(generated) - 1)
     return state
 
-
-def coalesce(request: worker_pb2.SubmitRequest, first: StreamEvent,
-             events: asyncio.Queue[StreamEvent]) -> tuple[worker_pb2.TokenDelta, bool, str]:
-    """One delta from `first` and the token events already queued behind it; whether the
-    stream is over; the pipeline's error, if it broke."""
-    tokens, event = [], first
-    while True:
-        if event.error:
-            return worker_pb2.TokenDelta(), True, event.error
-        if event.token_id is not None:
-            tokens.append(event.token_id)
-        if event.finish or events.empty():
-            break
-        event = events.get_nowait()
-    delta = worker_pb2.TokenDelta(request_id=request.request_id, token_ids=tokens,
-                                  position=first.index,
-                                  finish_reason=event.finish)  # type: ignore[arg-type]
-    if event.finish:
-        delta.usage.prompt_tokens = len(request.prompt_token_ids)
-        delta.usage.completion_tokens = first.index + len(tokens)
-    return delta, bool(event.finish), ""

@@ -50,12 +50,13 @@ from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.epoch import EpochRole, join_world, leave_world, parse_role, role_key
+from spotserve.worker.journal import Journal, relay
 from spotserve.worker.kv_sizing import KVBudget, KVCacheTooSmall, KVSize, size_kv_cache
 from spotserve.worker.kv_store import Paused, PausedRequests, blob_of, import_kv
 from spotserve.worker.metrics import WorkerMetrics
 from spotserve.worker.model.parallel import DEFAULT_PEER_TIMEOUT, EpochGroups, backend_for
 from spotserve.worker.peer_service import TensorServicer
-from spotserve.worker.requests import KVUnavailable, coalesce, request_state
+from spotserve.worker.requests import KVUnavailable, request_state
 from spotserve.worker.tensor_store import TensorStore
 from spotserve.worker.transfer import CHANNEL_OPTIONS, PullItem, pull
 from spotserve.worker.weights import GatherStats, gather, hold
@@ -89,11 +90,13 @@ class WorkerOptions:
     send_bytes_per_s: float = 0.0         # 0: no limit on what peers pull from here
     bulk_port: int = 0                    # tensor bytes over plain TCP: 0 any free, -1 off
     kv_keep_seconds: float = 600.0
+    journal_keep_seconds: float = 300.0   # a detachable request's record after it ends
 
 
 class WorkerServicer(TensorServicer):
     def __init__(self, options: WorkerOptions, metrics: WorkerMetrics | None = None) -> None:
         self.paused = PausedRequests(options.kv_keep_seconds)
+        self.journal = Journal(options.journal_keep_seconds)  # requests and their tokens
         self.shares = KVShares(options.kv_keep_seconds)  # this rank's share of paused KV
         super().__init__(TensorStore(), blob_of(self.shares))
         self.options, self.metrics = options, metrics or WorkerMetrics()
@@ -428,35 +431,50 @@ class WorkerServicer(TensorServicer):
         except KVUnavailable as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        record, owner = self.journal.open(request)
 
         def sink(event: StreamEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(record.add, event.index, event.token_id, event.finish,
+                                      event.error)
 
         accepted = driver.submit(state, sink)
         try:
             await asyncio.wrap_future(accepted)
         except SpotserveError as exc:   # not taken: the shares stay for the next attempt
+            self.journal.release(record, owner, cancelled=True)
             await _abort(context, _code_for(exc), str(exc))
         except asyncio.CancelledError:   # the deadline passed before the engine took it
+            self.journal.release(record, owner, cancelled=True)
             driver.cancel(request.request_id)
             raise
-        finished = False
-        try:
-            while not finished:
-                delta, finished, error = coalesce(request, await events.get(), events)
-                if error:
-                    await _abort(context, grpc.StatusCode.UNAVAILABLE, error)
-                yield delta
-        finally:
-            if not finished:   # the client went away or its deadline passed
-                driver.cancel(request.request_id)
+        async for delta in relay(context, self.journal.stream(
+                record, owner, len(record.tokens), driver.cancel)):
+            yield delta
+
+    def _cancel_running(self, request_id: str) -> None:
+        if self.driver is not None:
+            self.driver.cancel(request_id)
+
+    async def Lookup(self, request: worker_pb2.LookupRequest,
+                     context: Context) -> worker_pb2.LookupResponse:
+        if not request.request_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        return self.journal.lookup(request.request_id)
+
+    async def Attach(self, request: worker_pb2.AttachRequest,
+                     context: Context) -> AsyncIterator[worker_pb2.TokenDelta]:
+        if not request.request_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+        async for delta in relay(context, self.journal.take_over(request.request_id,
+                                                                  self._cancel_running)):
+            yield delta
 
     async def Cancel(self, request: worker_pb2.CancelRequest,
                      context: Context) -> worker_pb2.CancelResponse:
         if not request.request_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         found = self.paused.pop(request.request_id) is not None
+        found = self.journal.drop(request.request_id) or found
         found = self.shares.drop(request.request_id) or found
         if self.driver is not None:
             with contextlib.suppress(SpotserveError):

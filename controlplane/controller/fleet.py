@@ -75,8 +75,10 @@ class Moved:
 class WorkerFleet(Actuator):
     def __init__(self, model: ModelSpec, wire: Wire, options: FleetOptions) -> None:
         self.model, self.wire, self.fleet = model, wire, options
-        self.routed: list[RoutedPipeline] = []   # what the router serves (not gone)
+        self.routed: list[RoutedPipeline] = []   # what the routers serve (not gone)
         self.router_epoch = 0
+        self.router_acks: dict[str, int] = {}    # replica → the epoch it acknowledged
+        self.router_rate: float | None = None    # req/s all replicas last reported, summed
         self.moved = Moved()
         self.serving: dict[GpuId, tuple[int, tuple[object, ...] | None]] = {}  # epoch, role
         self._drains: dict[str, list[DrainedRequest]] = {}
@@ -93,7 +95,8 @@ class WorkerFleet(Actuator):
         """The GPUs whose workers run now (health-checked, stood down when unused)."""
 
     @abstractmethod
-    def router_address(self) -> str: ...
+    def router_addresses(self) -> Sequence[str]:
+        """host:port of every router replica's Control service (empty: none runs yet)."""
 
     @abstractmethod
     def rendezvous(self, driver: GpuId, epoch: int) -> str:
@@ -233,7 +236,12 @@ class WorkerFleet(Actuator):
         await self.switched(epoch)
 
     async def _send_topology(self, epoch: int, pipelines: Sequence[RoutedPipeline],
-                             resume: Sequence[Resume]) -> None:
+                             resume: Sequence[Resume],
+                             replicas: Sequence[str] | None = None) -> None:
+        """Tell every router replica (or just `replicas`) at once. Enough that one takes
+        it: a replica that missed it is told again by `check_routers` (without the resume
+        hints, which only matter to requests it holds: those fall back to re-prefill).
+        `ActuatorError` when no replica took it."""
         routes = []
         for p in pipelines:
             try:
@@ -241,8 +249,56 @@ class WorkerFleet(Actuator):
             except ActuatorError:
                 address = ""   # its driver is gone: so is the pipeline
             routes.append((p, address))
-        await self.wire.topology(self.router_address(), epoch, routes, resume,
-                                 self.fleet.max_batch, self.fleet.switch_timeout)
+        targets = list(self.router_addresses() if replicas is None else replicas)
+        if not targets:
+            raise ActuatorError("no router replica is running yet")
+        replies = await asyncio.gather(*(self.wire.topology(
+            router, epoch, routes, resume, self.fleet.max_batch, self.fleet.switch_timeout)
+            for router in targets), return_exceptions=True)
+        failed = []
+        for router, reply in zip(targets, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, ActuatorError):
+                    raise reply
+                failed.append(f"{router}: {reply}")
+            else:
+                self.router_acks[router] = max(epoch, self.router_acks.get(router, 0))
+        if failed:
+            log.warning("topology %d not taken by %d of %d router replicas: %s", epoch,
+                        len(failed), len(targets), "; ".join(failed))
+        if len(failed) == len(targets):
+            raise ActuatorError("no router replica took the topology: " + "; ".join(failed))
+
+    async def check_routers(self) -> bool:
+        """Ask every replica what it serves and how busy it is: one that restarted or
+        joined (it serves an older epoch, or none) is told the current topology without
+        resume hints (the requests it held died with it; resumable ones resume through
+        any replica). Sums the rates they measured. True when one serves the current
+        epoch."""
+        if self.router_epoch == 0:
+            return False
+        replicas = list(self.router_addresses())
+        self.router_acks = {r: e for r, e in self.router_acks.items() if r in replicas}
+        reports = await asyncio.gather(*(self.wire.router_stats(r, self.fleet.status_timeout)
+                                         for r in replicas), return_exceptions=True)
+        lagging, rates = [], []
+        for router, report in zip(replicas, reports, strict=True):
+            if isinstance(report, BaseException):
+                if not isinstance(report, ActuatorError):
+                    raise report
+                log.info("router %s: %s", router, report)
+                continue
+            rates.append(report.rate)
+            self.router_acks[router] = report.epoch
+            if report.epoch < self.router_epoch:
+                log.info("router %s serves epoch %d, not %d: sending the topology again",
+                         router, report.epoch, self.router_epoch)
+                lagging.append(router)
+        self.router_rate = sum(rates) if rates else None
+        if lagging:
+            with contextlib.suppress(ActuatorError):
+                await self._send_topology(self.router_epoch, self.routed, (), lagging)
+        return any(e >= self.router_epoch for e in self.router_acks.values())
 
     # ---- health -----------------------------------------------------------------------
     def unresponsive(self) -> frozenset[str]:

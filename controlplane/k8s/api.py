@@ -19,7 +19,10 @@ from ..controller.actuator import ActuatorError
 
 CORE = {"Pod": "pods", "Service": "services", "Secret": "secrets", "Event": "events"}
 APPS = {"Deployment": "deployments"}
-GROUPED = {"PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets"}
+GROUPED = {"PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+           "HorizontalPodAutoscaler":
+               "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+           "EndpointSlice": "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"}
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,8 @@ class KubernetesBackend(WorkerFleet):
         self.pod_names: dict[str, str] = {}    # node → its worker pod (adopted ones differ)
         self.current: set[GpuId] = set()       # the GPUs of the latest epoch's jobs
         self._current_epoch = 0
-        self.router_rate: float | None = None  # req/s the router last reported
-        self.router_pod: str | None = None     # host:port of the newest running router pod
+        self.router_pods: list[str] = []       # host:port of each router replica's Control
+        self._slices_warned = False            # said once that EndpointSlices are unreadable
 
     @property
     def pods_path(self) -> str:
@@ -102,26 +102,39 @@ class KubernetesBackend(WorkerFleet):
     def workers(self) -> Sequence[GpuId]:
         return [GpuId.parse(key) for key in self.addresses]
 
-    def router_address(self) -> str:
-        """The router pod's Control port, dialled directly: its Service routes only to
-        Ready pods, and a router is Ready only once it has a topology (finding 1)."""
+    def router_addresses(self) -> Sequence[str]:
+        """Every router replica's Control address (as `find_routers` last found them),
+        dialled directly: the public Service routes only to Ready pods, and a router is
+        Ready only once it has a topology."""
         if self.options.router_address:
-            return self.options.router_address
-        if self.router_pod:
-            return self.router_pod
-        raise ActuatorError("no router pod is running yet")
+            return [self.options.router_address]
+        return self.router_pods
 
-    async def find_router(self) -> str | None:
-        """Learn the newest running router pod's Control address (None: none runs)."""
+    async def find_routers(self) -> list[str]:
+        """Learn the Control addresses of the router replicas, from the EndpointSlices of
+        their headless control Service (every replica with an address, Ready or not, but
+        none terminating); when those cannot be read (RBAC without endpointslices, say),
+        from the running router pods."""
+        path = collection("EndpointSlice", self.owner.namespace)
+        try:
+            slices = await self.api.list(
+                path, {m.SERVICE_NAME_LABEL: m.router_control_name(self.owner)})
+        except ActuatorError as exc:
+            if not self._slices_warned:
+                self._slices_warned = True
+                log.warning("%s: cannot read the EndpointSlices of Service %s (%s): finding "
+                            "the router replicas by listing pods instead (grant the operator "
+                            "list on endpointslices.discovery.k8s.io)", self.owner.name,
+                            m.router_control_name(self.owner), exc)
+        else:
+            self.router_pods = m.control_addresses(slices)
+            return self.router_pods
         pods = await self.api.list(self.pods_path, m.labels(self.owner, m.ROUTER))
         live = [p for p in pods if (p.get("status") or {}).get("podIP") and
                 (p.get("status") or {}).get("phase") == "Running" and
                 not p["metadata"].get("deletionTimestamp")]
-        newest = max(live, key=lambda p: str(p["metadata"].get("creationTimestamp", "")),
-                     default=None)
-        self.router_pod = f"{newest['status']['podIP']}:{m.CONTROL_PORT}" \
-            if newest is not None else None
-        return self.router_pod
+        self.router_pods = sorted(f"{p['status']['podIP']}:{m.CONTROL_PORT}" for p in live)
+        return self.router_pods
 
     def rendezvous(self, driver: GpuId, epoch: int) -> str:
         host = self.address(driver).rpartition(":")[0]
@@ -257,25 +270,10 @@ class KubernetesBackend(WorkerFleet):
         await self._clean_up(epoch)
 
     async def check_router(self) -> bool:
-        """Is the router serving the current topology? A router that restarted (its pod
-        rescheduled) knows no pipelines: it is told them again, without resume hints (the
-        requests it held died with it; clients retry). Records the rate it reports."""
+        """Are the routers serving the current topology? (See `check_routers`.)"""
         if not self.options.router_address:
-            await self.find_router()
-        if self.router_epoch == 0:
-            return False
-        try:
-            router = self.router_address()
-            report = await self.wire.router_stats(router, self.fleet.status_timeout)
-            self.router_rate = report.rate
-            if report.epoch < self.router_epoch:
-                log.info("router %s serves epoch %d, not %d: sending the topology again",
-                         router, report.epoch, self.router_epoch)
-                await self._send_topology(self.router_epoch, self.routed, ())
-        except ActuatorError as exc:
-            log.info("router %s: %s", self.router_pod, exc)
-            return False
-        return True
+            await self.find_routers()
+        return await self.check_routers()
 
     async def _clean_up(self, epoch: int) -> None:
         """Delete pods of nodes no serving pipeline uses; clear do-not-disrupt on the rest."""
@@ -418,9 +416,39 @@ class KubernetesBackend(WorkerFleet):
         return next((p for p in ordered if p.name != pool.name), None)
 
     async def ensure_router(self, token: str | None) -> None:
+        """Create or patch the router's objects to match the spec (run at start and on
+        every spec change): the token copy, the Deployment, its public and control
+        Services, the routers' and the workers' PodDisruptionBudgets, and the
+        HorizontalPodAutoscaler with `router.autoscale`. An autoscaled Deployment is
+        created with `minReplicas`, then patched without a replica count: that is the
+        HPA's. Without autoscale the HPA is deleted first, so it cannot scale the
+        Deployment away from `router.replicas` once that is patched in."""
         if token is not None:
             await self.api.apply(m.token_secret(self.owner, token))
-        await self.api.apply(m.router_deployment(self.owner, self.spec,
-                                                 self.service.model_name, self.defaults))
+        deployment = m.router_deployment(self.owner, self.spec, self.service.model_name,
+                                         self.defaults)
+        autoscaler = m.router_autoscaler(self.owner, self.spec)
+        if autoscaler is None:
+            await self._delete_autoscaler()
+            await self.api.apply(deployment)
+        elif not await self.api.create(deployment):
+            path = collection("Deployment", self.owner.namespace)
+            await self.api.patch(f"{path}/{deployment['metadata']['name']}",
+                                 m.without_replicas(deployment))
         await self.api.apply(m.router_service(self.owner, self.spec))
+        await self.api.apply(m.router_control_service(self.owner))
+        await self.api.apply(m.router_disruption_budget(self.owner))
         await self.api.apply(m.worker_disruption_budget(self.owner))
+        if autoscaler is not None:
+            await self.api.apply(autoscaler)
+
+    async def _delete_autoscaler(self) -> None:
+        """The router's HPA gone (none there counts as gone)."""
+        path = collection("HorizontalPodAutoscaler", self.owner.namespace)
+        try:
+            await self.api.delete(f"{path}/{m.router_name(self.owner)}")
+        except ActuatorError as exc:
+            log.warning("%s: could not delete the router's HorizontalPodAutoscaler, which "
+                        "may still scale the router against spec.router.replicas (does the "
+                        "operator's role grant delete on horizontalpodautoscalers?): %s",
+                        self.owner.name, exc)

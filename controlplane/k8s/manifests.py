@@ -9,7 +9,10 @@
   a pool, so the cluster autoscaler or Karpenter starts one; the scheduler binds each to
   its new node (never one that already holds a pod of the service), where it starts
   fetching the model at once, and the operator adopts it as that node's worker pod;
-- the router Deployment and Service;
+- the router: a Deployment of N replicas spread over nodes and zones, its public Service
+  (grpc and http), a headless Service of the replicas' Control ports (the operator finds
+  every replica through its EndpointSlices, Ready or not), a PodDisruptionBudget and,
+  with `router.autoscale`, a HorizontalPodAutoscaler;
 - the namespace's copy of the shared-token Secret.
 
 Every object carries the labels docs/kubernetes.md promises (the chart's NetworkPolicy and
@@ -41,6 +44,13 @@ TOKEN_KEY, TOKEN_DIR, MODEL_DIR = "token", "/var/run/spotserve", "/models"
 MAX_GPUS = 16  # an instance's workers listen on the worker port .. port + 15
 CONTROL_PORT = 50061  # the router's Control service: the operator's, never behind readiness
 WORKER, ROUTER, CAPACITY = "worker", "router", "capacity"
+ROUTER_CONTROL = "router-control"  # the component label of the routers' headless Service
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # an EndpointSlice's Service
+ROUTER_REPLICAS = 2       # spec.router.replicas unset (an older CRD prunes it)
+ROUTER_CPU = "500m"       # the router's CPU request unless spec.router.resources sets one
+ROUTER_CPU_TARGET = 70    # autoscale on cpu: average utilisation of the request, percent
+ROUTER_QUEUE_TARGET = 64  # autoscale on queue: requests waiting per replica (of 256 admitted)
+QUEUE_METRIC = "spotserve_num_requests_waiting"  # the router's gauge of its queue
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,11 @@ def token_secret_name(owner: Owner) -> str:
 
 def router_name(owner: Owner) -> str:
     return dns_name(owner.name, "router")
+
+
+def router_control_name(owner: Owner) -> str:
+    """The headless Service of the router replicas' Control ports."""
+    return dns_name(owner.name, "router-control")
 
 
 # ---- Pod Security "restricted" -------------------------------------------------------------
@@ -385,8 +400,7 @@ def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
                          {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
         "securityContext": {**CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
     }
-    if router.get("resources"):
-        container["resources"] = {k: dict(v) for k, v in router["resources"].items()}
+    container["resources"] = _router_resources(router)
     if router.get("imagePullPolicy"):
         container["imagePullPolicy"] = router["imagePullPolicy"]
     pod_spec: dict[str, Any] = {
@@ -400,10 +414,51 @@ def router_deployment(owner: Owner, spec: Mapping[str, Any], model_name: str,
     if spec.get("imagePullSecrets"):
         pod_spec["imagePullSecrets"] = [dict(s) for s in spec["imagePullSecrets"]]
     pod_labels = labels(owner, ROUTER)
+    # replicas on different nodes, and zones, when the scheduler can; one node still does
+    pod_spec["topologySpreadConstraints"] = [
+        {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": {"matchLabels": dict(pod_labels)},
+         "matchLabelKeys": ["pod-template-hash"]}  # a rollout's new pods spread anew
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")]
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _metadata(owner, router_name(owner), ROUTER),
-            "spec": {"replicas": 1, "selector": {"matchLabels": pod_labels},
+            "spec": {"replicas": router_replicas(spec),
+                     "selector": {"matchLabels": pod_labels},
                      "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
+
+
+def router_autoscale(spec: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """`spec.router.autoscale`, or None when the replica count is fixed."""
+    auto = (spec.get("router") or {}).get("autoscale")
+    return auto if isinstance(auto, Mapping) else None
+
+
+def router_replicas(spec: Mapping[str, Any]) -> int:
+    """The router replicas to create: `router.replicas`, or with autoscale its
+    `minReplicas` (the HPA owns the count from then on)."""
+    router = spec.get("router") or {}
+    auto = router_autoscale(spec)
+    if auto is not None:
+        return max(1, int(auto.get("minReplicas") or ROUTER_REPLICAS))
+    return max(1, int(router.get("replicas") or ROUTER_REPLICAS))
+
+
+def without_replicas(deployment: Manifest) -> Manifest:
+    """The Deployment as a merge patch that leaves its replica count alone (the HPA's)."""
+    return {**deployment, "spec": {k: v for k, v in deployment["spec"].items()
+                                   if k != "replicas"}}
+
+
+def _router_resources(router: Mapping[str, Any]) -> dict[str, Any]:
+    """The router container's resources: the spec's, with a CPU request unless it sets one
+    (the scheduler reserves it, and an HPA on CPU utilisation measures against it); a CPU
+    limit alone is the request, as Kubernetes itself would default it."""
+    out: dict[str, Any] = {k: dict(v) for k, v in (router.get("resources") or {}).items()}
+    requests = out.setdefault("requests", {})
+    if "cpu" not in requests:
+        limit = (out.get("limits") or {}).get("cpu")
+        requests["cpu"] = limit if limit is not None else ROUTER_CPU  # ≤ the limit
+    return out
 
 
 def router_service(owner: Owner, spec: Mapping[str, Any]) -> Manifest:
@@ -417,6 +472,80 @@ def router_service(owner: Owner, spec: Mapping[str, Any]) -> Manifest:
                      "selector": labels(owner, ROUTER),
                      "ports": [{"name": "grpc", "port": grpc_port, "targetPort": "grpc"},
                                {"name": "http", "port": http_port, "targetPort": "http"}]}}
+
+
+def router_control_service(owner: Owner) -> Manifest:
+    """A headless Service of every router replica's Control port, Ready or not
+    (`publishNotReadyAddresses`: a router is Ready only once the operator told it its
+    topology). No cluster IP, no client traffic: its EndpointSlices are how the operator
+    finds the replicas."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(owner, router_control_name(owner), ROUTER_CONTROL),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": labels(owner, ROUTER),
+                     "ports": [{"name": "control", "port": CONTROL_PORT,
+                                "targetPort": "control", "protocol": "TCP"}]}}
+
+
+def control_addresses(slices: Sequence[Mapping[str, Any]]) -> list[str]:
+    """host:port of each router replica's Control service, from the EndpointSlices of
+    `router_control_service`: ready or not (the Service publishes unready replicas), but
+    not terminating ones."""
+    out: set[str] = set()
+    for piece in slices:
+        if piece.get("addressType") not in ("IPv4", "IPv6"):
+            continue
+        port = next((int(p["port"]) for p in piece.get("ports") or ()
+                     if p.get("name") == "control" and p.get("port")), CONTROL_PORT)
+        for found in piece.get("endpoints") or ():
+            if (found.get("conditions") or {}).get("terminating"):
+                continue
+            addresses = found.get("addresses") or ()
+            if addresses:  # fungible: the first one is the endpoint's
+                host = str(addresses[0])
+                out.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return sorted(out)
+
+
+def router_disruption_budget(owner: Owner) -> Manifest:
+    """Voluntary disruptions (drains, upgrades, consolidation) take one router replica at a
+    time; one that is not Ready (it serves nothing yet) may always be evicted."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _metadata(owner, router_name(owner), ROUTER),
+            "spec": {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                     "selector": {"matchLabels": labels(owner, ROUTER)}}}
+
+
+def router_autoscaler(owner: Owner, spec: Mapping[str, Any]) -> Manifest | None:
+    """The router Deployment's HorizontalPodAutoscaler (autoscaling/v2) when
+    `router.autoscale` is set: on the replicas' CPU utilisation (of their request), or on
+    the requests waiting in each replica's queue (`spotserve_num_requests_waiting`, a Pods
+    metric a metrics adapter such as prometheus-adapter must serve). Scales down one
+    replica a minute, after five calm minutes: a replica that goes takes its streams."""
+    auto = router_autoscale(spec)
+    if auto is None:
+        return None
+    if str(auto.get("metric") or "cpu") == "queue":
+        depth = int(auto.get("targetQueueDepth") or ROUTER_QUEUE_TARGET)
+        metric: dict[str, Any] = {"type": "Pods", "pods": {
+            "metric": {"name": QUEUE_METRIC},
+            "target": {"type": "AverageValue", "averageValue": str(depth)}}}
+    else:
+        utilisation = int(auto.get("targetCPUUtilization") or ROUTER_CPU_TARGET)
+        metric = {"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization",
+                                      "averageUtilization": utilisation}}}
+    low = router_replicas(spec)
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": _metadata(owner, router_name(owner), ROUTER),
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                        "name": router_name(owner)},
+                     "minReplicas": low,
+                     "maxReplicas": max(low, int(auto.get("maxReplicas") or low)),
+                     "metrics": [metric],
+                     "behavior": {"scaleDown": {
+                         "stabilizationWindowSeconds": 300,
+                         "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}}}}
 
 
 def endpoint(owner: Owner, spec: Mapping[str, Any]) -> dict[str, str]:

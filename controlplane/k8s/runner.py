@@ -156,11 +156,12 @@ class ServiceRunner:
                                          gpus_of=self._gpus_of)
         await self.backend.ensure_router(self.runtime.token)
         if not self.runtime.options.router_address:
-            await self.backend.find_router()
+            await self.backend.find_routers()
         if previous is not None:  # a spec change: the pods and the router stay as they are
             self.backend.addresses = dict(previous.addresses)
             self.backend.serving = dict(previous.serving)
             self.backend.router_epoch = previous.router_epoch
+            self.backend.router_acks = dict(previous.router_acks)
             self.backend.routed = list(previous.routed)
         saved = self.saved_state or (body.get("status") or {}).get("controller")
         state = _state(saved)

@@ -214,6 +214,43 @@ def _load_and_slo(spec: Mapping[str, Any]) -> tuple[float | None, float | None, 
     return rate, latency, problems
 
 
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def router_problems(spec: Mapping[str, Any]) -> list[Problem]:
+    """`spec.router.replicas` and `.autoscale` (the CRD checks them too; an older CRD
+    may not)."""
+    router = spec.get("router") or {}
+    if not isinstance(router, Mapping):
+        return [Problem("spec.router", "must be an object")]
+    problems = []
+    replicas = router.get("replicas")
+    if replicas is not None and ((_whole(replicas) or 0) < 1):
+        problems.append(Problem("spec.router.replicas", "must be an integer ≥ 1"))
+    auto = router.get("autoscale")
+    if auto is None:
+        return problems
+    if not isinstance(auto, Mapping):
+        return [*problems, Problem("spec.router.autoscale", "must be an object")]
+    where = "spec.router.autoscale"
+    low, high = _whole(auto.get("minReplicas", 2)), _whole(auto.get("maxReplicas"))
+    if (low or 0) < 1:
+        problems.append(Problem(f"{where}.minReplicas", "must be an integer ≥ 1"))
+    if high is None or high < 1:
+        problems.append(Problem(f"{where}.maxReplicas", "must be an integer ≥ 1 (required)"))
+    elif (low or 0) > high:
+        problems.append(Problem(f"{where}.minReplicas",
+                                f"minReplicas ({low}) must not exceed maxReplicas ({high})"))
+    if str(auto.get("metric") or "cpu") not in ("cpu", "queue"):
+        problems.append(Problem(f"{where}.metric",
+                                f"{auto.get('metric')!r} is not cpu or queue"))
+    for name in ("targetCPUUtilization", "targetQueueDepth"):
+        if auto.get(name) is not None and (_whole(auto[name]) or 0) < 1:
+            problems.append(Problem(f"{where}.{name}", "must be an integer ≥ 1"))
+    return problems
+
+
 def validate(spec: Mapping[str, Any], catalog: Catalog | None = None,
              model_root: Path | None = None) -> ServiceSpec | list[Problem]:
     """The validated spec, or every problem found (never raises on bad input)."""
@@ -227,6 +264,7 @@ def validate(spec: Mapping[str, Any], catalog: Catalog | None = None,
     problems += more
     rate, latency, more = _load_and_slo(spec)
     problems += more
+    problems += router_problems(spec)
     serving = spec.get("serving") or {}
     workload = Workload(int(serving.get("inputTokens") or 512),
                         int(serving.get("outputTokens") or 128))

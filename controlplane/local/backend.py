@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class BackendOptions:
     model_dir: Path
     workdir: Path
-    router_address: str              # the router's gRPC (Control) address
+    router_addresses: tuple[str, ...]  # every router replica's Control address
     token: str
     boot_delay: float = 0.0          # extra seconds before a requested instance is up
     max_batch: int = 8               # per pipeline, at least the plan's batch
@@ -122,8 +122,8 @@ class LocalBackend(WorkerFleet):
         return [w.gpu for i in self.instances.values() if i.state in ("ready", "notice")
                 for w in i.workers]
 
-    def router_address(self) -> str:
-        return self.options.router_address
+    def router_addresses(self) -> Sequence[str]:
+        return self.options.router_addresses
 
     def rendezvous(self, driver: GpuId, epoch: int) -> str:
         # torch's store listens on every address: the port must be free on all of them

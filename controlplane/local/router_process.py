@@ -23,7 +23,7 @@ from spotserve.lifetime import DIE_WITH_PARENT_ENV
 
 from .backend import ROOT
 
-LISTENING = re.compile(r"router listening grpc=(\S+) http=(\S+)")
+LISTENING = re.compile(r"router listening grpc=(\S+) http=(\S+) control=(\S+)")
 # Local mode's requests wait for capacity and resumes longer than the defaults allow: an
 # emulated outage (every instance gone until a replacement boots) lasts that long.
 # (`router_args` adds the queue and concurrency limits: 512 and 8 unless the caller says)
@@ -35,8 +35,11 @@ FLAGS = ("--queue-timeout", "120",
 def router_args(model_dir: Path, grpc: str, http: str, request_log: Path,
                 served_name: str | None = None, max_queue: int = 512,
                 max_concurrency: int = 8) -> list[str]:
-    """`spotserve router`'s arguments in local mode."""
+    """`spotserve router`'s arguments in local mode (Control on a port of its own, any
+    free one, on the --grpc host)."""
+    control = f"{grpc.rpartition(':')[0]}:0"
     out = ["router", "--model", str(model_dir), "--grpc", grpc, "--http", http,
+           "--control", control,
            "--request-log", str(request_log), *FLAGS, "--max-queue", str(max_queue),
            "--max-concurrency", str(max_concurrency)]
     return [*out, "--served-model-name", served_name] if served_name else out
@@ -47,15 +50,18 @@ class RouterProcess:
     process: asyncio.subprocess.Process
     grpc_address: str
     http_address: str
+    control_address: str
     request_log: Path
 
     @classmethod
     async def start(cls, model_dir: Path, workdir: Path, token: str,
                     grpc: str = "127.0.0.1:0", http: str = "127.0.0.1:0",
                     served_name: str | None = None, max_queue: int = 512,
-                    max_concurrency: int = 8) -> RouterProcess:
+                    max_concurrency: int = 8, name: str = "router") -> RouterProcess:
+        """`name` names its log files (several replicas share `workdir`)."""
         workdir.mkdir(parents=True, exist_ok=True)
-        log, request_log = workdir / "router.log", workdir / "requests.jsonl"
+        suffix = name.removeprefix("router")
+        log, request_log = workdir / f"{name}.log", workdir / f"requests{suffix}.jsonl"
         request_log.unlink(missing_ok=True)
         env = {**os.environ, "SPOTSERVE_TOKEN": token, "PYTHONUNBUFFERED": "1",
                DIE_WITH_PARENT_ENV: str(os.getpid())}
@@ -76,7 +82,7 @@ class RouterProcess:
                 process.kill()
             await process.wait()
             raise SpotserveError(f"the router did not start: {_tail(log)}")
-        return cls(process, found.group(1), found.group(2), request_log)
+        return cls(process, found.group(1), found.group(2), found.group(3), request_log)
 
     @property
     def http_port(self) -> int:

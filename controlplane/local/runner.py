@@ -66,6 +66,7 @@ class RunOptions:
     on_demand_limit: int = 0
     restart_at: float | None = None   # seconds into the run: restart the controller
     reference: bool = True
+    routers: int = 1                  # router replicas (requests go to the first)
     seed: int = 0
     progress_every: float = 5.0
     say: Callable[[str], None] | None = None
@@ -148,7 +149,8 @@ class LocalRun:
         self._by_id: dict[str, RequestRecord] = {}
         self.configs: list[dict[str, Any]] = []
         self.journal = Journal(options.workdir / "controller")
-        self.router: RouterProcess | None = None
+        self.router: RouterProcess | None = None   # the first replica
+        self.routers: list[RouterProcess] = []
         self.backend: LocalBackend | None = None
         self.controller: Controller | None = None
         self._controller_task: asyncio.Task[None] | None = None
@@ -181,14 +183,17 @@ class LocalRun:
         self.options.workdir.mkdir(parents=True, exist_ok=True)
         for stale in ("state.json", "events.jsonl"):
             (self.options.workdir / "controller" / stale).unlink(missing_ok=True)
-        self.router = await RouterProcess.start(self.options.model_dir,
-                                                self.options.workdir / "logs", self.token)
-        address = self.router.grpc_address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.routers = list(await asyncio.gather(*(
+            RouterProcess.start(self.options.model_dir, self.options.workdir / "logs",
+                                self.token, name=f"router{i or ''}")
+            for i in range(self.options.routers))))
+        self.router = self.routers[0]
+        self.channel = grpc.aio.insecure_channel(self.router.grpc_address)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.backend = LocalBackend(self.model, self.catalog, BackendOptions(
             model_dir=self.options.model_dir, workdir=self.options.workdir / "logs",
-            router_address=address, token=self.token, boot_delay=self.options.boot_delay,
+            router_addresses=tuple(r.control_address for r in self.routers),
+            token=self.token, boot_delay=self.options.boot_delay,
             on_demand_limit=self.options.on_demand_limit))
         self._start, self._wall0 = time.monotonic(), time.time()
         self._start_controller()
@@ -224,7 +229,8 @@ class LocalRun:
         if self.router is not None:
             with contextlib.suppress(Exception):
                 await self.channel.close()
-            await self.router.stop()
+        for router in self.routers:
+            await router.stop()
 
     async def restart_controller(self) -> None:
         """Stop the controller wherever it is (a migration half done, say) and start a new

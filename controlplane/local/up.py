@@ -44,7 +44,7 @@ async def _serve(args: argparse.Namespace) -> int:
                                        args.http, max_queue=args.max_queue,
                                        max_concurrency=args.max_concurrency)
     backend = LocalBackend(model, catalog, BackendOptions(
-        model_dir=model_dir, workdir=args.out / "logs", router_address=router.grpc_address,
+        model_dir=model_dir, workdir=args.out / "logs", router_addresses=(router.control_address,),
         token=token, device=args.device))
     options = RunOptions(model_dir=model_dir, workdir=args.out, script=Script((), 0, "none"),
                          min_gpus_per_replica=1, standby=0)

@@ -27,6 +27,14 @@ from .tokenizer import ModelTokenizer
 from .worker_client import WorkerClients
 
 log = logging.getLogger(__name__)
+CONTROL_PORT = 50061
+
+
+def default_control(grpc_address: str) -> str:
+    """Control's address when none is given: the public gRPC host, port 50061 (any free
+    port when the public one is chosen by the OS, as in tests and local mode)."""
+    host, _, port = grpc_address.rpartition(":")
+    return f"{host}:{0 if port == '0' else CONTROL_PORT}"
 
 
 @dataclass
@@ -38,7 +46,7 @@ class RouterApp:
     api_keys: list[str]
     static_pipelines: list[tuple[str, str, float]]
     shutdown_grace: float = 10.0
-    control_address: str | None = None  # None: Control is served on grpc_address
+    control_address: str | None = None  # None: the --grpc host, port 50061 (0 if --grpc's is)
     grpc_port: int = 0
     http_port: int = 0
     control_port: int = 0
@@ -70,14 +78,13 @@ class RouterApp:
                                                   for pid, address, capacity
                                                   in self.static_pipelines], [])
         internal = BearerCheck([self.internal_token] if self.internal_token else [])
-        apart = self.control_address is not None
         self._grpc, self.grpc_port = await start_grpc(
             self.router, self.grpc_address, internal_token=internal,
-            api_keys=BearerCheck(self.api_keys), control=not apart)
-        if self.control_address is not None:
-            self._control, self.control_port = await start_grpc(
-                self.router, self.control_address, internal_token=internal,
-                api_keys=BearerCheck(self.api_keys), inference=False)
+            api_keys=BearerCheck(self.api_keys), control=False)
+        control = self.control_address or default_control(self.grpc_address)
+        self._control, self.control_port = await start_grpc(
+            self.router, control, internal_token=internal,
+            api_keys=BearerCheck(self.api_keys), inference=False)
         self._http = web.AppRunner(build_app(self.router, BearerCheck(self.api_keys)),
                                    handler_cancellation=True, access_log=None,
                                    shutdown_timeout=self.shutdown_grace)
@@ -88,10 +95,10 @@ class RouterApp:
         self.http_port = self._http.addresses[0][1]
         # Tests and scripts read this line to learn the ports chosen by the OS.
         grpc_host = self.grpc_address.rpartition(":")[0]
-        control = f" control={self.control_address.rpartition(':')[0]}:{self.control_port}" \
-            if self.control_address else ""
+        control_host = control.rpartition(":")[0]
         print(f"router listening grpc={grpc_host}:{self.grpc_port} "
-              f"http={host}:{self.http_port}{control}", flush=True)
+              f"http={host}:{self.http_port} control={control_host}:{self.control_port}",
+              flush=True)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting requests (and say so on /readyz); give running ones `grace`

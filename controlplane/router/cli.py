@@ -25,13 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, metavar="TOKENS",
                         help="context length (default: from config.json)")
     parser.add_argument("--grpc", default="0.0.0.0:50051", metavar="HOST:PORT",
-                        help="gRPC listen address (Inference and Control); port 0 = any")
+                        help="public gRPC listen address (Inference); port 0 = any")
     parser.add_argument("--http", default="0.0.0.0:8000", metavar="HOST:PORT",
                         help="OpenAI-compatible HTTP listen address; port 0 = any")
     parser.add_argument("--control", default=None, metavar="HOST:PORT",
-                        help="serve the controller's Control service here, apart from the "
-                             "public --grpc port (default: on --grpc). On Kubernetes the "
-                             "operator reaches each router pod here whatever its readiness")
+                        help="the controller's Control service, on a port of its own: never "
+                             "expose it publicly (default: the --grpc host, port 50061; any "
+                             "free port when --grpc's port is 0). It needs the internal "
+                             "token and answers whatever the router's readiness")
     parser.add_argument("--pipeline", action="append", default=[], metavar="ID=HOST:PORT",
                         help="a static pipeline driver (repeatable), optionally "
                              "ID=HOST:PORT@CAPACITY")

@@ -12,6 +12,8 @@ from enum import Enum
 class ErrorKind(Enum):
     INVALID_ARGUMENT = "invalid_argument"
     ALREADY_EXISTS = "already_exists"
+    NOT_FOUND = "not_found"
+    ABORTED = "aborted"          # another stream took the request over
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"

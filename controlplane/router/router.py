@@ -32,10 +32,10 @@ from .metrics import RouterMetrics
 from .request_log import RequestLog
 from .resume import KV, MODE_NAMES, Interruption, Resumer
 from .scheduler import Scheduler
-from .text import IncrementalDetokenizer, StopMatcher
+from .text import TextStream
 from .tokenizer import ModelTokenizer
 from .topology import ResumeHint, Topology, check_pipelines
-from .validation import ModelLimits, validate
+from .validation import ModelLimits, check_model, validate
 from .worker_client import SubmitCall, WorkerClients
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,13 @@ FR = common_pb2.FinishReason
 # Worker statuses that no other pipeline would answer differently.
 FINAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                grpc.StatusCode.UNIMPLEMENTED}
+# How good a driver's record of a request is to take its stream over from: one still
+# running first, then one that finished, then one drained with its KV kept; ties go to the
+# record with more tokens.
+RECORD_RANK = {FR.FINISH_REASON_UNSPECIFIED: 3, FR.FINISH_REASON_STOP: 2,
+               FR.FINISH_REASON_LENGTH: 2, FR.FINISH_REASON_PAUSED: 1}
+LOOKUP_TIMEOUT = 2.0
+RECENT_DRIVERS_SECONDS = 300.0  # a driver that left the topology may still hold records
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class GenerationInput:
     prompt_token_ids: list[int]
     sampling: common_pb2.SamplingParams
     deadline: float | None = None  # time.monotonic() by which the request must finish
+    resumable: bool = False  # runs on when its stream breaks; `Router.resume` takes it up
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,8 @@ class _InFlight:
     attempt: _Attempt | None = None
     queued: bool = True
     paused: bool = False  # drained with its KV kept, waiting to resume
+    resumable: bool = False
+    superseded: bool = False  # another stream (a Resume) took the request over
 
 
 @dataclass
@@ -139,6 +149,7 @@ class Router:
         self.counters = _Counters()
         self._inflight: dict[str, _InFlight] = {}
         self._attempts: dict[str, set[_Attempt]] = {}
+        self._left: dict[str, tuple[str, float]] = {}  # driver address → (pipeline, when)
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.closing = False  # shutting down: not ready for new traffic
@@ -154,7 +165,7 @@ class Router:
 
     def prepare(self, *, model: str, request_id: str, prompt_token_ids: list[int],
                 sampling: common_pb2.SamplingParams,
-                timeout: float | None = None) -> GenerationInput:
+                timeout: float | None = None, resumable: bool = False) -> GenerationInput:
         """Validate a request (raise INVALID_ARGUMENT naming the field) and fix its id."""
         validate(model, request_id, prompt_token_ids, sampling, self.limits)
         request_id = request_id or f"req-{uuid.uuid4().hex}"
@@ -162,24 +173,109 @@ class Router:
             raise RouterError(ErrorKind.ALREADY_EXISTS,
                               f"request_id: {request_id!r} is already running", field="request_id")
         deadline = time.monotonic() + timeout if timeout is not None else None
-        return GenerationInput(request_id, prompt_token_ids, sampling, deadline)
+        return GenerationInput(request_id, prompt_token_ids, sampling, deadline, resumable)
+
+    def check_model(self, model: str) -> None:
+        """INVALID_ARGUMENT unless `model` is empty or the served model's name."""
+        check_model(model, self.limits)
 
     async def generate(self, request: GenerationInput) -> AsyncGenerator[Chunk, None]:
         """Stream the request's chunks; raise `RouterError` if it cannot be served."""
+        flight = self._register(request, time.monotonic())
+        self.arrivals.record(flight.arrived)
+        self.metrics.count_tokens(prompt=len(request.prompt_token_ids))
+        async for chunk in self._run(request, flight, first=None, skip=0):
+            yield chunk
+
+    async def resume(self, request_id: str, received: int,
+                     timeout: float | None = None) -> AsyncGenerator[Chunk, None]:
+        """Take up a resumable request whose stream broke (on this replica or on one that
+        died): find the driver that holds it, take its stream over, and stream the tokens
+        after the first `received`, then the rest. NOT_FOUND when no driver holds it."""
+        if not request_id:
+            raise invalid("request_id", "must not be empty")
+        if received < 0:
+            raise invalid("received_tokens", "must not be negative")
         arrived = time.monotonic()
-        deadline = request.deadline or arrived + self.config.request_timeout
-        flight = _InFlight(CommitLog(request.request_id, tuple(request.prompt_token_ids),
-                                     request.sampling.max_tokens), arrived)
+        self._supersede(request_id)
+        found = await self._locate(request_id)
+        if found is None:
+            raise RouterError(ErrorKind.NOT_FOUND, f"request {request_id!r} is not held by "
+                              "any pipeline: it was not resumable, was cancelled, ended more "
+                              "than a few minutes ago, or was lost with its pipeline",
+                              field="request_id")
+        pipeline_id, address = found
+        call = self.workers.attach(address, request_id, timeout=timeout)
+        try:
+            head = await self._head(call, request_id, address)
+        except BaseException:
+            call.cancel()
+            raise
+        submitted = head.request
+        request = GenerationInput(request_id, list(submitted.prompt_token_ids),
+                                  submitted.sampling,
+                                  arrived + timeout if timeout is not None else None,
+                                  resumable=True)
+        if received > submitted.sampling.max_tokens:
+            call.cancel()
+            raise invalid("received_tokens", f"is {received}, more than the request's "
+                          f"max_tokens ({submitted.sampling.max_tokens})")
+        flight = self._register(request, arrived)
+        self.scheduler.occupy(pipeline_id)
+        attempt = _Attempt(pipeline_id, address, common_pb2.RESUME_MODE_UNSPECIFIED, call)
+        self.metrics.resumed.labels("attach").inc()
+        log.info("request %s taken over from %s after %d tokens (the client has %d)",
+                 request_id, address, len(head.token_ids), received)
+        async for chunk in self._run(request, flight, first=(attempt, head), skip=received):
+            yield chunk
+
+    @staticmethod
+    async def _head(call: SubmitCall, request_id: str, address: str) -> worker_pb2.TokenDelta:
+        """An Attach stream's first delta: the request and every token so far."""
+        try:
+            head = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise RouterError(ErrorKind.UNAVAILABLE, f"request {request_id!r}: its driver "
+                              f"{address} could not be reached: {exc.code().name}: "
+                              f"{exc.details()}") from None
+        if not isinstance(head, worker_pb2.TokenDelta) or not head.HasField("request"):
+            raise RouterError(ErrorKind.UNAVAILABLE, f"request {request_id!r}: its driver "
+                              f"{address} ended the stream at once; retry")
+        if head.finish_reason == FR.FINISH_REASON_CANCELLED:
+            raise RouterError(ErrorKind.NOT_FOUND, f"request {request_id!r} was cancelled "
+                              f"(by its deadline or a Cancel) after {len(head.token_ids)} "
+                              "tokens", field="request_id")
+        return head
+
+    async def cancel(self, request_id: str) -> bool:
+        """Stop a request wherever it runs (here, or detached on a driver)."""
+        flight = self._inflight.get(request_id)
+        if flight is not None:
+            flight.resumable = False   # the stream ends with the driver's cancellation
+        addresses = {p.driver_address for p in self.topology.pipelines.values()
+                     if p.driver_address} | set(self._recent_drivers())
+        found = await asyncio.gather(*(self.workers.cancel(a, request_id)
+                                       for a in sorted(addresses)))
+        return flight is not None or any(found)
+
+    def _register(self, request: GenerationInput, arrived: float) -> _InFlight:
         if request.request_id in self._inflight:
             raise RouterError(ErrorKind.ALREADY_EXISTS,
                               f"request_id: {request.request_id!r} is already running",
                               field="request_id")
+        flight = _InFlight(CommitLog(request.request_id, tuple(request.prompt_token_ids),
+                                     request.sampling.max_tokens), arrived,
+                           resumable=request.resumable)
         self._inflight[request.request_id] = flight
-        self.arrivals.record(arrived)
-        self.metrics.count_tokens(prompt=len(request.prompt_token_ids))
+        return flight
+
+    async def _run(self, request: GenerationInput, flight: _InFlight,
+                   first: tuple[_Attempt, worker_pb2.TokenDelta] | None,
+                   skip: int) -> AsyncGenerator[Chunk, None]:
+        deadline = request.deadline or flight.arrived + self.config.request_timeout
         finish: int = FR.FINISH_REASON_UNSPECIFIED
         try:
-            async for chunk in self._serve(request, flight, deadline):
+            async for chunk in self._serve(request, flight, deadline, first, skip):
                 finish = chunk.finish_reason
                 yield chunk
         except RouterError as exc:
@@ -189,22 +285,78 @@ class Router:
         finally:
             self._finish(request, flight, finish)
 
-    async def _serve(self, request: GenerationInput, flight: _InFlight,
-                     deadline: float) -> AsyncGenerator[Chunk, None]:
-        pipeline_id = await self._admit(deadline)
-        flight.queued = False
-        detok = IncrementalDetokenizer(self.tokenizer.decode, request.prompt_token_ids)
-        stops = StopMatcher(list(request.sampling.stop))
-        mode: int = common_pb2.RESUME_MODE_UNSPECIFIED
-        failures = 0
+    def _supersede(self, request_id: str) -> None:
+        """A Resume of a request this replica still streams (the client reconnected
+        before this replica noticed it had gone): that stream ends, the new one goes on."""
+        old = self._inflight.pop(request_id, None)
+        if old is not None:
+            old.superseded = True
+            if old.attempt is not None:
+                old.attempt.evict()
+
+    async def _locate(self, request_id: str) -> tuple[str, str] | None:
+        """(pipeline id, driver address) of the driver whose record of the request is the
+        best to take over; None when none holds it."""
+        pipelines = {p.driver_address: p.id for p in self.topology.pipelines.values()
+                     if p.driver_address}
+        recent = {a: pid for a, pid in self._recent_drivers().items() if a not in pipelines}
+        holders = {**pipelines, **recent}
+        addresses = sorted(holders)
+        replies = await asyncio.gather(*(self.workers.lookup(a, request_id, LOOKUP_TIMEOUT)
+                                         for a in addresses))
+        found = [(RECORD_RANK.get(r.finish_reason, 0), r.generated_tokens, a)
+                 for a, r in zip(addresses, replies, strict=True) if r is not None and r.found]
+        if not found:
+            return None
+        best = max(found)[2]
+        return holders[best], best
+
+    def _recent_drivers(self) -> dict[str, str]:
+        """Drivers of pipelines that left the topology lately (address → pipeline id)."""
+        cutoff = time.monotonic() - RECENT_DRIVERS_SECONDS
+        for address in [a for a, (_, t) in self._left.items() if t < cutoff]:
+            del self._left[address]
+        return {a: pid for a, (pid, _) in self._left.items()}
+
+    async def _serve(self, request: GenerationInput, flight: _InFlight, deadline: float,
+                     first: tuple[_Attempt, worker_pb2.TokenDelta] | None,
+                     skip: int) -> AsyncGenerator[Chunk, None]:
+        text = TextStream(self.tokenizer.decode, request.prompt_token_ids,
+                          list(request.sampling.stop))
         last = flight.arrived
+        failures = 0
+        if first is None:
+            pipeline_id = await self._admit(deadline)
+            mode: int = common_pb2.RESUME_MODE_UNSPECIFIED
+            flight.queued = False
+        else:
+            attempt, head = first
+            flight.queued = False
+            fresh = flight.log.accept(0, head.token_ids)
+            finish = head.finish_reason if head.finish_reason in (
+                FR.FINISH_REASON_STOP, FR.FINISH_REASON_LENGTH) or flight.log.complete else 0
+            chunk = self._chunk(request, flight, text, fresh, finish or 0, skip)
+            if chunk is not None:
+                last = self._observe_latency(flight, last)
+                yield chunk
+                if chunk.finish_reason != FR.FINISH_REASON_UNSPECIFIED:
+                    return
+            pipeline_id, mode = attempt.pipeline_id, attempt.mode
+            if head.finish_reason == FR.FINISH_REASON_PAUSED:   # drained, its KV kept
+                self._start_attempt(flight, pipeline_id, mode, attempt)
+                attempt.outcome, attempt.reason = Outcome.PAUSED, "paused by a drain"
+                self._end_attempt(attempt)
+                pipeline_id, mode = await self._resume(flight, attempt, deadline, 1)
+                first = None
         while True:
-            attempt = self._start_attempt(flight, pipeline_id, mode)
+            attempt = self._start_attempt(flight, pipeline_id, mode,
+                                          first[0] if first is not None else None)
+            first = None
             try:
                 async with contextlib.aclosing(self._stream(request, flight, attempt,
                                                             deadline)) as deltas:
                     async for fresh, finish in deltas:
-                        chunk = self._chunk(request, flight, detok, stops, fresh, finish)
+                        chunk = self._chunk(request, flight, text, fresh, finish, skip)
                         if chunk is None:
                             continue
                         last = self._observe_latency(flight, last)
@@ -216,6 +368,9 @@ class Router:
                 self._end_attempt(attempt)
             if attempt.outcome is Outcome.FINISHED:
                 return  # finished on a delta whose text was all held back: flushed above
+            if flight.superseded:
+                raise RouterError(ErrorKind.ABORTED, f"request {request.request_id} was "
+                                  "taken over by a newer stream (a Resume)")
             failures += 1
             pipeline_id, mode = await self._resume(flight, attempt, deadline, failures)
 
@@ -235,15 +390,18 @@ class Router:
                       deadline: float) -> AsyncGenerator[tuple[list[int], int], None]:
         """Yield (new tokens, finish reason) from one submission; set `attempt.outcome`."""
         commit = flight.log
-        submit = worker_pb2.SubmitRequest(request_id=request.request_id,
-                                          prompt_token_ids=request.prompt_token_ids,
-                                          sampling=request.sampling)
-        if commit.committed or attempt.mode == KV:
-            submit.resume.generated_token_ids.extend(commit.tokens)
-            submit.resume.mode = attempt.mode  # type: ignore[assignment]
-        call = self.workers.submit(attempt.address, submit,
-                                   timeout=max(deadline - time.monotonic(), 0.001))
-        attempt.call = call
+        call = attempt.call   # set: a stream taken over (Attach), its first delta read
+        if call is None:
+            submit = worker_pb2.SubmitRequest(request_id=request.request_id,
+                                              prompt_token_ids=request.prompt_token_ids,
+                                              sampling=request.sampling,
+                                              detachable=request.resumable)
+            if commit.committed or attempt.mode == KV:
+                submit.resume.generated_token_ids.extend(commit.tokens)
+                submit.resume.mode = attempt.mode  # type: ignore[assignment]
+            call = self.workers.submit(attempt.address, submit,
+                                       timeout=max(deadline - time.monotonic(), 0.001))
+            attempt.call = call
         if attempt.evicted:
             call.cancel()
         try:
@@ -295,6 +453,9 @@ class Router:
         if code == grpc.StatusCode.INVALID_ARGUMENT:  # e.g. a shorter context than ours
             raise RouterError(ErrorKind.INVALID_ARGUMENT, f"pipeline {attempt.pipeline_id} "
                               f"refused the request: {detail}")
+        if code == grpc.StatusCode.ABORTED:   # another router replica took it over
+            raise RouterError(ErrorKind.ABORTED, f"request {request.request_id} was taken "
+                              f"over by another stream: {detail}")
         if code in FINAL_CODES:
             raise RouterError(ErrorKind.INTERNAL, f"pipeline {attempt.pipeline_id} refused "
                               f"request {request.request_id}: {code.name}: {detail}")
@@ -333,10 +494,12 @@ class Router:
 
     # ---- bookkeeping ------------------------------------------------------------------
 
-    def _start_attempt(self, flight: _InFlight, pipeline_id: str, mode: int) -> _Attempt:
-        pipeline = self.topology.pipelines.get(pipeline_id)
-        address = pipeline.driver_address if pipeline else ""
-        attempt = _Attempt(pipeline_id, address, mode)
+    def _start_attempt(self, flight: _InFlight, pipeline_id: str, mode: int,
+                       attempt: _Attempt | None = None) -> _Attempt:
+        if attempt is None:
+            pipeline = self.topology.pipelines.get(pipeline_id)
+            address = pipeline.driver_address if pipeline else ""
+            attempt = _Attempt(pipeline_id, address, mode)
         flight.attempt = attempt
         self._attempts.setdefault(pipeline_id, set()).add(attempt)
         self._publish_queue()
@@ -351,19 +514,24 @@ class Router:
         self.scheduler.release(attempt.pipeline_id)
         self._publish_queue()
 
-    def _chunk(self, request: GenerationInput, flight: _InFlight,
-               detok: IncrementalDetokenizer, stops: StopMatcher, fresh: list[int],
-               finish: int) -> Chunk | None:
-        text = stops.feed(detok.add(fresh))
-        if not stops.stopped and finish != FR.FINISH_REASON_UNSPECIFIED:
-            text += stops.feed(detok.flush())
-            text += stops.flush()
-        if stops.stopped:
+    def _chunk(self, request: GenerationInput, flight: _InFlight, text: TextStream,
+               fresh: list[int], finish: int, skip: int) -> Chunk | None:
+        """The client's next chunk: the new tokens and their text, less the first `skip`
+        tokens of the request (a resumed stream's client has them), whose text is
+        computed and dropped."""
+        start = flight.log.committed - len(fresh)
+        held = fresh[: max(0, skip - start)]
+        text.add(held)
+        fresh = fresh[len(held):]
+        out = text.add(fresh)
+        if not text.stopped and finish != FR.FINISH_REASON_UNSPECIFIED:
+            out += text.finish()
+        if text.stopped:
             finish = FR.FINISH_REASON_STOP
-        if not fresh and not text and finish == FR.FINISH_REASON_UNSPECIFIED:
+        if not fresh and not out and finish == FR.FINISH_REASON_UNSPECIFIED:
             return None
         self.metrics.count_tokens(generated=len(fresh))
-        return Chunk(request.request_id, fresh, text, finish,
+        return Chunk(request.request_id, fresh, out, finish,
                      len(request.prompt_token_ids), flight.log.committed)
 
     def _observe_latency(self, flight: _InFlight, last: float) -> float:
@@ -380,14 +548,18 @@ class Router:
             ended = FR.Name(finish)[len("FINISH_REASON_"):].lower()
             self.request_log.write(flight.log, "cancelled" if ended == "unspecified" else ended,
                                    flight.arrived)
-        self._inflight.pop(request.request_id, None)
-        self.topology.hints.pop(request.request_id, None)
+        if self._inflight.get(request.request_id) is flight:
+            del self._inflight[request.request_id]
+            self.topology.hints.pop(request.request_id, None)
         elapsed = time.monotonic() - flight.arrived
         if finish in (FR.FINISH_REASON_STOP, FR.FINISH_REASON_LENGTH):
             self.counters.completed += 1
             self.counters.e2e.add(elapsed)
             self.metrics.observe_e2e(elapsed)
             self.metrics.count_finished(FR.Name(finish)[len("FINISH_REASON_"):].lower())
+        elif finish == FR.FINISH_REASON_UNSPECIFIED and flight.resumable:
+            # The client went away: the driver runs the request on, for a Resume.
+            self.metrics.count_finished("detached")
         elif finish == FR.FINISH_REASON_UNSPECIFIED:  # the client went away
             self.metrics.count_finished("cancelled")
             attempt = flight.attempt
@@ -398,6 +570,9 @@ class Router:
     def _count_failure(self, exc: RouterError) -> None:
         if exc.kind is ErrorKind.RESOURCE_EXHAUSTED:
             return  # a refusal, counted as rejected
+        if exc.kind is ErrorKind.ABORTED:
+            self.metrics.count_finished("superseded")  # it goes on in another stream
+            return
         self.counters.failed += 1
         self.metrics.count_finished("error")
 
@@ -415,10 +590,17 @@ class Router:
                               hints: Iterable[ResumeHint]) -> int:
         """Apply the controller's view; move requests off pipelines that are gone."""
         check_pipelines(pipelines)
+        before = {p.driver_address: p.id for p in self.topology.pipelines.values()
+                  if p.driver_address}
         lost = self.topology.apply(epoch, pipelines, hints)
         if lost is None:
             log.info("ignored a stale topology (epoch %d < %d)", epoch, self.topology.epoch)
             return self.topology.epoch
+        now = time.monotonic()
+        current = {p.driver_address for p in pipelines if p.state is not PipelineState.GONE}
+        self._left.update({a: (pid, now) for a, pid in before.items() if a not in current})
+        for address in current:
+            self._left.pop(address, None)
         for request_id in [r for r in self.topology.hints if r not in self._inflight]:
             del self.topology.hints[request_id]  # finished already, or never ours
         for pipeline_id in lost:

@@ -77,6 +77,11 @@ class Scheduler:
         finally:
             self._abandon(waiter, granted)
 
+    def occupy(self, pipeline_id: str) -> None:
+        """Count a request that runs on the pipeline already (one taken over from another
+        router replica): it takes a slot whatever the cap, as it holds one in the driver."""
+        self.running[pipeline_id] = self.running.get(pipeline_id, 0) + 1
+
     def release(self, pipeline_id: str) -> None:
         count = self.running.get(pipeline_id, 0) - 1
         if count > 0:

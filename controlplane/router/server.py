@@ -22,12 +22,14 @@ from spotserve.v1 import (
 from .dispatch import Pipeline, PipelineState
 from .errors import ErrorKind, RouterError, invalid
 from .resume import MODE_NAMES
-from .router import Router
+from .router import Chunk, Router
 from .topology import ResumeHint
 
 GRPC_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -61,23 +63,40 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: Context,
                        ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        if not self.api_keys.allows(_authorization(context)):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+        await self._check_key(context)
         try:
             prepared = self.router.prepare(
                 model=request.model, request_id=request.request_id,
                 prompt_token_ids=self._prompt(request), sampling=request.sampling,
-                timeout=context.time_remaining())
-            async for chunk in self.router.generate(prepared):
-                response = inference_pb2.GenerateResponse(
-                    request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text,
-                    finish_reason=chunk.finish_reason)  # type: ignore[arg-type]
-                if chunk.finish_reason:
-                    response.usage.prompt_tokens = chunk.prompt_tokens
-                    response.usage.completion_tokens = chunk.completion_tokens
+                timeout=context.time_remaining(), resumable=request.resumable)
+            async for response in _responses(self.router.generate(prepared)):
                 yield response
         except RouterError as exc:
             await abort(context, exc)
+
+    async def Resume(self, request: inference_pb2.ResumeRequest,
+                     context: Context) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        await self._check_key(context)
+        try:
+            self.router.check_model(request.model)
+            chunks = self.router.resume(request.request_id, request.received_tokens,
+                                        timeout=context.time_remaining())
+            async for response in _responses(chunks):
+                yield response
+        except RouterError as exc:
+            await abort(context, exc)
+
+    async def Cancel(self, request: inference_pb2.CancelGenerateRequest,
+                     context: Context) -> inference_pb2.CancelGenerateResponse:
+        await self._check_key(context)
+        if not request.request_id:
+            await abort(context, invalid("request_id", "must not be empty"))
+        found = await self.router.cancel(request.request_id)
+        return inference_pb2.CancelGenerateResponse(found=found)
+
+    async def _check_key(self, context: Context) -> None:
+        if not self.api_keys.allows(_authorization(context)):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
 
     def _prompt(self, request: inference_pb2.GenerateRequest) -> list[int]:
         which = request.WhichOneof("prompt")
@@ -100,6 +119,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                   else common_pb2.HealthResponse.STATUS_NOT_SERVING)
         return common_pb2.HealthResponse(status=status,
                                          detail=f"{serving} pipelines serving")
+
+
+async def _responses(chunks: AsyncIterator[Chunk]
+                     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    async for chunk in chunks:
+        response = inference_pb2.GenerateResponse(
+            request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text,
+            finish_reason=chunk.finish_reason,  # type: ignore[arg-type]
+            tokens=chunk.completion_tokens)
+        if chunk.finish_reason:
+            response.usage.prompt_tokens = chunk.prompt_tokens
+            response.usage.completion_tokens = chunk.completion_tokens
+        yield response
 
 
 class ControlService(control_pb2_grpc.ControlServicer):

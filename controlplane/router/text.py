@@ -8,6 +8,11 @@ strip a leading space still produce the right text.
 
 `StopMatcher` cuts the text before the first stop string and holds back just enough text
 to never emit the start of a stop string that has not been completed yet.
+
+`TextStream` puts the two together and feeds them one token at a time, so the text sent
+after the first k tokens is a function of those k tokens alone, however they arrived in
+deltas: a router replica that takes a stream over after k tokens replays them and goes on
+with exactly the text the client would have got (no gap, no duplicate, in text too).
 """
 
 from __future__ import annotations
@@ -75,3 +80,25 @@ class StopMatcher:
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
+
+
+class TextStream:
+    def __init__(self, decode: Decode, prompt_token_ids: Sequence[int],
+                 stops: Sequence[str]) -> None:
+        self._detok = IncrementalDetokenizer(decode, prompt_token_ids)
+        self._stops = StopMatcher(stops)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was seen: no more text."""
+        return self._stops.stopped
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        return "".join(self._stops.feed(self._detok.add((token,))) for token in token_ids)
+
+    def finish(self) -> str:
+        """The text held back, at the end of the stream."""
+        if self._stops.stopped:
+            return ""
+        text = self._stops.feed(self._detok.flush())
+        return text + self._stops.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import grpc
 
@@ -16,7 +17,8 @@ from spotserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-SubmitCall = grpc.aio.UnaryStreamCall[worker_pb2.SubmitRequest, worker_pb2.TokenDelta]
+# A stream of token deltas from a driver: Submit, or Attach (a stream taken over).
+SubmitCall = grpc.aio.UnaryStreamCall[Any, worker_pb2.TokenDelta]
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -46,13 +48,34 @@ class WorkerClients:
             request, timeout=timeout, metadata=self.metadata)
         return call
 
-    async def cancel(self, address: str, request_id: str) -> None:
-        """Best effort: the worker may already be gone."""
+    def attach(self, address: str, request_id: str, timeout: float | None) -> SubmitCall:
+        call: SubmitCall = self.stub(address).Attach(
+            worker_pb2.AttachRequest(request_id=request_id), timeout=timeout,
+            metadata=self.metadata)
+        return call
+
+    async def lookup(self, address: str, request_id: str,
+                     timeout: float) -> worker_pb2.LookupResponse | None:
+        """What the driver at `address` holds of the request; None when it does not answer."""
         try:
-            await self.stub(address).Cancel(worker_pb2.CancelRequest(request_id=request_id),
-                                            timeout=2.0, metadata=self.metadata)
+            reply: worker_pb2.LookupResponse = await self.stub(address).Lookup(
+                worker_pb2.LookupRequest(request_id=request_id), timeout=timeout,
+                metadata=self.metadata)
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            log.debug("lookup %s on %s: %s", request_id, address, exc.code())
+            return None
+
+    async def cancel(self, address: str, request_id: str) -> bool:
+        """Best effort (the worker may already be gone): whether it held the request."""
+        try:
+            reply = await self.stub(address).Cancel(
+                worker_pb2.CancelRequest(request_id=request_id), timeout=2.0,
+                metadata=self.metadata)
+            return bool(reply.found)
         except grpc.aio.AioRpcError as exc:
             log.debug("cancel %s on %s: %s", request_id, address, exc.code())
+            return False
 
     async def retain(self, addresses: set[str]) -> None:
         """Close channels to addresses no longer in the topology."""

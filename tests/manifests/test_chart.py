@@ -166,6 +166,14 @@ def test_rbac_is_least_privilege(helm: str, value_set: str) -> None:
     assert _verbs(rules, "llmservices/status") == {"get", "patch"}
     assert _verbs(rules, "pods") == {"get", "list", "watch", "create", "patch", "delete"}
     assert "delete" not in _verbs(rules, "deployments") | _verbs(rules, "services")
+    # the router replicas: found through their control Service's EndpointSlices (read
+    # only), a budget beside the workers', an HPA deleted when autoscale is removed
+    assert _verbs(rules, "endpointslices") == {"get", "list", "watch"}
+    assert _verbs(rules, "poddisruptionbudgets") == {"create", "patch"}
+    assert _verbs(rules, "horizontalpodautoscalers") == {"create", "patch", "delete"}
+    groups = {r["resources"][0]: r["apiGroups"] for r in rules if len(r["resources"]) == 1}
+    assert groups["endpointslices"] == ["discovery.k8s.io"]
+    assert groups["horizontalpodautoscalers"] == ["autoscaling"]
 
 
 def test_watched_namespaces_get_roles_not_cluster_wide_pods(helm: str) -> None:

@@ -64,6 +64,13 @@ GOOD: dict[str, dict[str, Any]] = {
     "no grace": {"spec": {"gracePeriodSeconds": {"aws": 0, "gcp": 0, "azure": 0, "other": 0}}},
     "pool without selector": {"spec": {"gpuPools": [
         {"name": "any-gpu", "capacityType": "on-demand", "maxInstances": 4}]}},
+    "one router replica": {"spec": {"router": {"replicas": 1}}},
+    "router autoscaled on cpu": {"spec": {"router": {"autoscale": {
+        "minReplicas": None, "maxReplicas": 2}}}},
+    "router replicas without autoscale": {"spec": {"router": {"autoscale": None,
+                                                              "replicas": 4}}},
+    "router autoscaled on its queue": {"spec": {"router": {"autoscale": {
+        "minReplicas": 3, "maxReplicas": 10, "metric": "queue", "targetQueueDepth": 32}}}},
 }
 
 # name -> (patch of BASE, field its error must name)
@@ -128,6 +135,18 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
                        "spec.gracePeriodSeconds.aws"),
     "misspelt field": ({"spec": {"gpuPool": []}}, "gpuPool"),
     "string batch": ({"spec": {"serving": {"maxBatch": "16"}}}, "spec.serving.maxBatch"),
+    "no router replica": ({"spec": {"router": {"replicas": 0}}}, "spec.router.replicas"),
+    "router autoscale min above max": ({"spec": {"router": {"autoscale": {
+        "minReplicas": 4, "maxReplicas": 3}}}}, "spec.router.autoscale.minReplicas"),
+    "router autoscale default min above max": ({"spec": {"router": {"autoscale": {
+        "minReplicas": None, "maxReplicas": 1}}}}, "spec.router.autoscale.minReplicas"),
+    "router autoscale without max": ({"spec": {"router": {"autoscale": {
+        "minReplicas": 2, "maxReplicas": None}}}}, "maxReplicas"),
+    "router autoscale on memory": ({"spec": {"router": {"autoscale": {
+        "maxReplicas": 4, "metric": "memory"}}}}, "spec.router.autoscale.metric"),
+    "router cpu target over 100%": ({"spec": {"router": {"autoscale": {
+        "maxReplicas": 4, "targetCPUUtilization": 150}}}},
+        "spec.router.autoscale.targetCPUUtilization"),
 }
 
 
@@ -213,7 +232,19 @@ def test_defaults_fill_a_minimal_service() -> None:
     assert spec["gracePeriodSeconds"] == {"aws": 120, "gcp": 30, "azure": 30, "other": 30}
     assert spec["serving"] == {"inputTokens": 512, "outputTokens": 128, "maxBatch": 8}
     assert spec["worker"] == {"port": 50051, "shmSize": "8Gi"}
-    assert spec["router"] == {"grpcPort": 50051, "httpPort": 8000, "serviceType": "ClusterIP"}
+    # two routers: no single point of failure unless the user asks for one
+    assert spec["router"] == {"replicas": 2, "grpcPort": 50051, "httpPort": 8000,
+                              "serviceType": "ClusterIP"}
+
+
+def test_router_autoscale_defaults_to_cpu_from_two_replicas() -> None:
+    obj = merge_patch(copy.deepcopy(MINIMAL), {"spec": {"router": {"autoscale": {
+        "maxReplicas": 5}}}})
+    defaulted, problems = validate(obj)
+    assert problems == []
+    assert defaulted["spec"]["router"]["autoscale"] == {
+        "minReplicas": 2, "maxReplicas": 5, "metric": "cpu", "targetCPUUtilization": 70,
+        "targetQueueDepth": 64}
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))

@@ -121,6 +121,131 @@ def test_router_capacity_and_secret() -> None:
     assert secret["metadata"]["ownerReferences"][0]["name"] == "llama"
 
 
+def test_router_runs_two_spread_replicas_by_default_and_the_spec_sets_how_many() -> None:
+    dep = m.router_deployment(OWNER, spec(), "llama")
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread.values():
+        # a one-node cluster still runs both: spreading is a preference
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["maxSkew"] == 1
+        assert constraint["labelSelector"]["matchLabels"] == \
+            dep["spec"]["selector"]["matchLabels"]
+    # the CPU request an HPA on utilisation measures against
+    assert pod["containers"][0]["resources"]["requests"]["cpu"] == "500m"
+    three = m.router_deployment(OWNER, spec(router={"replicas": 3}), "llama")
+    assert three["spec"]["replicas"] == 3
+    # the user's resources are kept; a CPU limit alone is also the request
+    own = m.router_deployment(OWNER, spec(router={"resources": {
+        "requests": {"cpu": "2", "memory": "1Gi"}}}), "llama")
+    assert own["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "1Gi"}}
+    capped = m.router_deployment(OWNER, spec(router={"resources": {
+        "limits": {"cpu": "250m"}}}), "llama")
+    assert capped["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "limits": {"cpu": "250m"}, "requests": {"cpu": "250m"}}
+
+
+def test_router_placement_keeps_the_charts_and_the_specs_choices() -> None:
+    defaults = m.Defaults(router_placement={
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "karpenter.sh/capacity-type", "operator": "NotIn",
+                 "values": ["spot"]}]}]}}},
+        "nodeSelector": {"kubernetes.io/os": "linux"}})
+    toleration = {"key": "cpu-only", "operator": "Exists", "effect": "NoSchedule"}
+    pod = m.router_deployment(OWNER, spec(router={"nodeSelector": {"pool": "system"},
+                                                  "tolerations": [toleration]}),
+                              "llama", defaults)["spec"]["template"]["spec"]
+    assert pod["affinity"] == defaults.router_placement["affinity"]  # type: ignore[index]
+    assert pod["nodeSelector"] == {"pool": "system"} and pod["tolerations"] == [toleration]
+    assert len(pod["topologySpreadConstraints"]) == 2
+
+
+def test_router_services_public_without_control_and_headless_control() -> None:
+    public = m.router_service(OWNER, spec())
+    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc", "http"]
+    assert m.CONTROL_PORT not in {p["port"] for p in public["spec"]["ports"]}
+    assert "control" not in {p["targetPort"] for p in public["spec"]["ports"]}
+    control = m.router_control_service(OWNER)
+    assert control["metadata"]["name"] == "llama-router-control"
+    assert control["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert control["spec"]["clusterIP"] == "None"
+    assert control["spec"]["publishNotReadyAddresses"] is True
+    assert control["spec"]["ports"] == [{"name": "control", "port": 50061,
+                                         "targetPort": "control", "protocol": "TCP"}]
+    # it selects the router pods, but is not itself a "router" Service (the routers'
+    # ServiceMonitor scrapes those on their http port)
+    dep = m.router_deployment(OWNER, spec(), "llama")
+    assert control["spec"]["selector"] == dep["spec"]["template"]["metadata"]["labels"]
+    assert control["metadata"]["labels"][m.COMPONENT] == "router-control"
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "control", "containerPort": 50061} in container["ports"]
+
+
+def test_router_disruption_budget_takes_one_replica_at_a_time() -> None:
+    budget = m.router_disruption_budget(OWNER)
+    assert budget["metadata"]["name"] == "llama-router"
+    assert budget["metadata"]["ownerReferences"][0]["kind"] == "LLMService"
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    dep = m.router_deployment(OWNER, spec(), "llama")
+    assert budget["spec"]["selector"] == dep["spec"]["selector"]
+    assert budget["metadata"]["name"] != m.worker_disruption_budget(OWNER)["metadata"]["name"]
+
+
+def test_router_autoscaler_on_cpu_or_queue_and_none_without_autoscale() -> None:
+    assert m.router_autoscaler(OWNER, spec()) is None
+    auto = spec(router={"replicas": 2, "autoscale": {"minReplicas": 3, "maxReplicas": 8}})
+    hpa = m.router_autoscaler(OWNER, auto)
+    assert hpa is not None and hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "llama-router"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 8)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric == {"type": "Resource", "resource": {"name": "cpu", "target": {
+        "type": "Utilization", "averageUtilization": 70}}}
+    # created with the HPA's minimum, then patched without a count: the HPA's to change
+    dep = m.router_deployment(OWNER, auto, "llama")
+    assert dep["spec"]["replicas"] == 3
+    assert "replicas" not in m.without_replicas(dep)["spec"]
+    assert m.without_replicas(dep)["spec"]["template"] == dep["spec"]["template"]
+    queue = m.router_autoscaler(OWNER, spec(router={"autoscale": {
+        "maxReplicas": 4, "metric": "queue", "targetQueueDepth": 32}}))
+    assert queue is not None
+    assert queue["spec"]["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": "spotserve_num_requests_waiting"},
+        "target": {"type": "AverageValue", "averageValue": "32"}}}]
+    assert queue["spec"]["minReplicas"] == 2
+
+
+def test_the_queue_metric_is_one_the_router_exports() -> None:
+    from spotserve.operator.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics("llama")
+    metrics.set_queue(5, 1)
+    assert f"{m.QUEUE_METRIC} 5.0" in metrics.render().decode()
+
+
+def test_control_addresses_from_endpoint_slices() -> None:
+    """Every replica with an address, Ready or not (the Service publishes unready ones: a
+    router is Ready only once told its topology), never one terminating."""
+    def piece(*endpoints: tuple[str, dict[str, bool]], port: int = 50061,
+              kind: str = "IPv4") -> dict[str, Any]:
+        return {"addressType": kind, "ports": [{"name": "control", "port": port}],
+                "endpoints": [{"addresses": [a], "conditions": c} for a, c in endpoints]}
+    slices = [piece(("10.0.0.5", {"ready": True}), ("10.0.0.6", {"ready": False}),
+                    ("10.0.0.7", {"ready": False, "terminating": True})),
+              piece(("10.0.0.5", {"ready": True})),      # a pod in two slices, for a moment
+              piece(("fd00::8", {"ready": True}), kind="IPv6"),
+              piece(("router.example", {"ready": True}), kind="FQDN")]
+    assert m.control_addresses(slices) == ["10.0.0.5:50061", "10.0.0.6:50061",
+                                           "[fd00::8]:50061"]
+    assert m.control_addresses([]) == []
+
+
 def test_sequence_limit_reaches_workers_and_router() -> None:
     limited = {**spec(), "serving": {**spec().get("serving", {}), "maxSequenceLength": 8192}}
     worker = m.worker_pod(OWNER, limited, POOL, "n", 1, 1, model_context=131072)
@@ -139,6 +264,10 @@ def test_pod_manifests_pass_the_kubernetes_schema() -> None:
     for obj in (m.worker_pod(OWNER, spec(), POOL, "n", 4, 1, model_bytes=10**9),
                 m.capacity_pod(OWNER, spec(), POOL, 4, 0),
                 m.router_deployment(OWNER, spec(), "llama"), m.router_service(OWNER, spec()),
+                m.router_control_service(OWNER), m.router_disruption_budget(OWNER),
+                m.router_autoscaler(OWNER, spec(router={"autoscale": {"maxReplicas": 4}})),
+                m.router_autoscaler(OWNER, spec(router={"autoscale": {
+                    "maxReplicas": 4, "metric": "queue"}})),
                 m.token_secret(OWNER, "t"), m.worker_disruption_budget(OWNER),
                 m.event(OWNER, "Migrating", "why", now="2026-12-03T16:00:00Z")):
         validate_k8s.validate(obj, "1.28", strict=True)
@@ -185,6 +314,12 @@ def test_a_pool_of_an_unlisted_instance_type_plans_by_its_gpus() -> None:
     ({"gpuPools": [{**POOL, "fallbackPool": "nope"}]}, "spec.gpuPools[0].fallbackPool"),
     ({"slo": {"latencySeconds": -1}}, "spec.slo.latencySeconds"),
     ({"gpuPools": []}, "spec.gpuPools"),
+    ({"router": {"replicas": 0}}, "spec.router.replicas"),
+    ({"router": {"autoscale": {"minReplicas": 5, "maxReplicas": 2}}},
+     "spec.router.autoscale.minReplicas"),
+    ({"router": {"autoscale": {"minReplicas": 1}}}, "spec.router.autoscale.maxReplicas"),
+    ({"router": {"autoscale": {"maxReplicas": 3, "metric": "memory"}}},
+     "spec.router.autoscale.metric"),
 ])
 def test_invalid_specs_name_the_field(changes: dict[str, Any], field: str) -> None:
     result = validate(spec(**changes))

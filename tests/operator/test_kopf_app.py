@@ -8,7 +8,9 @@ the router and the token copy (owned by it) and a status with the planned D/P/M;
 notice source (AWS termination handler, Karpenter, GKE, AKS and cluster-autoscaler taints,
 SpotInterrupted and Preempt Node Events, a DisruptionTarget pod, a Node deletionTimestamp)
 and a node lost without notice show as a migration, and the node's pods are replaced; an
-operator restarted mid-drain completes the migration from the state it saved.
+operator restarted mid-drain completes the migration from the state it saved; the router's
+replicas, budget, control Service and HPA follow the spec, and every replica found through
+the control Service's EndpointSlices is told the topology.
 """
 
 from __future__ import annotations
@@ -189,6 +191,13 @@ async def emulator(objects: Sequence[dict[str, Any]],
                                                        verbs={"list", "watch"})
         k8s.resources["apps/v1/deployments"] = kmock.ResourceInfo(
             kind="Deployment", namespaced=True, verbs={"list", "watch", "create", "patch"})
+        for plural, kind in (("policy/v1/poddisruptionbudgets", "PodDisruptionBudget"),
+                             ("autoscaling/v2/horizontalpodautoscalers",
+                              "HorizontalPodAutoscaler"),
+                             ("discovery.k8s.io/v1/endpointslices", "EndpointSlice")):
+            k8s.resources[plural] = kmock.ResourceInfo(
+                kind=kind, namespaced=True, verbs={"list", "watch", "get", "create", "patch",
+                                                   "delete"})
         k8s.resources["spotserve.dev/v1alpha1/llmservices"] = kmock.ResourceInfo(
             kind="LLMService", namespaced=True, verbs={"list", "watch", "get", "patch"},
             subresources={"status", "scale"})
@@ -541,3 +550,89 @@ async def test_a_restarted_router_gets_the_topology_again() -> None:
         assert await until(lambda: router_ready("True"))
         assert wire.topologies[-1] == (epoch, pipelines)
         assert wire.router_epoch == epoch
+
+
+class ReplicaWire(RecordingWire):
+    """Router replicas, each serving the epoch it was last told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: dict[str, int] = {}
+
+    async def topology(self, router: str, epoch: int,
+                       pipelines: Sequence[tuple[RoutedPipeline, str]],
+                       resume: Sequence[Resume], max_concurrency: int,
+                       timeout: float) -> None:
+        await super().topology(router, epoch, pipelines, resume, max_concurrency, timeout)
+        self.told[router] = epoch
+
+    async def router_stats(self, router: str, timeout: float) -> RouterReport:
+        return RouterReport(self.told.get(router, 0), 0.4)
+
+
+@pytest.mark.timeout(90)
+async def test_router_replicas_follow_the_spec_and_each_is_told_the_topology() -> None:
+    """Issue 16: the operator makes a 2-replica router Deployment, its PodDisruptionBudget
+    and headless control Service; it finds both replicas (one not Ready) through that
+    Service's EndpointSlices and tells each the topology; spec changes reach the
+    Deployment, and autoscale makes and removes the HPA."""
+    wire = ReplicaWire()
+    deployments = f"/apis/apps/v1/namespaces/{NS}/deployments"
+    hpas = f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers"
+    async with emulator([node("n1"), service("llama", SPEC)]) as cluster:
+        await cluster.call("POST", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices", {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "llama-router-control-x1", "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": "llama-router-control"}},
+            "addressType": "IPv4", "ports": [{"name": "control", "port": 50061}],
+            "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": True}},
+                          {"addresses": ["10.1.0.6"], "conditions": {"ready": False}}]})
+        runtime = Runtime(Connection(cluster.url, insecure=True), token="t",
+                          wire=lambda: wire, interval=0.3,
+                          options=BackendOptions(ready_timeout=20, poll_seconds=0.2))
+        async with running_with(cluster, runtime):
+            async def router() -> dict[str, Any] | None:
+                found = [d for d in await cluster.items(deployments)
+                         if d["metadata"]["name"] == "llama-router"]
+                return found[0] if found else None
+            assert (await until(router))["spec"]["replicas"] == 2
+            services = {s["metadata"]["name"]: s for s in
+                        await cluster.items(f"/api/v1/namespaces/{NS}/services")}
+            control = services["llama-router-control"]["spec"]
+            assert control["clusterIP"] == "None" and control["publishNotReadyAddresses"]
+            assert [p["port"] for p in control["ports"]] == [50061]
+            assert 50061 not in [p["port"] for p in services["llama-router"]["spec"]["ports"]]
+            budgets = await cluster.items(f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets")
+            assert sorted(b["metadata"]["name"] for b in budgets) == ["llama-router",
+                                                                       "llama-workers"]
+
+            async def both_told() -> bool:
+                return set(wire.told) == {"10.1.0.5:50061", "10.1.0.6:50061"} and \
+                    len(set(wire.told.values())) == 1 and min(wire.told.values()) > 0
+            assert await until(both_told)
+
+            async def replicas(want: int) -> bool:
+                found = await router()
+                return found is not None and found["spec"].get("replicas") == want
+            await cluster.call("PATCH", f"{LLMS}/llama", {"spec": {"router": {"replicas": 3}}})
+            assert await until(lambda: replicas(3))
+
+            await cluster.call("PATCH", f"{LLMS}/llama", {"spec": {"router": {"autoscale": {
+                "minReplicas": 2, "maxReplicas": 5, "metric": "queue"}}}})
+
+            async def autoscaler() -> dict[str, Any] | None:
+                found = await cluster.items(hpas)
+                return found[0] if found else None
+            hpa = await until(autoscaler)
+            assert hpa["spec"]["maxReplicas"] == 5
+            assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == \
+                "spotserve_num_requests_waiting"
+            assert await replicas(3), "the count is the HPA's now, not reset to minReplicas"
+
+            await cluster.call("PATCH", f"{LLMS}/llama", {"spec": {"router": {
+                "autoscale": None, "replicas": 2}}})
+
+            async def no_autoscaler() -> bool:
+                return not await cluster.items(hpas)
+            assert await until(no_autoscaler)
+            assert await until(lambda: replicas(2))

@@ -1,11 +1,12 @@
 """A TEST DOUBLE of a pipeline driver's `Worker` service: no model, deterministic tokens.
 
 Token i of a request is `fake_token(prompt, i)`, so any pipeline produces the same tokens
-for the same request, and a resumed request (from "KV" or by "re-prefill") continues
-exactly where it stopped. Enough of the contract for the router: Submit (with resume
-state), Cancel, Drain (pause after k more tokens, keeping the "KV"), and the shared
-token. `kv` holds the requests a drain paused; a test moves an entry to another double to
-play KV migration. Run as a process with `python -m tests.router.fake_worker`.
+for the same request, and a resumed request (from "KV" or by "re-prefill") continues exactly
+where it stopped. Enough of the contract for the router: Submit (with resume state,
+detachable or not), Cancel, Drain (pause after k more tokens, keeping the "KV"), Lookup and
+Attach (through the real worker's `Journal`), and the shared token. `kv` holds the requests
+a drain paused; a test moves an entry to another double to play KV migration. Run as a
+process with `python -m tests.router.fake_worker`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from spotserve.worker.journal import Journal, Record, relay
 
 FR = common_pb2.FinishReason
 FIRST_TOKEN = 16  # ids below are left to special tokens
@@ -60,7 +62,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.kv: dict[str, tuple[list[int], list[int]]] = {}
         self.submissions: list[Submission] = []
         self.running: dict[str, _Running] = {}
+        self.journal = Journal()   # the real worker's: what Lookup and Attach serve
         self.drained = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def Submit(self, request: worker_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.TokenDelta]:
@@ -77,57 +81,74 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             if kept is None or kept != (prompt, done):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"no KV cache for {request.request_id}")
+        if request.request_id in self.running:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request {request.request_id} is already running here")
         self.submissions.append(Submission(request.request_id, request.resume.mode, len(done)))
+        record, owner = self.journal.open(request)
         state = _Running(prompt, done)
         self.running[request.request_id] = state
-        try:
-            async for delta in self._generate(request, state):
-                yield delta
-        finally:
-            self.running.pop(request.request_id, None)
+        task = asyncio.get_running_loop().create_task(self._generate(request, state, record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        async for delta in relay(context, self.journal.stream(record, owner, len(done),
+                                                              self._cancel)):
+            yield delta
 
-    async def _generate(self, request: worker_pb2.SubmitRequest,
-                        state: _Running) -> AsyncIterator[worker_pb2.TokenDelta]:
+    async def _generate(self, request: worker_pb2.SubmitRequest, state: _Running,
+                        record: Record) -> None:
+        """The "engine": a token every step into the request's record."""
         sampling = request.sampling
-        while True:
-            position = len(state.generated)
-            if state.cancelled.is_set():
-                yield self._delta(request, [], position, FR.FINISH_REASON_CANCELLED)
-                return
-            if state.budget is not None and state.budget <= 0:
-                self.kv[request.request_id] = (state.prompt, list(state.generated))
-                yield self._delta(request, [], position, FR.FINISH_REASON_PAUSED)
-                return
-            await asyncio.sleep(self.step_seconds)
-            token = fake_token(state.prompt, position, self.vocab_size)
-            state.generated.append(token)
-            if state.budget is not None:
-                state.budget -= 1
-            finish = FR.FINISH_REASON_UNSPECIFIED
-            if token in sampling.stop_token_ids:
-                finish = FR.FINISH_REASON_STOP
-            elif len(state.generated) >= sampling.max_tokens:
-                finish = FR.FINISH_REASON_LENGTH
-            yield self._delta(request, [token], position, finish)
-            if finish:
-                return
+        try:
+            while True:
+                position = len(state.generated)
+                if state.cancelled.is_set():
+                    record.add(position, None, FR.FINISH_REASON_CANCELLED)
+                    return
+                if state.budget is not None and state.budget <= 0:
+                    self.kv[request.request_id] = (state.prompt, list(state.generated))
+                    record.add(position, None, FR.FINISH_REASON_PAUSED)
+                    return
+                await asyncio.sleep(self.step_seconds)
+                token = fake_token(state.prompt, position, self.vocab_size)
+                state.generated.append(token)
+                if state.budget is not None:
+                    state.budget -= 1
+                finish = FR.FINISH_REASON_UNSPECIFIED
+                if token in sampling.stop_token_ids:
+                    finish = FR.FINISH_REASON_STOP
+                elif len(state.generated) >= sampling.max_tokens:
+                    finish = FR.FINISH_REASON_LENGTH
+                record.add(position, token, finish)
+                if finish:
+                    return
+        finally:
+            if self.running.get(request.request_id) is state:
+                del self.running[request.request_id]
 
-    def _delta(self, request: worker_pb2.SubmitRequest, tokens: list[int], position: int,
-               finish: int) -> worker_pb2.TokenDelta:
-        delta = worker_pb2.TokenDelta(request_id=request.request_id, token_ids=tokens,
-                                      position=position, finish_reason=finish)  # type: ignore[arg-type]
-        if finish:
-            delta.usage.prompt_tokens = len(request.prompt_token_ids)
-            delta.usage.completion_tokens = position + len(tokens)
-        return delta
+    def _cancel(self, request_id: str) -> bool:
+        state = self.running.get(request_id)
+        if state is not None:
+            state.cancelled.set()
+        return state is not None
 
     async def Cancel(self, request: worker_pb2.CancelRequest,
                      context: grpc.aio.ServicerContext) -> worker_pb2.CancelResponse:
         await self._check(context)
-        state = self.running.get(request.request_id)
-        if state is not None:
-            state.cancelled.set()
-        return worker_pb2.CancelResponse(found=state is not None)
+        found = self.journal.drop(request.request_id)
+        return worker_pb2.CancelResponse(found=self._cancel(request.request_id) or found)
+
+    async def Lookup(self, request: worker_pb2.LookupRequest,
+                     context: grpc.aio.ServicerContext) -> worker_pb2.LookupResponse:
+        await self._check(context)
+        return self.journal.lookup(request.request_id)
+
+    async def Attach(self, request: worker_pb2.AttachRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.TokenDelta]:
+        await self._check(context)
+        async for delta in relay(context, self.journal.take_over(request.request_id,
+                                                                 self._cancel)):
+            yield delta
 
     async def Drain(self, request: worker_pb2.DrainRequest,
                     context: grpc.aio.ServicerContext) -> worker_pb2.DrainResponse:

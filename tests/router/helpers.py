@@ -54,7 +54,7 @@ def expected(tokenizer: ModelTokenizer, prompt: str, max_tokens: int) -> tuple[l
 
 
 def control(app: RouterApp) -> tuple[grpc.aio.Channel, control_pb2_grpc.ControlStub]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.control_port}")
     return channel, control_pb2_grpc.ControlStub(channel)
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from spotserve.v1 import common_pb2 as spotserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspotserve/v1/inference.proto\x12\x0cspotserve.v1\x1a\x19spotserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xab\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.spotserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.spotserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\x9e\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.spotserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.spotserve.v1.Usage\"\x13\n\x11ListModelsRequest\".\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.spotserve.v1.ModelInfo2\xee\x01\n\tInference\x12K\n\x08Generate\x12\x1d.spotserve.v1.GenerateRequest\x1a\x1e.spotserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.spotserve.v1.ListModelsRequest\x1a .spotserve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.spotserve.v1.HealthRequest\x1a\x1c.spotserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspotserve/v1/inference.proto\x12\x0cspotserve.v1\x1a\x19spotserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbe\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.spotserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.spotserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\tresumable\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"K\n\rResumeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0freceived_tokens\x18\x03 \x01(\r\"+\n\x15\x43\x61ncelGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\'\n\x16\x43\x61ncelGenerateResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xae\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.spotserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.spotserve.v1.Usage\x12\x0e\n\x06tokens\x18\x06 \x01(\r\"\x13\n\x11ListModelsRequest\".\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.spotserve.v1.ModelInfo2\x8c\x03\n\tInference\x12K\n\x08Generate\x12\x1d.spotserve.v1.GenerateRequest\x1a\x1e.spotserve.v1.GenerateResponse0\x01\x12G\n\x06Resume\x12\x1b.spotserve.v1.ResumeRequest\x1a\x1e.spotserve.v1.GenerateResponse0\x01\x12S\n\x06\x43\x61ncel\x12#.spotserve.v1.CancelGenerateRequest\x1a$.spotserve.v1.CancelGenerateResponse\x12O\n\nListModels\x12\x1f.spotserve.v1.ListModelsRequest\x1a .spotserve.v1.ListModelsResponse\x12\x43\n\x06Health\x12\x1b.spotserve.v1.HealthRequest\x1a\x1c.spotserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=73
   _globals['_TOKENIDS']._serialized_end=96
   _globals['_GENERATEREQUEST']._serialized_start=99
-  _globals['_GENERATEREQUEST']._serialized_end=270
-  _globals['_GENERATERESPONSE']._serialized_start=273
-  _globals['_GENERATERESPONSE']._serialized_end=431
-  _globals['_LISTMODELSREQUEST']._serialized_start=433
-  _globals['_LISTMODELSREQUEST']._serialized_end=452
-  _globals['_MODELINFO']._serialized_start=454
-  _globals['_MODELINFO']._serialized_end=500
-  _globals['_LISTMODELSRESPONSE']._serialized_start=502
-  _globals['_LISTMODELSRESPONSE']._serialized_end=563
-  _globals['_INFERENCE']._serialized_start=566
-  _globals['_INFERENCE']._serialized_end=804
+  _globals['_GENERATEREQUEST']._serialized_end=289
+  _globals['_RESUMEREQUEST']._serialized_start=291
+  _globals['_RESUMEREQUEST']._serialized_end=366
+  _globals['_CANCELGENERATEREQUEST']._serialized_start=368
+  _globals['_CANCELGENERATEREQUEST']._serialized_end=411
+  _globals['_CANCELGENERATERESPONSE']._serialized_start=413
+  _globals['_CANCELGENERATERESPONSE']._serialized_end=452
+  _globals['_GENERATERESPONSE']._serialized_start=455
+  _globals['_GENERATERESPONSE']._serialized_end=629
+  _globals['_LISTMODELSREQUEST']._serialized_start=631
+  _globals['_LISTMODELSREQUEST']._serialized_end=650
+  _globals['_MODELINFO']._serialized_start=652
+  _globals['_MODELINFO']._serialized_end=698
+  _globals['_LISTMODELSRESPONSE']._serialized_start=700
+  _globals['_LISTMODELSRESPONSE']._serialized_end=761
+  _globals['_INFERENCE']._serialized_start=764
+  _globals['_INFERENCE']._serialized_end=1160
 # @@protoc_insertion_point(module_scope)

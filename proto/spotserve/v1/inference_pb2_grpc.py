@@ -40,6 +40,16 @@ class InferenceStub:
                 request_serializer=spotserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=spotserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/spotserve.v1.Inference/Resume',
+                request_serializer=spotserve_dot_v1_dot_inference__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=spotserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/spotserve.v1.Inference/Cancel',
+                request_serializer=spotserve_dot_v1_dot_inference__pb2.CancelGenerateRequest.SerializeToString,
+                response_deserializer=spotserve_dot_v1_dot_inference__pb2.CancelGenerateResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/spotserve.v1.Inference/ListModels',
                 request_serializer=spotserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
@@ -58,6 +68,22 @@ class InferenceServicer:
     def Generate(self, request, context):
         """Generate a completion as a stream of deltas. The stream is never restarted: a
         preemption behind the router is invisible except as extra latency.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Continue a resumable request's stream after it broke, on any router replica: the
+        tokens after the first `received_tokens`, then the rest as they are generated. No
+        gap, no duplicate. NOT_FOUND when no pipeline holds the request any more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stop a request (resumable or not) wherever it runs; found = false when unknown.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +108,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=spotserve_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=spotserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=spotserve_dot_v1_dot_inference__pb2.ResumeRequest.FromString,
+                    response_serializer=spotserve_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=spotserve_dot_v1_dot_inference__pb2.CancelGenerateRequest.FromString,
+                    response_serializer=spotserve_dot_v1_dot_inference__pb2.CancelGenerateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -121,6 +157,60 @@ class Inference:
             '/spotserve.v1.Inference/Generate',
             spotserve_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             spotserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spotserve.v1.Inference/Resume',
+            spotserve_dot_v1_dot_inference__pb2.ResumeRequest.SerializeToString,
+            spotserve_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spotserve.v1.Inference/Cancel',
+            spotserve_dot_v1_dot_inference__pb2.CancelGenerateRequest.SerializeToString,
+            spotserve_dot_v1_dot_inference__pb2.CancelGenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,16 @@ class WorkerStub:
                 request_serializer=spotserve_dot_v1_dot_worker__pb2.CancelRequest.SerializeToString,
                 response_deserializer=spotserve_dot_v1_dot_worker__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/spotserve.v1.Worker/Lookup',
+                request_serializer=spotserve_dot_v1_dot_worker__pb2.LookupRequest.SerializeToString,
+                response_deserializer=spotserve_dot_v1_dot_worker__pb2.LookupResponse.FromString,
+                _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/spotserve.v1.Worker/Attach',
+                request_serializer=spotserve_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
+                response_deserializer=spotserve_dot_v1_dot_worker__pb2.TokenDelta.FromString,
+                _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/spotserve.v1.Worker/Drain',
                 request_serializer=spotserve_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
@@ -92,6 +102,23 @@ class WorkerServicer:
 
     def Cancel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lookup(self, request, context):
+        """Does this driver hold a record of the request (running, paused, finished or failed)?
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """Take over a detachable request's stream (a new router replica after the old one
+        died): the first delta carries the whole request and every token generated so far,
+        then deltas follow as for Submit. A later Attach or Submit of the same id ends this
+        stream (ABORTED).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -142,6 +169,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=spotserve_dot_v1_dot_worker__pb2.CancelRequest.FromString,
                     response_serializer=spotserve_dot_v1_dot_worker__pb2.CancelResponse.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=spotserve_dot_v1_dot_worker__pb2.LookupRequest.FromString,
+                    response_serializer=spotserve_dot_v1_dot_worker__pb2.LookupResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=spotserve_dot_v1_dot_worker__pb2.AttachRequest.FromString,
+                    response_serializer=spotserve_dot_v1_dot_worker__pb2.TokenDelta.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
@@ -245,6 +282,60 @@ class Worker:
             '/spotserve.v1.Worker/Cancel',
             spotserve_dot_v1_dot_worker__pb2.CancelRequest.SerializeToString,
             spotserve_dot_v1_dot_worker__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spotserve.v1.Worker/Lookup',
+            spotserve_dot_v1_dot_worker__pb2.LookupRequest.SerializeToString,
+            spotserve_dot_v1_dot_worker__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spotserve.v1.Worker/Attach',
+            spotserve_dot_v1_dot_worker__pb2.AttachRequest.SerializeToString,
+            spotserve_dot_v1_dot_worker__pb2.TokenDelta.FromString,
             options,
             channel_credentials,
             insecure,
