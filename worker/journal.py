@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,7 +199,8 @@ class Journal:
                                          attached=record.owner != 0)
 
     async def stream(self, record: Record, owner: int, position: int,
-                     cancel: Callable[[str], object]) -> AsyncIterator[worker_pb2.TokenDelta]:
+                     cancel: Callable[[str], object]
+                     ) -> AsyncGenerator[worker_pb2.TokenDelta, None]:
         """The deltas of the record `owner` follows, from `position` on. When the stream
         goes away first, `cancel(request_id)` stops a request that is not detachable."""
         try:
@@ -212,7 +213,7 @@ class Journal:
                 cancel(record.request_id)
 
     async def take_over(self, request_id: str, cancel: Callable[[str], object]
-                        ) -> AsyncIterator[worker_pb2.TokenDelta]:
+                        ) -> AsyncGenerator[worker_pb2.TokenDelta, None]:
         """An Attach stream: the first delta carries the request and every token so far
         (position 0); then the deltas as they come. The previous owner's stream ends."""
         record = self.get(request_id)
@@ -253,9 +254,8 @@ class Journal:
                 extra -= 1
 
 
-
 async def relay(context: grpc.aio.ServicerContext[Any, Any],
-                deltas: AsyncIterator[worker_pb2.TokenDelta]
+                deltas: AsyncGenerator[worker_pb2.TokenDelta, None]
                 ) -> AsyncIterator[worker_pb2.TokenDelta]:
     """A journal stream's deltas for a servicer; its `StreamEnded` as the call's status."""
     try:

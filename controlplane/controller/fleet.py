@@ -287,6 +287,7 @@ class WorkerFleet(Actuator):
                 if not isinstance(report, ActuatorError):
                     raise report
                 log.info("router %s: %s", router, report)
+                self.router_acks.pop(router, None)   # it may come back empty: ask again
                 continue
             rates.append(report.rate)
             self.router_acks[router] = report.epoch

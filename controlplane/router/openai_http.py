@@ -6,6 +6,14 @@ a full queue is a 429 with Retry-After. A streamed response starts once the firs
 is there, so refusals still get their own status code; a failure after that arrives as a
 final `error` event.
 
+Resumable streams, a small opt-in extension (docs/router.md): a request sent with the
+header `X-Spotserve-Resumable: true` keeps running on its driver when its stream breaks;
+every event of its stream carries `id: <tokens received so far>`, and the response header
+`X-Spotserve-Request-Id` names it. A client whose stream broke sends the same POST to any
+replica with `X-Spotserve-Resume: <request id>` and `Last-Event-ID: <last id it got>`, and
+gets exactly the rest. `DELETE /v1/spotserve/requests/{id}` stops one it gives up on.
+Clients that know nothing of this see a dropped stream, as from any OpenAI server.
+
 Lenient on purpose, and documented: a body is read as JSON whatever its Content-Type
 (`curl -d` without a header sends form-encoded), and fields this server does not read are
 ignored as OpenAI's API ignores them, each name logged once at debug level.
@@ -16,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -34,8 +42,11 @@ HTTP_STATUS = {
     ErrorKind.INVALID_ARGUMENT: 400, ErrorKind.ALREADY_EXISTS: 409,
     ErrorKind.RESOURCE_EXHAUSTED: 429, ErrorKind.UNAVAILABLE: 503,
     ErrorKind.DEADLINE_EXCEEDED: 504, ErrorKind.UNAUTHENTICATED: 401,
-    ErrorKind.INTERNAL: 500,
+    ErrorKind.INTERNAL: 500, ErrorKind.NOT_FOUND: 404, ErrorKind.ABORTED: 409,
 }
+RESUMABLE_HEADER = "X-Spotserve-Resumable"
+RESUME_HEADER = "X-Spotserve-Resume"
+REQUEST_ID_HEADER = "X-Spotserve-Request-Id"
 FINISH: dict[int, str] = {common_pb2.FINISH_REASON_STOP: "stop",
                           common_pb2.FINISH_REASON_LENGTH: "length"}
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -204,6 +215,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 async def completions(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER_KEY]
     body = await _json_body(request)
+    if request.headers.get(RESUME_HEADER):
+        return await _resume(request, body, chat=False)
     prompt_ids = parse_prompt(router, body.get("prompt"))
     sampling = parse_sampling(body, default_max_tokens=DEFAULT_COMPLETION_TOKENS)
     return await _respond(request, body, prompt_ids, sampling, chat=False)
@@ -212,6 +225,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER_KEY]
     body = await _json_body(request)
+    if request.headers.get(RESUME_HEADER):
+        return await _resume(request, body, chat=True)
     messages = parse_messages(body.get("messages"))
     if not router.tokenizer.has_chat_template:
         raise invalid("messages", "the model has no chat template; use /v1/completions")
@@ -224,37 +239,77 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _respond(request, body, prompt_ids, sampling, chat=True)
 
 
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.headers.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise invalid(name, f"must be true or false, got {value[:20]!r}")
+
+
 async def _respond(request: web.Request, body: dict[str, Any], prompt_ids: list[int],
                    sampling: common_pb2.SamplingParams, *, chat: bool) -> web.StreamResponse:
     router = request.app[ROUTER_KEY]
     model = _get(body, "model", (str,), "a string") or ""
-    stream = bool(_get(body, "stream", (bool,), "true or false"))
+    resumable = _flag(request, RESUMABLE_HEADER)
     prepared = router.prepare(model=model, request_id=request.headers.get("X-Request-Id", ""),
-                              prompt_token_ids=prompt_ids, sampling=sampling)
-    shape = _Shape(prepared.request_id, router.limits.name, chat)
-    chunks = router.generate(prepared)
+                              prompt_token_ids=prompt_ids, sampling=sampling,
+                              resumable=resumable)
+    return await _reply(request, body, prepared.request_id, router.generate(prepared),
+                        chat=chat, resumable=resumable, received=0)
+
+
+async def _resume(request: web.Request, body: dict[str, Any], *,
+                  chat: bool) -> web.StreamResponse:
+    """A resumable request's stream again, after the `Last-Event-ID` tokens the client
+    has (0, or absent: all of it). The body is the original request's; only `model`,
+    `stream` and `stream_options` are read from it: the request itself comes from its
+    driver."""
+    router = request.app[ROUTER_KEY]
+    request_id = request.headers[RESUME_HEADER].strip()
+    last = request.headers.get("Last-Event-ID", "").strip() or "0"
+    if not last.isdigit():
+        raise invalid("Last-Event-ID", f"must be the last event id received (a token "
+                                       f"count), got {last[:20]!r}")
+    router.check_model(_get(body, "model", (str,), "a string") or "")
+    chunks = router.resume(request_id, int(last))
+    return await _reply(request, body, request_id, chunks, chat=chat, resumable=True,
+                        received=int(last))
+
+
+async def _reply(request: web.Request, body: dict[str, Any], request_id: str,
+                 chunks: AsyncGenerator[Chunk, None], *, chat: bool, resumable: bool,
+                 received: int) -> web.StreamResponse:
+    router = request.app[ROUTER_KEY]
+    stream = bool(_get(body, "stream", (bool,), "true or false"))
+    shape = _Shape(request_id, router.limits.name, chat, resumable=resumable)
     try:
         first = await anext(chunks)  # refusals before the first token keep their status
         if stream:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            return await _stream(request, shape, first, chunks, usage)
-        return web.json_response(shape.whole([first, *[c async for c in chunks]]))
+            return await _stream(request, shape, first, chunks, usage, received)
+        response = web.json_response(shape.whole([first, *[c async for c in chunks]]))
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
     finally:
         await chunks.aclose()
 
 
 async def _stream(request: web.Request, shape: _Shape, first: Chunk,
-                  chunks: AsyncIterator[Chunk], include_usage: bool) -> web.StreamResponse:
+                  chunks: AsyncIterator[Chunk], include_usage: bool,
+                  received: int) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+                                           "Cache-Control": "no-cache",
+                                           REQUEST_ID_HEADER: first.request_id})
     await response.prepare(request)
     last = first
     try:
-        await _send(response, shape.delta(first, is_first=True))
+        await _send(response, shape.delta(first, is_first=received == 0), shape.event_id(first))
         async for chunk in chunks:
             last = chunk
-            await _send(response, shape.delta(chunk, is_first=False))
+            await _send(response, shape.delta(chunk, is_first=False), shape.event_id(chunk))
         if include_usage:
             await _send(response, shape.usage_chunk(last))
     except RouterError as exc:
@@ -264,18 +319,27 @@ async def _stream(request: web.Request, shape: _Shape, first: Chunk,
     return response
 
 
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+async def _send(response: web.StreamResponse, payload: dict[str, Any],
+                event_id: str | None = None) -> None:
+    head = f"id: {event_id}\n".encode() if event_id is not None else b""
+    await response.write(head + b"data: " + json.dumps(payload).encode() + b"\n\n")
 
 
 class _Shape:
     """The OpenAI response objects for one request."""
 
-    def __init__(self, request_id: str, model: str, chat: bool) -> None:
+    def __init__(self, request_id: str, model: str, chat: bool, *,
+                 resumable: bool = False) -> None:
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.chat = chat
+        self.resumable = resumable
         self.created = int(time.time())
+
+    def event_id(self, chunk: Chunk) -> str | None:
+        """A resumable stream's event id: the tokens the client has after this event,
+        which is what it sends back as `Last-Event-ID` to resume."""
+        return str(chunk.completion_tokens) if self.resumable else None
 
     def _base(self, suffix: str = "") -> dict[str, Any]:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -340,6 +404,16 @@ def _openai_error(status: int, message: str, param: str | None = None,
                                         "param": param, "code": code}}, status=status)
 
 
+async def cancel(request: web.Request) -> web.Response:
+    """Stop a resumable request the client gives up on (its driver would otherwise run it
+    to its end with no one reading)."""
+    request_id = request.match_info["request_id"]
+    if not await request.app[ROUTER_KEY].cancel(request_id):
+        raise RouterError(ErrorKind.NOT_FOUND, f"request {request_id!r} is not running",
+                          field="request_id")
+    return web.json_response({"id": request_id, "cancelled": True})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
@@ -383,6 +457,7 @@ def build_app(router: Router, api_keys: BearerCheck) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)  # ids may hold a slash
+    app.router.add_delete("/v1/spotserve/requests/{request_id}", cancel)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -25,6 +25,7 @@ from .resume import MODE_NAMES
 from .router import Chunk, Router
 from .topology import ResumeHint
 
+REQUEST_ID_KEY = "x-spotserve-request-id"   # initial metadata of a resumable Generate
 GRPC_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
@@ -69,6 +70,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 model=request.model, request_id=request.request_id,
                 prompt_token_ids=self._prompt(request), sampling=request.sampling,
                 timeout=context.time_remaining(), resumable=request.resumable)
+            if request.resumable:   # its id before any token: what a Resume names
+                await context.send_initial_metadata(((REQUEST_ID_KEY, prepared.request_id),))
             async for response in _responses(self.router.generate(prepared)):
                 yield response
         except RouterError as exc:

@@ -77,8 +77,8 @@ class Fleet(WorkerFleet):
     def workers(self) -> Sequence[GpuId]:
         return [A, B]
 
-    def router_address(self) -> str:
-        return "router:1"
+    def router_addresses(self) -> Sequence[str]:
+        return ["router:1"]
 
     def rendezvous(self, driver: GpuId, epoch: int) -> str:
         return f"{driver.instance}:2"

@@ -28,7 +28,7 @@ from .test_controller import Recorder, settings, started
 
 def _backend(tmp: Path) -> LocalBackend:
     backend = LocalBackend(resolve_model("opt-6.7b"), Catalog.load(CATALOG), BackendOptions(
-        model_dir=tmp, workdir=tmp, router_address="127.0.0.1:1", token="t"))
+        model_dir=tmp, workdir=tmp, router_addresses=("127.0.0.1:1",), token="t"))
     backend.instances = {
         "a": LocalInstance("a", "cpu-1x", "spot", "127.0.0.2", "ready"),
         "b": LocalInstance("b", "cpu-1x", "spot", "127.0.0.3", "notice", deadline=99.0),

@@ -35,7 +35,7 @@ async def _spawn(*args: str, ready: str) -> tuple[asyncio.subprocess.Process, st
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
     assert ready in line, line
-    return process, line.split()[-1]
+    return process, line.split(ready)[-1].strip()   # the address, or the router's ports
 
 
 @pytest_asyncio.fixture
@@ -65,7 +65,7 @@ async def test_sigkilled_driver_is_invisible_to_clients(
         processes: list[tuple[asyncio.subprocess.Process, str]],
         tokenizer: ModelTokenizer) -> None:
     (victim, _), _, (router, ports) = processes
-    http = ports.split("http=")[-1]
+    http = ports.split("http=")[1].split()[0]
     client = openai.AsyncOpenAI(base_url=f"http://{http}/v1", api_key="x", max_retries=0)
     progress: dict[str, int] = {}
 
@@ -80,6 +80,8 @@ async def test_sigkilled_driver_is_invisible_to_clients(
 
     tasks = [asyncio.create_task(complete(p)) for p in PROMPTS]
     while len(progress) < len(PROMPTS) or min(progress.values()) < 5:
+        if any(task.done() for task in tasks):
+            break       # one failed before the kill: gather reports it
         await asyncio.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     texts = await asyncio.wait_for(asyncio.gather(*tasks), 60)
