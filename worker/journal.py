@@ -78,6 +78,7 @@ class Record:
     error: str = ""
     ended_at: float = 0.0
     owner: int = 0            # the stream that follows it now (0: none)
+    dropped: bool = False     # cancelled: let go once its stream has the end
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -168,17 +169,23 @@ class Journal:
         if record.owner != owner:
             return False    # superseded: the new owner has it now
         record.owner = 0
-        keep = record.detachable and not cancelled
+        keep = record.detachable and not cancelled and not record.dropped
         if not keep and self._records.get(record.request_id) is record:
             del self._records[record.request_id]
         return not keep and not record.ended
 
     def drop(self, request_id: str) -> bool:
-        record = self._records.pop(request_id, None)
+        """A Cancel: let the record go. One a stream follows goes once that stream has had
+        the end (the engine's CANCELLED), so the stream ends as cancelled, not cut off."""
+        record = self._records.get(request_id)
         if record is None:
             return False
-        record.owner = 0
-        record._wake()
+        if record.owner and not record.ended:
+            record.dropped = True
+        else:
+            del self._records[request_id]
+            record.owner = 0
+            record._wake()
         return True
 
     def first_delta(self, record: Record) -> worker_pb2.TokenDelta:
@@ -224,8 +231,9 @@ class Journal:
         owner = self._own(record)
         first = self.first_delta(record)
         if not record.ended:
+            position = len(first.token_ids)   # fixed now: tokens may come while it waits
             yield first
-            async with contextlib.aclosing(self.stream(record, owner, len(record.tokens),
+            async with contextlib.aclosing(self.stream(record, owner, position,
                                                        cancel)) as deltas:
                 async for delta in deltas:
                     yield delta

@@ -430,6 +430,10 @@ class WorkerServicer(TensorServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KVUnavailable as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
+        held = self.journal.get(request.request_id)
+        if held is not None and not held.ended:   # its stream is not to be superseded
+            await _abort(context, grpc.StatusCode.ALREADY_EXISTS,
+                         f"request {request.request_id} is already running here")
         loop = asyncio.get_running_loop()
         record, owner = self.journal.open(request)
 

@@ -175,6 +175,45 @@ async def test_cancel_and_deadline_free_the_kv(worker: Worker) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_detached_request_runs_on_and_attach_takes_its_stream_over(
+        worker: Worker, reference: Callable[[list[int], int], list[int]]) -> None:
+    """The router replica that submitted a detachable request dies: the driver runs it
+    on; another replica finds it (Lookup) and takes it over (Attach), getting the request
+    and every token so far, then the rest: all of it identical to an uninterrupted run."""
+    tokens = 160
+    request = submit_request("detached", PROMPTS["r3"], tokens)
+    request.detachable = True
+    call = _submit(worker, request)
+    first = await call.read()
+    assert first.token_ids
+    call.cancel()                                   # its router went away
+    await asyncio.sleep(0.2)
+    found = await worker.stub.Lookup(worker_pb2.LookupRequest(request_id="detached"),
+                                     metadata=META)
+    assert found.found and not found.attached and found.generated_tokens >= 1
+    attach = worker.stub.Attach(worker_pb2.AttachRequest(request_id="detached"),
+                                metadata=META, timeout=60)
+    head = await attach.read()
+    assert head.position == 0 and list(head.request.prompt_token_ids) == PROMPTS["r3"]
+    got = list(head.token_ids)
+    assert len(got) >= found.generated_tokens
+    finish = head.finish_reason
+    while (delta := await attach.read()) is not grpc.aio.EOF:
+        assert isinstance(delta, worker_pb2.TokenDelta) and delta.position == len(got)
+        got.extend(delta.token_ids)
+        finish = delta.finish_reason
+    assert got == reference(PROMPTS["r3"], tokens)
+    assert finish == FR.FINISH_REASON_LENGTH
+    plain = submit_request("attached-to-its-stream", PROMPTS["r2"], tokens)
+    call = _submit(worker, plain)
+    await call.read()
+    call.cancel()                                   # not detachable: cancelled with it
+    err = await _error(worker.stub.Attach(worker_pb2.AttachRequest(
+        request_id="attached-to-its-stream"), metadata=META, timeout=10))
+    assert err.code() in (SC.NOT_FOUND, SC.FAILED_PRECONDITION)
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_scale_out_fast_path_keeps_serving(
         worker: Worker, checkpoint: Path,
         reference: Callable[[list[int], int], list[int]]) -> None:
