@@ -27,7 +27,10 @@ PROMPTS = [f"spot instances are cheap {i}" for i in range(6)]
 TOKENS = 80
 
 
-async def _spawn(*args: str, ready: str) -> tuple[asyncio.subprocess.Process, str]:
+Process = tuple[asyncio.subprocess.Process, str]   # the process, and what it listens on
+
+
+async def _spawn(*args: str, ready: str) -> Process:
     env = {**os.environ, "SPOTSERVE_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, *args, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,

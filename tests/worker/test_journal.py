@@ -54,7 +54,7 @@ async def test_a_stream_gets_every_token_once_in_order_then_the_finish() -> None
     record.add(5, 12, FR.FINISH_REASON_LENGTH)
     await task
     assert _tokens(got) == [9, 10, 11, 12]
-    assert [d.position for d in got][0] == 2
+    assert next(d.position for d in got) == 2
     assert got[-1].finish_reason == FR.FINISH_REASON_LENGTH
     assert got[-1].usage.completion_tokens == 6
     assert journal.lookup("a").found   # detachable: its end is kept for a late reader
