@@ -23,7 +23,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -37,12 +37,16 @@ BROKEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
 
 @dataclass
 class Progress:
-    """What the caller has of one request: its id, the tokens received and how often its
-    stream was taken up again."""
+    """What the caller has of one request: its id, the tokens received, and each time its
+    stream broke (`time.monotonic()`, the replica's address) and was taken up again."""
 
     request_id: str = ""
     tokens: int = 0
-    resumes: int = 0
+    breaks: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def resumes(self) -> int:
+        return len(self.breaks)
 
 
 class ResumingClient:
@@ -104,13 +108,13 @@ class ResumingClient:
                 if code not in BROKEN and not lost_early:
                     raise
                 now = time.monotonic()
+                progress.breaks.append((now, self.addresses[replica]))
                 broke_at = broke_at or now
                 if now - broke_at > self.retry_for or (deadline and now > deadline):
                     raise
                 fresh = lost_early or not progress.request_id
             finally:
                 call.cancel()
-            progress.resumes += 1
             replica = (replica + 1) % len(self._stubs)
             await asyncio.sleep(self.retry_every)
 

@@ -14,8 +14,9 @@ not the model's greedy choice for exactly the tokens before it; see
 how many differ from the no-preemption reference at fp32 near-ties, and per fault kind
 the recovery time from the fault to the next token of every request it interrupted.
 
-The router cannot yet survive its own restart (its commit log lives in its memory; issue
-"Router without a single point of failure"), so router restarts are not among the faults.
+With two or more router replicas (`generate(..., routers=2)`), a SIGKILL of the replica
+streaming the most requests is among the faults too; its clients resume on another
+replica (`spotserve.client.ResumingClient`) and it comes back as its Deployment would.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 ADD, NOTICE, KILL, STOP, RESTART = "add", "notice", "kill", "stop", "restart"
+ROUTER = "router"   # SIGKILL a router replica (the busiest)
 DEADLINE = "notice-deadline"  # the kill at the end of a notice's grace, as struck
 SELECTORS = ("any", "driver", "follower")
 PHASES = ("preloading", "draining", "configuring")
@@ -38,7 +40,7 @@ WEIGHTS = (3, 3, 3, 1, 3, 2, 1, 1)
 class Fault:
     """One thing the emulated cloud (or the operator of the machine) does.
 
-    `kind`: add | notice | kill | stop | restart. `target` is an instance name for `add`,
+    `kind`: add | notice | kill | stop | restart | router. `target` is an instance name for `add`,
     else a role resolved when the fault fires: any, driver, follower (of the committed
     placement) or involved (in the migration under way). A driver or follower fault
     fired before any placement has that role (instances still booting) waits for one, up
@@ -67,9 +69,12 @@ class ChaosPlan:
     duration: float
 
 
-def generate(seed: int, duration: float = 40.0, max_instances: int = 6) -> ChaosPlan:
-    """One run's faults, from `seed` alone."""
+def generate(seed: int, duration: float = 40.0, max_instances: int = 6,
+             routers: int = 1) -> ChaosPlan:
+    """One run's faults, from `seed` alone (and, with `routers` >= 2, router kills among
+    them; with one router a seed draws what it always drew)."""
     rng = random.Random(seed)
+    kinds, weights = (KINDS, WEIGHTS) if routers < 2 else ((*KINDS, ROUTER), (*WEIGHTS, 2))
     initial = tuple(f"n{i + 1}" for i in range(rng.randint(3, 4)))
     count, names = len(initial), len(initial)
     faults: list[Fault] = []
@@ -92,7 +97,7 @@ def generate(seed: int, duration: float = 40.0, max_instances: int = 6) -> Chaos
 
     t = rng.uniform(6.0, 9.0)  # the first configuration serves by then
     while t < duration - 8.0:
-        kind = rng.choices(KINDS, WEIGHTS)[0]
+        kind = rng.choices(kinds, weights)[0]
         if kind == "join":
             join(t)
         elif kind in ("notice", "kill"):
@@ -110,6 +115,8 @@ def generate(seed: int, duration: float = 40.0, max_instances: int = 6) -> Chaos
                 removal(t + 0.1, NOTICE)
         elif kind == "stop":
             faults.append(Fault(round(t, 2), STOP, rng.choice(SELECTORS)))
+        elif kind == ROUTER:
+            faults.append(Fault(round(t, 2), ROUTER))
         else:
             faults.append(Fault(round(t, 2), RESTART))
         t += rng.uniform(3.0, 8.0)

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of faults per run (40)")
     parser.add_argument("--rate", type=float, default=2.0, metavar="REQ/S",
                         help="requests per second sent during a run (2)")
+    parser.add_argument("--routers", type=int, default=1, metavar="N",
+                        help="router replicas (1); with 2 or more, SIGKILLs of the busiest "
+                             "replica are among the faults and clients resume their streams")
     parser.add_argument("--busy-cores", type=int, default=1, metavar="N",
                         help="processes spinning on a core each meanwhile (1)")
     parser.add_argument("--out", type=Path, default=Path("spotserve-chaos"), metavar="DIR",
@@ -45,11 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     for name, ok in (("--seeds", args.seeds > 0), ("--duration", args.duration >= 15),
-                     ("--rate", args.rate > 0), ("--busy-cores", args.busy_cores >= 0)):
+                     ("--rate", args.rate > 0), ("--busy-cores", args.busy_cores >= 0),
+                     ("--routers", 1 <= args.routers <= 4)):
         if not ok:
             raise SpotserveError(f"{name} {getattr(args, name[2:].replace('-', '_'))}: "
                                  "out of range (seeds > 0, duration >= 15, rate > 0, "
-                                 "busy cores >= 0)")
+                                 "busy cores >= 0, routers 1 to 4)")
 
 
 def _line(outcome: Any) -> str:
@@ -89,12 +93,13 @@ def run(args: argparse.Namespace) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     started = time.monotonic()
     print(f"chaos campaign: {len(seeds)} seeds from {seeds[0]}, {args.duration:g} s of faults "
-          f"each, {args.rate:g} req/s, {args.busy_cores} busy core(s); logs in {out}",
+          f"each, {args.rate:g} req/s, {args.routers} router(s), {args.busy_cores} busy "
+          f"core(s); logs in {out}",
           flush=True)
     with busy_cores(args.busy_cores):
         outcomes = asyncio.run(run_campaign(
             seeds, out, args.duration, args.rate, lambda text: print(text, flush=True),
-            lambda outcome: print(_line(outcome), flush=True)))
+            lambda outcome: print(_line(outcome), flush=True), args.routers))
     elapsed = time.monotonic() - started
     table, summary = recovery_table(outcomes), dict[str, float](totals(outcomes))
     summary["seconds"] = round(elapsed, 1)

@@ -35,6 +35,7 @@ from .chaos import (
     KILL,
     NOTICE,
     RESTART,
+    ROUTER,
     STOP,
     ChaosPlan,
     Fault,
@@ -97,6 +98,12 @@ class ChaosRun(LocalRun):
         if fault.kind == RESTART:
             self.struck.append(Struck(self.now(), fault.label, "controller"))
             await self.restart_controller()
+            return
+        if fault.kind == ROUTER:
+            if len(self.routers) < 2:   # its only router: that loses streams by design
+                self.struck.append(Struck(self.now(), fault.label))
+                return
+            self.struck.append(Struck(self.now(), fault.label, await self.kill_router()))
             return
         target = await self._await_role(role, fault)
         if target is None:
@@ -180,6 +187,9 @@ def outcome_of(run: ChaosRun, result: RunResult | None, hung: int, seconds: floa
                            reference.get(r.request_id) == r.tokens)
               for r in run.records]
     members: dict[str, list[str]] = {}
+    for index in range(run.options.routers):   # a client's break names its replica
+        name = run.router_name(index)
+        members[name] = [name]
     for entry in run.journal.read():
         members.update(entry.get("members") or {})
     out = verdict(run.plan.seed, run.struck, traces, members, hung)
@@ -205,10 +215,11 @@ def _dump(run: ChaosRun, reference: dict[str, list[int]], greedy: dict[str, bool
 
 
 async def run_seed(plan: ChaosPlan, model: Path, workdir: Path,
-                   say: Callable[[str], None] | None = None, rate: float = 2.0) -> Outcome:
+                   say: Callable[[str], None] | None = None, rate: float = 2.0,
+                   routers: int = 1) -> Outcome:
     options = RunOptions(model_dir=model, workdir=workdir, script=Script((), plan.duration, ""),
                          rate=rate, max_tokens=32, prompt_tokens=12, seed=plan.seed,
-                         progress_every=10.0, say=say)
+                         progress_every=10.0, say=say, routers=routers)
     run = ChaosRun(options, plan)
     start = time.monotonic()
     task = asyncio.ensure_future(run.run())
@@ -242,15 +253,15 @@ def busy_cores(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 async def run_campaign(seeds: list[int], out: Path, duration: float, rate: float,
-                       say: Callable[[str], None], report: Callable[[Outcome], None]
-                       ) -> list[Outcome]:
+                       say: Callable[[str], None], report: Callable[[Outcome], None],
+                       routers: int = 1) -> list[Outcome]:
     model = build_tiny_llama(out / "tiny-llama")
     outcomes = []
     for seed in seeds:
-        plan = generate(seed, duration)
+        plan = generate(seed, duration, routers=routers)
         say(f"seed {seed}: {len(plan.faults)} faults over {duration:g} s, "
             f"{len(plan.initial)} instances to start")
-        outcome = await run_seed(plan, model, out / f"seed-{seed}", None, rate)
+        outcome = await run_seed(plan, model, out / f"seed-{seed}", None, rate, routers)
         report(outcome)
         outcomes.append(outcome)
     return outcomes

@@ -34,10 +34,10 @@ FLAGS = ("--queue-timeout", "120",
 
 def router_args(model_dir: Path, grpc: str, http: str, request_log: Path,
                 served_name: str | None = None, max_queue: int = 512,
-                max_concurrency: int = 8) -> list[str]:
-    """`spotserve router`'s arguments in local mode (Control on a port of its own, any
-    free one, on the --grpc host)."""
-    control = f"{grpc.rpartition(':')[0]}:0"
+                max_concurrency: int = 8, control: str | None = None) -> list[str]:
+    """`spotserve router`'s arguments in local mode (Control on a port of its own: any
+    free one on the --grpc host unless `control` says)."""
+    control = control or f"{grpc.rpartition(':')[0]}:0"
     out = ["router", "--model", str(model_dir), "--grpc", grpc, "--http", http,
            "--control", control,
            "--request-log", str(request_log), *FLAGS, "--max-queue", str(max_queue),
@@ -57,7 +57,8 @@ class RouterProcess:
     async def start(cls, model_dir: Path, workdir: Path, token: str,
                     grpc: str = "127.0.0.1:0", http: str = "127.0.0.1:0",
                     served_name: str | None = None, max_queue: int = 512,
-                    max_concurrency: int = 8, name: str = "router") -> RouterProcess:
+                    max_concurrency: int = 8, name: str = "router",
+                    control: str | None = None) -> RouterProcess:
         """`name` names its log files (several replicas share `workdir`)."""
         workdir.mkdir(parents=True, exist_ok=True)
         suffix = name.removeprefix("router")
@@ -69,7 +70,7 @@ class RouterProcess:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "spotserve.cli",
                 *router_args(model_dir, grpc, http, request_log, served_name, max_queue,
-                             max_concurrency),
+                             max_concurrency, control),
                 cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr)
         assert process.stdout is not None
         try:
@@ -94,6 +95,12 @@ class RouterProcess:
             return {}
         lines = self.request_log.read_text().splitlines()
         return {entry["id"]: entry for entry in map(json.loads, filter(None, lines))}
+
+    async def kill(self) -> None:
+        """SIGKILL: what losing its pod or node does (no drain, no last word)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        await self.process.wait()
 
     async def stop(self) -> None:
         if self.process.returncode is None:

@@ -26,13 +26,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 
 from spotserve.catalog import Catalog
+from spotserve.client import Progress, ResumingClient
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
-from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from spotserve.v1 import common_pb2, inference_pb2
 
+from ..controller.actuator import ActuatorError
 from ..controller.controller import Controller, ControllerSettings
 from ..controller.events import LoadChanged
 from ..controller.journal import Journal
@@ -66,7 +69,8 @@ class RunOptions:
     on_demand_limit: int = 0
     restart_at: float | None = None   # seconds into the run: restart the controller
     reference: bool = True
-    routers: int = 1                  # router replicas (requests go to the first)
+    routers: int = 1                  # router replicas; requests spread over them
+    router_restart_after: float = 2.0  # a SIGKILLed replica is back after this (a Deployment's)
     seed: int = 0
     progress_every: float = 5.0
     say: Callable[[str], None] | None = None
@@ -85,6 +89,8 @@ class RequestRecord:
     # when its stream broke, and on which pipeline
     interruptions: list[tuple[float, str]] = field(default_factory=list)
     resumes: list[str] = field(default_factory=list)  # "mode@pipeline after N tokens"
+    # when its client's stream broke (its router replica died) and the replica's name
+    client_breaks: list[tuple[float, str]] = field(default_factory=list)
 
     def resumes_by(self, mode: str) -> int:
         return sum(r.startswith(f"{mode}@") for r in self.resumes)
@@ -149,8 +155,9 @@ class LocalRun:
         self._by_id: dict[str, RequestRecord] = {}
         self.configs: list[dict[str, Any]] = []
         self.journal = Journal(options.workdir / "controller")
-        self.router: RouterProcess | None = None   # the first replica
-        self.routers: list[RouterProcess] = []
+        self.routers: list[RouterProcess] = []     # the live replicas
+        self._router_runs: list[RouterProcess] = []  # every one started, for its request log
+        self._router_starts = 0
         self.backend: LocalBackend | None = None
         self.controller: Controller | None = None
         self._controller_task: asyncio.Task[None] | None = None
@@ -184,12 +191,8 @@ class LocalRun:
         for stale in ("state.json", "events.jsonl"):
             (self.options.workdir / "controller" / stale).unlink(missing_ok=True)
         self.routers = list(await asyncio.gather(*(
-            RouterProcess.start(self.options.model_dir, self.options.workdir / "logs",
-                                self.token, name=f"router{i or ''}")
-            for i in range(self.options.routers))))
-        self.router = self.routers[0]
-        self.channel = grpc.aio.insecure_channel(self.router.grpc_address)
-        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
+            self._start_router(self.router_name(i)) for i in range(self.options.routers))))
+        self.client = ResumingClient([r.grpc_address for r in self.routers], retry_for=120.0)
         self.backend = LocalBackend(self.model, self.catalog, BackendOptions(
             model_dir=self.options.model_dir, workdir=self.options.workdir / "logs",
             router_addresses=tuple(r.control_address for r in self.routers),
@@ -199,6 +202,73 @@ class LocalRun:
         self._start_controller()
         await self.backend.events.put(LoadChanged(self.options.planned_rate))
         self._tasks.append(asyncio.create_task(self._forward_events()))
+        self._tasks.append(asyncio.create_task(self._watch_routers()))
+
+    async def _start_router(self, name: str, like: RouterProcess | None = None
+                            ) -> RouterProcess:
+        """A router replica (`like`: on the addresses of one that died, as its Service
+        and the controller know them)."""
+        workdir = self.options.workdir / "logs"
+        if like is None:
+            router = await RouterProcess.start(self.options.model_dir, workdir, self.token,
+                                               name=name)
+        else:
+            router = await RouterProcess.start(
+                self.options.model_dir, workdir, self.token, like.grpc_address,
+                like.http_address, name=name, control=like.control_address)
+        self._router_runs.append(router)
+        return router
+
+    async def kill_router(self) -> str:
+        """SIGKILL the replica streaming the most requests (the unlucky one, not a
+        convenient one), and start it again `router_restart_after` seconds later, as its
+        Deployment would; the controller tells it the topology before it turns ready.
+        Returns the replica's name."""
+        busiest = await self._busiest_router()
+        victim = self.routers[busiest]
+        await victim.kill()
+        name = self.router_name(busiest)
+        self.say(f"[{self.now():6.1f}s] {name} SIGKILLed (its clients resume on another "
+                 f"replica)")
+        self._tasks.append(asyncio.create_task(self._restart_router(busiest, victim)))
+        return name
+
+    async def _busiest_router(self) -> int:
+        async def running(router: RouterProcess) -> float:
+            try:
+                async with aiohttp.ClientSession() as session, session.get(
+                        f"http://{router.http_address}/metrics",
+                        timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    text = await response.text()
+            except (aiohttp.ClientError, TimeoutError):
+                return -1.0
+            for line in text.splitlines():
+                if line.startswith("spotserve_num_requests_running "):
+                    return float(line.split()[-1])
+            return 0.0
+
+        counts = await asyncio.gather(*(running(r) for r in self.routers))
+        return max(range(len(counts)), key=lambda i: counts[i])
+
+    async def _restart_router(self, index: int, dead: RouterProcess) -> None:
+        await asyncio.sleep(self.options.router_restart_after)
+        self._router_starts += 1
+        name = self.router_name(index)
+        self.routers[index] = await self._start_router(f"{name}-{self._router_starts}",
+                                                       like=dead)
+        self.say(f"[{self.now():6.1f}s] {name} restarted")
+
+    @staticmethod
+    def router_name(index: int) -> str:
+        return f"router{index or ''}"
+
+    async def _watch_routers(self) -> None:
+        """Every second, every replica's epoch: one that restarted is told the topology."""
+        assert self.backend is not None
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(ActuatorError):
+                await self.backend.check_routers()
 
     def _start_controller(self) -> None:
         assert self.backend is not None
@@ -226,9 +296,9 @@ class LocalRun:
                     await task
         if self.backend is not None:
             await self.backend.close()
-        if self.router is not None:
+        if self.routers:
             with contextlib.suppress(Exception):
-                await self.channel.close()
+                await self.client.close()
         for router in self.routers:
             await router.stop()
 
@@ -309,15 +379,17 @@ class LocalRun:
     def _read_request_log(self) -> None:
         """How each request ended and every interruption on the way, as the router logged
         them (seconds since the run started)."""
-        assert self.router is not None
-        logged = self.router.requests()
+        logged: dict[str, list[dict[str, Any]]] = {}
+        for router in self._router_runs:   # a request a replica took over is in two logs
+            for request_id, entry in router.requests().items():
+                logged.setdefault(request_id, []).append(entry)
         for record in self.records:
-            entry = logged.get(record.request_id)
-            if entry is None:
-                continue
-            resumes = entry["resumes"]
-            record.interruptions = [(r["interrupted_at"] - self._wall0, r["interrupted_on"])
-                                    for r in resumes]
+            entries = logged.get(record.request_id) or []
+            resumes = sorted((r for e in entries for r in e["resumes"]),
+                             key=lambda r: r["interrupted_at"])
+            record.interruptions = sorted(
+                [(r["interrupted_at"] - self._wall0, r["interrupted_on"]) for r in resumes]
+                + record.client_breaks)
             record.resumes = [f"{r['mode']}@{r['on']} after {r['committed']}" for r in resumes]
 
     def _prompt(self) -> list[int]:
@@ -337,14 +409,17 @@ class LocalRun:
             token_ids=inference_pb2.TokenIds(ids=record.prompt), request_id=request_id,
             sampling=common_pb2.SamplingParams(max_tokens=self.options.max_tokens,
                                                temperature=0.0, ignore_eos=True))
+        progress = Progress()
         try:
-            async for message in self.inference.Generate(request, timeout=300):
+            async for message in self.client.generate(request, progress, timeout=300):
                 record.tokens.extend(message.token_ids)
                 record.token_times.extend(self.now() for _ in message.token_ids)
                 if message.finish_reason:
                     record.finish = message.finish_reason
         except grpc.aio.AioRpcError as exc:
             record.error = f"{exc.code().name}: {exc.details()}"
+        names = {r.grpc_address: self.router_name(i) for i, r in enumerate(self.routers)}
+        record.client_breaks = [(t - self._start, names.get(a, a)) for t, a in progress.breaks]
         record.done = self.now()
 
     async def _wait_requests(self) -> None:
@@ -393,7 +468,7 @@ class LocalRun:
         return out
 
     def _result(self, reference: dict[str, list[int]], greedy: dict[str, bool]) -> RunResult:
-        assert self.router is not None and self.backend is not None
+        assert self.backend is not None
         self._read_request_log()
         resumed = {mode: sum(r.resumes_by(mode) for r in self.records)
                    for mode in ("kv", "reprefill")}

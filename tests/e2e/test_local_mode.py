@@ -11,7 +11,10 @@ never a name picked because it is convenient; the kill test runs for both roles.
 (d) instances joining: scale-out without draining the running pipeline, the joining GPUs
     preloaded;
 (e) the controller restarted in the middle of a migration: it resumes from its state
-    file and completes, 0 failed.
+    file and completes, 0 failed;
+(f) two router replicas, the busiest SIGKILLed twice mid-run (and restarted, as its
+    Deployment would): its clients resume on the other replica, 0 lost tokens, every
+    output right.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from spotserve.operator.local.chaos import ADD, KILL, NOTICE, RESTART, ChaosPlan, Fault
+from spotserve.operator.local.chaos import (
+    ADD,
+    KILL,
+    NOTICE,
+    RESTART,
+    ROUTER,
+    ChaosPlan,
+    Fault,
+)
 from spotserve.operator.local.chaos_run import ChaosRun
 from spotserve.operator.local.cloud import Script
 from spotserve.operator.local.runner import RunOptions, RunResult
@@ -35,11 +46,12 @@ RATE, MAX_TOKENS = 4.0, 128
 
 
 def play(tmp: Path, initial: int, faults: list[Fault], end: float, rate: float = RATE,
-         max_tokens: int = MAX_TOKENS) -> RunResult:
+         max_tokens: int = MAX_TOKENS, routers: int = 1) -> RunResult:
     model = build_tiny_llama(tmp / "model")
     plan = ChaosPlan(0, tuple(f"n{i + 1}" for i in range(initial)), tuple(faults), end)
     options = RunOptions(model_dir=model, workdir=tmp / "run", script=Script((), end, ""),
-                         rate=rate, max_tokens=max_tokens, progress_every=1e9)
+                         rate=rate, max_tokens=max_tokens, progress_every=1e9,
+                         routers=routers)
     return asyncio.run(asyncio.wait_for(ChaosRun(options, plan).run(), 240))
 
 
@@ -127,3 +139,15 @@ def test_e_controller_restart_in_the_middle_of_a_migration(tmp_path: Path) -> No
     restarted = next(e for e in result.journal if e["kind"] == "resumed")
     later = result.journal[result.journal.index(restarted):]
     assert any(e["kind"] == "serving" for e in later), "the new controller must migrate"
+
+
+def test_f_a_router_replica_killed_mid_run_loses_no_token(tmp_path: Path) -> None:
+    result = play(tmp_path, 2, [Fault(9.0, ROUTER), Fault(16.0, ROUTER)], end=24.0,
+                  routers=2)
+    _ok(result)
+    cut = [r for r in result.records if r.client_breaks]
+    assert cut, "the kills should have cut streams"
+    # Exactly the requested tokens, each once: no gap (finish LENGTH, greedy-correct) and
+    # no duplicate (a token sent twice would make the output longer).
+    assert all(len(r.tokens) == MAX_TOKENS for r in result.records)
+    assert {name for r in cut for _, name in r.client_breaks} <= {"router", "router1"}
