@@ -50,6 +50,11 @@ class DuplicateRequest(SpotserveError):
     """A request with this id is already running here (ALREADY_EXISTS)."""
 
 
+class PipelineFull(SpotserveError):
+    """A fresh request finds the pipeline at its batch cap (RESOURCE_EXHAUSTED): the
+    router replicas, each counting only its own requests, sent more than the cap."""
+
+
 @dataclass(frozen=True)
 class StreamEvent:
     """A token (or just an end) of one request; `finish` 0 while it goes on. `error` set:
@@ -250,6 +255,11 @@ class Driver:
             raise NotServing("the pipeline is drained; it takes no new requests")
         if self.engine.scheduler.get(state.request_id) is not None:
             raise DuplicateRequest(f"request {state.request_id} is already running here")
+        cap = self.engine.scheduler.config.max_num_seqs
+        fresh = not state.num_computed and not state.output_token_ids
+        if fresh and len(self._sinks) >= cap:   # a resumed one keeps the place it had
+            raise PipelineFull(f"the pipeline is full ({len(self._sinks)} requests, its "
+                               f"batch cap is {cap}); try another pipeline")
         if state.num_computed:
             if not self.engine.adopt(state):
                 log.warning("request %s: its KV cannot be adopted here (a rank lacks its "

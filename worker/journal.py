@@ -149,14 +149,25 @@ class Journal:
     def open(self, request: worker_pb2.SubmitRequest) -> tuple[Record, int]:
         """A new record for a submission (replacing any earlier one of the same id, whose
         stream is superseded), and the owner token of the stream that follows it."""
+        record = self.prepare(request)
+        return record, self.adopt(record)
+
+    @staticmethod
+    def prepare(request: worker_pb2.SubmitRequest) -> Record:
+        """A record for a submission, not in the journal yet: events can go to it while
+        the engine decides whether to take the request (`adopt` once it has)."""
+        return Record(request, list(request.resume.generated_token_ids))
+
+    def adopt(self, record: Record) -> int:
+        """Put a prepared record in the journal, replacing any earlier one of the same id
+        (whose stream is superseded); the owner token of the stream that follows it."""
         self._expire()
-        old = self._records.pop(request.request_id, None)
-        if old is not None:
+        old = self._records.pop(record.request_id, None)
+        if old is not None and old is not record:
             old.owner = 0
             old._wake()
-        record = Record(request, list(request.resume.generated_token_ids))
-        self._records[request.request_id] = record
-        return record, self._own(record)
+        self._records[record.request_id] = record
+        return self._own(record)
 
     def get(self, request_id: str) -> Record | None:
         self._expire()

@@ -42,6 +42,7 @@ from spotserve.worker.driver import (
     Driver,
     DuplicateRequest,
     NotServing,
+    PipelineFull,
     Snapshot,
     StreamEvent,
 )
@@ -430,12 +431,11 @@ class WorkerServicer(TensorServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KVUnavailable as exc:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc.args[0]))
-        held = self.journal.get(request.request_id)
-        if held is not None and not held.ended:   # its stream is not to be superseded
-            await _abort(context, grpc.StatusCode.ALREADY_EXISTS,
-                         f"request {request.request_id} is already running here")
         loop = asyncio.get_running_loop()
-        record, owner = self.journal.open(request)
+        # The record takes the engine's events from the start, and goes into the journal
+        # once the engine took the request (one it refuses, say a duplicate id, leaves the
+        # journal and any stream following that id as they were).
+        record = self.journal.prepare(request)
 
         def sink(event: StreamEvent) -> None:
             loop.call_soon_threadsafe(record.add, event.index, event.token_id, event.finish,
@@ -445,14 +445,13 @@ class WorkerServicer(TensorServicer):
         try:
             await asyncio.wrap_future(accepted)
         except SpotserveError as exc:   # not taken: the shares stay for the next attempt
-            self.journal.release(record, owner, cancelled=True)
             await _abort(context, _code_for(exc), str(exc))
         except asyncio.CancelledError:   # the deadline passed before the engine took it
-            self.journal.release(record, owner, cancelled=True)
             driver.cancel(request.request_id)
             raise
+        owner = self.journal.adopt(record)
         async for delta in relay(context, self.journal.stream(
-                record, owner, len(record.tokens), driver.cancel)):
+                record, owner, len(request.resume.generated_token_ids), driver.cancel)):
             yield delta
 
     def _cancel_running(self, request_id: str) -> None:
@@ -625,6 +624,8 @@ def _code_for(error: SpotserveError) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, DuplicateRequest):
         return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(error, PipelineFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -42,14 +42,26 @@ whole run is CPU-bound once those are busy, so the ratios there measure the mach
 the routers' scaling shows only on a machine with cores to spare (the routers' CPU per
 token is the figure that carries over).
 
-Writes bench/results/router.json (or --out DIR): `phases` (the overhead phases) and
-`replicas` (the scaling phases, their ratios and the notes printed). Exits 1 on any error.
+Resume path (`--resume`, on by default): two routers over 4 drivers at `--step`; the same
+requests (resumable gRPC, `--resume-requests` of them, 32 at a time) run once
+uninterrupted through one replica, and once with every stream broken half-way (the
+client drops its connection, as when its replica dies) and taken up on the other replica
+with `Inference.Resume` (Lookup on every driver, Attach, skip what the client has).
+Reported: end-to-end latency per token of both and the difference (the added latency per
+token of the resume path, spread over the request), the reconnect gap (from the last
+token before the break to the first after it; compare the inter-token gap) and the
+inter-token gap after the take-over as a ratio to the uninterrupted one.
+
+Writes bench/results/router.json (or --out DIR): `phases` (the overhead phases),
+`replicas` (the scaling phases, their ratios and the notes printed) and `resume`. Exits 1
+on any error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -436,6 +448,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             (router,) = await start_routers(processes, 1, model, drivers, 64)
             report = _report(args, await _phases(args, drivers, pids, router))
             await kill(processes)
+            if args.resume:
+                report["resume"] = await resume_path(args, model, processes)
+                await kill(processes)
             if args.replicas:
                 report["replicas"] = await replica_scaling(args, model, processes)
             return report
@@ -471,6 +486,80 @@ def _report(args: argparse.Namespace, results: list[PhaseResult]) -> dict[str, o
             "command": "python " + " ".join(sys.argv),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "cpus": os.cpu_count(), "phases": rows}
+
+
+# ---- the resume path ----------------------------------------------------------------------
+
+async def _resumable(stubs: Sequence[inference_pb2_grpc.InferenceStub], request_id: str,
+                     prompt: list[int], max_tokens: int, break_after: int | None
+                     ) -> tuple[float, list[float], int]:
+    """One resumable request on stubs[0]; with `break_after`, its connection dropped after
+    that many tokens and the rest taken up on stubs[1]. (start, token arrival times, the
+    index of the first token after the break or -1)."""
+    request = inference_pb2.GenerateRequest(
+        token_ids=inference_pb2.TokenIds(ids=prompt), request_id=request_id, resumable=True,
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+    start, times = time.perf_counter(), []
+    call = stubs[0].Generate(request, timeout=120)
+    async for message in call:
+        times += [time.perf_counter()] * len(message.token_ids)
+        if break_after is not None and len(times) >= break_after:
+            break
+    call.cancel()
+    if break_after is None:
+        return start, times, -1
+    resumed_at = len(times)
+    async for message in stubs[1].Resume(inference_pb2.ResumeRequest(
+            request_id=request_id, received_tokens=len(times)), timeout=120):
+        times += [time.perf_counter()] * len(message.token_ids)
+    return start, times, resumed_at
+
+
+async def resume_path(args: argparse.Namespace, model: Path,
+                      processes: list[asyncio.subprocess.Process]) -> dict[str, object]:
+    drivers, _ = await start_drivers(processes, args.pipelines, args.step)
+    routers = await start_routers(processes, 2, model, drivers, 64)
+    channels = [grpc.aio.insecure_channel(r["grpc"]) for r in routers]
+    stubs = [inference_pb2_grpc.InferenceStub(c) for c in channels]
+    rng = random.Random(11)
+    prompts = [_prompt(rng, args.prompt_tokens) for _ in range(args.resume_requests)]
+    half = args.max_tokens // 2
+    limit = asyncio.Semaphore(32)
+    rows: dict[str, dict[str, object]] = {}
+    try:
+        for variant, break_after in (("uninterrupted", None), ("resumed", half)):
+            async def one(i: int, prompt: list[int], variant: str = variant,
+                          break_after: int | None = break_after
+                          ) -> tuple[float, list[float], int]:
+                async with limit:
+                    return await _resumable(stubs, f"{variant}-{i}", prompt,
+                                            args.max_tokens, break_after)
+
+            runs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            per_token = sorted((t[-1] - s) / len(t) for s, t, _ in runs)
+            gaps = sorted(b - a for _, t, at in runs for k, (a, b) in
+                          enumerate(itertools.pairwise(t)) if k + 1 != at and b > a)
+            reconnects = sorted(t[at] - t[at - 1] for _, t, at in runs if at > 0)
+            rows[variant] = {
+                "requests": len(runs), "tokens": sum(len(t) for _, t, _ in runs),
+                "e2e_per_token_ms_mean": _ms(statistics.fmean(per_token)),
+                "e2e_per_token_ms_p99": _ms(_pct(per_token, 99)),
+                "gap_p50_ms": _ms(_pct(gaps, 50)), "gap_p99_ms": _ms(_pct(gaps, 99)),
+                **({"reconnect_p50_ms": _ms(_pct(reconnects, 50)),
+                    "reconnect_p99_ms": _ms(_pct(reconnects, 99))} if reconnects else {})}
+            complete = all(len(t) == args.max_tokens for _, t, _ in runs)
+            rows[variant]["errors"] = 0 if complete else 1
+    finally:
+        for channel in channels:
+            await channel.close()
+    plain, resumed = rows["uninterrupted"], rows["resumed"]
+    added = float(resumed["e2e_per_token_ms_mean"]) - float(plain["e2e_per_token_ms_mean"])
+    return {"config": {"drivers": args.pipelines, "step_s": args.step,
+                       "requests": args.resume_requests, "concurrency": 32,
+                       "max_tokens": args.max_tokens, "broken_after": half},
+            "uninterrupted": plain, "resumed": resumed,
+            "added_ms_per_token": round(added, 3),
+            "gap_ratio_after_takeover": _ratio(resumed["gap_p50_ms"], plain["gap_p50_ms"])}
 
 
 # ---- replica scaling ----------------------------------------------------------------------
@@ -584,6 +673,16 @@ def print_table(report: dict[str, object]) -> None:
                "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "e2e_per_token_ms",
                "overhead_per_token_ms", "router_cpu_us_per_token", "loadgen_core_use"],
               phases)
+    resume = report.get("resume")
+    if isinstance(resume, dict):
+        print(f"\nresume path: {resume['config']}")
+        _markdown(["variant", "requests", "tokens", "e2e_per_token_ms_mean",
+                   "e2e_per_token_ms_p99", "gap_p50_ms", "gap_p99_ms", "reconnect_p50_ms",
+                   "reconnect_p99_ms"],
+                  [{"variant": k, **resume[k]} for k in ("uninterrupted", "resumed")])
+        print(f"added latency per token of the resume path: {resume['added_ms_per_token']} "
+              f"ms; inter-token gap after a take-over: {resume['gap_ratio_after_takeover']}x "
+              "the uninterrupted one")
     replicas = report.get("replicas")
     if not isinstance(replicas, dict):
         return
@@ -633,6 +732,10 @@ def parse_args() -> argparse.Namespace:
                              "gets ceil(cap/N) (default 64)")
     parser.add_argument("--load-procs", type=int, default=4,
                         help="load generator processes of the replica phases (default 4)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the resume path (default on)")
+    parser.add_argument("--resume-requests", type=int, default=128,
+                        help="requests of each resume-path variant (default 128)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -658,6 +761,9 @@ def cli() -> int:
     rows = [*report["phases"]] if isinstance(report["phases"], list) else []
     if isinstance(replicas, dict):
         rows += [replicas["direct"], *replicas["rows"]]
+    resume = report.get("resume")
+    if isinstance(resume, dict):
+        rows += [resume["uninterrupted"], resume["resumed"]]
     return 1 if any(row["errors"] for row in rows) else 0
 
 

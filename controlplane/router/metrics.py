@@ -22,6 +22,9 @@ class RouterMetrics:
         self.rejected = Counter("spotserve_requests_rejected",
                                 "Requests refused before running, by reason.",
                                 ["reason"], registry=r)
+        self.pipeline_full = Counter(
+            "spotserve_pipeline_full", "Submissions a driver refused as full (other router "
+            "replicas filled it); each went to another pipeline or waited.", registry=r)
         self.resumed = Counter("spotserve_requests_resumed",
                                "Resumptions of interrupted requests, by mode.", ["mode"],
                                registry=r)

@@ -90,6 +90,7 @@ class Outcome(Enum):
     FINISHED = "finished"
     PAUSED = "paused"            # drained with KV kept
     INTERRUPTED = "interrupted"  # driver failed, stream broke, or pipeline gone
+    FULL = "full"                # the driver refused it: other replicas filled its slots
 
 
 @dataclass(eq=False)
@@ -368,6 +369,9 @@ class Router:
                 self._end_attempt(attempt)
             if attempt.outcome is Outcome.FINISHED:
                 return  # finished on a delta whose text was all held back: flushed above
+            if attempt.outcome is Outcome.FULL:   # not started: another pipeline, or wait
+                pipeline_id = await self._readmit(flight, deadline)
+                continue
             if flight.superseded:
                 raise RouterError(ErrorKind.ABORTED, f"request {request.request_id} was "
                                   "taken over by a newer stream (a Resume)")
@@ -384,6 +388,18 @@ class Router:
                 self.metrics.rejected.labels("queue_full").inc()
             raise
         finally:
+            self._publish_queue()
+
+    async def _readmit(self, flight: _InFlight, deadline: float) -> str:
+        """A slot again for a request a full driver refused before it started: at the head
+        of the queue (it was admitted once), on a pipeline not known to be full."""
+        wait = min(self.config.queue_timeout, deadline - time.monotonic())
+        flight.queued = True
+        self._publish_queue()
+        try:
+            return await self.scheduler.acquire(timeout=max(wait, 0.0), priority=True)
+        finally:
+            flight.queued = False
             self._publish_queue()
 
     async def _stream(self, request: GenerationInput, flight: _InFlight, attempt: _Attempt,
@@ -456,6 +472,13 @@ class Router:
         if code == grpc.StatusCode.ABORTED:   # another router replica took it over
             raise RouterError(ErrorKind.ABORTED, f"request {request.request_id} was taken "
                               f"over by another stream: {detail}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # The driver's cap counts every replica's requests; ours counts only ours.
+            attempt.outcome = Outcome.FULL
+            attempt.reason = f"pipeline {attempt.pipeline_id} is full: {detail}"
+            self.scheduler.mark_full(attempt.pipeline_id)
+            self.metrics.pipeline_full.inc()
+            return
         if code in FINAL_CODES:
             raise RouterError(ErrorKind.INTERNAL, f"pipeline {attempt.pipeline_id} refused "
                               f"request {request.request_id}: {code.name}: {detail}")

@@ -9,6 +9,12 @@ are never refused for a full queue: they were admitted already.
 A pipeline whose driver just failed a call cools down for a few seconds (no new requests)
 so that resumptions do not go straight back to a dead driver before the controller
 notices it.
+
+With several router replicas, each counts only its own requests against a pipeline's cap;
+the driver counts them all and refuses a fresh submission beyond it (RESOURCE_EXHAUSTED).
+`mark_full` then keeps new requests off that pipeline until one of ours on it ends or
+`full_backoff` passes (a slot another replica freed), so the cap holds across replicas
+without the replicas talking to each other.
 """
 
 from __future__ import annotations
@@ -33,13 +39,15 @@ class _Waiter:
 
 class Scheduler:
     def __init__(self, topology: Topology, *, max_queue: int, default_cap: int,
-                 failure_cooldown: float = 5.0) -> None:
+                 failure_cooldown: float = 5.0, full_backoff: float = 0.2) -> None:
         self.topology = topology
         self.max_queue = max_queue
         self.default_cap = default_cap
         self.failure_cooldown = failure_cooldown
+        self.full_backoff = full_backoff
         self.running: dict[str, int] = {}
         self._cooling: dict[str, float] = {}
+        self._full: dict[str, float] = {}   # pipeline → until when a driver said it is full
         self._waiters: deque[_Waiter] = deque()
 
     @property
@@ -83,6 +91,7 @@ class Scheduler:
         self.running[pipeline_id] = self.running.get(pipeline_id, 0) + 1
 
     def release(self, pipeline_id: str) -> None:
+        self._full.pop(pipeline_id, None)   # a slot freed: worth trying it again
         count = self.running.get(pipeline_id, 0) - 1
         if count > 0:
             self.running[pipeline_id] = count
@@ -93,6 +102,10 @@ class Scheduler:
     def mark_failed(self, pipeline_id: str) -> None:
         self._cooling[pipeline_id] = time.monotonic() + self.failure_cooldown
         asyncio.get_running_loop().call_later(self.failure_cooldown + 0.01, self.pump)
+
+    def mark_full(self, pipeline_id: str) -> None:
+        self._full[pipeline_id] = time.monotonic() + self.full_backoff
+        asyncio.get_running_loop().call_later(self.full_backoff + 0.01, self.pump)
 
     def pump(self) -> None:
         """Hand free slots to waiters, in queue order."""
@@ -123,10 +136,12 @@ class Scheduler:
         return pipeline.id
 
     def _cooling_now(self) -> set[str]:
+        """Pipelines not to send new requests to now: failed lately, or full."""
         now = time.monotonic()
-        for pid in [p for p, until in self._cooling.items() if until <= now]:
-            del self._cooling[pid]
-        return set(self._cooling)
+        for marks in (self._cooling, self._full):
+            for pid in [p for p, until in marks.items() if until <= now]:
+                del marks[pid]
+        return set(self._cooling) | set(self._full)
 
     def _admitted_waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.priority)

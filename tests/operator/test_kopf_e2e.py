@@ -167,6 +167,7 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: 
         nodes.append(n)
     async with loopback(tmp_path) as (model, port, router_app):
         router = f"127.0.0.1:{router_app.grpc_port}"
+        control = f"127.0.0.1:{router_app.control_port}"   # the controller's way in
         spec["worker"] = {"port": port}
         # n3's worker runs from the start, its node joins with the notice: the new pipeline
         # there is configured for real (weights from the checkpoint or its peers)
@@ -174,7 +175,7 @@ async def test_requests_keep_streaming_through_a_notice(tmp_path: Path, notice: 
             runtime = Runtime(Connection(cluster.url, insecure=True), token=TOKEN,
                               wire=lambda: GrpcWire(TOKEN),
                               options=BackendOptions(ready_timeout=60, poll_seconds=0.2,
-                                                     router_address=router,
+                                                     router_address=control,
                                                      model_dir=str(model)),
                               interval=0.3, catalog=Catalog.load(CATALOG),
                               model_root=tmp_path / "claims")

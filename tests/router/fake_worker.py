@@ -3,8 +3,9 @@
 Token i of a request is `fake_token(prompt, i)`, so any pipeline produces the same tokens
 for the same request, and a resumed request (from "KV" or by "re-prefill") continues exactly
 where it stopped. Enough of the contract for the router: Submit (with resume state,
-detachable or not), Cancel, Drain (pause after k more tokens, keeping the "KV"), Lookup and
-Attach (through the real worker's `Journal`), and the shared token. `kv` holds the requests
+detachable or not; fresh ones refused beyond `max_batch` running, as the driver does),
+Cancel, Drain (pause after k more tokens, keeping the "KV"), Lookup and Attach (through
+the real worker's `Journal`), and the shared token. `kv` holds the requests
 a drain paused; a test moves an entry to another double to play KV migration. Run as a
 process with `python -m tests.router.fake_worker`.
 """
@@ -54,8 +55,11 @@ class _Running:
 
 class FakeWorker(worker_pb2_grpc.WorkerServicer):
     def __init__(self, *, vocab_size: int, step_seconds: float = 0.005,
-                 token: str | None = None, max_context: int = 1 << 30) -> None:
+                 token: str | None = None, max_context: int = 1 << 30,
+                 max_batch: int | None = None) -> None:
         self.vocab_size = vocab_size
+        self.max_batch = max_batch   # the real driver's cap on fresh submissions
+        self.peak = 0                # most requests it ever ran at once
         self.max_context = max_context
         self.step_seconds = step_seconds
         self.token = token
@@ -84,10 +88,16 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         if request.request_id in self.running:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request {request.request_id} is already running here")
+        fresh = not done and request.resume.mode == common_pb2.RESUME_MODE_UNSPECIFIED
+        if fresh and self.max_batch is not None and len(self.running) >= self.max_batch:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the pipeline is full ({len(self.running)} of "
+                                f"{self.max_batch} running)")
         self.submissions.append(Submission(request.request_id, request.resume.mode, len(done)))
         record, owner = self.journal.open(request)
         state = _Running(prompt, done)
         self.running[request.request_id] = state
+        self.peak = max(self.peak, len(self.running))
         task = asyncio.get_running_loop().create_task(self._generate(request, state, record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -175,7 +185,8 @@ async def start_fake_worker(host: str, worker: FakeWorker) -> tuple[grpc.aio.Ser
 
 
 async def _main(args: argparse.Namespace) -> None:
-    worker = FakeWorker(vocab_size=args.vocab_size, step_seconds=args.step, token=args.token)
+    worker = FakeWorker(vocab_size=args.vocab_size, step_seconds=args.step, token=args.token,
+                        max_batch=args.max_batch)
     server, address = await start_fake_worker(args.host, worker)
     print(f"fake worker listening {address}", flush=True)
     await server.wait_for_termination()
@@ -187,4 +198,6 @@ if __name__ == "__main__":
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--step", type=float, default=0.005, help="seconds per token")
     parser.add_argument("--token", default=None)
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="refuse fresh submissions beyond this many running")
     asyncio.run(_main(parser.parse_args()))

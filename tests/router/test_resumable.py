@@ -185,7 +185,8 @@ async def test_a_resumable_generate_names_its_id_before_any_token(
         metadata = dict(await call.initial_metadata())
         request_id = metadata["x-spotserve-request-id"]
         assert request_id.startswith("req-")
-        assert next(m.request_id async for m in call) == request_id
+        ids = [m.request_id async for m in call]
+        assert ids and ids[0] == request_id
 
 
 # ---- HTTP ---------------------------------------------------------------------------------

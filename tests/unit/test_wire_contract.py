@@ -25,13 +25,16 @@ def test_services_and_methods() -> None:
         desc = module.DESCRIPTOR.services_by_name[service]  # type: ignore[attr-defined]
         return {m.name for m in desc.methods}
 
-    assert methods(inference_pb2, "Inference") >= {"Generate", "Health", "ListModels"}
+    assert methods(inference_pb2, "Inference") == {"Generate", "Resume", "Cancel", "Health",
+                                                   "ListModels"}
     assert methods(worker_pb2, "Worker") == {"Configure", "Submit", "Cancel", "Drain",
-                                             "PullTensors", "OpenBulkPull", "Status"}
+                                             "PullTensors", "OpenBulkPull", "Status",
+                                             "Lookup", "Attach"}
     assert methods(control_pb2, "Control") == {"UpdateTopology", "Stats"}
-    generate = inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name["Generate"]
-    pull = worker_pb2.DESCRIPTOR.services_by_name["Worker"].methods_by_name["PullTensors"]
-    assert generate.server_streaming and pull.server_streaming
+    inference = inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name
+    worker = worker_pb2.DESCRIPTOR.services_by_name["Worker"].methods_by_name
+    assert all(m.server_streaming for m in (inference["Generate"], inference["Resume"],
+                                            worker["PullTensors"], worker["Attach"]))
 
 
 def test_messages_round_trip() -> None:

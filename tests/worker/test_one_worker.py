@@ -214,6 +214,28 @@ async def test_a_detached_request_runs_on_and_attach_takes_its_stream_over(
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_full_driver_refuses_fresh_requests_but_takes_resumed_ones(
+        worker: Worker) -> None:
+    """Router replicas each count only their own requests; the driver counts them all:
+    beyond its batch cap (8 here) a fresh submission is RESOURCE_EXHAUSTED, so the
+    replica tries another pipeline; a resumed one keeps the place it had."""
+    streams = [Stream(worker, submit_request(f"full-{i}", PROMPTS["r2"], 400))
+               for i in range(8)]
+    await asyncio.wait_for(asyncio.gather(*(s.first.wait() for s in streams)), 60)
+    err = await _error(_submit(worker, submit_request("one-too-many", PROMPTS["r1"], 4)))
+    assert err.code() == SC.RESOURCE_EXHAUSTED and "full" in (err.details() or "")
+    resumed = Stream(worker, submit_request("resumed", PROMPTS["r1"], 4, [7],
+                                            common_pb2.RESUME_MODE_REPREFILL))
+    assert len(await resumed.result()) == 4
+    for i in range(8):
+        await worker.stub.Cancel(worker_pb2.CancelRequest(request_id=f"full-{i}"),
+                                 metadata=META)
+    for stream in streams:
+        await stream.result()
+    assert len(await Stream(worker, submit_request("room-again", PROMPTS["r1"], 2)).result()) == 2
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_scale_out_fast_path_keeps_serving(
         worker: Worker, checkpoint: Path,
         reference: Callable[[list[int], int], list[int]]) -> None:
