@@ -602,9 +602,11 @@ async def test_router_replicas_follow_the_spec_and_each_is_told_the_topology() -
             assert control["clusterIP"] == "None" and control["publishNotReadyAddresses"]
             assert [p["port"] for p in control["ports"]] == [50061]
             assert 50061 not in [p["port"] for p in services["llama-router"]["spec"]["ports"]]
-            budgets = await cluster.items(f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets")
-            assert sorted(b["metadata"]["name"] for b in budgets) == ["llama-router",
-                                                                       "llama-workers"]
+            async def budgets() -> list[str]:   # the workers' comes with their first pods
+                found = await cluster.items(f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets")
+                names = sorted(b["metadata"]["name"] for b in found)
+                return names if len(names) == 2 else []
+            assert await until(budgets) == ["llama-router", "llama-workers"]
 
             async def both_told() -> bool:
                 return set(wire.told) == {"10.1.0.5:50061", "10.1.0.6:50061"} and \
