@@ -161,6 +161,9 @@ class Controller:
         self.pipeline_ids: list[str] = []
         self.epoch = 0
         self.phase = "idle"
+        # called with each phase the controller enters (tests and the chaos runner strike
+        # at a phase however briefly it lasts)
+        self.phase_listeners: list[Callable[[str], None]] = []
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.last_plan: Plan | None = None
         self.migration: MigrationStatus | None = None
@@ -668,6 +671,8 @@ class Controller:
     # ---- state ------------------------------------------------------------------------
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
+        for listener in self.phase_listeners:
+            listener(phase)
         if self.migration is not None and not self.migration.outcome:
             self.migration = self.migration.at(phase)
         self.journal.save(self.state())

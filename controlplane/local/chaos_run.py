@@ -81,11 +81,24 @@ class ChaosRun(LocalRun):
     async def _armed(self, fault: Fault) -> None:
         """Wait for the controller to enter `fault.phase`, then strike what it involves."""
         give_up = self.now() + fault.window
+        entered = asyncio.Event()   # set the moment the phase begins, however short it is
+
+        def listen(phase: str) -> None:
+            if phase == fault.phase:
+                entered.set()
+        listening = None
         while self.now() < give_up:
-            if self.controller is not None and self.controller.phase == fault.phase:
+            controller = self.controller   # a restarted controller is a new object
+            if controller is not None and controller is not listening:
+                controller.phase_listeners.append(listen)
+                listening = controller
+                if controller.phase == fault.phase:
+                    entered.set()
+            if entered.is_set():
                 await self._strike(fault, "involved")
                 return
-            await asyncio.sleep(0.01)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entered.wait(), 0.05)
         self.struck.append(Struck(self.now(), fault.label))  # the phase never came
 
     async def _strike(self, fault: Fault, role: str) -> None:
