@@ -240,6 +240,11 @@ async def open_sender(kind: str, targets: list[str], clients: int) -> AsyncItera
 
 # ---- load ---------------------------------------------------------------------------------
 
+def progress(line: str) -> None:
+    """One line of progress on stderr (the tables come on stdout at the end)."""
+    print(f"bench/router: {line}", file=sys.stderr, flush=True)
+
+
 async def run_phase(name: str, send: RequestFn, load: Load, *, seed: int = 7,
                     first_index: int = 0) -> PhaseResult:
     """`load.clients` clients, each sending its next request when the last one ends, until
@@ -469,9 +474,11 @@ async def _phases(args: argparse.Namespace, drivers: list[str], driver_pids: lis
         watch = {"drivers": driver_pids, "loadgen": [os.getpid()]}
         if kind != "direct":
             watch = {"router": [int(router["pid"])], **watch}
+        progress(f"overhead phase {name}: {load.clients} clients for {load.duration:g} s")
         async with open_sender(kind, targets, load.clients) as send:
             meter = CpuMeter(watch)
             results.append(meter.stop(await run_phase(name, send, load)))
+        progress(f"  {results[-1].tokens} tokens, {results[-1].errors} errors")
     return results
 
 
@@ -528,6 +535,9 @@ async def resume_path(args: argparse.Namespace, model: Path,
     rows: dict[str, dict[str, object]] = {}
     try:
         for variant, break_after in (("uninterrupted", None), ("resumed", half)):
+            progress(f"resume path: {len(prompts)} {variant} requests"
+                     + (f", each broken after {half} tokens" if break_after else ""))
+
             async def one(i: int, prompt: list[int], variant: str = variant,
                           break_after: int | None = break_after
                           ) -> tuple[float, list[float], int]:
@@ -578,6 +588,7 @@ async def replica_scaling(args: argparse.Namespace, model: Path,
                                            stdin=True) for _ in range(args.load_procs)))
     loadgen = LoadProcesses([p for p, _ in started])
     watch = {"drivers": driver_pids}
+    progress(f"replica scaling: direct to {len(drivers)} drivers (the ceiling)")
     direct = (await loadgen.run("direct", "direct", drivers, load, watch)).summary()
     rows: list[dict[str, object]] = []
     for n in args.replicas:
@@ -587,6 +598,8 @@ async def replica_scaling(args: argparse.Namespace, model: Path,
             replicas = await start_routers(routers, n, model, drivers, cap)
             pids = [int(r["pid"]) for r in replicas]
             for kind in ("grpc", "http"):
+                progress(f"replica scaling: {n} replica(s), {kind}, {load.clients} clients "
+                         f"for {load.duration:g} s")
                 result = await loadgen.run(f"router-{kind}", kind, [r[kind] for r in replicas],
                                            load, {"router": pids, **watch})
                 rows.append({"replicas": n, "max_concurrency": cap, **result.summary()})
