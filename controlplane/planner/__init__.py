@@ -35,7 +35,9 @@ The pieces, one module each, usable on their own:
 - `arrangement`: `arrange(deadline_s, migration_s, {pipeline: (step_s, steps_left)})
   -> (Arrangement, ...)`, and `decode_steps` for one pipeline.
 - `request`: `PlanRequest`, `parse_request(dict)`, `load_request(path)`.
-- `planner`: `plan(PlanRequest) -> Plan`; `render`: `Plan.to_dict()`, `Plan.summary()`.
+- `planner`: `plan(PlanRequest) -> Plan`; its parts `just_in_time(request, migration_s)`
+  (the arrangement) and `placed_stages(placement, pipeline, types)` (a placed pipeline's
+  hardware, as the cost model prices it); `render`: `Plan.to_dict()`, `Plan.summary()`.
 - `cli`: `spotserve plan`.
 """
 
@@ -57,7 +59,8 @@ _EXPORTS = {
     "Candidate": "homogeneous", "HomogeneousResult": "homogeneous",
     "SearchLimits": "homogeneous",
     "MigrationPlan": "migration", "Transfer": "migration", "migration_plan": "migration",
-    "Plan": "planner", "plan": "planner",
+    "Plan": "planner", "plan": "planner", "just_in_time": "planner",
+    "placed_stages": "planner",
     "ProfileCostModel": "profile_table", "ProfileTable": "profile_table",
     "PlanRequest": "request", "load_request": "request", "parse_request": "request",
     "RooflineCostModel": "roofline",
@@ -78,7 +81,7 @@ if TYPE_CHECKING:
     from .heterogeneous import HeteroLimits, HeteroResult
     from .homogeneous import Candidate, HomogeneousResult, SearchLimits
     from .migration import MigrationPlan, Transfer, migration_plan
-    from .planner import Plan, plan
+    from .planner import Plan, just_in_time, placed_stages, plan
     from .profile_table import ProfileCostModel, ProfileTable
     from .request import PlanRequest, load_request, parse_request
     from .roofline import RooflineCostModel
@@ -96,6 +99,6 @@ __all__ = [
     "HeteroResult", "HomogeneousResult", "Instance", "MappingResult", "MigrationPlan", "Phase",
     "PipelineProgress", "Placement", "Plan", "PlanRequest", "ProfileCostModel", "ProfileTable",
     "RooflineCostModel", "SearchLimits", "StageHardware", "StepTimes", "Transfer", "Workload",
-    "arrange", "decode_steps", "load_request", "map_devices", "migration_plan", "parse_request",
-    "pipeline_times", "plan",
+    "arrange", "decode_steps", "just_in_time", "load_request", "map_devices", "migration_plan",
+    "parse_request", "pipeline_times", "placed_stages", "plan",
 ]

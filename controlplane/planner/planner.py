@@ -9,15 +9,17 @@ and pipelines on doomed instances get their just-in-time decode budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from spotserve.catalog import InstanceType
 from spotserve.errors import SpotserveError
-from spotserve.layout import ParallelConfig
+from spotserve.layout import ParallelConfig, Position
 
 from . import heterogeneous, homogeneous
 from .arrangement import Arrangement, arrange
-from .cluster import CurrentState, Instance
+from .cluster import CurrentState, Instance, Placement
 from .cost_model import StageHardware, pipeline_times
 from .device_mapper import MappingResult, map_devices
 from .migration import MigrationPlan, migration_plan
@@ -84,7 +86,7 @@ def plan(request: PlanRequest) -> Plan:
                                mapping.inherits, request.instances,
                                request.migration_overhead_s)
     return _plan(request, choice, mapping, migration,
-                 _arrangement(request, migration.seconds))
+                 just_in_time(request, migration.seconds))
 
 
 def _plan(request: PlanRequest, c: _Choice, mapping: MappingResult | None,
@@ -166,7 +168,11 @@ def _requeued(current: CurrentState | None, mapping: MappingResult | None,
                  if current.progress_of(d).remaining_steps > 0 and d not in kept)
 
 
-def _arrangement(request: PlanRequest, migration_s: float) -> tuple[Arrangement, ...]:
+def just_in_time(request: PlanRequest, migration_s: float) -> tuple[Arrangement, ...]:
+    """The just-in-time arrangement of `request.current`'s pipelines on doomed instances
+    (none lost, none broken): how many more decode steps each runs in the grace period
+    left, given a migration of `migration_s` after it stops. `plan` uses it; so does the
+    simulator's ablation that re-plans without the rest of `plan`."""
     current = request.current
     if current is None:
         return ()
@@ -181,20 +187,28 @@ def _arrangement(request: PlanRequest, migration_s: float) -> tuple[Arrangement,
     return arrange(request.grace_seconds, migration_s, pipelines)
 
 
+def placed_stages(placement: Placement, pipeline: int, types: Mapping[str, InstanceType]
+                  ) -> tuple[StageHardware, ...]:
+    """The hardware of each stage of a placed pipeline, as the cost model prices it: a
+    stage's tensor-parallel link is the NIC when its ranks span instances, else the
+    instance's own interconnect. `types`: instance name → its type."""
+    layout = placement.config.pipelines[pipeline]
+    stages = []
+    for s, stage in enumerate(layout.stages):
+        gpus = [placement.by_position[Position(pipeline, s, r)] for r in range(stage.tp)]
+        itype = types[gpus[0].instance]
+        across = len({g.instance for g in gpus}) > 1
+        stages.append(StageHardware(
+            itype.gpu, stage.tp, stage.num_layers,
+            itype.nic_bytes_per_s if across else itype.intra_node_bytes_per_s,
+            itype.nic_bytes_per_s, last=s == len(layout.stages) - 1))
+    return tuple(stages)
+
+
 def _decode_step_ms(request: PlanRequest, current: CurrentState, pipeline: int) -> float:
     """Cost-model estimate of one decode step of a running pipeline (no micro-batching)."""
-    config = current.placement.config
-    index = {i.name: i for i in request.instances}
-    stages = []
-    for s, stage in enumerate(config.pipelines[pipeline].stages):
-        gpus = [g for p, g in current.placement.assignment
-                if p.pipeline == pipeline and p.stage == s]
-        itype = index[gpus[0].instance].type
-        across = len({g.instance for g in gpus}) > 1
-        stages.append(StageHardware(itype.gpu, stage.tp, stage.num_layers,
-                                    itype.nic_bytes_per_s if across
-                                    else itype.intra_node_bytes_per_s,
-                                    itype.nic_bytes_per_s,
-                                    last=s == len(config.pipelines[pipeline].stages) - 1))
-    times = pipeline_times(request.cost, stages, config.batch, 1, 1, request.workload)
+    types = {i.name: i.type for i in request.instances}
+    stages = placed_stages(current.placement, pipeline, types)
+    times = pipeline_times(request.cost, stages, current.placement.config.batch, 1, 1,
+                           request.workload)
     return times.decode_step_ms

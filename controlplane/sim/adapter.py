@@ -1,19 +1,16 @@
-"""Thin glue between the simulator and the planner: inputs the planner needs built from the
-simulator's state, and its outputs turned into batch timings. No formula lives here: every
-time, byte count and choice comes from a planner function.
-
-What the planner could expose instead: the `StageHardware` of a placed pipeline (its
-private `_decode_step_ms` builds them), a fixed-shape search (the ablation without the
-parallelization controller), and a "no device mapper" placement.
+"""Thin glue between the simulator and the planner: the planner's outputs turned into batch
+timings, and the two placements only the ablations need (a fixed-shape search, for the
+ablation without the parallelization controller, and a "no device mapper" placement). No
+formula lives here: every time, byte count and choice comes from a public planner
+function (`pipeline_times`, `choose`, `pack_slots`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 
-from spotserve.catalog import InstanceType
 from spotserve.layout import ParallelConfig, Position
 from spotserve.model_spec import ModelSpec
 
@@ -23,22 +20,6 @@ from ..planner.device_mapper import instance_kinds, pack_slots
 from ..planner.homogeneous import PipelineShape, choose
 
 Timing = Callable[[int], tuple[float, float, float]]
-
-
-def placed_stages(placement: Placement, pipeline: int,
-                  types: Mapping[str, InstanceType]) -> tuple[StageHardware, ...]:
-    """The hardware of each stage of a placed pipeline (as the planner costs it)."""
-    layout = placement.config.pipelines[pipeline]
-    stages = []
-    for s, stage in enumerate(layout.stages):
-        gpus = [placement.by_position[Position(pipeline, s, r)] for r in range(stage.tp)]
-        itype = types[gpus[0].instance]
-        across = len({g.instance for g in gpus}) > 1
-        stages.append(StageHardware(
-            itype.gpu, stage.tp, stage.num_layers,
-            itype.nic_bytes_per_s if across else itype.intra_node_bytes_per_s,
-            itype.nic_bytes_per_s, last=s == len(layout.stages) - 1))
-    return tuple(stages)
 
 
 def timing(cost: CostModel, stages: tuple[StageHardware, ...], prefill_micro: int,

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 from spotserve.layout import ParallelConfig
 
-from ..planner.arrangement import arrange
+from ..controller.epoch import unchanged_pipelines
 from ..planner.cluster import CurrentState, Instance, PipelineProgress, Placement
 from ..planner.device_mapper import Inheritance, choose_inheritance, map_devices
 from ..planner.homogeneous import PipelineShape, pipeline_shapes, search
 from ..planner.migration import MigrationPlan, estimate_seconds, migration_plan
-from ..planner.planner import plan
+from ..planner.planner import just_in_time, placed_stages, plan
+from ..planner.request import PlanRequest
 from . import adapter
 from .engine import Pipeline, Request, Simulation
 from .scenario import Scenario
@@ -67,7 +68,7 @@ class _Deployer:
                  available_s: float) -> Pipeline:
         types = {g.instance: sim.cluster.node_type(g.instance)
                  for _, g in placement.assignment}
-        stages = adapter.placed_stages(placement, d, types)
+        stages = placed_stages(placement, d, types)
         key = (stages, micro)
         if key not in self._timings:
             self._timings[key] = adapter.timing(self.scenario.cost, stages, micro[0], micro[1],
@@ -166,12 +167,11 @@ class SpotServe(_Deployer):
                             0 if warm else result.migration.total_bytes,
                             {a.pipeline: a.stop_after_s for a in result.arrangement},
                             (result.prefill_micro, result.decode_micro))
-        return self._ablated(sim, request.instances, current, steps, deadline)
+        return self._ablated(sim, request)
 
-    def _ablated(self, sim: Simulation, instances: tuple[Instance, ...],
-                 current: CurrentState | None, steps: dict[int, float],
-                 deadline: float) -> Decision | None:
+    def _ablated(self, sim: Simulation, request: PlanRequest) -> Decision | None:
         scenario, v = self.scenario, self.variant
+        instances, current = request.instances, request.current
         hosts = [i for i in instances if i.usable]
         config, micro = self._config(sim, instances, hosts)
         if config is None:
@@ -187,12 +187,9 @@ class SpotServe(_Deployer):
                                    scenario.migration_overhead_s)
         warm = sim.now == 0 and self.placement is None
         stop_after: dict[int, float] = {}
-        if v.arranger and current is not None:
-            doomed = self._doomed_pipelines(sim, current)
-            stop_after = {a.pipeline: a.stop_after_s for a in arrange(
-                deadline, migration.seconds,
-                {d: (steps[d] / 1000, current.progress_of(d).remaining_steps)
-                 for d in doomed if d in steps})}
+        if v.arranger:
+            stop_after = {a.pipeline: a.stop_after_s
+                          for a in just_in_time(request, migration.seconds)}
         return Decision(placement, inherits, 0.0 if warm else migration.seconds,
                         0 if warm else migration.total_bytes, stop_after, micro)
 
@@ -210,10 +207,6 @@ class SpotServe(_Deployer):
         if shape is None:
             return None, (1, 1)
         return config, (shape.prefill_micro, shape.decode_micro)
-
-    def _doomed_pipelines(self, sim: Simulation, current: CurrentState) -> list[int]:
-        return [d for d in range(current.placement.config.data)
-                if current.placement.pipeline_instances(d) & set(sim.doomed)]
 
     def _current(self, sim: Simulation) -> tuple[CurrentState | None, dict[int, float]]:
         if self.placement is None:
@@ -306,27 +299,11 @@ class SpotServe(_Deployer):
         return all(n in sim.ready and sim.doomed.get(n, end) >= end for n in old.instances)
 
     def _kept(self, sim: Simulation, new: Placement) -> dict[int, int]:
-        """New pipeline → old pipeline index running exactly its positions already."""
-        old = self.placement
-        if old is None:
-            return {}
-        out = {}
-        old_by_gpu = old.by_gpu
-        for n in range(new.config.data):
-            befores = {old_by_gpu.get(g) for p, g in new.assignment if p.pipeline == n}
-            positions = {p for p in new.assignment if p[0].pipeline == n}
-            if None in befores:
-                continue
-            olds = {b.pipeline for b in befores if b is not None}
-            if len(olds) != 1:
-                continue
-            d = olds.pop()
-            same = all(old_by_gpu[g].stage == p.stage and old_by_gpu[g].tp_rank == p.tp_rank
-                       for p, g in positions)
-            if (same and old.config.pipelines[d] == new.config.pipelines[n]
-                    and d < len(self.uids) and self.uids[d] in sim.pipelines):
-                out[n] = d
-        return out
+        """New pipeline → old pipeline running exactly its positions already: the
+        controller's `unchanged_pipelines`, a pipeline the simulation closed since (it lost
+        an instance) counting as disturbed, as a broken one does there."""
+        gone = [d for d, uid in enumerate(self.uids) if uid not in sim.pipelines]
+        return unchanged_pipelines(self.placement, new, gone)
 
     def _settled(self, sim: Simulation) -> None:
         if self.pending and sim.now >= self.busy_until:
