@@ -277,13 +277,21 @@ def _by_layer(t: Transfer) -> int:
 
 def estimate_seconds(transfers: Sequence[Transfer], instances: Mapping[str, Instance],
                      overhead_s: float = FIXED_OVERHEAD_S,
-                     checkpoint_bytes_per_s: float | None = None
+                     local_disk_bytes_per_s: float | None = None
                      ) -> tuple[float, dict[str, int], dict[str, int]]:
-    """Busiest instance's NIC time (and intra-node time) plus `overhead_s`."""
+    """Busiest instance's NIC time (and intra-node and disk time) plus `overhead_s`.
+
+    Checkpoint reads come from remote storage through the reader's NIC, unless
+    `local_disk_bytes_per_s` is given: then every instance reads its share from its own
+    disk at that rate, all instances at once (the SpotServe artifact's setup)."""
     inbound: dict[str, int] = defaultdict(int)
     outbound: dict[str, int] = defaultdict(int)
     local: dict[str, int] = defaultdict(int)
+    disk: dict[str, int] = defaultdict(int)
     for t in transfers:
+        if t.src is None and local_disk_bytes_per_s:
+            disk[t.dst.instance] += t.nbytes
+            continue
         if t.src is not None and t.src.instance == t.dst.instance:
             local[t.dst.instance] += t.nbytes
             continue
@@ -294,8 +302,8 @@ def estimate_seconds(transfers: Sequence[Transfer], instances: Mapping[str, Inst
         nic = inst.type.nic_bytes_per_s
         seconds = max(seconds, inbound.get(name, 0) / nic, outbound.get(name, 0) / nic,
                       local.get(name, 0) / inst.type.intra_node_bytes_per_s)
-    if checkpoint_bytes_per_s and outbound.get(CHECKPOINT):
-        seconds = max(seconds, outbound[CHECKPOINT] / checkpoint_bytes_per_s)
+        if local_disk_bytes_per_s:
+            seconds = max(seconds, disk.get(name, 0) / local_disk_bytes_per_s)
     if not transfers:
         return 0.0, dict(inbound), dict(outbound)
     return seconds + overhead_s, dict(inbound), dict(outbound)
@@ -304,8 +312,10 @@ def estimate_seconds(transfers: Sequence[Transfer], instances: Mapping[str, Inst
 def migration_plan(model: ModelSpec, current: CurrentState | None, new: Placement,
                    inherits: Sequence[tuple[int, int]], instances: Sequence[Instance],
                    overhead_s: float = FIXED_OVERHEAD_S,
-                   checkpoint_bytes_per_s: float | None = None) -> MigrationPlan:
-    """Transfers from `current` (None: a cold start, all from the checkpoint) to `new`."""
+                   local_disk_bytes_per_s: float | None = None) -> MigrationPlan:
+    """Transfers from `current` (None: a cold start, all from the checkpoint) to `new`;
+    checkpoint reads from each instance's local disk when `local_disk_bytes_per_s` is
+    given (else from remote storage over the NIC)."""
     index = {i.name: i for i in instances}
     readable = {i.name for i in instances if i.state != "lost"}
     picker = _SourcePicker({i.name for i in instances if i.state == "doomed"})
@@ -313,7 +323,7 @@ def migration_plan(model: ModelSpec, current: CurrentState | None, new: Placemen
                                 [] if current is None else
                                 kv_transfers(model, current, new, inherits, readable, picker))
     seconds, inbound, outbound = estimate_seconds(transfers, index, overhead_s,
-                                                  checkpoint_bytes_per_s)
+                                                  local_disk_bytes_per_s)
     checkpoint = sum(t.nbytes for t in transfers if t.src is None)
     peaks = wave_peaks(model, current.placement if current else None, new).values()
     return MigrationPlan(tuple(transfers), seconds, inbound, outbound, checkpoint,

@@ -84,7 +84,7 @@ def plan(request: PlanRequest) -> Plan:
     mapping = map_devices(request.model, choice.config, request.instances, request.current)
     migration = migration_plan(request.model, request.current, mapping.placement,
                                mapping.inherits, request.instances,
-                               request.migration_overhead_s)
+                               request.migration_overhead_s, request.local_disk_bytes_per_s)
     return _plan(request, choice, mapping, migration,
                  just_in_time(request, migration.seconds))
 

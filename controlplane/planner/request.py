@@ -74,6 +74,9 @@ class PlanRequest:
     decode_step_ms: Mapping[int, float] = field(default_factory=dict)
     extra_capacity: str = "on-demand"
     migration_overhead_s: float = 2.0
+    # checkpoint reads from each instance's local disk at this rate (None: from remote
+    # storage over the NIC, as in a Kubernetes pod that downloads its model)
+    local_disk_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

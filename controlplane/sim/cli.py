@@ -48,8 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0, help="notice → termination, s")
     parser.add_argument("--boot-delay", type=float, default=0.0,
                         help="trace add → instance usable, s")
-    parser.add_argument("--storage-gbps", type=float, default=16.0,
-                        help="checkpoint storage read bandwidth, Gbit/s")
+    parser.add_argument("--disk-gb-per-s", type=float, default=2.0,
+                        help="each instance reads the checkpoint from its own disk at this "
+                        "rate, GB/s (2.0: one NVMe SSD; see docs/simulator.md)")
+    parser.add_argument("--engine-start", type=float, default=5.0,
+                        help="a baseline engine's start after its weights are read, s (5)")
+    parser.add_argument("--nic-gbps", type=float,
+                        help="network bandwidth of every instance, Gbit/s (default: the "
+                        "instance type's, 50 for g4dn.12xlarge)")
     parser.add_argument("--batching", choices=("static", "continuous"), default="static",
                         help="static batches (SpotServe's engine, default) or continuous "
                         "batching (this project's worker engine)")
@@ -64,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive(args: argparse.Namespace) -> None:
-    for flag in ("rate", "cv", "plan_rate", "storage_gbps"):
+    for flag in ("rate", "cv", "plan_rate", "disk_gb_per_s", "nic_gbps"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
             raise SpotserveError(f"--{flag.replace('_', '-')} must be positive (got {value})")
@@ -73,8 +79,8 @@ def _positive(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SpotserveError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
-    if args.grace < 0 or args.boot_delay < 0:
-        raise SpotserveError("--grace and --boot-delay must not be negative")
+    if args.grace < 0 or args.boot_delay < 0 or args.engine_start < 0:
+        raise SpotserveError("--grace, --boot-delay and --engine-start must not be negative")
 
 
 def _prices(text: str) -> dict[str, float]:
@@ -116,7 +122,8 @@ def build_setup(args: argparse.Namespace) -> Any:
         instance_type=args.instance_type, spot_prices=_prices(args.prices),
         on_demand_nodes=frozenset(n for n in args.on_demand_nodes.split(",") if n),
         ondemand_instances=args.ondemand_instances, grace_s=args.grace,
-        boot_s=args.boot_delay, storage_gbps=args.storage_gbps,
+        boot_s=args.boot_delay, disk_gb_per_s=args.disk_gb_per_s,
+        engine_start_s=args.engine_start, nic_gbps=args.nic_gbps,
         workload=Workload(args.input_tokens, args.output_tokens), batching=args.batching)
 
 

@@ -235,6 +235,25 @@ class Simulation:
         self.pipelines[pipeline.uid] = pipeline
         self.at(pipeline.available_s, self.dispatch)
 
+    def serve_until(self, pipeline: Pipeline, stop_s: float, whole_s: float) -> None:
+        """A baseline's pipeline after a notice, as the SpotServe artifact runs it: it keeps
+        taking batches while a whole one (`whole_s`) still fits before `stop_s`, and at
+        `stop_s` it stops; what it has not finished then restarts from scratch."""
+        if stop_s - whole_s > self.now:
+            pipeline.draining = False
+            self.at(stop_s - whole_s, self._stop_taking, pipeline)
+        self.at(stop_s, self._cut, pipeline)
+        self.dispatch()
+
+    @staticmethod
+    def _stop_taking(pipeline: Pipeline) -> None:
+        pipeline.draining = True
+
+    def _cut(self, pipeline: Pipeline) -> None:
+        if self.pipelines.get(pipeline.uid) is pipeline:
+            self.close(pipeline, keep_committed=False)
+            self.dispatch()
+
     def interrupt(self, pipeline: Pipeline, keep_kv: bool) -> list[Request]:
         """Stop the running batch now; its requests keep their committed tokens."""
         batch, pipeline.running = pipeline.running, None

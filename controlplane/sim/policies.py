@@ -9,11 +9,18 @@
   no controller (P, M, B fixed; only D adapts), no migration planner (nothing runs during
   a migration), no interruption arranger (no KV resume, doomed pipelines stop at the
   notice), no device mapper (positions placed in name order).
-- `Reparallelize`: on every change, a new configuration on the usable instances; all
-  workers restart and reload from storage; interrupted requests restart from scratch.
-- `Reroute`: P, M, B fixed at the best configuration for the most instances of the trace;
-  pipelines that lose an instance close (requests restart elsewhere from scratch); idle
-  instances form new pipelines, loading weights from storage.
+- `Reparallelize` and `Reroute`, the paper's baselines, as the SpotServe artifact ran them
+  (its branch `artifact`): after a notice the old engines keep serving until their
+  migration estimate (0.5 s) before the termination, taking new batches while a whole
+  one fits, and what they have not finished then restarts from scratch (no KV, no
+  committed tokens kept). Weights are reloaded from each instance's local disk, all
+  instances at once, then the engine starts.
+  `Reparallelize`: on every change, a new configuration on the usable instances; every
+  engine stops and restarts. `Reroute`: P, M, B fixed at the best configuration for the
+  most instances of the trace; pipelines on a doomed instance close; a new pipeline
+  forms only from a whole group of idle instances, and starts twice over (the
+  artifact's engine waits out its start-up again once the weights are in).
+Every timing parameter, with its source: docs/simulator.md.
 On-demand is `SpotServe` over a fixed set of on-demand instances (nothing ever changes).
 """
 
@@ -27,7 +34,7 @@ from ..controller.epoch import unchanged_pipelines
 from ..planner.cluster import CurrentState, Instance, PipelineProgress, Placement
 from ..planner.device_mapper import Inheritance, choose_inheritance, map_devices
 from ..planner.homogeneous import PipelineShape, pipeline_shapes, search
-from ..planner.migration import MigrationPlan, estimate_seconds, migration_plan
+from ..planner.migration import migration_plan
 from ..planner.planner import just_in_time, placed_stages, plan
 from ..planner.request import PlanRequest
 from . import adapter
@@ -81,22 +88,29 @@ class _Deployer:
         sim.keep_committed_on_loss = self.resumes
 
     def cold_load_s(self, sim: Simulation, placement: Placement,
-                    instances: tuple[Instance, ...], cold: MigrationPlan | None = None
-                    ) -> float:
-        """Loading `placement` from storage (0 for the warm start at time 0). `cold`: the
-        planner's cold-start migration for it, when it has one already."""
+                    instances: tuple[Instance, ...]) -> float:
+        """A baseline's engines starting on `placement` (0 for the warm start at time 0):
+        every instance reads its shards of the checkpoint from its own disk, all at once,
+        then the engine starts (`engine_start_s`)."""
         if sim.now == 0:
             return 0.0
         scenario = self.scenario
-        if cold is None:
-            cold = migration_plan(scenario.model, None, placement, (), instances,
-                                  scenario.migration_overhead_s)
-        seconds, _, _ = estimate_seconds(cold.transfers, {i.name: i for i in instances},
-                                         scenario.migration_overhead_s,
-                                         scenario.storage_bytes_per_s)
+        cold = migration_plan(scenario.model, None, placement, (), instances,
+                              scenario.engine_start_s, scenario.disk_bytes_per_s)
         sim.counters.reloads += 1
         sim.counters.bytes_moved += cold.total_bytes
-        return seconds
+        return cold.seconds
+
+    def whole_batch_s(self, pipeline: Pipeline) -> float:
+        """A full batch of the workload's longest requests on `pipeline`, start to end."""
+        prefill_s, step_s, overhead_s = pipeline.timing(pipeline.batch)
+        return prefill_s + self.scenario.workload.output_tokens * step_s + overhead_s
+
+    def cut_time(self, sim: Simulation, nodes: tuple[str, ...]) -> float:
+        """When a baseline stops the engines on `nodes` after their notice: its migration
+        estimate (`baseline_cut_s`) before the first termination."""
+        deadline = min(sim.doomed[n] for n in nodes)
+        return max(sim.now, deadline - self.scenario.baseline_cut_s)
 
 
 class SpotServe(_Deployer):
@@ -320,22 +334,42 @@ class SpotServe(_Deployer):
 
 
 class Reparallelize(_Deployer):
+    """On every change, the configuration the planner picks for the usable instances.
+    After a notice the old engines keep serving (`serve_until`) until the cut before the
+    termination; then every engine stops, reloads its weights from its instance's disk
+    and starts again; interrupted requests restart from scratch."""
+
     name = "reparallelize"
     resumes = False
 
+    def __init__(self, scenario: Scenario) -> None:
+        super().__init__(scenario)
+        self.restarts = 0
+        self.in_use: frozenset[str] = frozenset()
+
     def on_notice(self, sim: Simulation, nodes: tuple[str, ...]) -> None:
-        pass
+        cut = self.cut_time(sim, nodes)
+        for p in list(sim.pipelines.values()):
+            sim.serve_until(p, cut, self.whole_batch_s(p))
+        sim.at(cut, self._cut, sim, self.restarts)
+
+    def _cut(self, sim: Simulation, restarts: int) -> None:
+        if restarts == self.restarts:   # no restart since the notice did it already
+            self.restart(sim)
 
     def on_ready(self, sim: Simulation, nodes: tuple[str, ...]) -> None:
         self.restart(sim)
 
     def on_removed(self, sim: Simulation, nodes: tuple[str, ...]) -> None:
-        self.restart(sim)
+        if self.in_use & set(nodes):   # gone without a cut before (no notice)
+            self.restart(sim)
 
     def on_rate(self, sim: Simulation) -> None:
         self.restart(sim)
 
     def restart(self, sim: Simulation) -> None:
+        self.restarts += 1
+        self.in_use = frozenset()
         for p in list(sim.pipelines.values()):
             sim.close(p, keep_committed=False)
         sim.counters.replans += 1
@@ -348,7 +382,8 @@ class Reparallelize(_Deployer):
             sim.record("no-config", "none")
             return
         placement = result.mapping.placement
-        available = sim.now + self.cold_load_s(sim, placement, instances, result.migration)
+        self.in_use = frozenset(placement.instances())
+        available = sim.now + self.cold_load_s(sim, placement, instances)
         for d in range(result.config.data):
             sim.add_pipeline(self.pipeline(sim, placement, d, (result.prefill_micro,
                                                                result.decode_micro), available))
@@ -356,6 +391,13 @@ class Reparallelize(_Deployer):
 
 
 class Reroute(_Deployer):
+    """P, M and B fixed to the planner's choice for the most instances of the trace; only
+    D changes. After a notice the pipelines on the doomed instances keep serving until
+    the cut, then close (their requests restart from scratch elsewhere); a new pipeline
+    forms only from a whole group of idle instances, which read the weights from their
+    disks and start twice over (`reroute_start_factor`: the artifact's engine waits out
+    its start-up again once the weights are in)."""
+
     name = "reroute"
     resumes = False
 
@@ -369,12 +411,21 @@ class Reroute(_Deployer):
         self.blocks: dict[frozenset[str], list[int]] = {}
 
     def on_notice(self, sim: Simulation, nodes: tuple[str, ...]) -> None:
-        pass
+        cut = self.cut_time(sim, nodes)
+        for block in [b for b in self.blocks if b & set(nodes)]:
+            for uid in self.blocks[block]:
+                if uid in sim.pipelines:
+                    p = sim.pipelines[uid]
+                    sim.serve_until(p, cut, self.whole_batch_s(p))
+        sim.at(cut, self._close_blocks, sim, nodes)
 
     def on_ready(self, sim: Simulation, nodes: tuple[str, ...]) -> None:
         self.form(sim)
 
     def on_removed(self, sim: Simulation, nodes: tuple[str, ...]) -> None:
+        self._close_blocks(sim, nodes)
+
+    def _close_blocks(self, sim: Simulation, nodes: tuple[str, ...]) -> None:
         for block in [b for b in self.blocks if b & set(nodes)]:
             for uid in self.blocks.pop(block):
                 if uid in sim.pipelines:
@@ -394,7 +445,8 @@ class Reroute(_Deployer):
             config = ParallelConfig.uniform(self.scenario.model.num_layers,
                                             self.block_pipelines, s.pipeline, s.tensor, s.batch)
             placement = map_devices(self.scenario.model, config, instances).placement
-            available = sim.now + self.cold_load_s(sim, placement, instances)
+            start_s = self.cold_load_s(sim, placement, instances)
+            available = sim.now + self.scenario.reroute_start_factor * start_s
             uids = []
             for d in range(config.data):
                 pipe = self.pipeline(sim, placement, d, (s.prefill_micro, s.decode_micro),

@@ -54,7 +54,9 @@ class Setup:
     ondemand_instances: int | None = None
     grace_s: float = 30.0
     boot_s: float = 0.0
-    storage_gbps: float = 16.0       # checkpoint reads from storage, Gbit/s in all
+    disk_gb_per_s: float = 2.0        # each instance's checkpoint reads from its disk, GB/s
+    engine_start_s: float = 5.0       # a baseline engine's start, weights aside
+    nic_gbps: float | None = None     # override the instance type's network bandwidth
     migration_overhead_s: float = 2.0
     workload: Workload = field(default_factory=Workload)
     strategy: str = "auto"
@@ -70,11 +72,19 @@ class Setup:
         slo = None if self.latency_slo_s is None else self.latency_slo_s * 1000
         return Scenario(model, cost_model(model, table), self.workload, limits,
                         HeteroLimits(max_batch=self.max_batch, latency_slo_ms=slo),
-                        self.strategy, self.migration_overhead_s, self.storage_gbps * 1e9 / 8)
+                        self.strategy, self.migration_overhead_s,
+                        disk_bytes_per_s=self.disk_gb_per_s * 1e9,
+                        engine_start_s=self.engine_start_s)
 
     def cluster(self, catalog: Catalog) -> ClusterSpec:
-        default = catalog.instance(self.instance_type)
-        types = {n: catalog.instance(t) for n, t in self.node_types.items()}
+        def typed(name: str) -> InstanceType:
+            itype = catalog.instance(name)
+            if self.nic_gbps is None:
+                return itype
+            return replace(itype, nic_gbps=self.nic_gbps)
+
+        default = typed(self.instance_type)
+        types = {n: typed(t) for n, t in self.node_types.items()}
 
         def node_type(node: str) -> InstanceType:
             return types.get(node, default)

@@ -1,5 +1,6 @@
 """What is being served and how it is planned: the model, cost model, search limits and the
-knobs of the transitions (migration overhead, checkpoint storage bandwidth)."""
+timings of the transitions. Every timing parameter, its value, its source and what it
+affects: the table in docs/simulator.md."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ class Scenario:
     limits: SearchLimits = field(default_factory=SearchLimits)
     hetero: HeteroLimits = field(default_factory=HeteroLimits)
     strategy: str = "auto"
-    migration_overhead_s: float = 2.0
-    storage_bytes_per_s: float = 2e9  # reading a checkpoint from storage, all readers together
+    migration_overhead_s: float = 2.0    # SpotServe's fixed cost of a migration
+    disk_bytes_per_s: float = 2e9        # each instance reads the checkpoint from its own disk
+    engine_start_s: float = 5.0          # a baseline's engine (re)start, weights aside
+    baseline_cut_s: float = 0.5          # a baseline's migration estimate (the artifact's)
+    reroute_start_factor: float = 2.0    # a new rerouting engine waits its start-up twice
 
     def instances(self, sim: Simulation, nodes: list[str], lost: tuple[str, ...] = ()
                   ) -> tuple[Instance, ...]:
@@ -43,4 +47,5 @@ class Scenario:
         return PlanRequest(self.model, instances, self.cost, rate=rate, workload=self.workload,
                            limits=self.limits, hetero=self.hetero, strategy=self.strategy,
                            migration_overhead_s=self.migration_overhead_s,
+                           local_disk_bytes_per_s=self.disk_bytes_per_s,
                            **extra)  # type: ignore[arg-type]

@@ -120,6 +120,28 @@ def test_cold_start_loads_from_the_checkpoint_over_each_nic() -> None:
     assert [t.layer for t in plan.transfers] == sorted(t.layer for t in plan.transfers)
 
 
+def test_a_cold_start_from_local_disks_reads_on_every_instance_at_once() -> None:
+    """The SpotServe artifact's storage: each instance reads its own shards from its own
+    disk, so the time is the busiest instance's bytes over the disk rate, not all bytes
+    through one store, and no NIC carries checkpoint bytes."""
+    model = tiny_model(4)
+    itype = small_type("box", 2)
+    disk = 1e6
+    times = {}
+    for pipelines in (1, 2):
+        instances = pool(itype, 2 * pipelines)
+        config = ParallelConfig.uniform(4, pipelines, 2, 2, 1)
+        mapping = map_devices(model, config, instances)
+        plan = migration_plan(model, None, mapping.placement, (), instances, 5.0, disk)
+        per_instance: dict[str, int] = defaultdict(int)
+        for t in plan.transfers:
+            per_instance[t.dst.instance] += t.nbytes
+        assert len(per_instance) == 2 * pipelines and not plan.inbound_bytes
+        assert plan.seconds == pytest.approx(5.0 + max(per_instance.values()) / disk)
+        times[pipelines] = plan.seconds
+    assert times[2] == pytest.approx(times[1])  # twice the readers, twice the disks
+
+
 def test_kv_follows_its_own_pipeline_when_pipelines_are_rebuilt_from_halves() -> None:
     model = tiny_model(4)
     itype = small_type("one", 1)
