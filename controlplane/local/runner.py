@@ -41,7 +41,8 @@ from ..controller.events import LoadChanged
 from ..controller.journal import Journal
 from ..planner.cost_model import Workload
 from ..planner.homogeneous import SearchLimits
-from ..planner.roofline import RooflineCostModel
+from ..planner.profile_table import ProfileTable
+from ..planner.request import cost_model
 from .backend import ROOT, BackendOptions, LocalBackend
 from .cloud import ADD, KILL, NOTICE, RATE, Script
 from .router_process import RouterProcess
@@ -66,6 +67,7 @@ class RunOptions:
     min_gpus_per_replica: int = 2
     standby: int = 1
     boot_delay: float = 0.0
+    profile: Path | None = None       # a measured profile (spotserve profile); else roofline
     on_demand_limit: int = 0
     restart_at: float | None = None   # seconds into the run: restart the controller
     reference: bool = True
@@ -134,8 +136,11 @@ class RunResult:
 
 
 def settings_for(model: ModelSpec, options: RunOptions) -> ControllerSettings:
+    catalog = Catalog.load(CATALOG)
+    gpu = catalog.instance(options.instance_type).gpu.name
+    table = ProfileTable.load(options.profile) if options.profile else None
     return ControllerSettings(
-        model=model, cost=RooflineCostModel(model), catalog=Catalog.load(CATALOG),
+        model=model, cost=cost_model(model, table, gpu), catalog=catalog,
         workload=Workload(options.prompt_tokens, options.max_tokens),
         limits=SearchLimits(max_batch=8, min_gpus_per_replica=options.min_gpus_per_replica),
         grace_seconds=options.grace, standby_instances=options.standby,

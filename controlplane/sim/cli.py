@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prices", default="", help="spot prices as TYPE=USD_PER_HOUR,... "
                         "(default g4dn.12xlarge=1.9046; on-demand prices from the catalog)")
     parser.add_argument("--on-demand-nodes", default="", help="trace nodes that are on-demand")
+    parser.add_argument("--no-notice", default="",
+                        help="trace nodes killed without a termination notice, comma-separated")
     parser.add_argument("--ondemand-instances", type=int, help="fleet size of the ondemand "
                         "approach (default: the fewest that reach the rate)")
     parser.add_argument("--grace", type=float, default=30.0, help="notice → termination, s")
@@ -121,6 +123,7 @@ def build_setup(args: argparse.Namespace) -> Any:
         min_gpus_per_replica=args.min_gpus_per_replica, max_batch=args.max_batch,
         instance_type=args.instance_type, spot_prices=_prices(args.prices),
         on_demand_nodes=frozenset(n for n in args.on_demand_nodes.split(",") if n),
+        no_notice_nodes=frozenset(n for n in args.no_notice.split(",") if n),
         ondemand_instances=args.ondemand_instances, grace_s=args.grace,
         boot_s=args.boot_delay, disk_gb_per_s=args.disk_gb_per_s,
         engine_start_s=args.engine_start, nic_gbps=args.nic_gbps,

@@ -11,8 +11,8 @@ decides what happens when the cluster changes. Pipelines batch in one of two way
 
 Step times come from the planner's `pipeline_times` for the batch size actually running.
 Cluster events come from the trace: an instance is usable a boot delay after its `add`,
-gets a notice a grace period before its `remove`, and its GPUs (with their data) are gone
-at the `remove`.
+gets a notice a grace period before its `remove` (none if it is in `no_notice`), and its
+GPUs (with their data) are gone at the `remove`.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class ClusterSpec:
     spot_prices: dict[str, float] = field(default_factory=dict)  # instance type → $/h
     grace_s: float = 30.0
     boot_s: float = 0.0
+    no_notice: frozenset[str] = frozenset()   # nodes the trace kills without a notice
 
     def capacity(self, node: str) -> str:
         return "on-demand" if node in self.on_demand else "spot"
@@ -179,8 +180,10 @@ class Simulation:
                 self.at(event.time_s + (boot if event.time_s > 0 else 0.0), self._ready,
                         event.nodes)
             elif event.kind == "remove":
-                self.at(max(0.0, event.time_s - grace), self._notice, event.nodes,
-                        event.time_s)
+                noticed = tuple(n for n in event.nodes if n not in self.cluster.no_notice)
+                if noticed:
+                    self.at(max(0.0, event.time_s - grace), self._notice, noticed,
+                            event.time_s)
                 self.at(event.time_s, self._removed, event.nodes)
             if event.rate is not None:
                 self.at(event.time_s, self._rate, event.rate)

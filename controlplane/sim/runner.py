@@ -51,6 +51,7 @@ class Setup:
     node_types: dict[str, str] = field(default_factory=dict)
     spot_prices: dict[str, float] = field(default_factory=dict)
     on_demand_nodes: frozenset[str] = frozenset()
+    no_notice_nodes: frozenset[str] = frozenset()   # killed without a termination notice
     ondemand_instances: int | None = None
     grace_s: float = 30.0
     boot_s: float = 0.0
@@ -63,14 +64,17 @@ class Setup:
     latency_slo_s: float | None = None
     batching: str = "static"          # static (SpotServe) | continuous (the worker engine)
 
-    def scenario(self) -> Scenario:
+    def scenario(self, catalog: Catalog | None = None) -> Scenario:
+        """The planning inputs; a profile prices the GPU of `instance_type` in `catalog`
+        (the default catalog when None)."""
         model = resolve_model(self.model)
         table = ProfileTable.load(self.profile) if self.profile else None
+        gpu = (catalog or Catalog.load()).instance(self.instance_type).gpu.name
         limits = search_limits({"max_batch": self.max_batch,
                                 "min_gpus_per_replica": self.min_gpus_per_replica},
                                table, "simulate")
         slo = None if self.latency_slo_s is None else self.latency_slo_s * 1000
-        return Scenario(model, cost_model(model, table), self.workload, limits,
+        return Scenario(model, cost_model(model, table, gpu), self.workload, limits,
                         HeteroLimits(max_batch=self.max_batch, latency_slo_ms=slo),
                         self.strategy, self.migration_overhead_s,
                         disk_bytes_per_s=self.disk_gb_per_s * 1e9,
@@ -90,7 +94,7 @@ class Setup:
             return types.get(node, default)
 
         return ClusterSpec(node_type, self.on_demand_nodes, dict(self.spot_prices),
-                           self.grace_s, self.boot_s)
+                           self.grace_s, self.boot_s, self.no_notice_nodes)
 
 
 def run(setup: Setup, approach: str, catalog: Catalog | None = None) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def run(setup: Setup, approach: str, catalog: Catalog | None = None) -> dict[str
         raise SpotserveError(f"unknown approach {approach!r}; choose from "
                              f"{', '.join(APPROACHES)}, all, ablation or every")
     catalog = catalog or Catalog.load()
-    scenario = setup.scenario()
+    scenario = setup.scenario(catalog)
     started = time.perf_counter()
     if approach == "ondemand":
         setup = _ondemand(setup, scenario, catalog)

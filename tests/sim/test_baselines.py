@@ -106,3 +106,55 @@ def test_reload_time_follows_the_local_disk_and_the_engine_start(reference_dir: 
         fast_p99 = run(base, approach)["latency"]["p99_s"]
         assert run(slow, approach)["latency"]["p99_s"] > fast_p99 + 30.0, approach
     assert run(slow, "spotserve")["latency"] == run(base, "spotserve")["latency"]
+
+
+def test_a_node_killed_without_notice_gets_none(reference_dir: Path) -> None:
+    """`no_notice_nodes`: the trace's removal of that node comes with no notice, so
+    spotserve cannot move its requests' KV first; they re-prefill elsewhere."""
+    removal = TraceEvent(300.0, "remove", ("node-2",))
+    arrivals = every(3.0, 600)
+    noticed = run(paper_setup(reference_dir, "20b", trace(6, 600, removal), arrivals, 0.35),
+                  "spotserve")
+    sudden = run(paper_setup(reference_dir, "20b", trace(6, 600, removal), arrivals, 0.35,
+                             no_notice_nodes=frozenset({"node-2"})), "spotserve")
+    before = [t["t"] for t in noticed["timeline"] if t["event"] == "switch" and t["t"] > 0]
+    assert before and before[0] < 300.0           # planned within the grace period
+    after = [t["t"] for t in sudden["timeline"] if t["event"] == "switch" and t["t"] > 0]
+    assert after and after[0] >= 300.0            # nothing to act on before the loss
+    assert sudden["reprefills"] > noticed["reprefills"]
+    assert sudden["completed"] == sudden["requests"]
+
+
+def test_a_profile_prices_the_gpu_of_the_catalog_it_runs_on(reference_dir: Path) -> None:
+    """A profile measured on another device (here local mode's emulated CPU GPUs) prices
+    that device, not the paper's T4."""
+    from spotserve.operator.local.runner import CATALOG
+
+    setup = paper_setup(reference_dir, "6.7b", trace(2, 60), every(3.0, 60), 0.2,
+                        instance_type="cpu-1x")
+    assert setup.scenario(Catalog.load(CATALOG)).cost.gpu_name == "CPU"  # type: ignore[attr-defined]
+    paper = paper_setup(reference_dir, "6.7b", trace(2, 60), every(3.0, 60), 0.2)
+    assert paper.scenario().cost.gpu_name == "T4"  # type: ignore[attr-defined]
+
+
+def test_local_mode_plans_with_a_measured_profile_when_given(tmp_path: Path) -> None:
+    """The cross-check's other half: local mode's controller prices its emulated GPUs with
+    the profile it is given (the roofline model otherwise)."""
+    import json
+
+    from spotserve.model_spec import ModelSpec
+    from spotserve.operator.local.cloud import DEFAULT_TRACE, script
+    from spotserve.operator.local.runner import RunOptions, settings_for
+    from spotserve.operator.local.tiny_model import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    spec = ModelSpec.from_hf_config(model)
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"layer_num": spec.num_layers, "tp-1": {
+        "bsz-1": {"init": 2.0, "incr": 0.5}, "bsz-2": {"init": 3.0, "incr": 0.6}}}))
+    options = RunOptions(model_dir=model, workdir=tmp_path, script=script(DEFAULT_TRACE))
+    assert settings_for(spec, options).cost.name == "roofline"
+    measured = settings_for(spec, RunOptions(model_dir=model, workdir=tmp_path,
+                                             script=script(DEFAULT_TRACE), profile=profile))
+    assert measured.cost.name == "profile"
+    assert measured.cost.gpu_name == "CPU"  # type: ignore[attr-defined]
