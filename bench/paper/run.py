@@ -15,7 +15,10 @@ Writes bench/results/paper/paper.md and paper.json:
    without and with an interruption;
 6. sensitivity: for 20B and 30B on A_S and B_S, the P99 ratio (best baseline ÷ spotserve)
    as each uncertain parameter moves over its plausible range (SENSITIVITY), and whether
-   the main table's ratio is robust to them.
+   the main table's ratio is robust to them;
+7. cost (with main and ondemand): spotserve's saving against on-demand only, three ways,
+   and the same three on the authors' measured figures, showing which gives the paper's
+   54%.
 
     python bench/paper/run.py            # everything, minutes on 2 cores
     python bench/paper/run.py --only main,ablation
@@ -76,6 +79,7 @@ def row(cell: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     return {**cell, "approach": entry["approach"], "requests": entry["requests"],
             "failed": entry["failed"], "avg_s": lat["avg_s"], "p99_s": lat["p99_s"],
             "cost_usd": entry["cost_usd"], "usd_per_1k_tokens": entry["usd_per_1k_tokens"],
+            "ondemand_equivalent_usd": entry["ondemand_equivalent_usd"],
             "replans": entry["replans"], "migrations": entry["migrations"],
             "reloads": entry["reloads"], "restarts": entry["restarts"]}
 
@@ -121,6 +125,87 @@ def ondemand_runs(ref: Path) -> list[dict[str, Any]]:
     s = setup(ref, "20b", TRACES["B_S"])
     rows.append(row({"model": "20b", "trace": "B_S"}, run(s, "spotserve")))
     return rows
+
+
+# -- the cost claim ----------------------------------------------------------------------
+# The authors' own measured GPT-20B runs, as their artifact's plotting script holds them
+# (Hsword/SpotServe, branch artifact, elastic-switch/scripts_ae/tradeoff_plot.py): P99 per
+# trace, node-minutes per trace (spot at $1.9046/h, on-demand at $3.912/h), and the
+# on-demand fleets of 3, 4, 6 and 8 nodes over the same 18 minutes, before the 9 s "batching
+# bias" the script subtracts from the on-demand line only.
+ARTIFACT_20B = {
+    "spotserve_p99_s": {"A_S": 46.108, "B_S": 37.083, "A_S+O": 49.005, "B_S+O": 33.388},
+    "node_minutes": {"A_S": (203, 0), "B_S": (137, 0), "A_S+O": (210, 27),
+                     "B_S+O": (92, 26)},           # (spot, on-demand)
+    "ondemand_p99_s": {3: 253.343, 4: 175.346, 6: 43.47, 8: 34.45},
+    "minutes": 18, "spot_price": 1.9046, "ondemand_price": 3.912, "p99_bias_s": 9.0,
+}
+
+
+def _matched(p99: float, fleets: dict[int, tuple[float, float]]) -> tuple[int, float] | None:
+    """The smallest on-demand fleet whose P99 is at most `p99`: (instances, its cost)."""
+    fits = sorted((n, cost) for n, (fleet_p99, cost) in fleets.items() if fleet_p99 <= p99)
+    return fits[0] if fits else None
+
+
+def artifact_cost() -> list[dict[str, Any]]:
+    """The three comparisons on the authors' measured figures (equal request counts, as
+    every request of the same arrival trace is served): which one gives the paper's 54%."""
+    a = ARTIFACT_20B
+    out = []
+    for bias in (0.0, a["p99_bias_s"]):
+        fleets = {n: (p99 - bias, n * a["ondemand_price"] * a["minutes"] / 60)
+                  for n, p99 in a["ondemand_p99_s"].items()}
+        for trace, p99 in a["spotserve_p99_s"].items():
+            spot_min, od_min = a["node_minutes"][trace]
+            cost = spot_min / 60 * a["spot_price"] + od_min / 60 * a["ondemand_price"]
+            hours_od = (spot_min + od_min) / 60 * a["ondemand_price"]
+            match = _matched(p99, fleets)
+            out.append({"source": "artifact (measured)", "trace": trace,
+                        "ondemand_p99_bias_s": bias,
+                        "equal_instance_hours": round(1 - cost / hours_od, 3),
+                        "matched_p99_fleet": match[0] if match else None,
+                        "matched_p99": round(1 - cost / match[1], 3) if match else None})
+    return out
+
+
+def cost_rows(main: list[dict[str, Any]], ondemand: list[dict[str, Any]]
+              ) -> list[dict[str, Any]]:
+    """The simulated GPT-20B cells: spotserve's $/token against (a) the same instance-hours
+    on demand, (b) the smallest on-demand fleet whose P99 matches spotserve's, (c) the
+    smallest on-demand fleet that reaches the rate."""
+    fleets = {int(r["trace"].split()[0]): (r["p99_s"], r["usd_per_1k_tokens"])
+              for r in ondemand if r["trace"].endswith("on-demand")}
+    out = []
+    for r in main:
+        if r["model"] != "20b" or r["approach"] != "spotserve":
+            continue
+        smallest = next(x for x in main if x["model"] == "20b" and x["trace"] == r["trace"]
+                        and x["approach"] == "ondemand")
+        match = _matched(r["p99_s"], fleets)
+        per = r["usd_per_1k_tokens"]
+        out.append({"source": "simulated", "trace": r["trace"],
+                    "equal_instance_hours": round(1 - r["cost_usd"]
+                                                  / r["ondemand_equivalent_usd"], 3),
+                    "matched_p99_fleet": match[0] if match else None,
+                    "matched_p99": round(1 - per / match[1], 3) if match else None,
+                    "smallest_meeting_rate": round(1 - per / smallest["usd_per_1k_tokens"], 3)})
+    return out
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| source | trace | on-demand P99 bias | (a) equal instance-hours | (b) matched P99 "
+             "(fleet) | (c) smallest fleet reaching the rate |", "|" + "---|" * 6]
+
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{x * 100:.1f}%"
+    for r in rows:
+        fleet = f" ({r['matched_p99_fleet']} on-demand)" if r["matched_p99_fleet"] else \
+            " (none of 3–8 matches)"
+        lines.append(f"| {r['source']} | {r['trace']} | {r.get('ondemand_p99_bias_s', '—')} | "
+                     f"{pct(r['equal_instance_hours'])} | {pct(r['matched_p99'])}{fleet} | "
+                     f"{pct(r.get('smallest_meeting_rate'))} |")
+    return "\n".join(lines)
 
 
 # Each uncertain parameter over its plausible range (docs/simulator.md has the sources);
@@ -334,6 +419,17 @@ def render(result: dict[str, Any], command: str) -> str:
         if name == "hetero":
             md += ["## heterogeneous pool (roofline)", "", hetero_table(rows), ""]
             continue
+        if name == "cost":
+            md += ["## cost", "",
+                   "Spotserve's cost per token against on-demand only, three ways: (a) the "
+                   "same instance-hours at on-demand prices; (b) the smallest on-demand fleet "
+                   "(3, 4, 6 or 8 instances) whose P99 is at most spotserve's; (c) the smallest "
+                   "on-demand fleet that reaches the rate. On the authors' measured GPT-20B "
+                   "runs (their artifact's figures), the paper's 54% saving is (b) on B_S "
+                   "without the 9 s bias the plot subtracts from the on-demand P99: against "
+                   "8 on-demand nodes. With the bias, 6 nodes match and it is 38%.", "",
+                   cost_table(rows), ""]
+            continue
         if name == "sensitivity":
             md += ["## sensitivity", "",
                    "P99 of the best baseline over spotserve's as each uncertain parameter "
@@ -375,6 +471,8 @@ def main() -> None:
         if name in ("main", "fluctuating"):
             result[f"{name}_ratios"] = ratios(rows)
         print(f"{name}: {len(rows)} rows in {time.perf_counter() - started:.1f} s", flush=True)
+    if "main" in result and "ondemand" in result:
+        result["cost"] = cost_rows(result["main"], result["ondemand"]) + artifact_cost()
     robust = robustness(result.get("sensitivity", []))
     for name in ("main_ratios", "fluctuating_ratios"):
         for r in result.get(name, []):

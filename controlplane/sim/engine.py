@@ -129,6 +129,8 @@ class Simulation:
         self.held: dict[str, float] = {}        # paid-for instance → since when
         self.doomed: dict[str, float] = {}      # instance → termination time
         self.cost_usd = 0.0
+        self.ondemand_usd = 0.0                 # the same instance-hours at on-demand prices
+        self.instance_hours = 0.0
         self.counters = Counters()
         self.timeline: list[dict[str, Any]] = []
         self.horizon = trace.end_s + drain_s
@@ -214,8 +216,7 @@ class Simulation:
     def _removed(self, nodes: tuple[str, ...]) -> None:
         gone = set(nodes) & set(self.held)
         for node in gone:
-            self.cost_usd += (min(self.now, self.trace.end_s) - self.held.pop(node)) \
-                * self.cluster.price(node) / 3600.0
+            self._pay(node, min(self.now, self.trace.end_s) - self.held.pop(node))
             self.ready.pop(node, None)
             self.doomed.pop(node, None)
         for p in [p for p in self.pipelines.values() if p.instances & gone]:
@@ -230,8 +231,15 @@ class Simulation:
 
     def _settle_cost(self, end: float) -> None:
         for node, since in self.held.items():
-            self.cost_usd += max(0.0, end - since) * self.cluster.price(node) / 3600.0
+            self._pay(node, max(0.0, end - since))
         self.held = {n: end for n in self.held}
+
+    def _pay(self, node: str, seconds: float) -> None:
+        """`seconds` of `node` at its price; `ondemand_usd` prices the same instance-hours
+        all on demand (the equal-instance-hours cost comparison)."""
+        self.cost_usd += seconds * self.cluster.price(node) / 3600.0
+        self.ondemand_usd += seconds * self.cluster.node_type(node).price / 3600.0
+        self.instance_hours += seconds / 3600.0
 
     # -- pipelines --------------------------------------------------------------------
     def add_pipeline(self, pipeline: Pipeline) -> None:

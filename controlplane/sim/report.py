@@ -29,6 +29,8 @@ def summarize(approach: str, sim: Simulation) -> dict[str, Any]:
         "failed": len(sim.requests) - len(done),
         "latency": stats,
         "cost_usd": _round(sim.cost_usd), "tokens": tokens,
+        "instance_hours": _round(sim.instance_hours),
+        "ondemand_equivalent_usd": _round(sim.ondemand_usd),
         "usd_per_1k_tokens": _round(sim.cost_usd / tokens * 1000, 6) if tokens else None,
         "replans": c.replans, "migrations": c.migrations, "reloads": c.reloads,
         "bytes_moved": c.bytes_moved, "migration_s": _round(c.migration_s),

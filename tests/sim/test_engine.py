@@ -96,7 +96,11 @@ def test_queueing_adds_the_wait(reference_dir: Path) -> None:
 
 def test_costs_are_instance_hours_times_price(reference_dir: Path) -> None:
     setup = paper_setup(reference_dir, "6.7b", trace(2, 3600), every(60.0, 3600), 0.05)
-    assert run(setup, "spotserve")["cost_usd"] == pytest.approx(2 * 1.9046)
+    spot = run(setup, "spotserve")
+    assert spot["cost_usd"] == pytest.approx(2 * 1.9046)
+    # the same two instance-hours bought on demand: the equal-instance-hours comparison
+    assert spot["instance_hours"] == pytest.approx(2.0)
+    assert spot["ondemand_equivalent_usd"] == pytest.approx(2 * 3.912)
     fleet = run(setup, "ondemand")
     assert fleet["cost_usd"] == pytest.approx(3.912)  # one on-demand instance reaches 0.05
 
