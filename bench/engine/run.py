@@ -11,6 +11,7 @@ HBM bandwidth of the GPU in the catalog). `--threads 1` gives the figures in ben
     python bench/engine/run.py                         # CI-sized: fp32, batch 1 and 8, 32/16
     python bench/engine/run.py --full                  # batch 1/8/32, 128/128, fp32 and bf16
     python bench/engine/run.py --device cuda --dtypes bfloat16,float16 --batches 1,8,32
+    python bench/engine/run.py --device cuda --shape llama-8b --layers 8 --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ MODEL = {"architectures": ["LlamaForCausalLM"], "hidden_size": 768,
          "num_key_value_heads": 12, "vocab_size": 16384, "max_position_embeddings": 2048,
          "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
          "eos_token_id": 2}
+# Llama-3.1-8B's shapes (hidden 4096, GQA 32/8 heads, MLP 14336, vocab 128256), with
+# --layers of its 32 layers: the per-layer work of the real model, in less memory and time
+LLAMA_8B = {**MODEL, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0}
+SHAPES = {"small": MODEL, "llama-8b": LLAMA_8B}
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,7 +51,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=1, help="best of N timed runs")
     p.add_argument("--out", default="bench/results", help="folder for the JSON result")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                   help="small (~110M, the default) or llama-8b (Llama-3.1-8B's shapes)")
+    p.add_argument("--layers", type=int, help="layers of the shape (default: all of them)")
     args = p.parse_args()
+    if args.layers is not None and args.layers < 1:
+        p.error("--layers must be at least 1")
+    MODEL.update({**SHAPES[args.shape], **({"num_hidden_layers": args.layers}
+                                            if args.layers else {})})
     if args.full:
         args.batches, args.in_len, args.out_len = "1,8,32", 128, 128
         if args.dtypes == "float32":
@@ -57,8 +71,14 @@ def save_model(folder: Path) -> None:
     config = transformers.LlamaConfig(**{k: v for k, v in MODEL.items() if k != "architectures"})
     config.architectures = MODEL["architectures"]
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(folder, max_shard_size="200MB")
+    large = MODEL["hidden_size"] > 1024   # built and saved in bf16: half the memory and time
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if large else torch.float32)
+    try:
+        model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(folder, max_shard_size="2GB" if large else "200MB")
 
 
 def sync(device: str) -> None:
@@ -140,17 +160,35 @@ def best_of(runners: dict[str, Any], prompts: torch.Tensor, out_len: int, repeat
     return best
 
 
-def bandwidth_bound(dtype: str, device: str) -> dict[str, Any]:
-    """Decode lower bound on this GPU: every weight byte read once per step."""
+def measured_hbm_bytes_per_s(device: str) -> float:
+    """Device-to-device copy of 2 GiB, bytes read plus written per second (best of 5)."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    return 2 * (2 << 30) / best
+
+
+def bandwidth_bound(dtype: str, device: str, hbm: float | None = None) -> dict[str, Any]:
+    """Decode lower bound on this GPU: every weight byte read once per step, at the HBM
+    bandwidth measured in this run (`hbm`), else the catalog's figure for the GPU."""
     from spotserve.catalog import Catalog
     from spotserve.model_spec import ModelSpec
     spec = ModelSpec.from_hf_config(MODEL, dtype=dtype)
     name = torch.cuda.get_device_name(torch.device(device))
     gpu = next((g for g in Catalog.load().gpus.values() if g.name.split("-")[0] in name), None)
-    if gpu is None:
+    if hbm is None and gpu is None:
         return {"gpu": name}
-    return {"gpu": name, "weight_bytes": spec.weight_bytes,
-            "bound_ms": 1e3 * spec.weight_bytes / gpu.hbm_bytes_per_s}
+    rate = hbm if hbm is not None else gpu.hbm_bytes_per_s  # type: ignore[union-attr]
+    return {"gpu": name, "weight_bytes": spec.weight_bytes, "hbm_bytes_per_s": rate,
+            "hbm_source": "measured" if hbm is not None else "catalog",
+            "bound_ms": 1e3 * spec.weight_bytes / rate}
 
 
 def main() -> int:
@@ -158,6 +196,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
+    hbm = measured_hbm_bytes_per_s(args.device) if args.device.startswith("cuda") else None
+    if hbm is not None:
+        print(f"HBM bandwidth measured: {hbm / 1e12:.2f} TB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         save_model(folder)
@@ -179,7 +220,9 @@ def main() -> int:
                        "ratio": hf_s / ours_s, "decode_step_ms": 1e3 * step,
                        "identical_sequences": f"{same}/{batch}"}
                 if args.device.startswith("cuda"):
-                    row.update(bandwidth_bound(dtype, args.device))
+                    row.update(bandwidth_bound(dtype, args.device, hbm))
+                    if "bound_ms" in row:
+                        row["fraction_of_bound"] = row["bound_ms"] / row["decode_step_ms"]
                 rows.append(row)
                 print_row(row, header=len(rows) == 1)
     write_json(args, rows)
@@ -195,7 +238,7 @@ def print_row(row: dict[str, Any], header: bool) -> None:
             f"{row['hf_tok_s']:>10.1f} {row['ours_tok_s']:>11.1f} {row['ratio']:>7.2f}x "
             f"{row['decode_step_ms']:>8.2f} {row['identical_sequences']:>6}")
     if "bound_ms" in row:
-        line += f"  {row['bound_ms']:>8.3f}"
+        line += f"  {row['bound_ms']:>8.3f}  ({row['fraction_of_bound']:.1%} of the bound)"
     print(line, flush=True)
 
 
@@ -204,6 +247,8 @@ def write_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     name = "engine-full" if args.full else "engine"
+    if args.shape != "small":
+        name += f"-{args.shape}"
     if not args.device.startswith("cpu"):
         name += "-cuda"
     path = out / f"{name}.json"
