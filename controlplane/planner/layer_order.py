@@ -4,7 +4,9 @@ A migration plan is ordered by layer (embeddings first, then layer 0, 1, …, th
 head), and a GPU drops an old layer as soon as that layer's wave is over. During wave l a
 GPU therefore holds its new layers before l, both its old and new layer l (once, when it
 keeps that shard), and its old layers after l. The peak over the waves exceeds the larger
-of the old and new footprints by at most about one layer; `wave_peaks` computes it per GPU
+of the old and new footprints by about one layer at most, except on a GPU whose old layers
+lie behind its new ones (pipeline stages merged into a TP group): it gathers its new front
+layers before the waves reach its old ones. `wave_peaks` computes the exact peak per GPU
 from the same byte counts the memory check uses, so the planner can tell when a migration
 would not fit.
 """
@@ -41,12 +43,19 @@ def _profile(model: ModelSpec, config: ParallelConfig, pos: Position) -> NDArray
     out = np.zeros(model.num_layers + 2, dtype=np.int64)
     per_layer = -(-model.weight_bytes_per_layer // stage.tp)
     out[stage.layer_start + 1:stage.layer_end + 1] = per_layer
-    fixed = stage_bytes(model, stage.tp, stage.layer_start, stage.layer_end, 0, 0) \
-        - per_layer * stage.num_layers
-    if stage.layer_start == 0:
-        out[0] += max(0, fixed)
+    fixed = max(0, stage_bytes(model, stage.tp, stage.layer_start, stage.layer_end, 0, 0)
+                - per_layer * stage.num_layers)
+    layers = model.num_layers
+    if stage.layer_start == 0 and stage.layer_end == layers and layers > 1:
+        # a stage that is both first and last: its embeddings move in the first wave and
+        # its head (what a last-only stage holds beyond its layers) in the last one
+        head = max(0, stage_bytes(model, stage.tp, layers - 1, layers, 0, 0) - per_layer)
+        out[-1] += min(head, fixed)
+        out[0] += fixed - min(head, fixed)
+    elif stage.layer_start == 0:
+        out[0] += fixed
     else:
-        out[-1] += max(0, fixed)
+        out[-1] += fixed
     return out
 
 

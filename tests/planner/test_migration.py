@@ -51,7 +51,15 @@ def check_plan(model, current, new, instances):  # type: ignore[no-untyped-def]
             assert any(s.dim is None or (s.start <= t.start and t.stop <= s.stop)
                        for s in held), "the source does not hold the piece"
     one_layer = model.weight_bytes_per_layer + model.global_params * model.dtype_bytes
-    assert plan.peak_over_footprint_bytes <= one_layer, "layer waves bound the memory peak"
+    # layer waves bound the peak to about one layer over the larger footprint, unless a
+    # GPU's old layers lie behind its new ones (stages merged into a TP group): then it
+    # gathers its new front layers before the waves reach its old ones (`wave_peaks` has
+    # the exact figure, and the planner's memory check uses it)
+    behind = any(old.config.stage_of(old.by_gpu[g]).layer_start
+                 > new.stage_of(p).layer_start
+                 for p, g in mapping.placement.assignment if g in old.by_gpu)
+    if not behind:
+        assert plan.peak_over_footprint_bytes <= one_layer, "layer waves bound the peak"
     urgent = [t.urgent for t in plan.transfers]
     assert urgent == sorted(urgent, reverse=True), "urgent transfers go first"
     for pos, gpu in mapping.placement.assignment:
@@ -89,6 +97,24 @@ def test_transfers_rebuild_every_slice_and_kv_cache(scenario) -> None:  # type: 
     if not hosts or len(pack_slots(new, instance_kinds(hosts))) > len(hosts):
         return
     check_plan(model, current, new, instances)
+
+
+def test_two_stages_merged_into_one_tp_stage_stay_within_a_layer_of_memory() -> None:
+    """Found by the property test above: P=2 on one instance's two GPUs regrouped as one
+    TP=2 stage. The new stage is both first and last: its head arrives in the last wave
+    (when the old head leaves), not with the embeddings in the first; and the GPU that
+    held the back layers peaks at about three half layers over its footprint."""
+    model = tiny_model(4)
+    instances = pool(small_type("box", 2), 2)
+    old = place(model, ParallelConfig.uniform(4, 1, 2, 1, 2), instances[:1])
+    current = CurrentState(old, (PipelineProgress(0, 0, 5),))
+    mapping, plan = check_plan(model, current, ParallelConfig.uniform(4, 1, 1, 2, 2),
+                               instances)
+    # n0/1 held layers 2-3 and the head; it gathers the embeddings and its halves of
+    # layers 0-2 before its old layers 2 and 3 can go: three half layers over
+    half = model.weight_bytes_per_layer // 2
+    over = plan.peak_over_footprint_bytes
+    assert 2 * half < over <= 3 * half + model.global_params * model.dtype_bytes
 
 
 def test_doomed_only_data_is_urgent_and_survivors_send_the_rest() -> None:
