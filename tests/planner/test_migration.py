@@ -108,8 +108,8 @@ def test_two_stages_merged_into_one_tp_stage_stay_within_a_layer_of_memory() -> 
     instances = pool(small_type("box", 2), 2)
     old = place(model, ParallelConfig.uniform(4, 1, 2, 1, 2), instances[:1])
     current = CurrentState(old, (PipelineProgress(0, 0, 5),))
-    mapping, plan = check_plan(model, current, ParallelConfig.uniform(4, 1, 1, 2, 2),
-                               instances)
+    _, plan = check_plan(model, current, ParallelConfig.uniform(4, 1, 1, 2, 2),
+                         instances)
     # n0/1 held layers 2-3 and the head; it gathers the embeddings and its halves of
     # layers 0-2 before its old layers 2 and 3 can go: three half layers over
     half = model.weight_bytes_per_layer // 2
