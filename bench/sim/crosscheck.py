@@ -138,7 +138,8 @@ def main() -> int:
         sim = run(setup, "spotserve", catalog)
         # the same, with the migration fixed cost local mode measured instead of the
         # planner's default (the bytes here are tiny: the fixed cost is nearly all of it)
-        measured = percentile([m["measured_s"] for m in local_migrations(local)], 50) or 0.0
+        migrations = local_migrations(local)
+        measured = percentile([m["measured_s"] for m in migrations], 50) or 0.0
         sim_measured = run(replace(setup, migration_overhead_s=measured), "spotserve", catalog)
         profile_data = json.loads(profile.read_text())
     # local mode starts cold (workers boot and load before the first configuration
@@ -149,7 +150,6 @@ def main() -> int:
     sim_lat = [s[1] for s in sim["series"] if s[0] >= warm]
     sim_measured_lat = [s[1] for s in sim_measured["series"] if s[0] >= warm]
     gaps = [b - a for r in served for a, b in itertools.pairwise(r.token_times) if b > a]
-    migrations = local_migrations(local)
     report = {
         "benchmark": "crosscheck", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python " + " ".join(sys.argv),
