@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF model folder used when Configure names none")
     parser.add_argument("--dtype", default=None, help="float32/bfloat16/float16 "
-                        "(default: the model's)")
+                        "(default: the model's; float16 for a bfloat16 model on a GPU "
+                        "without bf16, such as a T4 or V100)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N "
                         "(default: cuda if available; cuda means cuda:$LOCAL_RANK when set)")
     parser.add_argument("--token-file", default=None,
@@ -150,6 +151,14 @@ def device_of(requested: str | None, cuda_available: bool, local_rank: str | Non
     return device
 
 
+def bf16_ok(device: str, torch: Any) -> bool:
+    """Whether `device` does bf16 math natively (every CPU torch runs it; on CUDA, compute
+    capability 8.0 and up)."""
+    if not device.startswith("cuda"):
+        return True
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def check_device(device: str, torch: Any) -> None:
     """Refuse a device this process cannot use, saying why (a CPU-only torch, no GPU
     visible, an index past the GPUs there are)."""
@@ -201,7 +210,7 @@ def _serve_one(args: argparse.Namespace) -> NoReturn:
         "max_batched_tokens": args.max_batched_tokens}})
     options = WorkerOptions(
         address=args.advertise or "", checkpoint=Path(args.model) if args.model else None,
-        dtype=args.dtype, device=device,
+        dtype=args.dtype, device=device, bf16=bf16_ok(device, torch),
         token=load_token(args.token_file), engine=engine, kv=budget,
         join_timeout_s=args.join_timeout,
         peer_timeout_s=args.peer_timeout,

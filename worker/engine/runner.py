@@ -102,11 +102,14 @@ class StageRunner:
         model, groups = self.model, self.groups
         chunks = [SequenceChunk(len(c.token_ids), c.context_len, c.block_table)
                   for c in plan.chunks]
-        batch = AttentionBatch.build(chunks, self.cache.block_size, model.device,
-                                     model.sliding_window)
+        rows = _sample_rows(plan) if model.is_last else None
+        batch = AttentionBatch.build(
+            chunks, self.cache.block_size, model.device, model.sliding_window,
+            token_ids=[t for c in plan.chunks for t in c.token_ids] if model.is_first else None,
+            sample_rows=rows)
         if model.is_first:
-            inputs = torch.tensor([t for c in plan.chunks for t in c.token_ids],
-                                  device=model.device)
+            assert batch.token_ids is not None
+            inputs = batch.token_ids
         else:
             inputs = groups.recv_forward((plan.num_tokens, model.spec.hidden_size),
                                          model.dtype, model.device)
@@ -115,28 +118,24 @@ class StageRunner:
         if not model.is_last:
             groups.send_forward(hidden)
         else:
-            tokens = self._sample(plan, hidden)
+            tokens = self._sample(plan, hidden, batch)
         if groups.distributed:
             tokens = groups.broadcast_object(tokens, src=groups.sampler_rank)
         assert tokens is not None
         return tokens
 
-    def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, int]:
-        rows, params, positions, ids = [], [], [], []
-        end = 0
-        for c in plan.chunks:
-            end += len(c.token_ids)
-            if c.sample is not None:
-                rows.append(end - 1)
-                params.append(c.sample)
-                positions.append(c.context_len)
-                ids.append(c.request_id)
-        if not rows:
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor, batch: AttentionBatch
+                ) -> dict[str, int]:
+        sampled = [c for c in plan.chunks if c.sample is not None]
+        if not sampled:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        assert batch.sample_rows is not None
+        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
         if not self.groups.is_sampler:
             return {}
-        return dict(zip(ids, sample(logits, params, positions), strict=True))
+        params = [c.sample for c in sampled if c.sample is not None]
+        tokens = sample(logits, params, [c.context_len for c in sampled])
+        return dict(zip([c.request_id for c in sampled], tokens, strict=True))
 
     def _export(self, block_table: tuple[int, ...], num_tokens: int) -> torch.Tensor | None:
         cache = self.cache
@@ -167,6 +166,16 @@ class StageRunner:
                              data.to(self.model.device))
         answers = self.groups.gather_objects(data is not None)
         return answers is not None and all(answers)
+
+
+def _sample_rows(plan: StepPlan) -> list[int]:
+    """The row of the step's output behind each sampling chunk: its last token."""
+    rows, end = [], 0
+    for c in plan.chunks:
+        end += len(c.token_ids)
+        if c.sample is not None:
+            rows.append(end - 1)
+    return rows
 
 
 def _assemble(pieces: list[Any]) -> torch.Tensor:

@@ -4,19 +4,26 @@ The cache of one layer is a pair of tensors [num_blocks, kv_heads, block_size, h
 heads stay a separate axis, so a slice by layer, head range and token range can be read
 or written without touching the rest, and within a block each head's keys are contiguous.
 
-Tokens travel flat ([tokens, ...]) through the linear layers. Two ways to attend:
+Tokens travel packed ([tokens, ...], each sequence's new tokens one run after another,
+no padding) through the linear layers and into attention. A step's sequences split in two:
 
-- decode (every sequence brings one new token): the cache is never copied. Each block in
-  use is scored in place against the query of the sequence that owns it (queries are
-  gathered to blocks, not blocks to sequences: a query is `block_size` times smaller than
-  a block). Only the scores and per-block outputs, which are small, move: scores to a
-  [sequence, keys] layout for the softmax, probabilities back to blocks, per-block outputs
-  summed per sequence in block-table order. Memory traffic is one read of the blocks in
-  use (and of the free blocks between them, which the block manager keeps few), on CPU and
-  GPU alike, with no extra buffer the size of the cache.
-- anything else (prefill, chunked prefill, a mixed step): queries are padded into
-  [sequences, longest query] against the [sequences, longest context] keys gathered from
-  the cache through each sequence's block table, for the fused SDPA kernel.
+- decodes (one new token): the cache is never copied. Each block in use is scored in place
+  against the query of the sequence that owns it (queries are gathered to blocks, not
+  blocks to sequences: a query is `block_size` times smaller than a block). Only the scores
+  and per-block outputs, which are small, move: scores to a [sequence, keys] layout for the
+  softmax, probabilities back to blocks, per-block outputs summed per sequence in
+  block-table order. Memory traffic is one read of the blocks in use (and of the free
+  blocks between them, which the block manager keeps few), with no buffer the size of the
+  cache.
+- prefills (a prompt, a prompt's chunk, a re-prefill): each runs alone through the fused
+  SDPA kernel, its queries against its own context gathered from its blocks; a fresh
+  prompt is plainly causal (the flash kernel on a GPU), a chunk after earlier context gets
+  a [new, context] mask built on the device. Memory is that sequence's own new x context,
+  never the batch's longest query times its longest context.
+
+A mixed step (prompts arriving while others decode) runs both on their own tokens. Every
+index tensor a step needs is built on the host from the plan, packed into one buffer and
+copied to the device once (pinned, asynchronous on CUDA); the layers share it.
 
 A block belongs to one sequence of a batch (no prefix sharing), which the decode path
 relies on.
@@ -43,12 +50,73 @@ class SequenceChunk:
     block_table: Sequence[int]
 
 
+@dataclass(frozen=True)
+class DecodeLayout:
+    """Where a decode step's blocks are, worked out on the host from the block tables.
+    Rows are the blocks one layer's attention scores: the span `cache[first:stop]` read in
+    place when the blocks in use lie densely enough, else the blocks in use gathered. A
+    slot is a place in the padded [seqs, max_blocks] table: s * max_blocks + j for
+    sequence s's j-th block."""
+
+    num_seqs: int
+    max_blocks: int
+    span: tuple[int, int] | None
+    blocks: list[int]        # the blocks to gather when there is no span (else empty)
+    owner: list[int]         # [rows] sequence whose query scores each row (unused: 0)
+    index: list[int]         # [rows] the row's place j in its owner's table (unused: 0)
+    table_rows: list[int]    # [seqs * max_blocks] row behind each slot (padding: 0)
+    slots: list[int]         # the slots that hold a block
+
+    @classmethod
+    def of(cls, tables: list[list[int]]) -> DecodeLayout:
+        """For the decoding sequences' block tables, each cut to its used blocks."""
+        flat = [b for table in tables for b in table]
+        if len(set(flat)) != len(flat):
+            raise SpotserveError("a cache block appears twice in one decode step")
+        max_blocks = max(len(t) for t in tables)
+        slots = [s * max_blocks + j for s, table in enumerate(tables) for j in range(len(table))]
+        first, stop = min(flat), max(flat) + 1
+        span: tuple[int, int] | None = (first, stop)
+        if stop - first <= 2 * len(flat) + 16:
+            rows = [b - first for b in flat]
+        else:   # scoring that many holes would cost more than gathering
+            span, rows = None, list(range(len(flat)))
+        row_slots = [0] * (stop - first if span else len(flat))
+        table_rows = [0] * (len(tables) * max_blocks)
+        for row, slot in zip(rows, slots, strict=True):
+            row_slots[row], table_rows[slot] = slot, row
+        return cls(len(tables), max_blocks, span, [] if span else flat,
+                   [s // max_blocks for s in row_slots], [s % max_blocks for s in row_slots],
+                   table_rows, slots)
+
+    def parts(self) -> dict[str, list[int]]:
+        return {"decode_blocks": self.blocks, "decode_owner": self.owner,
+                "decode_index": self.index, "decode_table_rows": self.table_rows,
+                "decode_slots": self.slots}
+
+    def on_device(self, up: dict[str, torch.Tensor], block_size: int, window: int | None
+                  ) -> DecodeBlocks:
+        """The device side, from the uploaded parts (and `decode_limits`: each sequence's
+        last position)."""
+        seqs, max_blocks = self.num_seqs, self.max_blocks
+        device = up["decode_owner"].device
+        in_use = torch.zeros(seqs * max_blocks, device=device)
+        in_use.index_fill_(0, up["decode_slots"], 1.0)
+        keys = torch.arange(max_blocks * block_size, device=device)[None, :]
+        limits = up["decode_limits"][:, None]
+        hidden = keys > limits
+        if window is not None:
+            hidden |= keys <= limits - window
+        bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
+        return DecodeBlocks(self.span, None if self.span else up["decode_blocks"],
+                            up["decode_owner"], up["decode_index"], up["decode_table_rows"],
+                            in_use.view(seqs, 1, max_blocks),
+                            bias.view(seqs, 1, 1, max_blocks, block_size))
+
+
 @dataclass
 class DecodeBlocks:
-    """Where a decode step's blocks are. Rows are the blocks one layer's attention scores:
-    the span `cache[first:stop]` read in place when the blocks in use lie densely enough,
-    else the blocks in use gathered (`blocks`). A slot is a place in the padded
-    [seqs, max_blocks] table: s * max_blocks + j for sequence s's j-th block."""
+    """A decode step's `DecodeLayout` on the device."""
 
     span: tuple[int, int] | None
     blocks: torch.Tensor | None   # [rows] the blocks to gather when there is no span
@@ -59,42 +127,25 @@ class DecodeBlocks:
     bias: torch.Tensor            # [seqs, 1, 1, max_blocks, block_size] fp32: 0, or -inf
                                   # for keys a query may not see
 
-    @classmethod
-    def build(cls, tables: list[list[int]], mask: torch.Tensor, device: torch.device | str
-              ) -> DecodeBlocks:
-        """For the step's block tables (each cut to its used blocks) and key `mask`
-        [seqs, max_blocks * block_size]."""
-        flat = [b for table in tables for b in table]
-        if len(set(flat)) != len(flat):
-            raise SpotserveError("a cache block appears twice in one decode step")
-        num_seqs, max_blocks = len(tables), max(len(t) for t in tables)
-        used = torch.tensor(flat, dtype=torch.long)
-        slots = torch.tensor([s * max_blocks + j for s, table in enumerate(tables)
-                              for j in range(len(table))], dtype=torch.long)
-        first, stop = min(flat), max(flat) + 1
-        span: tuple[int, int] | None = (first, stop)
-        if stop - first <= 2 * len(flat) + 16:
-            rows = used - first
-        else:   # scoring that many holes would cost more than gathering
-            span, rows = None, torch.arange(len(flat))
-        row_slots = torch.zeros(stop - first if span else len(flat), dtype=torch.long)
-        row_slots.index_copy_(0, rows, slots)
-        table_rows = torch.zeros(num_seqs * max_blocks, dtype=torch.long)
-        table_rows.index_copy_(0, slots, rows)
-        in_use = torch.zeros(num_seqs * max_blocks)
-        in_use[slots] = 1.0
-        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
-        return cls(span, None if span else used.to(device),
-                   (row_slots // max_blocks).to(device), (row_slots % max_blocks).to(device),
-                   table_rows.to(device), in_use.view(num_seqs, 1, max_blocks).to(device),
-                   bias.view(num_seqs, 1, 1, max_blocks, -1).to(device))
-
     def select(self, cache: torch.Tensor) -> torch.Tensor:
         """The rows' blocks of one layer's cache: a view when dense, else a gathered copy."""
         if self.span is not None:
             return cache[self.span[0]:self.span[1]]
         assert self.blocks is not None
         return cache.index_select(0, self.blocks)
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """One sequence bringing more than one token: its queries are `tokens[start:stop]`,
+    its keys the first `context_len` of its `blocks`; `mask` [new, context] says which key
+    each query sees (None: plain causal, the chunk being the whole context)."""
+
+    start: int
+    stop: int
+    context_len: int
+    blocks: torch.Tensor
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -104,50 +155,93 @@ class AttentionBatch:
     positions: torch.Tensor      # [tokens] position of each new token
     write_blocks: torch.Tensor   # [tokens] cache block each new token's K/V goes to
     write_offsets: torch.Tensor  # [tokens] offset inside that block
-    query_index: torch.Tensor    # [seqs * max_new] flat token behind each padded query
-    output_index: torch.Tensor   # [tokens] padded query behind each flat token
-    block_tables: torch.Tensor   # [seqs * max_blocks] each sequence's blocks, 0-padded
-    mask: torch.Tensor           # [seqs, 1, max_new, max_blocks * block_size] may i see j
-    num_seqs: int
-    max_new: int
-    decode: DecodeBlocks | None  # set when every sequence brings exactly one token
+    decode: DecodeBlocks | None  # the decoding sequences (one new token each), if any
+    decode_tokens: torch.Tensor | None  # [decodes] their tokens' places (None: all tokens)
+    prefills: tuple[PrefillSeq, ...]
+    token_ids: torch.Tensor | None = None     # [tokens] input ids, when given to `build`
+    sample_rows: torch.Tensor | None = None   # rows of the output to sample, when given
 
     @classmethod
     def build(cls, chunks: Sequence[SequenceChunk], block_size: int,
-              device: torch.device | str = "cpu", sliding_window: int | None = None
-              ) -> AttentionBatch:
-        """Index tensors for a step; with `sliding_window` W, query i sees only the last W
-        positions up to its own (Mistral)."""
-        num_seqs = len(chunks)
-        new = torch.tensor([c.num_new for c in chunks])
-        context = torch.tensor([c.context_len for c in chunks])
-        used = [-(-c.context_len // block_size) for c in chunks]
-        max_new, max_blocks = int(new.max()), max(used)
-        tables_list = [list(c.block_table[:u]) for c, u in zip(chunks, used, strict=True)]
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables_list],
-                              dtype=torch.long)
-        owner = torch.repeat_interleave(torch.arange(num_seqs), new)
-        first = torch.cumsum(new, 0) - new                # flat index of each chunk's first token
-        within = torch.arange(len(owner)) - first[owner]  # index of each token in its chunk
-        pos = (context - new)[owner] + within
-        column = torch.arange(max_new)[None, :]
-        real = column < new[:, None]
-        # query i sees keys 0..start+i; padded queries see key 0 only (no NaN rows)
-        limits = torch.where(real, (context - new)[:, None] + column, 0)
-        keys = torch.arange(max_blocks * block_size)[None, None, :]
-        mask = keys <= limits[:, :, None]
-        if sliding_window is not None:
-            mask &= keys > limits[:, :, None] - sliding_window
+              device: torch.device | str = "cpu", sliding_window: int | None = None, *,
+              token_ids: Sequence[int] | None = None,
+              sample_rows: Sequence[int] | None = None) -> AttentionBatch:
+        """Index tensors for a step, on `device` in one copy; with `sliding_window` W,
+        query i sees only the last W positions up to its own (Mistral). `token_ids` and
+        `sample_rows` ride along in the same copy."""
+        device = torch.device(device)
+        positions: list[int] = []
+        write_blocks: list[int] = []
+        decodes: list[int] = []
+        for i, c in enumerate(chunks):
+            if c.num_new < 1 or c.context_len < c.num_new:
+                raise SpotserveError(f"bad step chunk: {c.num_new} new of {c.context_len}")
+            first = c.context_len - c.num_new
+            span = range(first, c.context_len)
+            positions.extend(span)
+            write_blocks.extend(c.block_table[p // block_size] for p in span)
+            if c.num_new == 1:
+                decodes.append(i)
+        prefill_ids = [i for i, c in enumerate(chunks) if c.num_new > 1]
+        starts = [0]
+        for c in chunks:
+            starts.append(starts[-1] + c.num_new)
+        used = [list(c.block_table[:-(-c.context_len // block_size)]) for c in chunks]
+        parts: dict[str, list[int]] = {
+            "positions": positions, "write_blocks": write_blocks,
+            "write_offsets": [p % block_size for p in positions],
+            "prefill_blocks": [b for i in prefill_ids for b in used[i]],
+            "token_ids": list(token_ids or ()), "sample_rows": list(sample_rows or ())}
+        layout = None
+        if decodes:
+            layout = DecodeLayout.of([used[i] for i in decodes])
+            parts.update(layout.parts())
+            parts["decode_limits"] = [chunks[i].context_len - 1 for i in decodes]
+            parts["decode_tokens"] = [starts[i] for i in decodes]
+        up = _upload(parts, device)
         decode = None
-        if max_new == 1:
-            decode = DecodeBlocks.build(tables_list, mask[:, 0], device)
-        return cls(positions=pos.to(device),
-                   write_blocks=tables[owner, pos // block_size].to(device),
-                   write_offsets=(pos % block_size).to(device),
-                   query_index=torch.where(real, first[:, None] + column, 0).flatten().to(device),
-                   output_index=(owner * max_new + within).to(device),
-                   block_tables=tables.flatten().to(device), mask=mask[:, None].to(device),
-                   num_seqs=num_seqs, max_new=max_new, decode=decode)
+        if layout is not None:
+            decode = layout.on_device(up, block_size, sliding_window)
+        prefills, offset = [], 0
+        for i in prefill_ids:
+            c, n = chunks[i], len(used[i])
+            blocks = up["prefill_blocks"][offset:offset + n]
+            offset += n
+            prefills.append(PrefillSeq(starts[i], starts[i + 1], c.context_len, blocks,
+                                       _prefill_mask(c, sliding_window, device)))
+        all_decode = len(decodes) == len(chunks)
+        return cls(positions=up["positions"], write_blocks=up["write_blocks"],
+                   write_offsets=up["write_offsets"], decode=decode,
+                   decode_tokens=None if all_decode or not decodes else up["decode_tokens"],
+                   prefills=tuple(prefills),
+                   token_ids=up["token_ids"] if token_ids is not None else None,
+                   sample_rows=up["sample_rows"] if sample_rows is not None else None)
+
+
+def _upload(parts: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The step's integer lists as int64 tensors on `device`: one host buffer, one copy
+    (from pinned memory, not waited for, on CUDA)."""
+    flat = torch.tensor([v for values in parts.values() for v in values], dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    return dict(zip(parts, torch.split(flat, [len(v) for v in parts.values()]), strict=True))
+
+
+def _prefill_mask(chunk: SequenceChunk, window: int | None, device: torch.device
+                  ) -> torch.Tensor | None:
+    """[new, context] bool on `device`: query i (position context - new + i) sees key j
+    when j <= its position (and within the window). None when that is plain causal."""
+    first = chunk.context_len - chunk.num_new
+    if first == 0 and window is None:
+        return None
+    query = torch.arange(first, chunk.context_len, device=device)[:, None]
+    keys = torch.arange(chunk.context_len, device=device)[None, :]
+    mask = keys <= query
+    if window is not None:
+        mask &= keys > query - window
+    return mask
 
 
 def write_cache(cache: torch.Tensor, batch: AttentionBatch, values: torch.Tensor) -> None:
@@ -160,31 +254,37 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [tokens, heads, head_dim] against the cached keys/values → [tokens, heads*head_dim].
 
     The new tokens' keys and values must already be written to the cache."""
-    if batch.decode is not None:
+    if batch.decode is not None and batch.decode_tokens is None:   # a plain decode step
         return _decode_attention(q, k_cache, v_cache, batch.decode, scale)
-    return _padded_attention(q, k_cache, v_cache, batch, scale)
+    tokens, heads, dim = q.shape
+    out = q.new_empty(tokens, heads * dim)
+    if batch.decode is not None:
+        assert batch.decode_tokens is not None
+        out.index_copy_(0, batch.decode_tokens, _decode_attention(
+            q.index_select(0, batch.decode_tokens), k_cache, v_cache, batch.decode, scale))
+    for seq in batch.prefills:
+        out[seq.start:seq.stop] = _prefill_attention(q[seq.start:seq.stop], k_cache, v_cache,
+                                                     seq, scale)
+    return out
 
 
-def _padded_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      batch: AttentionBatch, scale: float) -> torch.Tensor:
-    _tokens, heads, dim = q.shape
+def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       seq: PrefillSeq, scale: float) -> torch.Tensor:
+    """One sequence's queries [new, heads, dim] against its own context → [new, heads*dim]."""
+    new, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
-    q_pad = q[batch.query_index].view(batch.num_seqs, batch.max_new, heads, dim)
-    k, v = _gather(k_cache, batch), _gather(v_cache, batch)
+    k, v = _context(k_cache, seq), _context(v_cache, seq)
     out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), k, v, attn_mask=batch.mask, scale=scale,
-        enable_gqa=heads != kv_heads)
-    out = out.transpose(1, 2).reshape(batch.num_seqs * batch.max_new, heads * dim)
-    return out[batch.output_index]
+        q.transpose(0, 1)[None], k, v, attn_mask=seq.mask, is_causal=seq.mask is None,
+        scale=scale, enable_gqa=heads != kv_heads)
+    return out[0].transpose(0, 1).reshape(new, heads * dim)
 
 
-def _gather(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-    """Each sequence's whole blocks (the mask hides their unused tail):
-    [seqs, kv_heads, max_blocks * block_size, head_dim]."""
-    kv_heads, block_size, dim = cache.shape[1:]
-    blocks = cache.index_select(0, batch.block_tables)
-    blocks = blocks.view(batch.num_seqs, -1, kv_heads, block_size, dim).transpose(1, 2)
-    return blocks.reshape(batch.num_seqs, kv_heads, -1, dim)
+def _context(cache: torch.Tensor, seq: PrefillSeq) -> torch.Tensor:
+    """The sequence's first `context_len` keys (or values) [1, kv_heads, context, dim]."""
+    kv_heads, _block_size, dim = cache.shape[1:]
+    blocks = cache.index_select(0, seq.blocks).transpose(0, 1)   # [kv_heads, n, block, dim]
+    return blocks.reshape(1, kv_heads, -1, dim)[:, :, :seq.context_len]
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -81,9 +81,8 @@ def load_stage(folder: str | Path, config: ParallelConfig, position: Position, *
 
 
 def load_into(model: StageModel, tensors: dict[str, torch.Tensor]) -> None:
-    """Put named tensors into the model's parameters; every parameter must be given. A
-    tensor already of the parameter's device and dtype becomes it (no second copy of the
-    weights); others are copied in."""
+    """Copy named tensors into the model's parameters; every parameter must be given.
+    Copied, never swapped in: fused projections' parameters are views of one buffer."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -95,9 +94,4 @@ def load_into(model: StageModel, tensors: dict[str, torch.Tensor]) -> None:
             if params[name].shape != tensor.shape:
                 raise SpotserveError(f"{name}: checkpoint slice {tuple(tensor.shape)} does not "
                                      f"fit {tuple(params[name].shape)}")
-            param = params[name]
-            if tensor.device == param.device and tensor.dtype == param.dtype and \
-                    tensor.is_contiguous():
-                param.data = tensor
-            else:
-                param.copy_(tensor)
+            params[name].copy_(tensor, non_blocking=tensor.is_pinned())
