@@ -34,6 +34,7 @@ import torch
 
 from spotserve.auth import TokenInterceptor, call_metadata
 from spotserve.errors import SpotserveError
+from spotserve.layout import position_slices
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from spotserve.worker import health, kv_sizing
@@ -55,6 +56,7 @@ from spotserve.worker.journal import Journal, relay
 from spotserve.worker.kv_sizing import KVBudget, KVCacheTooSmall, KVSize, size_kv_cache
 from spotserve.worker.kv_store import Paused, PausedRequests, blob_of, import_kv
 from spotserve.worker.metrics import WorkerMetrics
+from spotserve.worker.model.decoder import TORCH_DTYPES, StageModel, reusable
 from spotserve.worker.model.parallel import DEFAULT_PEER_TIMEOUT, EpochGroups, backend_for
 from spotserve.worker.peer_service import TensorServicer
 from spotserve.worker.requests import KVUnavailable, request_state
@@ -114,6 +116,7 @@ class WorkerServicer(TensorServicer):
         self.role_message = worker_pb2.Role()
         self.role: EpochRole | None = None
         self.spec: ModelSpec | None = None
+        self._folder: Path | None = None    # the checkpoint of `spec`
         self.weight_bytes = 0
         self.engine_config = options.engine   # the current epoch's (limits, KV blocks)
         self.kv_size: KVSize | None = None    # the current epoch's KV cache on this rank
@@ -276,7 +279,9 @@ class WorkerServicer(TensorServicer):
                 tensors = self._preloaded[1]
                 return tensors, GatherStats(bytes_kept=sum(t.nbytes for t in tensors.values()))
             return await gather(spec, role.config, role.position, request.weights, self.store,
-                                folder, self._pull)
+                                folder, self._pull, pin=self.options.device.startswith("cuda"),
+                                skip=() if request.preload_only else
+                                self._reusable(spec, folder, role))
 
         (tensors, stats), kv_bytes = await asyncio.gather(
             weights(), self._import_kv(request.kv_imports, spec))
@@ -289,6 +294,14 @@ class WorkerServicer(TensorServicer):
         for failure in stats.failovers:
             self._log("failover to the checkpoint", reason=failure)
         return stats, kv_bytes
+
+    def _reusable(self, spec: ModelSpec, folder: Path | None, role: EpochRole) -> set[str]:
+        """The tensors the new stage will take over from the current one on the device."""
+        old = self._runner.model if self._runner is not None else None
+        if old is None or (spec, folder) != (self.spec, self._folder):
+            return set()
+        return reusable(old, position_slices(spec, role.config, role.position),
+                        TORCH_DTYPES[spec.dtype], old.device)
 
     async def _import_kv(self, imports: Any, spec: ModelSpec) -> int:
         if not imports:
@@ -303,15 +316,20 @@ class WorkerServicer(TensorServicer):
     async def _start(self, request: worker_pb2.ConfigureRequest, spec: ModelSpec,
                      folder: Path, role: EpochRole, key: bytes) -> None:
         tensors, self._staged = self._staged, {}
+        old = self._runner.model if self._runner is not None else None
+        if (spec, folder) != (self.spec, self._folder):
+            old = None    # another checkpoint: nothing to take over
         await self._teardown()
         config = self._engine_config(request.role, spec)
-        await asyncio.to_thread(self._build, role, spec, folder, tensors, config)
+        await asyncio.to_thread(self._build, role, spec, folder, tensors, config, old)
         self.epoch, self.role, self.spec, self._key = request.epoch, role, spec, key
+        self._folder = folder
         self.role_message = request.role
         self.state = WS.WORKER_STATE_READY
 
     def _build(self, role: EpochRole, spec: ModelSpec, folder: Path,
-               tensors: dict[str, torch.Tensor], config: EngineConfig) -> None:
+               tensors: dict[str, torch.Tensor], config: EngineConfig,
+               old: StageModel | None) -> None:
         start = time.perf_counter()
         join_world(role, backend_for(self.options.device), self.options.join_timeout_s,
                    self._abort_join, connect_s=max(5.0, 2 * self.options.peer_timeout_s))
@@ -326,7 +344,7 @@ class WorkerServicer(TensorServicer):
             config = replace(config, num_blocks=size.blocks)
             runner = build_runner(folder, groups, config, dtype=spec.dtype,
                                   device=self.options.device, tensors=tensors,
-                                  shares=self.shares)
+                                  shares=self.shares, reuse=old)
         except BaseException:
             _leave(groups)   # so that the next Configure can form its world
             raise

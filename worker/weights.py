@@ -16,8 +16,9 @@ The engine's `build_runner(..., tensors=...)` turns the gathered slices into the
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,13 +116,23 @@ def _from_store(store: TensorStore, piece: _Piece, region: torch.Tensor) -> bool
 
 async def gather(spec: ModelSpec, config: ParallelConfig, position: Position,
                  sources: Sequence[worker_pb2.WeightSource], store: TensorStore,
-                 checkpoint: Path | None, puller: Puller
-                 ) -> tuple[dict[str, torch.Tensor], GatherStats]:
-    """Assemble every slice `position` needs; the tensors by name and where bytes came from."""
+                 checkpoint: Path | None, puller: Puller, *, skip: Collection[str] = (),
+                 pin: bool = False) -> tuple[dict[str, torch.Tensor], GatherStats]:
+    """Assemble every slice `position` needs but those in `skip` (which the stage takes
+    over on the device); the tensors by name, in pinned memory with `pin` (bound for a
+    GPU), and where bytes came from."""
     start, stats = time.perf_counter(), GatherStats()
     dtype = TORCH_DTYPES[spec.dtype]
-    needed = position_slices(spec, config, position)
-    dests = {s.tensor: torch.empty(s.shape(spec.tensor(s.tensor).shape), dtype=dtype)
+    needed = []
+    for want in position_slices(spec, config, position):
+        if want.tensor in skip:   # kept where it is, on the device
+            stats.bytes_kept += math.prod(want.shape(spec.tensor(want.tensor).shape)) * \
+                dtype.itemsize
+        else:
+            needed.append(want)
+    sources = [s for s in sources if s.slice.tensor not in skip]
+    dests = {s.tensor: torch.empty(s.shape(spec.tensor(s.tensor).shape), dtype=dtype,
+                                   pin_memory=pin)
              for s in needed}
     from_checkpoint: list[_Piece] = []
     pulls: list[tuple[_Piece, PullItem, torch.Tensor]] = []

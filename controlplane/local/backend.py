@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -85,6 +86,47 @@ class LocalInstance:
     state: str = "booting"           # booting | ready | notice | gone
     workers: list[WorkerProcess] = field(default_factory=list)
     deadline: float | None = None    # under notice: when it goes (Unix seconds)
+    devices: list[str] = field(default_factory=list)   # each worker's --device
+
+
+class LocalGpus:
+    """Local mode with `--device cuda`: each emulated GPU gets a real one of its own
+    (`cuda:<i>`), held while its instance lives; NCCL refuses two ranks on one GPU, and two
+    workers would split its memory. With `cpu` (or an explicit `cuda:N`) every worker gets
+    that device."""
+
+    def __init__(self, device: str, count: int | None = None) -> None:
+        self.device = device
+        self.free = list(range(visible_gpus() if count is None else count)) \
+            if device == "cuda" else []
+        self.held: dict[str, list[int]] = {}
+
+    def take(self, instance: str, gpus: int) -> list[str]:
+        if self.device != "cuda":
+            return [self.device] * gpus
+        if len(self.free) < gpus:
+            raise RuntimeError(f"{instance} needs {gpus} GPU(s) and {len(self.free)} of this "
+                               f"machine's are free: local mode runs one worker per GPU")
+        taken, self.free = self.free[:gpus], self.free[gpus:]
+        self.held[instance] = taken
+        return [f"cuda:{i}" for i in taken]
+
+    def give_back(self, instance: str) -> None:
+        self.free = sorted(self.free + self.held.pop(instance, []))
+
+
+def visible_gpus() -> int:
+    """How many CUDA GPUs a worker started from here can see: $CUDA_VISIBLE_DEVICES when
+    set, else `nvidia-smi -L`'s count (0 without one)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
 class LocalBackend(WorkerFleet):
@@ -101,6 +143,7 @@ class LocalBackend(WorkerFleet):
         self._granted = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._start = time.monotonic()
+        self.gpus = LocalGpus(options.device)
 
     # ---- bookkeeping ------------------------------------------------------------------
     def note(self, kind: str, **fields: Any) -> None:
@@ -172,7 +215,7 @@ class LocalBackend(WorkerFleet):
         await self.wire.forget(old.address)
         self.note("worker-replaced", gpu=str(gpu), reason=reason)
         try:
-            fresh = await self._spawn(gpu, instance.host)
+            fresh = await self._spawn(gpu, instance.host, instance.devices[gpu.index])
         except (OSError, RuntimeError, TimeoutError) as exc:
             self.note("worker-restart-failed", gpu=str(gpu), error=str(exc))
             return
@@ -196,21 +239,24 @@ class LocalBackend(WorkerFleet):
         await self.events.put(InstanceBooting(name, instance_type, capacity))
         await asyncio.sleep(delay)
         try:
-            workers = await asyncio.gather(*(self._spawn(GpuId(name, g), host)
-                                             for g in range(itype.gpus)))
+            instance.devices = self.gpus.take(name, itype.gpus)
+            workers = await asyncio.gather(*(self._spawn(GpuId(name, g), host, device)
+                                             for g, device in enumerate(instance.devices)))
         except (OSError, RuntimeError, TimeoutError) as exc:
             self.note("boot-failed", instance=name, error=str(exc))
             instance.state = "gone"
+            self.gpus.give_back(name)
             return
         instance.workers = list(workers)
         if instance.state == "gone":  # killed while booting
             await asyncio.gather(*(_stop(w, signal.SIGKILL) for w in instance.workers))
+            self.gpus.give_back(name)
             return
         instance.state = "ready"
         self.note("ready", instance=name)
         await self.events.put(InstanceReady(name, instance_type, capacity))
 
-    async def _spawn(self, gpu: GpuId, host: str) -> WorkerProcess:
+    async def _spawn(self, gpu: GpuId, host: str, device: str) -> WorkerProcess:
         # the worker asks the kernel to SIGKILL it when this process dies, however it dies
         # (no preexec_fn: running Python between fork and exec in a threaded parent crashes)
         env = {**os.environ, "SPOTSERVE_TOKEN": self.options.token, "PYTHONUNBUFFERED": "1",
@@ -221,7 +267,7 @@ class LocalBackend(WorkerFleet):
         with log_file.open("a") as stderr:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{host}:0",
-                "--model", str(self.options.model_dir), "--device", self.options.device,
+                "--model", str(self.options.model_dir), "--device", device,
                 *self.options.worker_args, cwd=ROOT, env=env,
                 stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True)
         assert process.stdout is not None
@@ -289,6 +335,7 @@ class LocalBackend(WorkerFleet):
             return
         instance.state = "gone"
         await asyncio.gather(*(_stop(w, sig) for w in instance.workers))
+        self.gpus.give_back(name)
         for worker in instance.workers:
             self.serving.pop(worker.gpu, None)
             await self.wire.forget(worker.address)

@@ -18,7 +18,7 @@ from spotserve.model_spec import ModelSpec
 from ..controller.controller import Controller
 from ..controller.events import LoadChanged
 from ..controller.journal import Journal
-from .backend import BackendOptions, LocalBackend
+from .backend import BackendOptions, LocalBackend, visible_gpus
 from .cloud import Script
 from .router_process import RouterProcess
 from .runner import CATALOG, RunOptions, settings_for
@@ -39,6 +39,9 @@ async def _serve(args: argparse.Namespace) -> int:
     model = ModelSpec.from_hf_config(model_dir)
     catalog = Catalog.load(CATALOG)
     catalog.instance(args.instance_type)
+    if args.device == "cuda" and visible_gpus() == 0:
+        raise SpotserveError("--device cuda: no CUDA GPU is visible here (nvidia-smi -L "
+                             "lists none, or CUDA_VISIBLE_DEVICES is empty)")
     token = secrets.token_hex(16)
     router = await RouterProcess.start(model_dir, args.out / "logs", token, args.grpc,
                                        args.http, max_queue=args.max_queue,

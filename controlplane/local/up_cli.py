@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="emulated instances to start (1)")
     parser.add_argument("--instance-type", default="cpu-1x",
                         help="cpu-1x, cpu-2x or cpu-4x: worker processes per instance")
-    parser.add_argument("--device", default="cpu", help="worker device: cpu or cuda (cpu)")
+    parser.add_argument("--device", default="cpu",
+                        help="worker device: cpu, or cuda: each emulated GPU a GPU of this "
+                        "machine of its own (cuda:0, cuda:1, ...; instances that find none "
+                        "free fail to boot) (cpu)")
     parser.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT",
                         help="OpenAI-compatible HTTP address (127.0.0.1:8000)")
     parser.add_argument("--grpc", default="127.0.0.1:50051", metavar="HOST:PORT",

@@ -12,7 +12,7 @@ from spotserve.layout import ParallelConfig, Position
 from spotserve.worker.engine.kv_cache import KVCache
 from spotserve.worker.model.attention import AttentionBatch, SequenceChunk
 from spotserve.worker.model.decoder import StageModel
-from spotserve.worker.model.loader import load_stage
+from spotserve.worker.model.loader import load_into, load_stage
 from tests.engine.tiny_models import FAMILIES, build_hf_model
 
 BLOCK = 4
@@ -89,8 +89,53 @@ def test_runner_from_pulled_tensors_equals_checkpoint(tmp_path: Path) -> None:
     step = [([3, 1, 4, 1, 5, 9, 2, 6], 8, [0, 1])]
     torch.testing.assert_close(_forward(from_peers.model, from_peers.cache, step),
                                _forward(from_disk.model, from_disk.cache, step))
+    # what no peer sent is read from the checkpoint
+    partial = {k: v for k, v in pulled.items() if "layers.2." not in k}
+    fallback = build_runner(tmp_path, groups, config, tensors=partial)
+    torch.testing.assert_close(_forward(fallback.model, fallback.cache, step),
+                               _forward(from_disk.model, from_disk.cache, step))
     with pytest.raises(ValueError, match="missing"):
-        build_runner(tmp_path, groups, config, tensors={})
+        load_into(StageModel(from_disk.model.spec, groups.config, Position(0, 0, 0)), partial)
+
+
+@pytest.mark.parametrize("tensors", ["checkpoint", "pulled"])
+def test_a_new_stage_takes_over_the_layers_it_keeps(tmp_path: Path, tensors: str) -> None:
+    """P=2 -> P=1: the GPU of the old last stage keeps layers 2-3, the final norm and the
+    LM head where they are (same storage, nothing read or copied), loads layers 0-1 and
+    the embedding, and computes what a fresh load computes."""
+    from spotserve.worker.model.loader import read_slices
+    build_hf_model("llama", seed=2).save_pretrained(tmp_path, max_shard_size="40KB")
+    old = load_stage(tmp_path, ParallelConfig.uniform(4, 1, 2, 1), Position(0, 1, 0))
+    held = {name: p.data_ptr() for name, p in old.named_parameters()}
+    one = ParallelConfig.uniform(4, 1, 1, 1)
+    if tensors == "checkpoint":
+        new = load_stage(tmp_path, one, Position(0, 0, 0), reuse=old)
+    else:   # as after a gather: every slice but the kept ones arrived from peers
+        fresh = StageModel(old.spec, one, Position(0, 0, 0))
+        pulled = read_slices(tmp_path, fresh.slices, torch.float32)
+        new = StageModel(old.spec, one, Position(0, 0, 0), reuse=old)
+        load_into(new, {k: v for k, v in pulled.items() if k not in new.reused})
+    taken = {n for n, p in new.named_parameters() if held.get(n) == p.data_ptr()}
+    assert taken == set(held) == new.reused
+    # the old stage let go of all it did not hand over (freed before the new one allocated)
+    assert {id(p) for p in old.parameters()} <= {id(p) for p in new.parameters()}
+    reference = load_stage(tmp_path, one, Position(0, 0, 0))
+    step = [([3, 1, 4, 1, 5, 9, 2, 6], 8, [0, 1]), ([7], 1, [2])]
+    cache = KVCache.for_stage(reference, num_blocks=8, block_size=BLOCK)
+    expected = _forward(reference, cache, step)
+    cache = KVCache.for_stage(new, num_blocks=8, block_size=BLOCK)
+    torch.testing.assert_close(_forward(new, cache, step), expected)
+
+
+def test_a_layer_with_a_new_slice_is_not_taken_over(tmp_path: Path) -> None:
+    """TP 1 -> TP 2: every projection's slice changes, and a layer goes whole or not at
+    all (its projections share one buffer); the vocabulary-split embedding and head change
+    too. Only the replicated final norm stays."""
+    build_hf_model("llama", seed=2).save_pretrained(tmp_path, max_shard_size="40KB")
+    old = load_stage(tmp_path, ParallelConfig.uniform(4, 1, 1, 1), Position(0, 0, 0))
+    new = StageModel(old.spec, ParallelConfig.uniform(4, 1, 1, 2), Position(0, 0, 1),
+                     reuse=old)
+    assert new.reused == {"model.norm.weight"}
 
 
 

@@ -129,3 +129,18 @@ def test_a_dead_worker_is_started_again_and_sigterm_stops_the_group(tmp_path: Pa
             process.kill()
     text = (tmp_path / "group.log").read_text()
     assert "worker exited: starting it again" in text and "stopping every worker" in text
+
+
+@pytest.mark.parametrize(("bf16", "requested", "served"), [
+    (False, "", "float16"),          # a T4 or V100, the checkpoint's bf16: fp16
+    (True, "", "bfloat16"),          # an A100 or newer: the checkpoint's
+    (False, "bfloat16", "bfloat16"),  # asked for by name: what was asked
+])
+def test_a_bf16_checkpoint_is_served_in_fp16_where_the_gpu_lacks_bf16(
+        tmp_path: Path, bf16: bool, requested: str, served: str) -> None:
+    from spotserve.operator.local.tiny_model import build_tiny_llama
+    from spotserve.worker.server import WorkerOptions, WorkerServicer
+    build_tiny_llama(tmp_path / "m", torch_dtype="bfloat16")
+    servicer = WorkerServicer(WorkerOptions(checkpoint=tmp_path / "m", bf16=bf16))
+    spec, _ = servicer._spec_for(worker_pb2.ModelRef(dtype=requested))
+    assert spec.dtype == served

@@ -14,6 +14,7 @@ pulled from peers: name → this position's slice, as `position_slices` lists th
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,26 +25,33 @@ from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.kv_cache import KVCache
 from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
-from spotserve.worker.model.decoder import StageModel
-from spotserve.worker.model.loader import load_into, load_stage
+from spotserve.worker.model.decoder import TORCH_DTYPES, StageModel
+from spotserve.worker.model.loader import iter_slices, load_into, load_stage
 from spotserve.worker.model.parallel import EpochGroups
 
 
 def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, *,
                  dtype: str | None = None, device: torch.device | str = "cpu",
                  tensors: dict[str, torch.Tensor] | None = None,
-                 shares: KVShares | None = None) -> StageRunner:
-    """Load this rank's slice (from the checkpoint, or from `tensors`) and allocate its KV
-    cache; `shares` is the worker's store of paused requests' KV (kept across epochs)."""
+                 shares: KVShares | None = None, reuse: StageModel | None = None
+                 ) -> StageRunner:
+    """Load this rank's slice and allocate its KV cache. Weights are taken over from
+    `reuse` (this worker's previous stage of the same checkpoint) where it holds them
+    unchanged, else taken from `tensors` (gathered from memory and peers), else read from
+    the checkpoint. `shares` is the worker's store of paused requests' KV (kept across
+    epochs)."""
     assert groups.position is not None, "this process has no position in the epoch"
     if tensors is None:
         model = load_stage(folder, groups.config, groups.position, dtype=dtype, tp=groups.tp,
-                           device=device)
+                           device=device, reuse=reuse)
     else:
         from spotserve.model_spec import ModelSpec
         spec = ModelSpec.from_hf_config(Path(folder), dtype=dtype)
-        model = StageModel(spec, groups.config, groups.position, groups.tp, device)
-        load_into(model, tensors)
+        model = StageModel(spec, groups.config, groups.position, groups.tp, device, reuse)
+        absent = tuple(s for s in model.slices
+                       if s.tensor not in tensors and s.tensor not in model.reused)
+        load_into(model, itertools.chain(tensors.items(), iter_slices(
+            Path(folder), absent, TORCH_DTYPES[spec.dtype], pin=model.device.type == "cuda")))
     cache = KVCache.for_stage(model, config.num_blocks, config.block_size)
     return StageRunner(model, cache, groups, shares)
 

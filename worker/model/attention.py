@@ -65,7 +65,7 @@ class DecodeLayout:
     owner: list[int]         # [rows] sequence whose query scores each row (unused: 0)
     index: list[int]         # [rows] the row's place j in its owner's table (unused: 0)
     table_rows: list[int]    # [seqs * max_blocks] row behind each slot (padding: 0)
-    slots: list[int]         # the slots that hold a block
+    in_use: list[int]        # [seqs * max_blocks] 1 where a slot holds a block
 
     @classmethod
     def of(cls, tables: list[list[int]]) -> DecodeLayout:
@@ -83,16 +83,35 @@ class DecodeLayout:
             span, rows = None, list(range(len(flat)))
         row_slots = [0] * (stop - first if span else len(flat))
         table_rows = [0] * (len(tables) * max_blocks)
+        in_use = [0] * (len(tables) * max_blocks)
         for row, slot in zip(rows, slots, strict=True):
-            row_slots[row], table_rows[slot] = slot, row
+            row_slots[row], table_rows[slot], in_use[slot] = slot, row, 1
         return cls(len(tables), max_blocks, span, [] if span else flat,
                    [s // max_blocks for s in row_slots], [s % max_blocks for s in row_slots],
-                   table_rows, slots)
+                   table_rows, in_use)
+
+    @classmethod
+    def padded(cls, tables: list[list[int]], seqs: int, max_blocks: int, scratch: int
+               ) -> DecodeLayout:
+        """A fixed-shape layout (CUDA graphs): `seqs` sequences of `max_blocks` blocks,
+        gathered, whatever the tables; the slots past a table, and the sequences past the
+        tables, point at the `scratch` block."""
+        blocks = [scratch] * (seqs * max_blocks)
+        in_use = [0] * (seqs * max_blocks)
+        for s, table in enumerate(tables):
+            if len(table) > max_blocks:
+                raise SpotserveError(f"{len(table)} blocks do not fit a {max_blocks}-block "
+                                     "layout")
+            for j, block in enumerate(table):
+                blocks[s * max_blocks + j], in_use[s * max_blocks + j] = block, 1
+        rows = list(range(seqs * max_blocks))
+        return cls(seqs, max_blocks, None, blocks, [r // max_blocks for r in rows],
+                   [r % max_blocks for r in rows], rows, in_use)
 
     def parts(self) -> dict[str, list[int]]:
         return {"decode_blocks": self.blocks, "decode_owner": self.owner,
                 "decode_index": self.index, "decode_table_rows": self.table_rows,
-                "decode_slots": self.slots}
+                "decode_in_use": self.in_use}
 
     def on_device(self, up: dict[str, torch.Tensor], block_size: int, window: int | None
                   ) -> DecodeBlocks:
@@ -100,8 +119,7 @@ class DecodeLayout:
         last position)."""
         seqs, max_blocks = self.num_seqs, self.max_blocks
         device = up["decode_owner"].device
-        in_use = torch.zeros(seqs * max_blocks, device=device)
-        in_use.index_fill_(0, up["decode_slots"], 1.0)
+        in_use = up["decode_in_use"].float()
         keys = torch.arange(max_blocks * block_size, device=device)[None, :]
         limits = up["decode_limits"][:, None]
         hidden = keys > limits

@@ -6,10 +6,17 @@ position, so a checkpoint slice loads into them by name. The first stage embeds 
 the last applies the final norm and, on request, the LM head. With a vocabulary split the
 embedding lookup is a masked local lookup plus an all-reduce, and the logits a local matmul
 plus an all-gather.
+
+A new configuration's stage can take over what the previous stage of the same model holds
+on the device: a whole layer whose every slice is unchanged (same layer, same TP degree and
+rank), and the embedding, final norm and LM head when their slices are unchanged. Those are
+neither copied nor re-read: a GPU that keeps its layers through a re-partition builds its
+new stage from what it has, at no transfer and no second copy.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from spotserve.errors import SpotserveError
-from spotserve.layout import ParallelConfig, Position, kv_heads, position_slices, shard_units
+from spotserve.layout import (
+    ParallelConfig,
+    Position,
+    TensorSlice,
+    kv_heads,
+    position_slices,
+    shard_units,
+)
 from spotserve.model_spec import ModelSpec
 from spotserve.worker.model.attention import AttentionBatch
 from spotserve.worker.model.layers import DecoderLayer, RMSNorm, Shapes, _param
@@ -35,14 +49,29 @@ class _Body(nn.Module):
     """The `model.` prefix of the HF names."""
 
     def __init__(self, model: ModelSpec, shapes: Shapes, layers: range, tp: TensorParallel,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, old: _Body | None = None,
+                 keep: set[str] | frozenset[str] = frozenset()) -> None:
         super().__init__()
         embed = shapes.get("model.embed_tokens.weight")
-        self.embed_tokens = None if embed is None else _Embedding(embed, dtype, device)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(model, i, shapes, tp, dtype, device)
-                                     for i in layers})
-        norm = "model.norm.weight" in shapes
-        self.norm = RMSNorm(model.hidden_size, model.rms_norm_eps, dtype, device) if norm else None
+        self.embed_tokens: _Embedding | None = None
+        if old is not None and "model.embed_tokens.weight" in keep:
+            self.embed_tokens = old.embed_tokens
+        elif embed is not None:
+            self.embed_tokens = _Embedding(embed, dtype, device)
+        self.layers = nn.ModuleDict()
+        for i in layers:
+            if old is not None and f"model.layers.{i}.input_layernorm.weight" in keep:
+                layer = old.layers[str(i)]
+                assert isinstance(layer, DecoderLayer)
+                layer.use_tp(tp)
+            else:
+                layer = DecoderLayer(model, i, shapes, tp, dtype, device)
+            self.layers[str(i)] = layer
+        self.norm: RMSNorm | None = None
+        if old is not None and "model.norm.weight" in keep:
+            self.norm = old.norm
+        elif "model.norm.weight" in shapes:
+            self.norm = RMSNorm(model.hidden_size, model.rms_norm_eps, dtype, device)
 
 
 class _Embedding(nn.Module):
@@ -55,7 +84,11 @@ class StageModel(nn.Module):
     """Layers [start, end) of one pipeline stage, TP slice `tp.rank` of `tp.size`."""
 
     def __init__(self, model: ModelSpec, config: ParallelConfig, position: Position,
-                 tp: TensorParallel | None = None, device: torch.device | str = "cpu") -> None:
+                 tp: TensorParallel | None = None, device: torch.device | str = "cpu",
+                 reuse: StageModel | None = None) -> None:
+        """`reuse`: the previous stage of this worker, of the same checkpoint; it hands over
+        what `reusable` allows and gives up the rest (freed before anything new is
+        allocated, so the device never holds two stages)."""
         super().__init__()
         stage = config.stage_of(position)
         self.spec, self.position = model, position
@@ -66,15 +99,39 @@ class StageModel(nn.Module):
         self.device, self.dtype = torch.device(device), TORCH_DTYPES[model.dtype]
         self.slices = position_slices(model, config, position)
         shapes = {s.tensor: s.shape(model.tensor(s.tensor).shape) for s in self.slices}
-        self.model = _Body(model, shapes, self.layer_range, self.tp, self.dtype, self.device)
-        head = None
-        if self.is_last and not model.tie_word_embeddings:
-            head = _param(shapes["lm_head.weight"], self.dtype, self.device)
-        self.lm_head = None if head is None else _Head(head)
+        self.reused: set[str] = set()
+        old = None
+        if reuse is not None:
+            self.reused = reusable(reuse, self.slices, self.dtype, self.device)
+            old = reuse.give_up(self.reused)
+        self.model = _Body(model, shapes, self.layer_range, self.tp, self.dtype, self.device,
+                           old, self.reused)
+        self.lm_head: _Head | None = None
+        if reuse is not None and "lm_head.weight" in self.reused:
+            self.lm_head = reuse.lm_head
+        elif self.is_last and not model.tie_word_embeddings:
+            self.lm_head = _Head(_param(shapes["lm_head.weight"], self.dtype, self.device))
+        if reuse is not None:
+            reuse.lm_head = None
         vocab = [shard_units(model.vocab_size, stage.tp, r) for r in range(stage.tp)]
         self.vocab_ranges = vocab
         self.rotary = RotaryEmbedding(model, self.device)
         self.sliding_window = sliding_window(model)
+
+    def give_up(self, keep: set[str]) -> _Body:
+        """Drop every module holding a tensor not in `keep` (so its memory is freed now);
+        the body, with what is left, for the next stage to take from."""
+        body = self.model
+        for name in list(body.layers):
+            if f"model.layers.{name}.input_layernorm.weight" not in keep:
+                del body.layers[name]
+        if "model.embed_tokens.weight" not in keep:
+            body.embed_tokens = None
+        if "model.norm.weight" not in keep:
+            body.norm = None
+        if "lm_head.weight" not in keep:
+            self.lm_head = None
+        return body
 
     # ---- forward ----------------------------------------------------------------------
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -117,6 +174,29 @@ class StageModel(nn.Module):
     def kv_head_range(self) -> tuple[int, int]:
         """The KV heads [start, stop) this rank caches."""
         return kv_heads(self.spec, self.stage_tp, self.position.tp_rank)
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def reusable(old: StageModel, slices: Sequence[TensorSlice], dtype: torch.dtype,
+             device: torch.device) -> set[str]:
+    """The tensors among `slices` a new stage takes from `old` as they are: same slice,
+    dtype and device; a layer only whole (its projections share buffers). The caller
+    vouches that both are the same checkpoint."""
+    if old.dtype != dtype or old.device != device:
+        return set()
+    held = {s.tensor: s for s in old.slices}
+    same = {s.tensor for s in slices if held.get(s.tensor) == s}
+    by_layer: dict[str, set[str]] = {}
+    for s in slices:
+        match = _LAYER.match(s.tensor)
+        if match:
+            by_layer.setdefault(match.group(1), set()).add(s.tensor)
+    for names in by_layer.values():
+        if not names <= same:
+            same -= names
+    return same
 
 
 def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

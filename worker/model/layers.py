@@ -162,6 +162,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, eps, dtype, device)
         self.mlp = MLP(f"{prefix}.mlp", shapes, tp, dtype, device)
 
+    def use_tp(self, tp: TensorParallel) -> None:
+        """Reduce over `tp` from now on (the layer kept into a new epoch's groups)."""
+        self.self_attn.tp = self.mlp.tp = tp
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
                 ) -> torch.Tensor:

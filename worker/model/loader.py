@@ -3,13 +3,16 @@
 The folder holds `config.json` and either `model.safetensors` or shards listed by
 `model.safetensors.index.json`. Only the slices `position_slices` assigns to the position
 are read, through safetensors' lazy slicing, so a GPU never materialises tensors (or
-parts of tensors) it does not hold.
+parts of tensors) it does not hold. A slice is read into host memory (pinned, for a GPU)
+and copied into its parameter before the next is read: the device holds one copy of the
+weights, the host one tensor at a time.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -44,13 +47,18 @@ def weight_files(folder: Path) -> dict[str, Path]:
 def read_slices(folder: Path, slices: tuple[TensorSlice, ...], dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Read each slice (and nothing more) from the checkpoint, cast to `dtype`."""
+    return {name: tensor.to(device) for name, tensor in iter_slices(folder, slices, dtype)}
+
+
+def iter_slices(folder: Path, slices: tuple[TensorSlice, ...], dtype: torch.dtype,
+                pin: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each slice as a host tensor of `dtype` (pinned with `pin`), one at a time."""
     files = weight_files(folder)
     by_file: dict[Path, list[TensorSlice]] = defaultdict(list)
     for piece in slices:
         if piece.tensor not in files:
             raise SpotserveError(f"{folder}: checkpoint has no tensor {piece.tensor!r}")
         by_file[files[piece.tensor]].append(piece)
-    out: dict[str, torch.Tensor] = {}
     for file, pieces in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for piece in pieces:
@@ -61,37 +69,47 @@ def read_slices(folder: Path, slices: tuple[TensorSlice, ...], dtype: torch.dtyp
                     index = [slice(None)] * len(lazy.get_shape())
                     index[piece.dim] = slice(piece.start, piece.stop)
                     tensor = lazy[tuple(index)]
-                out[piece.tensor] = tensor.to(device=device, dtype=dtype)
-    return out
+                tensor = tensor.to(dtype)
+                yield piece.tensor, tensor.pin_memory() if pin else tensor
 
 
 def load_stage(folder: str | Path, config: ParallelConfig, position: Position, *,
                dtype: str | None = None, tp: TensorParallel | None = None,
-               device: torch.device | str = "cpu") -> StageModel:
-    """Build the stage model for `position` and fill it from the checkpoint."""
+               device: torch.device | str = "cpu", reuse: StageModel | None = None
+               ) -> StageModel:
+    """Build the stage model for `position` and fill it from the checkpoint (but for what
+    it takes over from `reuse`, the previous stage of this checkpoint)."""
     folder = Path(folder)
     spec = ModelSpec.from_hf_config(folder, dtype=dtype)
     if not spec.is_llama_family:
         raise SpotserveError(f"{folder}: family {spec.family!r} cannot be served by the engine")
     config.validate(spec)
-    model = StageModel(spec, config, position, tp, device)
-    tensors = read_slices(folder, model.slices, TORCH_DTYPES[spec.dtype], device)
-    load_into(model, tensors)
+    model = StageModel(spec, config, position, tp, device, reuse)
+    wanted = tuple(s for s in model.slices if s.tensor not in model.reused)
+    load_into(model, iter_slices(folder, wanted, TORCH_DTYPES[spec.dtype],
+                                 pin=model.device.type == "cuda"))
     return model.eval()
 
 
-def load_into(model: StageModel, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy named tensors into the model's parameters; every parameter must be given.
+def load_into(model: StageModel,
+              tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy named tensors into the model's parameters; every parameter it has not taken
+    over from a previous stage must be given (one given for a taken-over one is ignored).
     Copied, never swapped in: fused projections' parameters are views of one buffer."""
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise SpotserveError(f"weights do not match the stage: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    given: set[str] = set()
     with torch.no_grad():
-        for name, tensor in tensors.items():
+        for name, tensor in items:
+            if name in model.reused:
+                continue
+            if name not in params:
+                raise SpotserveError(f"weights do not match the stage: unexpected {name!r}")
             if params[name].shape != tensor.shape:
                 raise SpotserveError(f"{name}: checkpoint slice {tuple(tensor.shape)} does not "
                                      f"fit {tuple(params[name].shape)}")
             params[name].copy_(tensor, non_blocking=tensor.is_pinned())
+            given.add(name)
+    missing = sorted(set(params) - given - model.reused)
+    if missing:
+        raise SpotserveError(f"weights do not match the stage: missing {missing[:3]}")
