@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV-cache budget in GiB per worker with --kv-blocks auto, on any "
                         "device (default: from --gpu-memory-utilization on a GPU)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per block (16)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs captured per bucketed "
+                        "batch and context size (one launch per step instead of hundreds; "
+                        "stages without tensor parallelism; off until measured on your GPU: "
+                        "see docs/gpu.md)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="batch limit (32)")
     parser.add_argument("--max-batched-tokens", type=int, default=2048,
                         help="token budget per step (2048)")
@@ -129,7 +134,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     from spotserve.worker.engine.engine import EngineConfig
     from spotserve.worker.engine.scheduler import SchedulerConfig
     return EngineConfig(args.kv_blocks or CPU_DEFAULT_BLOCKS, args.block_size, SchedulerConfig(
-        args.max_num_seqs, args.max_batched_tokens, args.max_model_len))
+        args.max_num_seqs, args.max_batched_tokens, args.max_model_len),
+        cuda_graphs=args.cuda_graphs)
 
 
 def run(args: argparse.Namespace) -> int:

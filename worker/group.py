@@ -60,6 +60,9 @@ def worker_argv(parser: argparse.ArgumentParser, args: argparse.Namespace,
         value = getattr(args, dest, None)
         if value is None or value == action.default:
             continue
+        if action.nargs == 0:   # a switch (store_true)
+            out.append(action.option_strings[-1])
+            continue
         out.append(f"{action.option_strings[-1]}={value}")
     out.append(f"--listen={_shift(args.listen, index, '--listen')}")
     if args.advertise:

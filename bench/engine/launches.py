@@ -93,10 +93,12 @@ def _computes(func: Any, inputs: list[torch.Tensor], out: Any) -> bool:
     return bool(outs) and not all(t.untyped_storage().data_ptr() in held for t in outs)
 
 
-def decode_engine(folder: Path, batch: int, in_len: int, dtype: str, device: str) -> Any:
+def decode_engine(folder: Path, batch: int, in_len: int, dtype: str, device: str,
+                  cuda_graphs: bool = False) -> Any:
     """An engine with `batch` requests, each past its prompt and decoding."""
     from spotserve.worker.engine.sequence import SamplingParams
-    runner = engine_bench.EngineRunner(folder, dtype, device, batch, in_len, 64)
+    extra = {"cuda_graphs": True} if cuda_graphs else {}   # (an older tree lacks the flag)
+    runner = engine_bench.EngineRunner(folder, dtype, device, batch, in_len, 64, **extra)
     engine = runner.engine
     generator = torch.Generator().manual_seed(0)
     vocab = engine_bench.MODEL["vocab_size"]
@@ -148,6 +150,8 @@ def main() -> int:
     p.add_argument("--batches", default="1,16")
     p.add_argument("--in-len", type=int, default=32)
     p.add_argument("--label", default="", help="a name for this tree in the output")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also count the decode step replayed from a CUDA graph")
     p.add_argument("--out", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -157,12 +161,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         engine_bench.save_model(Path(tmp))
         for batch in [int(b) for b in args.batches.split(",")]:
-            engine = decode_engine(Path(tmp), batch, args.in_len, dtype, args.device)
-            row = {"label": args.label, "device": args.device, "shape": args.shape,
-                   "layers": args.layers, "dtype": dtype, "batch": batch,
-                   **count_step(engine, args.device)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for graphs in [False, True] if args.cuda_graphs else [False]:
+                engine = decode_engine(Path(tmp), batch, args.in_len, dtype, args.device,
+                                       graphs)
+                row = {"label": args.label + ("+graphs" if graphs else ""),
+                       "device": args.device, "shape": args.shape, "layers": args.layers,
+                       "dtype": dtype, "batch": batch, **count_step(engine, args.device)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del engine
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -12,6 +12,7 @@ HBM bandwidth of the GPU in the catalog). `--threads 1` gives the figures in ben
     python bench/engine/run.py --full                  # batch 1/8/32, 128/128, fp32 and bf16
     python bench/engine/run.py --device cuda --dtypes bfloat16,float16 --batches 1,8,32
     python bench/engine/run.py --device cuda --shape llama-8b --layers 8 --dtypes bfloat16
+    python bench/engine/run.py --device cuda --cuda-graphs ...  # + replayed decode steps
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), default="small",
                    help="small (~110M, the default) or llama-8b (Llama-3.1-8B's shapes)")
     p.add_argument("--layers", type=int, help="layers of the shape (default: all of them)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also our engine with decode steps replayed from CUDA graphs, in the "
+                   "same run (columns graphs_*)")
     args = p.parse_args()
     if args.layers is not None and args.layers < 1:
         p.error("--layers must be at least 1")
@@ -112,7 +116,7 @@ class EngineRunner:
     """Our engine: the batch is submitted at once; prefill, then decode to the end."""
 
     def __init__(self, folder: Path, dtype: str, device: str, batch: int, in_len: int,
-                 out_len: int) -> None:
+                 out_len: int, cuda_graphs: bool = False) -> None:
         from spotserve.worker.engine.builder import local_engine
         from spotserve.worker.engine.engine import EngineConfig
         from spotserve.worker.engine.scheduler import SchedulerConfig
@@ -121,7 +125,8 @@ class EngineRunner:
         config = EngineConfig(num_blocks=per_seq * batch + 1, block_size=block,
                               scheduler=SchedulerConfig(max_num_seqs=batch,
                                                         max_batched_tokens=max(2048, in_len),
-                                                        max_model_len=2048))
+                                                        max_model_len=2048),
+                              cuda_graphs=cuda_graphs)
         self.engine = local_engine(folder, config, dtype=dtype, device=device)
         self.device, self.runs = device, 0
 
@@ -210,6 +215,9 @@ def main() -> int:
                 runners = {"hf": HFRunner(folder, dtype, args.device),
                            "ours": EngineRunner(folder, dtype, args.device, batch,
                                                 args.in_len, args.out_len)}
+                if args.cuda_graphs:
+                    runners["graphs"] = EngineRunner(folder, dtype, args.device, batch,
+                                                     args.in_len, args.out_len, True)
                 best = best_of(runners, prompts, args.out_len, args.repeats)
                 (hf_s, hf_tokens, _), (ours_s, ours_tokens, step) = best["hf"], best["ours"]
                 del runners
@@ -219,6 +227,14 @@ def main() -> int:
                        "hf_tok_s": generated / hf_s, "ours_tok_s": generated / ours_s,
                        "ratio": hf_s / ours_s, "decode_step_ms": 1e3 * step,
                        "identical_sequences": f"{same}/{batch}"}
+                if "graphs" in best:
+                    graphs_s, graphs_tokens, graphs_step = best["graphs"]
+                    row.update({"graphs_tok_s": generated / graphs_s,
+                                "graphs_ratio": hf_s / graphs_s,
+                                "graphs_decode_step_ms": 1e3 * graphs_step,
+                                "graphs_same_as_ours": f"""{sum(
+                                    a == b for a, b in zip(graphs_tokens, ours_tokens,
+                                                           strict=True))}/{batch}"""})
                 if args.device.startswith("cuda"):
                     row.update(bandwidth_bound(dtype, args.device, hbm))
                     if "bound_ms" in row:
@@ -239,6 +255,10 @@ def print_row(row: dict[str, Any], header: bool) -> None:
             f"{row['decode_step_ms']:>8.2f} {row['identical_sequences']:>6}")
     if "bound_ms" in row:
         line += f"  {row['bound_ms']:>8.3f}  ({row['fraction_of_bound']:.1%} of the bound)"
+    if "graphs_ratio" in row:
+        line += (f"\n{'':<9} {'':>5} {'graphs':>8} {'':>10} {row['graphs_tok_s']:>11.1f} "
+                 f"{row['graphs_ratio']:>7.2f}x {row['graphs_decode_step_ms']:>8.2f} "
+                 f"{row['graphs_same_as_ours']:>6} (same as ours)")
     print(line, flush=True)
 
 

@@ -186,6 +186,20 @@ def test_a_request_adopted_into_a_full_cache_re_prefills_with_the_same_tokens(
     assert out == roomy
 
 
+def test_fixed_shape_decode_steps_run_and_agree(checkpoint: Path) -> None:
+    """With `cuda_graphs` every decode step runs the fixed-shape path (captured on a GPU,
+    run as is here); prefills and mixed steps stay eager; tokens are the same."""
+    params = dict.fromkeys(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))
+    config = EngineConfig(num_blocks=64, block_size=4, cuda_graphs=True,
+                          scheduler=SchedulerConfig(max_batched_tokens=16))
+    engine = local_engine(checkpoint, config)
+    graphs = engine.runner.graphs
+    assert graphs is not None and engine.runner.cache.num_blocks == 65   # + the scratch
+    assert _generate(engine, params) == _generate(_engine(checkpoint), params)
+    assert graphs.steps >= 8   # ten tokens each, the first from a prefill
+    assert all(n & (n - 1) == 0 for key in graphs.graphs for n in key)   # powers of two
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_cuda_half_precision_tracks_cpu_fp32(checkpoint: Path, dtype: str) -> None:

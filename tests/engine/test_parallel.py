@@ -8,6 +8,7 @@ every greedy choice wins by far more than fp32 reduction noise (~1e-6 here).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from spotserve.layout import ParallelConfig, PipelineLayout, Position, StageLayout
 from spotserve.worker.engine.sequence import SamplingParams
 from tests.engine.tiny_models import save_tiny
-from tests.engine.world import Phase, merged, run_local, run_world
+from tests.engine.world import ENGINE, Phase, merged, run_local, run_world
 
 GREEDY = SamplingParams(max_tokens=14, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_k=40, top_p=0.9, seed=7,
@@ -122,3 +123,16 @@ def test_local_drain_and_resume_by_kv_and_by_reprefill(checkpoint: Path,
                         export_kv=export_kv),
                   Phase(_uniform(1, 1), resume=True)]
         assert merged(run_local(checkpoint, phases)) == reference
+
+
+def test_fixed_shape_decode_steps_give_the_same_tokens(checkpoint: Path,
+                                                       reference: dict[str, list[int]]) -> None:
+    """The CUDA-graph decode step's arithmetic (batch padded to a power of two, blocks
+    gathered up to one, padding written to a scratch block), run on the CPU without
+    capture: the same tokens, in one process and as two pipeline stages, through mixed
+    steps (the long prompt arrives while others decode) and seeded sampling."""
+    graphs = replace(ENGINE, cuda_graphs=True)
+    assert run_local(checkpoint, [Phase(_uniform(1, 1), ARRIVALS, engine=graphs)])[0] \
+        == reference
+    assert run_world(2, checkpoint, [Phase(_uniform(2, 1), ARRIVALS, engine=graphs)])[0] \
+        == reference

@@ -36,7 +36,7 @@ def parse(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 def test_each_worker_gets_its_gpus_ports_and_every_other_flag() -> None:
     parser, args = parse("--gpus=3", "--listen=0.0.0.0:50051", "--advertise=10.0.0.5:50051",
                          "--model=/models", "--grace=7", "--metrics=0.0.0.0:9000",
-                         "--max-model-len=480", "--dtype=float32")
+                         "--max-model-len=480", "--dtype=float32", "--cuda-graphs")
     third = group.worker_argv(parser, args, 2)
     _, child = parse(*third)
     assert child.gpus == 1  # a worker of the group serves one GPU
@@ -44,6 +44,7 @@ def test_each_worker_gets_its_gpus_ports_and_every_other_flag() -> None:
         "0.0.0.0:50053", "10.0.0.5:50053", "0.0.0.0:9002")
     assert (child.model, child.grace, child.max_model_len, child.dtype) == (
         "/models", 7.0, 480, "float32")
+    assert child.cuda_graphs   # a switch passes as a switch
     assert child.kv_blocks is None and child.bulk_port == 0  # defaults stay defaults
 
 

@@ -22,6 +22,7 @@ import torch
 
 from spotserve.layout import ParallelConfig, Position
 from spotserve.worker.engine.engine import Engine, EngineConfig
+from spotserve.worker.engine.graphs import DecodeGraphs
 from spotserve.worker.engine.kv_cache import KVCache
 from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
@@ -52,8 +53,16 @@ def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, 
                        if s.tensor not in tensors and s.tensor not in model.reused)
         load_into(model, itertools.chain(tensors.items(), iter_slices(
             Path(folder), absent, TORCH_DTYPES[spec.dtype], pin=model.device.type == "cuda")))
-    cache = KVCache.for_stage(model, config.num_blocks, config.block_size)
-    return StageRunner(model, cache, groups, shares)
+    if not (config.cuda_graphs and DecodeGraphs.usable(model)):
+        cache = KVCache.for_stage(model, config.num_blocks, config.block_size)
+        return StageRunner(model, cache, groups, shares)
+    # one block more than the engine hands out: where the graphs' padding writes
+    cache = KVCache.for_stage(model, config.num_blocks + 1, config.block_size)
+    limits = config.scheduler
+    graphs = DecodeGraphs(model, cache, config.num_blocks, limits.max_num_seqs,
+                          -(-min(limits.max_model_len, model.spec.max_position)
+                            // config.block_size))
+    return StageRunner(model, cache, groups, shares, graphs)
 
 
 @dataclass

@@ -48,6 +48,7 @@ class EngineConfig:
     num_blocks: int = 512
     block_size: int = 16
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cuda_graphs: bool = False    # replay decode steps from CUDA graphs (`engine.graphs`)
 
 
 class Engine:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from spotserve.worker.engine.graphs import DecodeGraphs
 from spotserve.worker.engine.kv_cache import KVCache
 from spotserve.worker.engine.kv_shares import KVPiece, KVShares
 from spotserve.worker.engine.plan import StepPlan
@@ -35,9 +36,10 @@ __all__ = ["KVPiece", "StageRunner"]
 
 class StageRunner:
     def __init__(self, model: StageModel, cache: KVCache, groups: EpochGroups,
-                 shares: KVShares | None = None) -> None:
+                 shares: KVShares | None = None, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.cache, self.groups = model, cache, groups
         self.shares = shares if shares is not None else KVShares()
+        self.graphs = graphs
 
     # ---- driver side ----------------------------------------------------------------
     def step(self, plan: StepPlan) -> dict[str, int]:
@@ -102,37 +104,44 @@ class StageRunner:
         model, groups = self.model, self.groups
         chunks = [SequenceChunk(len(c.token_ids), c.context_len, c.block_table)
                   for c in plan.chunks]
-        rows = _sample_rows(plan) if model.is_last else None
-        batch = AttentionBatch.build(
-            chunks, self.cache.block_size, model.device, model.sliding_window,
-            token_ids=[t for c in plan.chunks for t in c.token_ids] if model.is_first else None,
-            sample_rows=rows)
-        if model.is_first:
-            assert batch.token_ids is not None
-            inputs = batch.token_ids
-        else:
-            inputs = groups.recv_forward((plan.num_tokens, model.spec.hidden_size),
-                                         model.dtype, model.device)
-        hidden = model(inputs, batch, self.cache.layers)
+        ids = [t for c in plan.chunks for t in c.token_ids] if model.is_first else None
+        received = None
+        if not model.is_first:
+            received = groups.recv_forward((plan.num_tokens, model.spec.hidden_size),
+                                           model.dtype, model.device)
+        out = None if self.graphs is None else self.graphs.run(chunks, ids, received)
         tokens: dict[str, int] | None = None
-        if not model.is_last:
-            groups.send_forward(hidden)
+        if out is not None:   # replayed: hidden states, or the last stage's logits
+            if not model.is_last:
+                groups.send_forward(out)
+            else:
+                rows = [i for i, c in enumerate(plan.chunks) if c.sample is not None]
+                tokens = self._sample_logits(plan, out if len(rows) == len(plan.chunks)
+                                             else out[rows])
         else:
-            tokens = self._sample(plan, hidden, batch)
+            batch = AttentionBatch.build(
+                chunks, self.cache.block_size, model.device, model.sliding_window,
+                token_ids=ids, sample_rows=_sample_rows(plan) if model.is_last else None)
+            inputs = batch.token_ids if model.is_first else received
+            assert inputs is not None
+            hidden = model(inputs, batch, self.cache.layers)
+            if not model.is_last:
+                groups.send_forward(hidden)
+            elif batch.sample_rows is not None and len(batch.sample_rows):
+                logits = model.compute_logits(hidden.index_select(0, batch.sample_rows))
+                tokens = self._sample_logits(plan, logits)
+            else:
+                tokens = {}
         if groups.distributed:
             tokens = groups.broadcast_object(tokens, src=groups.sampler_rank)
         assert tokens is not None
         return tokens
 
-    def _sample(self, plan: StepPlan, hidden: torch.Tensor, batch: AttentionBatch
-                ) -> dict[str, int]:
-        sampled = [c for c in plan.chunks if c.sample is not None]
-        if not sampled:
-            return {}
-        assert batch.sample_rows is not None
-        logits = self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+    def _sample_logits(self, plan: StepPlan, logits: torch.Tensor) -> dict[str, int]:
+        """The tokens of the sampling chunks, from their logits (one row each, in order)."""
         if not self.groups.is_sampler:
             return {}
+        sampled = [c for c in plan.chunks if c.sample is not None]
         params = [c.sample for c in sampled if c.sample is not None]
         tokens = sample(logits, params, [c.context_len for c in sampled])
         return dict(zip([c.request_id for c in sampled], tokens, strict=True))
