@@ -12,7 +12,7 @@ rounding depends on how many rows it holds, so the same prompt's fp32 logits mov
 greedy decoding may pick either. A run without preemption is then one valid output among
 a few. What must hold whatever the batching, migrations and resumes: each committed token
 is the greedy choice for exactly the committed prefix before it, up to such a near tie
-(`--tolerance`, 1e-3 by default: ~100 times the batch noise, far below the top-two gap
+(`--tolerance`, 1e-3 for fp32 outputs: ~100 times the batch noise, far below the top-two gap
 of ~99.8% of positions of the tiny test model). A KV cache moved wrongly, a token lost
 or repeated across a resume, or a stage with the wrong weights all break that at once.
 """
@@ -34,6 +34,16 @@ from spotserve.worker.engine.sequence import Sequence as Seq
 from spotserve.worker.model.attention import AttentionBatch, SequenceChunk
 
 TOLERANCE = 1e-3
+# The near tie of each dtype the outputs were served in, checked against fp32 logits: fp32
+# batch noise is ~1e-5 (see above); half precision rounds activations at every layer, and
+# two valid bf16 runs (another batch, another GPU kernel, another TP degree) part by
+# ~1e-2 to 1e-1 of a logit (measured: bench/gpu/promise.py, docs/gpu.md)
+TOLERANCES = {"float32": TOLERANCE, "float16": 0.1, "bfloat16": 0.5}
+
+
+def tolerance_for(dtype: str) -> float:
+    """The near tie to allow for outputs served in `dtype`."""
+    return TOLERANCES.get(dtype, TOLERANCE)
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("requests", type=Path, help="JSON lines: id, prompt, tokens")
     parser.add_argument("--model", type=Path, required=True, help="HF model folder")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
-                        help=f"largest logit shortfall taken as a tie ({TOLERANCE:g})")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="largest logit shortfall taken as a tie (default: by the "
+                        "model's dtype, " + ", ".join(f"{k} {v:g}" for k, v in
+                                                      TOLERANCES.items()) + ")")
     args = parser.parse_args(argv)
     from spotserve.worker.engine.builder import local_engine
 
@@ -90,8 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     block = 16
     engine = local_engine(args.model, EngineConfig(num_blocks=-(-longest // block) + 1,
                                                    block_size=block))
+    tolerance = args.tolerance
+    if tolerance is None:
+        tolerance = tolerance_for(engine.runner.model.spec.dtype)
     for r in lines:
-        result = check(engine, r["prompt"], r["tokens"], args.tolerance)
+        result = check(engine, r["prompt"], r["tokens"], tolerance)
         print(json.dumps({"id": r["id"], **vars(result)}), flush=True)
     return 0
 

@@ -186,18 +186,62 @@ def test_a_request_adopted_into_a_full_cache_re_prefills_with_the_same_tokens(
     assert out == roomy
 
 
-def test_fixed_shape_decode_steps_run_and_agree(checkpoint: Path) -> None:
-    """With `cuda_graphs` every decode step runs the fixed-shape path (captured on a GPU,
-    run as is here); prefills and mixed steps stay eager; tokens are the same."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fixed_shape_decode_steps_run_and_agree(checkpoint: Path, device: str) -> None:
+    """With `cuda_graphs` every decode step runs the fixed-shape path (captured and
+    replayed on a GPU, run as is on a CPU); prefills and mixed steps stay eager; tokens are
+    the same as without."""
     params = dict.fromkeys(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))
     config = EngineConfig(num_blocks=64, block_size=4, cuda_graphs=True,
                           scheduler=SchedulerConfig(max_batched_tokens=16))
-    engine = local_engine(checkpoint, config)
+    engine = local_engine(checkpoint, config, device=device)
     graphs = engine.runner.graphs
     assert graphs is not None and engine.runner.cache.num_blocks == 65   # + the scratch
-    assert _generate(engine, params) == _generate(_engine(checkpoint), params)
+    assert _generate(engine, params) == _generate(_engine(checkpoint, device=device), params)
+    assert all((g.graph is not None) == (device == "cuda") for g in graphs.graphs.values())
     assert graphs.steps >= 8   # ten tokens each, the first from a prefill
     assert all(n & (n - 1) == 0 for key in graphs.graphs for n in key)   # powers of two
+
+
+PROMISES = [pytest.param("cpu", "float32", id="cpu-fp32"),
+            pytest.param("cuda", "bfloat16", id="cuda-bf16", marks=pytest.mark.gpu),
+            pytest.param("cuda", "float32", id="cuda-fp32", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), PROMISES)
+def test_what_a_moved_request_is_promised(checkpoint: Path, device: str, dtype: str) -> None:
+    """The promise of docs/gpu.md. Requests move mid-stream (their KV cache handed over)
+    to an engine where another request shares their batch. Everywhere: the tokens sent
+    before the move are kept, the stream goes on with no gap and no duplicate, and every
+    token is the greedy choice for exactly the tokens before it, up to the near tie of the
+    dtype (checked against fp32 logits on the CPU). In fp32 the outputs also equal an
+    uninterrupted run's."""
+    from spotserve.worker.greedy_check import shortfalls, tolerance_for
+    params = SamplingParams(max_tokens=14, ignore_eos=True)
+    first = _engine(checkpoint, dtype=dtype, device=device)
+    for rid, prompt in PROMPTS.items():
+        first.submit(rid, prompt, params)
+    events = [e for _ in range(6) for e in first.step()]
+    states = first.publish()
+    second = _engine(checkpoint, dtype=dtype, device=device)
+    second.runner.shares = first.runner.shares    # the handed-over pieces, as after a pull
+    second.submit("other", [7, 7, 7, 1, 2], params)
+    assert all(second.adopt(state) for state in states)
+    events += second.run()
+    out: dict[str, list[int]] = {rid: [] for rid in PROMPTS}
+    for event in events:
+        if event.request_id in out:
+            assert event.index == len(out[event.request_id])   # no gap, no duplicate
+            out[event.request_id].append(event.token_id)
+    reference = _engine(checkpoint)    # fp32 on the CPU
+    for rid, tokens in out.items():
+        assert len(tokens) == params.max_tokens
+        worst = max(shortfalls(reference, PROMPTS[rid], tokens))
+        assert worst <= tolerance_for(dtype), (rid, worst)
+    if dtype == "float32":
+        uninterrupted = _generate(_engine(checkpoint, dtype=dtype, device=device),
+                                  dict.fromkeys(PROMPTS, params))
+        assert out == uninterrupted
 
 
 @pytest.mark.gpu

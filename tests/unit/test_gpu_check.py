@@ -24,7 +24,12 @@ def test_the_gpu_check_passes_its_cpu_dry_run(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "gpu-check.json").read_text())
     assert summary["dry_run"] is True
     assert {p["part"]: p["status"] for p in summary["parts"]} == {
-        "gpu-tests": "passed", "engine": "passed"}
+        "gpu-tests": "passed", "engine": "passed", "launches": "passed", "promise": "passed"}
     rows = json.loads((tmp_path / "engine.json").read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
-    assert all(r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in rows)
+    assert all(r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 and r["graphs_tok_s"] > 0
+               for r in rows)
+    counts = json.loads((tmp_path / "launches.json").read_text())
+    assert all(r["ops"] > 0 and r["host_tensors"] == 1 for r in counts)
+    promise = json.loads((tmp_path / "promise.json").read_text())
+    assert promise["bfloat16"]["vs_fp32"]["max"] < 1.0
