@@ -110,6 +110,7 @@ MIXED = {
     "prefill": [(9, 9)],
     "chunk after context": [(5, 11)],
     "prefills only": [(9, 9), (3, 3), (6, 10)],
+    "equal prompts": [(6, 6), (6, 6), (6, 6), (1, 9), (6, 6)],   # 3 share one call
     "mixed": [(1, 7), (9, 9), (1, 4), (5, 11), (1, 12)],
 }
 
@@ -129,7 +130,9 @@ def test_ragged_steps_match_plain_attention(case: str, heads: int, kv_heads: int
         cursor += n
     new, contexts = [m for m, _ in shape], [c for _, c in shape]
     batch = _batch(tables, contexts, window, new)
-    assert len(batch.prefills) == sum(m > 1 for m in new)
+    assert sum(p.blocks.shape[0] for p in batch.prefills) == sum(m > 1 for m in new)
+    if case == "equal prompts":
+        assert [p.blocks.shape[0] for p in batch.prefills] == [3, 1]
     k, v = torch.randn(40, kv_heads, BLOCK, DIM), torch.randn(40, kv_heads, BLOCK, DIM)
     q = torch.randn(sum(new), heads, DIM)
     got = paged_attention(q, k, v, batch, 0.3)

@@ -15,11 +15,13 @@ no padding) through the linear layers and into attention. A step's sequences spl
   block-table order. Memory traffic is one read of the blocks in use (and of the free
   blocks between them, which the block manager keeps few), with no buffer the size of the
   cache.
-- prefills (a prompt, a prompt's chunk, a re-prefill): each runs alone through the fused
-  SDPA kernel, its queries against its own context gathered from its blocks; a fresh
-  prompt is plainly causal (the flash kernel on a GPU), a chunk after earlier context gets
-  a [new, context] mask built on the device. Memory is that sequence's own new x context,
-  never the batch's longest query times its longest context.
+- prefills (a prompt, a prompt's chunk, a re-prefill): each runs through the fused SDPA
+  kernel, its queries against its own context gathered from its blocks (neighbours in the
+  step with the same new and context lengths, such as a batch of equal prompts, share one
+  call: still no padding); a fresh prompt is plainly causal (the flash kernel on a GPU), a
+  chunk after earlier context gets a [new, context] mask built on the device. Memory is
+  each sequence's own new x context, never the batch's longest query times its longest
+  context.
 
 A mixed step (prompts arriving while others decode) runs both on their own tokens. Every
 index tensor a step needs is built on the host from the plan, packed into one buffer and
@@ -155,9 +157,11 @@ class DecodeBlocks:
 
 @dataclass(frozen=True)
 class PrefillSeq:
-    """One sequence bringing more than one token: its queries are `tokens[start:stop]`,
-    its keys the first `context_len` of its `blocks`; `mask` [new, context] says which key
-    each query sees (None: plain causal, the chunk being the whole context)."""
+    """Neighbouring sequences (one or more) that each bring `num_new` > 1 tokens ending at
+    `context_len`: their queries are `tokens[start:stop]`, one sequence after another; the
+    keys of each are the first `context_len` of its row of `blocks` [seqs, blocks]; `mask`
+    [new, context] says which key each query sees (None: plain causal, the chunk being the
+    whole context)."""
 
     start: int
     stop: int
@@ -221,12 +225,12 @@ class AttentionBatch:
         if layout is not None:
             decode = layout.on_device(up, block_size, sliding_window)
         prefills, offset = [], 0
-        for i in prefill_ids:
-            c, n = chunks[i], len(used[i])
-            blocks = up["prefill_blocks"][offset:offset + n]
-            offset += n
-            prefills.append(PrefillSeq(starts[i], starts[i + 1], c.context_len, blocks,
-                                       _prefill_mask(c, sliding_window, device)))
+        for group in _neighbours(chunks, prefill_ids):
+            c, n = chunks[group[0]], len(used[group[0]])
+            blocks = up["prefill_blocks"][offset:offset + n * len(group)].view(len(group), n)
+            offset += n * len(group)
+            prefills.append(PrefillSeq(starts[group[0]], starts[group[-1] + 1], c.context_len,
+                                       blocks, _prefill_mask(c, sliding_window, device)))
         all_decode = len(decodes) == len(chunks)
         return cls(positions=up["positions"], write_blocks=up["write_blocks"],
                    write_offsets=up["write_offsets"], decode=decode,
@@ -234,6 +238,20 @@ class AttentionBatch:
                    prefills=tuple(prefills),
                    token_ids=up["token_ids"] if token_ids is not None else None,
                    sample_rows=up["sample_rows"] if sample_rows is not None else None)
+
+
+def _neighbours(chunks: Sequence[SequenceChunk], ids: list[int]) -> list[list[int]]:
+    """`ids` in runs of adjacent chunks with the same new and context lengths."""
+    runs: list[list[int]] = []
+    for i in ids:
+        last = runs[-1][-1] if runs else None
+        if last is not None and last == i - 1 and \
+                (chunks[i].num_new, chunks[i].context_len) == \
+                (chunks[last].num_new, chunks[last].context_len):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def _upload(parts: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -288,21 +306,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        seq: PrefillSeq, scale: float) -> torch.Tensor:
-    """One sequence's queries [new, heads, dim] against its own context → [new, heads*dim]."""
-    new, heads, dim = q.shape
-    kv_heads = k_cache.shape[1]
+    """The sequences' queries [seqs * new, heads, dim] against each one's own context →
+    [seqs * new, heads * dim]."""
+    tokens, heads, dim = q.shape
+    seqs, kv_heads = seq.blocks.shape[0], k_cache.shape[1]
     k, v = _context(k_cache, seq), _context(v_cache, seq)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k, v, attn_mask=seq.mask, is_causal=seq.mask is None,
-        scale=scale, enable_gqa=heads != kv_heads)
-    return out[0].transpose(0, 1).reshape(new, heads * dim)
+        q.view(seqs, -1, heads, dim).transpose(1, 2), k, v, attn_mask=seq.mask,
+        is_causal=seq.mask is None, scale=scale, enable_gqa=heads != kv_heads)
+    return out.transpose(1, 2).reshape(tokens, heads * dim)
 
 
 def _context(cache: torch.Tensor, seq: PrefillSeq) -> torch.Tensor:
-    """The sequence's first `context_len` keys (or values) [1, kv_heads, context, dim]."""
+    """Each sequence's first `context_len` keys (or values) [seqs, kv_heads, context, dim]."""
     kv_heads, _block_size, dim = cache.shape[1:]
-    blocks = cache.index_select(0, seq.blocks).transpose(0, 1)   # [kv_heads, n, block, dim]
-    return blocks.reshape(1, kv_heads, -1, dim)[:, :, :seq.context_len]
+    seqs, n = seq.blocks.shape
+    blocks = cache.index_select(0, seq.blocks.flatten()).view(seqs, n, kv_heads, -1, dim)
+    return blocks.transpose(1, 2).reshape(seqs, kv_heads, -1, dim)[:, :, :seq.context_len]
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

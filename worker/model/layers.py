@@ -63,7 +63,11 @@ class Fused:
         self.parts = parts
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The projections side by side [tokens, sum of their widths]."""
+        """The projections side by side [tokens, sum of their widths]. In fp32 on a CPU
+        each part is its own matmul (on the same memory): MKL's sgemm runs a decode step's
+        few rows ~10% slower against the merged weight (measured in the engine, batch 8)."""
+        if x.device.type == "cpu" and self.weight.dtype == torch.float32:
+            return torch.cat([p(x) for p in self.parts], -1)
         out = F.linear(x, self.weight, self.bias)
         if self.bias is None:   # some but not all have a bias (none do in HF's families)
             for part, piece in zip(self.parts, torch.split(out, self.sizes, -1), strict=True):
