@@ -34,7 +34,7 @@ import torch
 
 from spotserve.auth import TokenInterceptor, call_metadata
 from spotserve.errors import SpotserveError
-from spotserve.layout import position_slices
+from spotserve.layout import TensorSlice, position_slices
 from spotserve.model_spec import ModelSpec
 from spotserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from spotserve.worker import health, kv_sizing
@@ -117,6 +117,8 @@ class WorkerServicer(TensorServicer):
         self.role: EpochRole | None = None
         self.spec: ModelSpec | None = None
         self._folder: Path | None = None    # the checkpoint of `spec`
+        # kept pieces the gather left to copy on the GPU (weights.GatherStats.on_device)
+        self._on_device: list[tuple[TensorSlice, TensorSlice]] = []
         self.weight_bytes = 0
         self.engine_config = options.engine   # the current epoch's (limits, KV blocks)
         self.kv_size: KVSize | None = None    # the current epoch's KV cache on this rank
@@ -278,13 +280,20 @@ class WorkerServicer(TensorServicer):
             if self._preloaded is not None and self._preloaded[0] == key:
                 tensors = self._preloaded[1]
                 return tensors, GatherStats(bytes_kept=sum(t.nbytes for t in tensors.values()))
+            cuda = self.options.device.startswith("cuda")
+            old = None if request.preload_only else self._previous(spec, folder)
+            keep = set() if old is None else reusable(
+                old, position_slices(spec, role.config, role.position),
+                TORCH_DTYPES[spec.dtype], old.device)
+            held = None   # the previous stage's slices on the GPU: kept pieces copied there
+            if cuda and old is not None:
+                held = {s.tensor: s for s in old.slices if s.tensor not in keep}
             return await gather(spec, role.config, role.position, request.weights, self.store,
-                                folder, self._pull, pin=self.options.device.startswith("cuda"),
-                                skip=() if request.preload_only else
-                                self._reusable(spec, folder, role))
+                                folder, self._pull, pin=cuda, skip=keep, on_device=held)
 
         (tensors, stats), kv_bytes = await asyncio.gather(
             weights(), self._import_kv(request.kv_imports, spec))
+        self._on_device = stats.on_device
         self._preloaded = (key, tensors) if request.preload_only else None
         self._staged = tensors
         for source, count in (("kept", stats.bytes_kept), ("peer", stats.bytes_pulled + kv_bytes),
@@ -295,13 +304,11 @@ class WorkerServicer(TensorServicer):
             self._log("failover to the checkpoint", reason=failure)
         return stats, kv_bytes
 
-    def _reusable(self, spec: ModelSpec, folder: Path | None, role: EpochRole) -> set[str]:
-        """The tensors the new stage will take over from the current one on the device."""
+    def _previous(self, spec: ModelSpec, folder: Path | None) -> StageModel | None:
+        """The current stage, when it is of the same checkpoint (the new stage may take
+        its tensors over, or copy from them on the device)."""
         old = self._runner.model if self._runner is not None else None
-        if old is None or (spec, folder) != (self.spec, self._folder):
-            return set()
-        return reusable(old, position_slices(spec, role.config, role.position),
-                        TORCH_DTYPES[spec.dtype], old.device)
+        return old if (spec, folder) == (self.spec, self._folder) else None
 
     async def _import_kv(self, imports: Any, spec: ModelSpec) -> int:
         if not imports:
@@ -316,9 +323,7 @@ class WorkerServicer(TensorServicer):
     async def _start(self, request: worker_pb2.ConfigureRequest, spec: ModelSpec,
                      folder: Path, role: EpochRole, key: bytes) -> None:
         tensors, self._staged = self._staged, {}
-        old = self._runner.model if self._runner is not None else None
-        if (spec, folder) != (self.spec, self._folder):
-            old = None    # another checkpoint: nothing to take over
+        old = self._previous(spec, folder)
         await self._teardown()
         config = self._engine_config(request.role, spec)
         await asyncio.to_thread(self._build, role, spec, folder, tensors, config, old)
@@ -344,7 +349,8 @@ class WorkerServicer(TensorServicer):
             config = replace(config, num_blocks=size.blocks)
             runner = build_runner(folder, groups, config, dtype=spec.dtype,
                                   device=self.options.device, tensors=tensors,
-                                  shares=self.shares, reuse=old)
+                                  shares=self.shares, reuse=old,
+                                  on_device=self._on_device if old is not None else ())
         except BaseException:
             _leave(groups)   # so that the next Configure can form its world
             raise

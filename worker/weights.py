@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,9 @@ class GatherStats:
     bytes_from_checkpoint: int = 0
     seconds: float = 0.0
     failovers: list[str] = field(default_factory=list)
+    # kept pieces left for the build to copy device to device: (the role's slice, the
+    # piece of it), from the previous stage's tensors (`copy_on_device`)
+    on_device: list[tuple[TensorSlice, TensorSlice]] = field(default_factory=list)
 
 
 @dataclass
@@ -117,10 +120,13 @@ def _from_store(store: TensorStore, piece: _Piece, region: torch.Tensor) -> bool
 async def gather(spec: ModelSpec, config: ParallelConfig, position: Position,
                  sources: Sequence[worker_pb2.WeightSource], store: TensorStore,
                  checkpoint: Path | None, puller: Puller, *, skip: Collection[str] = (),
-                 pin: bool = False) -> tuple[dict[str, torch.Tensor], GatherStats]:
+                 pin: bool = False, on_device: Mapping[str, TensorSlice] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], GatherStats]:
     """Assemble every slice `position` needs but those in `skip` (which the stage takes
     over on the device); the tensors by name, in pinned memory with `pin` (bound for a
-    GPU), and where bytes came from."""
+    GPU), and where bytes came from. A kept piece inside a slice `on_device` names (what
+    the previous stage holds on the GPU) is left for the build to copy there, device to
+    device (`stats.on_device`), instead of being cut from the host copy."""
     start, stats = time.perf_counter(), GatherStats()
     dtype = TORCH_DTYPES[spec.dtype]
     needed = []
@@ -138,7 +144,11 @@ async def gather(spec: ModelSpec, config: ParallelConfig, position: Position,
     pulls: list[tuple[_Piece, PullItem, torch.Tensor]] = []
     for piece in _plan(spec, needed, sources):
         region = piece.region(dests[piece.want.tensor])
-        if piece.kind == worker_pb2.SOURCE_KIND_KEPT and _from_store(store, piece, region):
+        if piece.kind == worker_pb2.SOURCE_KIND_KEPT and on_device is not None and \
+                _inside(piece.piece, on_device.get(piece.piece.tensor)):
+            stats.on_device.append((piece.want, piece.piece))
+            stats.bytes_kept += region.numel() * region.element_size()
+        elif piece.kind == worker_pb2.SOURCE_KIND_KEPT and _from_store(store, piece, region):
             stats.bytes_kept += region.numel() * region.element_size()
         elif piece.kind == worker_pb2.SOURCE_KIND_PEER and piece.peers:
             target = region if region.is_contiguous() else torch.empty_like(region)
@@ -161,6 +171,15 @@ async def gather(spec: ModelSpec, config: ParallelConfig, position: Position,
         stats.bytes_from_checkpoint += sum(_nbytes(p, dests) for p in from_checkpoint)
     stats.seconds = time.perf_counter() - start
     return dests, stats
+
+
+def _inside(piece: TensorSlice, held: TensorSlice | None) -> bool:
+    """Whether `held` (a slice a stage holds) contains `piece`."""
+    if held is None:
+        return False
+    if held.dim is None:
+        return True
+    return piece.dim == held.dim and held.start <= piece.start and piece.stop <= held.stop
 
 
 async def _pull(puller: Puller, items: list[PullItem], stats: GatherStats) -> set[int]:

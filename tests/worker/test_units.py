@@ -5,6 +5,7 @@ parsing, the KV slices a rank serves from its shares, sampling defaults."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,38 @@ def test_sampling_defaults_follow_the_contract() -> None:
 def test_health_request_decoding() -> None:
     assert health._decode_service(b"") == ""
     assert health._decode_service(b"\x0a\x13spotserve.v1.Worker") == "spotserve.v1.Worker"
+
+
+def test_kept_pieces_of_a_new_tp_slice_are_copied_on_the_device(tmp_path: Path) -> None:
+    """TP 1 -> TP 2 on a GPU: every kept piece of rank 1's new (narrower) slices is left
+    by the gather for a device-to-device copy from the old stage's tensors (none is cut
+    from the host copy, none read from the checkpoint: there is none here), and the new
+    stage holds exactly what a fresh load of rank 1 holds."""
+    import asyncio
+
+    from spotserve.worker.model.decoder import StageModel
+    from spotserve.worker.model.loader import copy_on_device, load_into, load_stage
+    from spotserve.worker.tensor_store import TensorStore
+    from spotserve.worker.weights import gather
+    from tests.engine.tiny_models import save_tiny
+
+    folder = save_tiny(tmp_path / "m", "qwen2", seed=3)
+    old = load_stage(folder, ParallelConfig.uniform(4, 1, 1, 1), Position(0, 0, 0))
+    spec, new_config, rank1 = old.spec, ParallelConfig.uniform(4, 1, 1, 2), Position(0, 0, 1)
+
+    async def no_peers(items: object) -> None:
+        raise AssertionError("nothing is pulled")
+
+    tensors, stats = asyncio.run(gather(spec, new_config, rank1, [], TensorStore(), None,
+                                        no_peers, on_device={s.tensor: s for s in old.slices}))
+    wanted = position_slices(spec, new_config, rank1)
+    assert {want.tensor for want, _ in stats.on_device} == {s.tensor for s in wanted}
+    assert stats.bytes_from_checkpoint == stats.bytes_pulled == 0
+    params = dict(old.named_parameters())
+    held = {s.tensor: (s, params[s.tensor]) for s in old.slices}
+    new = StageModel(spec, new_config, rank1, reuse=old)
+    load_into(new, tensors)
+    copy_on_device(new, stats.on_device, held)
+    fresh = dict(load_stage(folder, new_config, rank1).named_parameters())
+    for name, param in new.named_parameters():
+        assert torch.equal(param, fresh[name]), name

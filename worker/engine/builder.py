@@ -15,32 +15,34 @@ pulled from peers: name → this position's slice, as `position_slices` lists th
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from spotserve.layout import ParallelConfig, Position
+from spotserve.layout import ParallelConfig, Position, TensorSlice
 from spotserve.worker.engine.engine import Engine, EngineConfig
 from spotserve.worker.engine.graphs import DecodeGraphs
 from spotserve.worker.engine.kv_cache import KVCache
 from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.model.decoder import TORCH_DTYPES, StageModel
-from spotserve.worker.model.loader import iter_slices, load_into, load_stage
+from spotserve.worker.model.loader import copy_on_device, iter_slices, load_into, load_stage
 from spotserve.worker.model.parallel import EpochGroups
 
 
 def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, *,
                  dtype: str | None = None, device: torch.device | str = "cpu",
                  tensors: dict[str, torch.Tensor] | None = None,
-                 shares: KVShares | None = None, reuse: StageModel | None = None
-                 ) -> StageRunner:
+                 shares: KVShares | None = None, reuse: StageModel | None = None,
+                 on_device: Sequence[tuple[TensorSlice, TensorSlice]] = ()) -> StageRunner:
     """Load this rank's slice and allocate its KV cache. Weights are taken over from
     `reuse` (this worker's previous stage of the same checkpoint) where it holds them
     unchanged, else taken from `tensors` (gathered from memory and peers), else read from
-    the checkpoint. `shares` is the worker's store of paused requests' KV (kept across
-    epochs)."""
+    the checkpoint; then the `on_device` pieces (the gather's `stats.on_device`) are
+    copied from `reuse`'s tensors, device to device. `shares` is the worker's store of
+    paused requests' KV (kept across epochs)."""
     assert groups.position is not None, "this process has no position in the epoch"
     if tensors is None:
         model = load_stage(folder, groups.config, groups.position, dtype=dtype, tp=groups.tp,
@@ -48,11 +50,17 @@ def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, 
     else:
         from spotserve.model_spec import ModelSpec
         spec = ModelSpec.from_hf_config(Path(folder), dtype=dtype)
+        # what the device copies need, held past the old stage's giving up
+        held = {} if reuse is None else {
+            s.tensor: (s, dict(reuse.named_parameters())[s.tensor]) for s in reuse.slices
+            if s.tensor in {piece.tensor for _, piece in on_device}}
         model = StageModel(spec, groups.config, groups.position, groups.tp, device, reuse)
         absent = tuple(s for s in model.slices
                        if s.tensor not in tensors and s.tensor not in model.reused)
         load_into(model, itertools.chain(tensors.items(), iter_slices(
             Path(folder), absent, TORCH_DTYPES[spec.dtype], pin=model.device.type == "cuda")))
+        copy_on_device(model, on_device, held)
+        held.clear()
     if not (config.cuda_graphs and DecodeGraphs.usable(model)):
         cache = KVCache.for_stage(model, config.num_blocks, config.block_size)
         return StageRunner(model, cache, groups, shares)

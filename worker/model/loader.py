@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -113,3 +113,23 @@ def load_into(model: StageModel,
     missing = sorted(set(params) - given - model.reused)
     if missing:
         raise SpotserveError(f"weights do not match the stage: missing {missing[:3]}")
+
+
+def copy_on_device(model: StageModel, pieces: Sequence[tuple[TensorSlice, TensorSlice]],
+                   held: Mapping[str, tuple[TensorSlice, torch.Tensor]]) -> int:
+    """Fill each (slice, piece) of `model` from `held` (name → the slice a previous stage
+    held and its tensor, on the same device): a device-to-device copy. The bytes copied."""
+    params = dict(model.named_parameters())
+    total = 0
+    with torch.no_grad():
+        for want, piece in pieces:
+            old, source = held[piece.tensor]
+            dest = params[want.tensor]
+            if want.dim is not None:
+                size = piece.stop - piece.start
+                dest = dest.narrow(want.dim, piece.start - want.start, size)
+                source = source.narrow(want.dim, piece.start - (old.start if old.dim is not None
+                                                                 else 0), size)
+            dest.copy_(source)
+            total += dest.numel() * dest.element_size()
+    return total
