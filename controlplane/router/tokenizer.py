@@ -1,8 +1,10 @@
 """The served model's tokenizer and chat template, read from its model directory.
 
-`tokenizer.json` (Hugging Face `tokenizers`) gives text ↔ ids; `tokenizer_config.json`
-gives the chat template (Jinja, rendered the way `transformers` renders it) and the
-special tokens; `config.json` gives the context length.
+`tokenizer.json` (Hugging Face `tokenizers`) gives text ↔ ids; the chat template (Jinja,
+rendered the way `transformers` renders it) comes from `chat_template.jinja` where the
+checkpoint has one (transformers 4.4x and later save it there), else `chat_template.json`,
+else `tokenizer_config.json`, which also gives the special tokens; `config.json` gives the
+context length.
 """
 
 from __future__ import annotations
@@ -43,8 +45,7 @@ class ModelTokenizer:
                                  "tokenizer.json)")
         config = _read_json(model_dir / "tokenizer_config.json")
         model_config = _read_json(model_dir / "config.json")
-        return cls(Tokenizer.from_file(str(path)),
-                   chat_template=_template_text(config.get("chat_template")),
+        return cls(Tokenizer.from_file(str(path)), chat_template=chat_template(model_dir),
                    special_tokens={k: _token_text(config.get(k))
                                    for k in ("bos_token", "eos_token")},
                    max_context=max_context or _context_length(model_config, config))
@@ -99,6 +100,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise SpotserveError(f"{path}: malformed JSON ({exc})") from exc
     return data if isinstance(data, dict) else {}
+
+
+def chat_template(model_dir: Path) -> str | None:
+    """The model's chat template, wherever its checkpoint keeps it (None: it has none)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = _template_text(_read_json(model_dir / name).get("chat_template"))
+        if template is not None:
+            return template
+    return None
 
 
 def _template_text(value: Any) -> str | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from spotserve.operator.router.errors import RouterError
 from spotserve.operator.router.text import IncrementalDetokenizer, StopMatcher
-from spotserve.operator.router.tokenizer import ModelTokenizer
+from spotserve.operator.router.tokenizer import ChatMessage, ModelTokenizer
 from spotserve.operator.router.validation import ModelLimits, validate
 from spotserve.v1 import common_pb2
 
@@ -91,3 +93,40 @@ def test_validation_accepts_a_good_request() -> None:
     validate("tiny", "abc", [1, 2], _sampling(temperature=0.0, top_p=1.0, top_k=0,
                                              stop=["x"]), LIMITS)
     validate("", "", [1] * 90, _sampling(max_tokens=10), LIMITS)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "chat_template.json",
+                                   "tokenizer_config.json"])
+def test_the_chat_template_is_read_wherever_the_checkpoint_keeps_it(
+        tmp_path: Path, where: str) -> None:
+    """transformers 4.4x+ saves the template as chat_template.jinja (and many Hub repos
+    ship it so); older processors as chat_template.json; older still, inside
+    tokenizer_config.json. The .jinja file wins when there are several."""
+    import json
+
+    from .tiny_model import build_model_dir
+    folder = build_model_dir(tmp_path / "m")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template") + "{{ '[jinja]' if from_file else '' }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    if where == "chat_template.jinja":
+        (folder / where).write_text(template.replace("from_file", "true"))
+    elif where == "chat_template.json":
+        (folder / where).write_text(json.dumps({"chat_template": template}))
+    else:
+        (folder / where).write_text(json.dumps({**config, "chat_template": template}))
+    tokenizer = ModelTokenizer.from_dir(folder)
+    assert tokenizer.has_chat_template
+    text = tokenizer.render_chat([ChatMessage("user", "hi")])
+    assert "hi" in text and text.endswith("[jinja]") == (where == "chat_template.jinja")
+
+
+def test_a_model_without_a_chat_template_says_so(tmp_path: Path) -> None:
+    import json
+
+    from .tiny_model import build_model_dir
+    folder = build_model_dir(tmp_path / "m")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not ModelTokenizer.from_dir(folder).has_chat_template
