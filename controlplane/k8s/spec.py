@@ -97,8 +97,11 @@ def model_of(model: Mapping[str, Any], model_root: Path | None = None
     candidates = [_model_key(text), _model_key(str(model.get("servedName") or ""))]
     if model_root is not None and sources[0] == "volume":
         folder = model_root / str(source.get("claimName", "")) / str(source.get("path") or ".")
-        if (folder / "config.json").is_file():
-            candidates.insert(0, str(folder))
+        if (folder / "config.json").is_file():   # the checkpoint's own word is final
+            try:
+                return resolve_model(str(folder), None if dtype == "auto" else dtype), []
+            except (SpotserveError, OSError, ValueError) as exc:
+                return None, [Problem(where, f"the model's config.json: {exc}")]
     for key in filter(None, candidates):
         try:
             return resolve_model(key, None if dtype == "auto" else dtype), []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -417,3 +418,18 @@ def test_cli_reads_the_charts_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert defaults.worker_image == "registry/worker:1"
     pod = m.router_deployment(OWNER, spec(), "llama", defaults)
     assert pod["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+
+
+def test_a_volume_checkpoint_of_an_unsupported_architecture_says_which(tmp_path: Path) -> None:
+    """The operator reads the config.json of a model on a volume: an architecture the
+    engine cannot serve is named in the problem (the service's Degraded reason), even when
+    the path looks like a built-in model's name."""
+    folder = tmp_path / "claims" / "models" / "llama-3.1-8b"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 12}))
+    volume = {"volume": {"claimName": "models", "path": "llama-3.1-8b"}}
+    result = validate(spec(model=volume), model_root=tmp_path / "claims")
+    assert isinstance(result, list)
+    problem = next(p for p in result if p.field == "spec.model.volume.path")
+    assert "unsupported architecture" in problem.message and "GPT2LMHeadModel" in problem.message
