@@ -18,8 +18,9 @@ HELP = "Run the router: public gRPC and OpenAI-compatible HTTP API, dispatch and
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, metavar="DIR",
-                        help="model directory with tokenizer.json (and tokenizer_config.json, "
-                             "config.json)")
+                        help="model directory with tokenizer.json (and config.json, "
+                             "tokenizer_config.json, and the chat template in "
+                             "chat_template.jinja or tokenizer_config.json)")
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="model name clients use (default: the directory's name)")
     parser.add_argument("--max-context", type=int, metavar="TOKENS",
