@@ -124,7 +124,7 @@ def copy_on_device(model: StageModel, pieces: Sequence[tuple[TensorSlice, Tensor
     with torch.no_grad():
         for want, piece in pieces:
             old, source = held[piece.tensor]
-            dest = params[want.tensor]
+            dest: torch.Tensor = params[want.tensor]
             if want.dim is not None:
                 size = piece.stop - piece.start
                 dest = dest.narrow(want.dim, piece.start - want.start, size)
