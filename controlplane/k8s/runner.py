@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from spotserve.catalog import Catalog
+from spotserve.errors import SpotserveError
 
 from ..controller.actuator import ActuatorError
 from ..controller.controller import Controller
@@ -34,8 +35,9 @@ from . import status as st
 from .api import Connection, KubeApi
 from .backend import BackendOptions, KubernetesBackend
 from .fleet import describe, instance_type, instance_type_of, node_events
+from .model_config import ConfigFetcher
 from .nodes import NodeInfo, gpu_holder, pod_gpus
-from .spec import Pool, Problem, ServiceSpec, validate
+from .spec import Pool, Problem, ServiceSpec, hub_source, validate
 
 log = logging.getLogger("spotserve.operator")
 DEFAULT_RATE = 1.0  # req/s planned for until the router reports a rate
@@ -54,6 +56,7 @@ class Runtime:
     interval: float = 2.0
     catalog: Catalog = field(default_factory=Catalog.load)
     model_root: Path | None = None  # volume claims as folders, to read a model's config.json
+    configs: ConfigFetcher = field(default_factory=ConfigFetcher)   # Hugging Face configs
     first_seen: dict[str, dict[str, float]] = field(default_factory=dict)  # node → sightings
     # With watched namespaces, kopf's event index misses Node Events (written to
     # `default`, usually): the runner lists them cluster-wide itself.
@@ -138,7 +141,14 @@ class ServiceRunner:
     async def _reconfigure(self, body: Mapping[str, Any], spec: dict[str, Any],
                            text: str) -> None:
         self.spec_text = text
-        result = validate(spec, self.runtime.catalog, self.runtime.model_root)
+        fetched, why = None, None
+        hub = hub_source(spec.get("model") or {})
+        if hub is not None:   # not a built-in name: the repository's config tells its shape
+            try:
+                fetched = await self.runtime.configs.hugging_face(*hub)
+            except SpotserveError as exc:
+                why = str(exc)
+        result = validate(spec, self.runtime.catalog, self.runtime.model_root, fetched, why)
         await self.stop()
         if isinstance(result, list):
             self.service = None

@@ -78,10 +78,23 @@ def _model_key(text: str) -> str:
     return re.sub(r"-(instruct|chat|hf|base)$", "", base)
 
 
-def model_of(model: Mapping[str, Any], model_root: Path | None = None
+def hub_source(model: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(repository, revision) of a Hugging Face source whose config.json the operator must
+    fetch (`model_config`): its name is not a built-in model's."""
+    source = model.get("huggingFace") if isinstance(model, Mapping) else None
+    if not isinstance(source, Mapping) or not source.get("repoId") or \
+            model_of(model)[0] is not None:
+        return None
+    return str(source["repoId"]), str(source.get("revision") or "main")
+
+
+def model_of(model: Mapping[str, Any], model_root: Path | None = None,
+             fetched: Mapping[str, Any] | None = None, fetch_error: str | None = None
              ) -> tuple[ModelSpec | None, list[Problem]]:
-    """The model's shape: a built-in model named by the source, or (with `model_root`, where
-    the operator sees volume claims as folders) the volume's own config.json."""
+    """The model's shape: the checkpoint's own config.json when there is one (a volume's,
+    read through `model_root`, where the operator sees volume claims as folders; a Hugging
+    Face repository's, `fetched`), else a built-in model named by the source. `fetch_error`
+    says why a repository's config could not be had."""
     sources = [k for k in ("volume", "huggingFace", "url") if model.get(k)]
     if len(sources) != 1:
         return None, [Problem("spec.model", "exactly one of volume, huggingFace and url "
@@ -102,12 +115,23 @@ def model_of(model: Mapping[str, Any], model_root: Path | None = None
                 return resolve_model(str(folder), None if dtype == "auto" else dtype), []
             except (SpotserveError, OSError, ValueError) as exc:
                 return None, [Problem(where, f"the model's config.json: {exc}")]
+    if fetched is not None:
+        try:
+            spec = ModelSpec.from_hf_config(fetched, name=text.rpartition("/")[2] or text,
+                                            dtype=None if dtype == "auto" else dtype)
+        except (SpotserveError, ValueError) as exc:
+            return None, [Problem(where, f"{text}'s config.json: {exc}")]
+        if not spec.is_llama_family:
+            return None, [Problem(where, f"{text}: family {spec.family!r} cannot be served by "
+                                  "the engine")]
+        return spec, []
     for key in filter(None, candidates):
         try:
             return resolve_model(key, None if dtype == "auto" else dtype), []
         except (SpotserveError, OSError, ValueError):
             continue
-    return None, [Problem(where, f"model {text!r} has no shape the operator knows (name a "
+    why = f": {fetch_error}" if fetch_error else ""
+    return None, [Problem(where, f"model {text!r} has no shape the operator knows{why} (name a "
                           "built-in model such as llama-3.1-8b in the path or servedName)")]
 
 
@@ -255,12 +279,14 @@ def router_problems(spec: Mapping[str, Any]) -> list[Problem]:
 
 
 def validate(spec: Mapping[str, Any], catalog: Catalog | None = None,
-             model_root: Path | None = None) -> ServiceSpec | list[Problem]:
-    """The validated spec, or every problem found (never raises on bad input)."""
+             model_root: Path | None = None, fetched: Mapping[str, Any] | None = None,
+             fetch_error: str | None = None) -> ServiceSpec | list[Problem]:
+    """The validated spec, or every problem found (never raises on bad input). `fetched`
+    and `fetch_error`: a Hugging Face source's config.json, or why it could not be had."""
     catalog = catalog or Catalog.load()
     if not isinstance(spec, Mapping):
         return [Problem("spec", "must be an object")]
-    model, problems = model_of(spec.get("model") or {}, model_root)
+    model, problems = model_of(spec.get("model") or {}, model_root, fetched, fetch_error)
     pools, more = pools_of(spec, catalog)
     problems += more
     (low, high, desired), more = _instances(spec, pools)

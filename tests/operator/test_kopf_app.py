@@ -510,6 +510,36 @@ async def test_a_spec_broken_then_fixed_recovers() -> None:
         assert obj["status"]["lastErrors"][0]["field"] == "spec.slo.latencySeconds"
 
 
+@pytest.mark.timeout(60)
+async def test_a_hub_repository_no_built_in_names_is_planned_from_its_config() -> None:
+    """Issue 19: an LLMService naming Mistral-7B-Instruct-v0.3 (no built-in model) is
+    planned from the config.json the operator fetches, and its workers are configured; a
+    repository whose config cannot be had is Degraded, saying why."""
+    from spotserve.operator.k8s.model_config import ConfigFetcher
+
+    from .fake_hub import fake_hub
+    mistral = {**SPEC, "model": {"huggingFace": {
+        "repoId": "mistralai/Mistral-7B-Instruct-v0.3"}}}
+    missing = {**SPEC, "model": {"huggingFace": {"repoId": "acme/nothing"}}}
+    wire = RecordingWire()
+    async with fake_hub() as hub, emulator([node("n1"), service("mistral", mistral),
+                                            service("missing", missing)]) as cluster:
+        runtime = Runtime(Connection(cluster.url, insecure=True), token="t",
+                          wire=lambda: wire, interval=0.3,
+                          options=BackendOptions(ready_timeout=20, poll_seconds=0.2,
+                                                 router_address="router:50061"),
+                          configs=ConfigFetcher(hub.url, token=""))
+        async with running_with(cluster, runtime):
+            async def condition(name: str, kind: str) -> dict[str, Any] | None:
+                obj = await cluster.get(f"{LLMS}/{name}")
+                c = conditions(obj).get(kind)
+                return c if c and c["status"] == "True" else None
+            await until(lambda: condition("mistral", "Ready"))
+            assert wire.configured
+            cond = await until(lambda: condition("missing", "Degraded"))
+            assert "acme/nothing" in cond["message"] and "no config.json" in cond["message"]
+
+
 class FlakyWire(RecordingWire):
     """The first Configure fails, as a worker that is not up yet would."""
 

@@ -1,0 +1,67 @@
+"""The config.json of a Hugging Face model the operator is asked to serve, fetched before
+any GPU pod starts.
+
+The planner needs the model's shape (layers, heads, sizes) and whether the engine serves
+its architecture, and a repository's name alone says neither: only a built-in model's
+name does. So for a `huggingFace` source whose name is not a built-in one, the operator
+fetches that repository's `config.json` (a few KB) from `$HF_ENDPOINT` (default
+https://huggingface.co), with `$HF_TOKEN` when the operator has one, and keeps it in
+memory per (repository, revision); a failure is not kept, so the next reconcile tries
+again. Gated repositories need the operator's own token (set it with the chart's
+`operator.extraEnv`): the operator never reads an LLMService's `credentialsSecret`, which
+is for the download step. A `url` source's config is not fetched: name a built-in model
+in `servedName`, or serve from a volume.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from spotserve.errors import SpotserveError
+
+HUB = "https://huggingface.co"
+
+
+class ConfigFetcher:
+    def __init__(self, endpoint: str | None = None, token: str | None = None,
+                 timeout: float = 20.0) -> None:
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
+        self.token = token if token is not None else os.environ.get("HF_TOKEN") or None
+        self.timeout = timeout
+        self._cache: dict[tuple[str, str], dict[str, Any]] = {}
+        self.fetches = 0   # requests made (the cache's hits make none)
+
+    async def hugging_face(self, repo: str, revision: str = "main") -> dict[str, Any]:
+        """The repository's config.json at `revision`; raises SpotserveError saying why not."""
+        key = (repo, revision)
+        if key in self._cache:
+            return self._cache[key]
+        url = f"{self.endpoint}/{repo}/resolve/{quote(revision, safe='')}/config.json"
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.fetches += 1
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.timeout)
+            async with aiohttp.ClientSession(timeout=timeout) as session, \
+                    session.get(url, headers=headers) as reply:
+                if reply.status in (401, 403):
+                    raise SpotserveError(
+                        f"{repo}: config.json is gated or private (HTTP {reply.status}); give "
+                        "the operator HF_TOKEN, or name a built-in model in servedName")
+                if reply.status == 404:
+                    raise SpotserveError(f"{repo}@{revision}: no config.json there (HTTP 404)")
+                if reply.status != 200:
+                    raise SpotserveError(f"{repo}: fetching config.json answered HTTP "
+                                         f"{reply.status}")
+                data = await reply.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise SpotserveError(f"{repo}: config.json could not be fetched from "
+                                 f"{self.endpoint} ({reason})") from None
+        if not isinstance(data, dict):
+            raise SpotserveError(f"{repo}: config.json is not a JSON object")
+        self._cache[key] = data
+        return data

@@ -1,0 +1,67 @@
+"""A stand-in for the Hugging Face Hub on loopback: `/{repo}/resolve/{revision}/config.json`
+for a few repositories (their public configs' shapes), 401 for a gated one, 404 else."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+# the shapes of the public config.json files (values that matter to the planner and engine)
+MISTRAL_7B_V03 = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32768,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "bos_token_id": 1, "eos_token_id": 2}
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 131072,
+    "use_sliding_window": False, "max_window_layers": 28, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645}
+GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 12}
+REPOS: dict[str, dict[str, Any]] = {
+    "mistralai/Mistral-7B-Instruct-v0.3": MISTRAL_7B_V03,
+    "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B,
+    "openai-community/gpt2": GPT2,
+}
+GATED = "acme/gated-model"
+
+
+class FakeHub:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []   # (path, Authorization)
+        self.url = ""
+
+    async def config(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.path, request.headers.get("Authorization")))
+        repo = f"{request.match_info['org']}/{request.match_info['name']}"
+        if repo == GATED and request.headers.get("Authorization") != "Bearer hf_good":
+            return web.Response(status=401)
+        if repo == GATED:
+            return web.json_response(MISTRAL_7B_V03)
+        if repo not in REPOS or request.match_info["revision"] != "main":
+            return web.Response(status=404)
+        return web.json_response(REPOS[repo])
+
+
+@contextlib.asynccontextmanager
+async def fake_hub() -> AsyncIterator[FakeHub]:
+    hub = FakeHub()
+    app = web.Application()
+    app.router.add_get("/{org}/{name}/resolve/{revision}/config.json", hub.config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    hub.url = f"http://127.0.0.1:{port}"
+    try:
+        yield hub
+    finally:
+        await runner.cleanup()
