@@ -22,6 +22,7 @@ from spotserve.errors import SpotserveError
 SUBCOMMANDS: dict[str, str] = {
     "model-info": "spotserve.model_info",
     "download": "spotserve.download",
+    "import-gguf": "spotserve.gguf_import",
     "plan": "spotserve.operator.planner.cli",
     "simulate": "spotserve.operator.sim.cli",
     "demo": "spotserve.operator.local.demo_cli",
