@@ -13,6 +13,7 @@ HBM bandwidth of the GPU in the catalog). `--threads 1` gives the figures in ben
     python bench/engine/run.py --device cuda --dtypes bfloat16,float16 --batches 1,8,32
     python bench/engine/run.py --device cuda --shape llama-8b --layers 8 --dtypes bfloat16
     python bench/engine/run.py --device cuda --cuda-graphs ...  # + replayed decode steps
+    python bench/engine/run.py --model DIR                 # a real model, e.g. SmolLM2
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), default="small",
                    help="small (~110M, the default) or llama-8b (Llama-3.1-8B's shapes)")
     p.add_argument("--layers", type=int, help="layers of the shape (default: all of them)")
+    p.add_argument("--model", type=Path, metavar="DIR",
+                   help="a real model folder instead of random weights (e.g. SmolLM2 from "
+                   "`spotserve import-gguf`); --shape and --layers are then ignored")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also our engine with decode steps replayed from CUDA graphs, in the "
                    "same run (columns graphs_*)")
@@ -208,7 +212,12 @@ def main() -> int:
         print(f"HBM bandwidth measured: {hbm / 1e12:.2f} TB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        save_model(folder)
+        if args.model:
+            folder = args.model
+            MODEL.clear()
+            MODEL.update(json.loads((folder / "config.json").read_text()))
+        else:
+            save_model(folder)
         for dtype in args.dtypes.split(","):
             for batch in batches:
                 gen = torch.Generator().manual_seed(batch)
@@ -269,7 +278,9 @@ def write_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     name = "engine-full" if args.full else "engine"
-    if args.shape != "small":
+    if args.model:
+        name += f"-{args.model.name}"
+    elif args.shape != "small":
         name += f"-{args.shape}"
     if not args.device.startswith("cpu"):
         name += "-cuda"
