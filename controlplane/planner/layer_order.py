@@ -5,9 +5,11 @@ head), and a GPU drops an old layer as soon as that layer's wave is over. During
 GPU therefore holds its new layers before l, both its old and new layer l (once, when it
 keeps that shard), and its old layers after l. The peak over the waves exceeds the larger
 of the old and new footprints by about one layer at most, except on a GPU whose old layers
-lie behind its new ones (pipeline stages merged into a TP group): it gathers its new front
-layers before the waves reach its old ones. `wave_peaks` computes the exact peak per GPU
-from the same byte counts the memory check uses, so the planner can tell when a migration
+start after its new ones (pipeline stages merged into a TP group: it gathers its new front
+layers before the waves reach its old ones) or end after them (a TP group split into
+stages: its new layers arrive while it still holds its share of the ones it hands on,
+which other GPUs pull until their wave). `wave_peaks` computes the exact peak per GPU from
+the same byte counts the memory check uses, so the planner can tell when a migration
 would not fit.
 """
 
