@@ -105,3 +105,41 @@ def test_smollm2_answers_like_transformers_on_the_same_file(smollm2: tuple[Path,
     with torch.no_grad():
         logits = model.compute_logits(model(torch.tensor(prompt), batch, cache.layers))[-1]
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_up_local_serves_smollm2_and_the_openai_client_gets_paris(
+        smollm2: tuple[Path, Path], tmp_path: Path) -> None:
+    """`spotserve up --local --model DIR` on the imported SmolLM2: the router reads its
+    chat template (chat_template.jinja), the worker serves it, and a chat completion through
+    the openai client answers the question."""
+    import select
+    import signal
+
+    import openai
+    _, folder = smollm2
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spotserve.cli", "up", "--local", "--model", str(folder),
+         "--out", str(tmp_path / "up"), "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 180)
+        assert ready, "not serving after 180 s"
+        line = process.stdout.readline()
+        assert line.startswith("serving"), line
+        url = line.split(" on ")[1].split()[0]
+        client = openai.OpenAI(base_url=url, api_key="unused", timeout=120, max_retries=0)
+        chat = client.chat.completions.create(
+            model=folder.name, max_tokens=24, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in (chat.choices[0].message.content or "")
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
