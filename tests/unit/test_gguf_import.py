@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("SPOTSERVE_CACHE", Path.home() / ".cache" / "spotserve"))
 
 
 def spotserve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,24 +44,6 @@ def test_an_unsupported_architecture_gets_one_line(tmp_path: Path) -> None:
     writer.close()
     _one_line_exit_2(spotserve("import-gguf", str(path), "--to", str(tmp_path / "out")),
                      "unsupported architecture 'gpt2'")
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """SmolLM2-135M-Instruct's GGUF (fetched once into the cache) and its import."""
-    pytest.importorskip("gguf", reason="the gguf package is a worker dependency")
-    from spotserve.errors import SpotserveError
-    from spotserve.gguf_import import smollm2_gguf
-    try:
-        gguf_file = smollm2_gguf(CACHE / "smollm2")
-    except SpotserveError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"SmolLM2 could not be fetched here: {exc}")
-    folder = tmp_path_factory.mktemp("smollm2") / "model"
-    done = spotserve("import-gguf", str(gguf_file), "--to", str(folder))
-    assert done.returncode == 0, done.stderr
-    return gguf_file, folder
 
 
 @pytest.mark.slow
