@@ -153,9 +153,7 @@ class WorkerServicer(TensorServicer):
             raise SpotserveError("no model: give model.checkpoint_path or start with --model")
         spec = ModelSpec.from_hf_config(folder, dtype=model.dtype or self.options.dtype)
         if not (model.dtype or self.options.dtype):
-            dtype = default_dtype(spec.dtype, self.options.bf16)
-            if dtype != spec.dtype:
-                spec = ModelSpec.from_hf_config(folder, dtype=dtype)
+            spec = spec.with_dtype(default_dtype(spec.dtype, self.options.bf16))
         if not spec.is_llama_family:
             raise SpotserveError(f"{folder}: family {spec.family!r} cannot be served")
         return spec, folder

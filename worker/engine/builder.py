@@ -51,9 +51,11 @@ def build_runner(folder: str | Path, groups: EpochGroups, config: EngineConfig, 
         from spotserve.model_spec import ModelSpec
         spec = ModelSpec.from_hf_config(Path(folder), dtype=dtype)
         # what the device copies need, held past the old stage's giving up
-        held = {} if reuse is None else {
-            s.tensor: (s, dict(reuse.named_parameters())[s.tensor]) for s in reuse.slices
-            if s.tensor in {piece.tensor for _, piece in on_device}}
+        held = {}
+        if reuse is not None and on_device:
+            params, wanted = dict(reuse.named_parameters()), {p.tensor for _, p in on_device}
+            held = {s.tensor: (s, params[s.tensor]) for s in reuse.slices
+                    if s.tensor in wanted}
         model = StageModel(spec, groups.config, groups.position, groups.tp, device, reuse)
         absent = tuple(s for s in model.slices
                        if s.tensor not in tensors and s.tensor not in model.reused)

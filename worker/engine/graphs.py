@@ -32,7 +32,12 @@ from dataclasses import dataclass
 import torch
 
 from spotserve.worker.engine.kv_cache import KVCache
-from spotserve.worker.model.attention import AttentionBatch, DecodeLayout, SequenceChunk
+from spotserve.worker.model.attention import (
+    AttentionBatch,
+    DecodeLayout,
+    SequenceChunk,
+    pack,
+)
 from spotserve.worker.model.decoder import StageModel
 
 
@@ -85,10 +90,7 @@ class DecodeGraphs:
         graph = self.graphs.get((seqs, max_blocks))
         if graph is None:
             graph = self._make(seqs, max_blocks)
-        ints = torch.tensor(_values(self._parts(chunks, token_ids, seqs, max_blocks)),
-                            dtype=torch.long)
-        if self.capture:
-            ints = ints.pin_memory()
+        ints = pack(self._parts(chunks, token_ids, seqs, max_blocks), pin=self.capture)
         graph.ints.copy_(ints, non_blocking=self.capture)
         if hidden_in is not None:
             assert graph.hidden_in is not None
@@ -120,7 +122,7 @@ class DecodeGraphs:
     def _make(self, seqs: int, max_blocks: int) -> _Graph:
         model = self.model
         empty = self._parts([], None, seqs, max_blocks)   # every write to the scratch block
-        ints = torch.tensor(_values(empty), dtype=torch.long, device=model.device)
+        ints = pack(empty).to(model.device)
         hidden_in = None if model.is_first else torch.zeros(
             seqs, model.spec.hidden_size, dtype=model.dtype, device=model.device)
         graph = _Graph(seqs, max_blocks, ints, list(empty), [len(v) for v in empty.values()],
@@ -153,6 +155,3 @@ class DecodeGraphs:
         hidden = model(inputs, batch, self.cache.layers)
         return model.compute_logits(hidden) if model.is_last else hidden
 
-
-def _values(parts: dict[str, list[int]]) -> list[int]:
-    return [v for values in parts.values() for v in values]

@@ -254,12 +254,19 @@ def _neighbours(chunks: Sequence[SequenceChunk], ids: list[int]) -> list[list[in
     return runs
 
 
+def pack(parts: dict[str, list[int]], pin: bool = False) -> torch.Tensor:
+    """The step's integer lists end to end in one int64 host buffer (pinned with `pin`,
+    for a copy to a GPU that is not waited for)."""
+    flat = torch.tensor([v for values in parts.values() for v in values], dtype=torch.long)
+    return flat.pin_memory() if pin else flat
+
+
 def _upload(parts: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
     """The step's integer lists as int64 tensors on `device`: one host buffer, one copy
     (from pinned memory, not waited for, on CUDA)."""
-    flat = torch.tensor([v for values in parts.values() for v in values], dtype=torch.long)
+    flat = pack(parts, pin=device.type == "cuda")
     if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
+        flat = flat.to(device, non_blocking=True)
     elif device.type != "cpu":
         flat = flat.to(device)
     return dict(zip(parts, torch.split(flat, [len(v) for v in parts.values()]), strict=True))

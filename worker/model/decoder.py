@@ -60,7 +60,7 @@ class _Body(nn.Module):
             self.embed_tokens = _Embedding(embed, dtype, device)
         self.layers = nn.ModuleDict()
         for i in layers:
-            if old is not None and f"model.layers.{i}.input_layernorm.weight" in keep:
+            if old is not None and _layer_kept(keep, i):
                 layer = old.layers[str(i)]
                 assert isinstance(layer, DecoderLayer)
                 layer.use_tp(tp)
@@ -123,7 +123,7 @@ class StageModel(nn.Module):
         the body, with what is left, for the next stage to take from."""
         body = self.model
         for name in list(body.layers):
-            if f"model.layers.{name}.input_layernorm.weight" not in keep:
+            if not _layer_kept(keep, name):
                 del body.layers[name]
         if "model.embed_tokens.weight" not in keep:
             body.embed_tokens = None
@@ -174,6 +174,12 @@ class StageModel(nn.Module):
     def kv_head_range(self) -> tuple[int, int]:
         """The KV heads [start, stop) this rank caches."""
         return kv_heads(self.spec, self.stage_tp, self.position.tp_rank)
+
+
+def _layer_kept(keep: set[str] | frozenset[str], layer: int | str) -> bool:
+    """Whether layer `layer` is taken over (`reusable` keeps a layer whole or not at all,
+    so one of its tensors tells)."""
+    return f"model.layers.{layer}.input_layernorm.weight" in keep
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
