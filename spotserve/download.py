@@ -168,6 +168,125 @@ def _from_url(url: str, dest: Path, metadata_only: bool = False) -> None:
         _extract(archive, dest, url, metadata_only)
 
 
+# --- config.json alone, before any download ------------------------------------------
+
+CONFIG_SCAN_BYTES = 64 << 20   # of an archive read to find config.json before giving up
+
+
+def read_config(url: str, scan_bytes: int = CONFIG_SCAN_BYTES) -> dict[str, Any]:
+    """The model's config.json at `url`, fetched without its weights: from an s3:// or
+    gs:// prefix, the one object; from a tar archive (https, or in a bucket), the archive
+    streamed up to config.json and no further than `scan_bytes` (tar it with config.json
+    first and that is a few KB). A zip keeps its index at its end, so its config is not
+    read this way. Raises SpotserveError saying why not."""
+    scheme = url.split("://", 1)[0]
+    if scheme in ("s3", "gs"):
+        data = _bucket_config(url, scan_bytes)
+    elif scheme in ("https", "http"):
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                data = _archive_config(response, url, scan_bytes)
+        except OSError as exc:
+            raise SpotserveError(f"cannot read {url}: {exc}") from None
+    else:
+        raise SpotserveError(f"unsupported URL {url!r}: use https, s3 or gs")
+    try:
+        config = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SpotserveError(f"{url}: config.json is not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise SpotserveError(f"{url}: config.json is not a JSON object")
+    return config
+
+
+def _is_config(relative: str) -> bool:
+    """config.json at the model's top, or inside the one folder an archive wraps it in."""
+    parts = [p for p in relative.strip("/").split("/") if p not in ("", ".")]
+    return parts[-1:] == ["config.json"] and len(parts) <= 2
+
+
+def _bucket_config(url: str, scan_bytes: int) -> bytes:
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise SpotserveError(f"{url}: no bucket name (use {scheme}://BUCKET/PREFIX)")
+    store = open_store(scheme, bucket, url)
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    with _explained(store, url):
+        if key.endswith(ARCHIVES):
+            archive = next((o for o in store.list(key) if o.key == key), None)
+            if archive is not None:
+                with store.open(archive) as stream:
+                    return _archive_config(stream, url, scan_bytes)
+        found = sorted((o for o in store.list(prefix) if _is_config(o.key[len(prefix):])),
+                       key=lambda o: o.key.count("/"))
+        if not found:
+            raise SpotserveError(f"{url}: no config.json under this prefix (is the path "
+                                 "misspelt, or the model not uploaded yet?)")
+        with store.open(found[0]) as stream:
+            return bytes(stream.read(scan_bytes))
+
+
+class _Counted:
+    """A stream that refuses to be read past `limit` bytes."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self.stream, self.limit, self.read_bytes = stream, limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        want = self.limit - self.read_bytes if size is None or size < 0 else size
+        data = bytes(self.stream.read(min(want, self.limit - self.read_bytes + 1)))
+        self.read_bytes += len(data)
+        if self.read_bytes > self.limit:
+            raise _TooFar
+        return data
+
+
+class _TooFar(Exception):
+    pass
+
+
+def _archive_config(stream: Any, url: str, scan_bytes: int) -> bytes:
+    counted = _Counted(stream, scan_bytes)
+    head = counted.read(4)
+    if head.startswith(b"PK"):
+        raise SpotserveError(f"{url}: a zip archive's config.json cannot be read before the "
+                             "download (its index is at its end); use a tar archive with "
+                             "config.json first, or serve from a bucket prefix")
+    counted.stream = _Prefixed(head, stream)
+    counted.read_bytes = 0
+    try:
+        with tarfile.open(fileobj=counted, mode="r|*") as tf:   # type: ignore[call-overload]
+            for member in tf:
+                if member.isfile() and _is_config(member.name):
+                    config = tf.extractfile(member)
+                    assert config is not None
+                    return bytes(config.read())
+    except _TooFar:
+        raise SpotserveError(f"{url}: no config.json in the archive's first "
+                             f"{_size(scan_bytes)}; put it first (tar cf model.tar "
+                             "config.json *), or serve from a bucket prefix") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise SpotserveError(f"{url}: not a readable tar archive ({exc})") from None
+    raise SpotserveError(f"{url}: the archive holds no config.json")
+
+
+class _Prefixed:
+    """`head` (already read), then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            out = self.head if size < 0 else self.head[:size]
+            self.head = self.head[len(out):]
+            if size < 0:
+                return out + bytes(self.stream.read())
+            return out
+        return bytes(self.stream.read(size))
+
+
 class Progress:
     """Bytes done of a download, its rate and what is left, on stderr: one line rewritten
     in place on a terminal (at most 5 times a second), else a plain line every `every`
@@ -232,6 +351,9 @@ class Store(Protocol):
     def list(self, prefix: str) -> Iterator[StoredObject]: ...
 
     def fetch(self, obj: StoredObject, path: Path) -> None: ...
+
+    def open(self, obj: StoredObject) -> Any:
+        """The object as a readable binary stream (a context manager)."""
 
     def error(self, exc: Exception) -> SpotserveError | None:
         """`exc` (raised by list or fetch) said in words, or None if it is not the SDK's."""
@@ -408,6 +530,9 @@ class S3Store:
     def fetch(self, obj: StoredObject, path: Path) -> None:
         self.client.download_file(self.bucket, obj.key, str(path), Config=self.transfer)
 
+    def open(self, obj: StoredObject) -> Any:
+        return self.client.get_object(Bucket=self.bucket, Key=obj.key)["Body"]
+
     def error(self, exc: Exception) -> SpotserveError | None:
         from botocore import exceptions as bx
 
@@ -476,6 +601,9 @@ class GCSStore:
 
     def fetch(self, obj: StoredObject, path: Path) -> None:
         obj.handle.download_to_filename(str(path))
+
+    def open(self, obj: StoredObject) -> Any:
+        return obj.handle.open("rb")
 
     def error(self, exc: Exception) -> SpotserveError | None:
         import google.auth.exceptions

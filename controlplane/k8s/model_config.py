@@ -9,18 +9,24 @@ https://huggingface.co), with `$HF_TOKEN` when the operator has one, and keeps i
 memory per (repository, revision); a failure is not kept, so the next reconcile tries
 again. Gated repositories need the operator's own token (set it with the chart's
 `operator.extraEnv`): the operator never reads an LLMService's `credentialsSecret`, which
-is for the download step. A `url` source's config is not fetched: name a built-in model
-in `servedName`, or serve from a volume.
+is for the download step.
+
+A `url` source's config.json is read the same way (`spotserve.download.read_config`):
+from an s3:// or gs:// prefix, that one object, with the operator's own cloud credentials
+(IRSA, Workload Identity); from a tar archive (https or in a bucket), the archive streamed
+up to its config.json, at most 64 MB of it (tar it with config.json first).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
+from spotserve.download import read_config
 from spotserve.errors import SpotserveError
 
 HUB = "https://huggingface.co"
@@ -32,7 +38,7 @@ class ConfigFetcher:
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
         self.token = token if token is not None else os.environ.get("HF_TOKEN") or None
         self.timeout = timeout
-        self._cache: dict[tuple[str, str], dict[str, Any]] = {}
+        self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
         self.fetches = 0   # requests made (the cache's hits make none)
 
     async def hugging_face(self, repo: str, revision: str = "main") -> dict[str, Any]:
@@ -63,5 +69,20 @@ class ConfigFetcher:
                                  f"{self.endpoint} ({reason})") from None
         if not isinstance(data, dict):
             raise SpotserveError(f"{repo}: config.json is not a JSON object")
+        self._cache[key] = data
+        return data
+
+    async def url(self, url: str) -> dict[str, Any]:
+        """The config.json of the model at a `url` source; raises SpotserveError saying why
+        not. Read in a thread (the cloud SDKs block), within the fetcher's timeout."""
+        key = ("url", url)
+        if key in self._cache:
+            return self._cache[key]
+        self.fetches += 1
+        try:
+            data = await asyncio.wait_for(asyncio.to_thread(read_config, url), self.timeout)
+        except TimeoutError:
+            raise SpotserveError(f"{url}: config.json could not be read within "
+                                 f"{self.timeout:g} s") from None
         self._cache[key] = data
         return data

@@ -37,7 +37,7 @@ from .backend import BackendOptions, KubernetesBackend
 from .fleet import describe, instance_type, instance_type_of, node_events
 from .model_config import ConfigFetcher
 from .nodes import NodeInfo, gpu_holder, pod_gpus
-from .spec import Pool, Problem, ServiceSpec, hub_source, validate
+from .spec import Pool, Problem, ServiceSpec, hub_source, url_source, validate
 
 log = logging.getLogger("spotserve.operator")
 DEFAULT_RATE = 1.0  # req/s planned for until the router reports a rate
@@ -56,7 +56,7 @@ class Runtime:
     interval: float = 2.0
     catalog: Catalog = field(default_factory=Catalog.load)
     model_root: Path | None = None  # volume claims as folders, to read a model's config.json
-    configs: ConfigFetcher = field(default_factory=ConfigFetcher)   # Hugging Face configs
+    configs: ConfigFetcher = field(default_factory=ConfigFetcher)   # hub and URL configs
     first_seen: dict[str, dict[str, float]] = field(default_factory=dict)  # node → sightings
     # With watched namespaces, kopf's event index misses Node Events (written to
     # `default`, usually): the runner lists them cluster-wide itself.
@@ -142,12 +142,15 @@ class ServiceRunner:
                            text: str) -> None:
         self.spec_text = text
         fetched, why = None, None
-        hub = hub_source(spec.get("model") or {})
-        if hub is not None:   # not a built-in name: the repository's config tells its shape
-            try:
+        model = spec.get("model") or {}
+        hub, url = hub_source(model), url_source(model)
+        try:   # not a built-in name: the checkpoint's own config tells its shape
+            if hub is not None:
                 fetched = await self.runtime.configs.hugging_face(*hub)
-            except SpotserveError as exc:
-                why = str(exc)
+            elif url is not None:
+                fetched = await self.runtime.configs.url(url)
+        except SpotserveError as exc:
+            why = str(exc)
         result = validate(spec, self.runtime.catalog, self.runtime.model_root, fetched, why)
         await self.stop()
         if isinstance(result, list):

@@ -26,6 +26,7 @@ from ..planner.homogeneous import SearchLimits
 from ..planner.roofline import RooflineCostModel
 from .nodes import grace_periods
 
+URL = r"^(https|s3|gs)://\S+$"   # what a `url` source may be
 
 @dataclass(frozen=True)
 class Problem:
@@ -88,6 +89,15 @@ def hub_source(model: Mapping[str, Any]) -> tuple[str, str] | None:
     return str(source["repoId"]), str(source.get("revision") or "main")
 
 
+def url_source(model: Mapping[str, Any]) -> str | None:
+    """The URL of a `url` source whose config.json the operator must fetch: neither its
+    path nor its servedName names a built-in model."""
+    url = model.get("url") if isinstance(model, Mapping) else None
+    if not isinstance(url, str) or not re.match(URL, url) or model_of(model)[0] is not None:
+        return None
+    return url
+
+
 def model_of(model: Mapping[str, Any], model_root: Path | None = None,
              fetched: Mapping[str, Any] | None = None, fetch_error: str | None = None
              ) -> tuple[ModelSpec | None, list[Problem]]:
@@ -104,7 +114,7 @@ def model_of(model: Mapping[str, Any], model_root: Path | None = None,
     source = model[sources[0]]
     text = str(source.get("path") or source.get("claimName") or "") if sources[0] == "volume" \
         else str(source.get("repoId", "")) if sources[0] == "huggingFace" else str(source)
-    if sources[0] == "url" and not re.match(r"^(https|s3|gs)://\S+$", text):
+    if sources[0] == "url" and not re.match(URL, text):
         return None, [Problem(where, f"{text!r} is not an https://, s3:// or gs:// URL")]
     dtype = str(model.get("dtype") or "auto")
     candidates = [_model_key(text), _model_key(str(model.get("servedName") or ""))]
@@ -117,7 +127,7 @@ def model_of(model: Mapping[str, Any], model_root: Path | None = None,
                 return None, [Problem(where, f"the model's config.json: {exc}")]
     if fetched is not None:
         try:
-            spec = ModelSpec.from_hf_config(fetched, name=text.rpartition("/")[2] or text,
+            spec = ModelSpec.from_hf_config(fetched, name=_name_in(text),
                                             dtype=None if dtype == "auto" else dtype)
         except (SpotserveError, ValueError) as exc:
             return None, [Problem(where, f"{text}'s config.json: {exc}")]
@@ -133,6 +143,15 @@ def model_of(model: Mapping[str, Any], model_root: Path | None = None,
     why = f": {fetch_error}" if fetch_error else ""
     return None, [Problem(where, f"model {text!r} has no shape the operator knows{why} (name a "
                           "built-in model such as llama-3.1-8b in the path or servedName)")]
+
+
+def _name_in(text: str) -> str:
+    """A model's name from its source: a repository's, a URL's last part (no archive
+    suffix)."""
+    last = text.rstrip("/").rpartition("/")[2] or text
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        last = last.removesuffix(suffix)
+    return last
 
 
 def _number(value: Any) -> float | None:

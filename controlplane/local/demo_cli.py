@@ -1,11 +1,13 @@
-"""`spotserve demo`: the whole system on this machine in about two minutes.
+"""`spotserve demo`: the whole system on this machine in a few minutes.
 
-Builds a tiny random Llama (or takes `--model DIR`), starts the router, the controller and
-emulated spot instances (worker processes on 127.0.0.N), replays an availability trace
-(the built-in one by default) with a steady request stream, then replays every prompt on
+Serves SmolLM2-135M-Instruct (fetched and imported on first use; `--model` takes a folder,
+or `tiny` for a random Llama), starts the router, the controller and emulated spot
+instances (worker processes on 127.0.0.N), replays an availability trace (the built-in one
+by default) while chat questions stream through the router, then replays every prompt on
 the final configuration to check the outputs against a run with no preemption. Prints
-live progress and a summary; writes `report.json` and `timeline.png` to `--out`.
-Top level imports only the standard library and the core.
+live progress, answers from before, across and after the migrations, and a summary;
+writes `report.json` and `timeline.png` to `--out`. Top level imports only the standard
+library and the core.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from pathlib import Path
 
 from spotserve.errors import SpotserveError
 
+from .model_choice import MODEL_HELP, check_model_arg
+
 HELP = "run the whole system locally on a compressed spot trace and print a summary"
 TARGET_SECONDS = 120.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, metavar="DIR",
-                        help="HF model folder with tokenizer.json (default: build a tiny "
-                             "random Llama under --out)")
+    parser.add_argument("--model", metavar="DIR|smollm2|tiny", help=MODEL_HELP)
     parser.add_argument("--trace", metavar="FILE",
                         help="SpotServe availability trace (g4dn.csv or a JSON-lines "
                              "segment; default: the built-in synthetic trace)")
@@ -37,12 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "built-in trace kills n4 without one)")
     parser.add_argument("--instance-type", default="cpu-1x",
                         help="emulated instance type: cpu-1x, cpu-2x or cpu-4x (cpu-1x)")
-    parser.add_argument("--rate", type=float, default=4.0, metavar="REQ/S",
-                        help="requests per second sent to the router (4)")
-    parser.add_argument("--max-tokens", type=int, default=128,
-                        help="tokens generated per request (128)")
+    parser.add_argument("--rate", type=float, metavar="REQ/S",
+                        help="requests per second sent to the router (1 for a chat model, "
+                             "4 for the tiny one)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="tokens generated per request at most: a chat model's answer "
+                             "ends at its end of turn (48), the tiny model's random prompts "
+                             "run to it (128)")
     parser.add_argument("--prompt-tokens", type=int, default=12,
-                        help="prompt length in tokens (12)")
+                        help="prompt length in tokens, for a model without a chat template "
+                             "(12)")
     parser.add_argument("--restart-controller-at", type=float, metavar="S",
                         help="restart the controller this many seconds in (it resumes from "
                              "its state file)")
@@ -55,19 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name, value, ok in (("--rate", args.rate, args.rate > 0),
-                            ("--max-tokens", args.max_tokens, args.max_tokens > 0),
+    for name, value, ok in (("--rate", args.rate, args.rate is None or args.rate > 0),
+                            ("--max-tokens", args.max_tokens,
+                             args.max_tokens is None or args.max_tokens > 0),
                             ("--prompt-tokens", args.prompt_tokens, args.prompt_tokens > 0),
                             ("--grace", args.grace, args.grace >= 0),
                             ("--compression", args.compression,
                              args.compression is None or args.compression > 0)):
         if not ok:
             raise SpotserveError(f"{name} {value}: must be a positive number")
-    if args.model is not None and not (args.model / "config.json").is_file():
-        raise SpotserveError(f"--model {args.model}: no config.json in that folder")
-    if args.model is not None and not (args.model / "tokenizer.json").is_file():
-        raise SpotserveError(f"--model {args.model}: no tokenizer.json in that folder "
-                             f"(the router needs it)")
+    check_model_arg(args.model)
 
 
 def run(args: argparse.Namespace) -> int:

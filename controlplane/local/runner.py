@@ -33,6 +33,7 @@ from spotserve.catalog import Catalog
 from spotserve.client import Progress, ResumingClient
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
+from spotserve.tokenizer import ChatMessage, ModelTokenizer
 from spotserve.v1 import common_pb2, inference_pb2
 
 from ..controller.actuator import ActuatorError
@@ -51,6 +52,7 @@ from .tiny_model import VOCAB
 log = logging.getLogger("spotserve.local")
 CATALOG = Path(__file__).with_name("catalog.yaml")
 SERVING_WITHIN = 120.0  # seconds for the first configuration to serve
+ENDED = (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,11 @@ class RunOptions:
     seed: int = 0
     progress_every: float = 5.0
     say: Callable[[str], None] | None = None
+    # Chat requests: each request one of these questions, as a user turn under the model's
+    # chat template, answered greedily up to its end of turn (or max_tokens). Empty: random
+    # token prompts of prompt_tokens, generated to max_tokens whatever they say.
+    questions: tuple[str, ...] = ()
+    on_done: Callable[[RequestRecord], None] | None = None   # each request, once it ended
 
 
 @dataclass
@@ -93,6 +100,8 @@ class RequestRecord:
     resumes: list[str] = field(default_factory=list)  # "mode@pipeline after N tokens"
     # when its client's stream broke (its router replica died) and the replica's name
     client_breaks: list[tuple[float, str]] = field(default_factory=list)
+    question: str = ""     # a chat request's question, and its answer (tokens decoded)
+    answer: str = ""
 
     def resumes_by(self, mode: str) -> int:
         return sum(r.startswith(f"{mode}@") for r in self.resumes)
@@ -118,7 +127,9 @@ class RunResult:
 
     @property
     def failed(self) -> list[RequestRecord]:
-        return [r for r in self.records if r.error or r.finish != common_pb2.FINISH_REASON_LENGTH]
+        """Requests that did not end as asked: an error, or cut short (a chat request ends
+        at its end of turn or at max_tokens; a token-prompt one at max_tokens)."""
+        return [r for r in self.records if r.error or r.finish not in ENDED]
 
     @property
     def mismatched(self) -> list[str]:
@@ -153,6 +164,12 @@ class LocalRun:
                           workdir=options.workdir.resolve())
         self.options = options
         self.model = ModelSpec.from_hf_config(options.model_dir)
+        self.tokenizer: ModelTokenizer | None = None
+        if options.questions:
+            self.tokenizer = ModelTokenizer.from_dir(options.model_dir)
+            if not self.tokenizer.has_chat_template:
+                raise SpotserveError(f"{options.model_dir}: the model has no chat template, "
+                                     f"so it cannot be sent chat requests")
         self.catalog = Catalog.load(CATALOG)
         self.catalog.instance(options.instance_type)  # fail early on a bad type
         self.token = secrets.token_hex(16)
@@ -397,23 +414,31 @@ class LocalRun:
                 + record.client_breaks)
             record.resumes = [f"{r['mode']}@{r['on']} after {r['committed']}" for r in resumes]
 
-    def _prompt(self) -> list[int]:
+    def _prompt(self) -> tuple[list[int], str]:
+        """The next request's prompt tokens, and its question for a chat request."""
+        if self.tokenizer is not None:
+            questions = self.options.questions
+            question = questions[self._sent % len(questions)]
+            return self.tokenizer.encode_chat([ChatMessage("user", question)]), question
         vocab = min(self.model.vocab_size, VOCAB)
-        return [self._rng.randrange(3, vocab) for _ in range(self.options.prompt_tokens)]
+        return [self._rng.randrange(3, vocab) for _ in range(self.options.prompt_tokens)], ""
 
     def _send(self) -> None:
+        prompt, question = self._prompt()
         self._sent += 1
-        record = RequestRecord(f"req-{self._sent:04d}", self._prompt(), self.now())
+        record = RequestRecord(f"req-{self._sent:04d}", prompt, self.now(), question=question)
         self.records.append(record)
         self._by_id[record.request_id] = record
         task = asyncio.create_task(self._generate(record, record.request_id))
         self._requests.append(task)
 
-    async def _generate(self, record: RequestRecord, request_id: str) -> None:
+    async def _generate(self, record: RequestRecord, request_id: str,
+                        reference: bool = False) -> None:
+        chat = self.tokenizer is not None
         request = inference_pb2.GenerateRequest(
             token_ids=inference_pb2.TokenIds(ids=record.prompt), request_id=request_id,
             sampling=common_pb2.SamplingParams(max_tokens=self.options.max_tokens,
-                                               temperature=0.0, ignore_eos=True))
+                                               temperature=0.0, ignore_eos=not chat))
         progress = Progress()
         try:
             async for message in self.client.generate(request, progress, timeout=300):
@@ -426,6 +451,10 @@ class LocalRun:
         names = {r.grpc_address: self.router_name(i) for i, r in enumerate(self.routers)}
         record.client_breaks = [(t - self._start, names.get(a, a)) for t, a in progress.breaks]
         record.done = self.now()
+        if self.tokenizer is not None:
+            record.answer = self.tokenizer.decode(record.tokens).strip()
+        if not reference and self.options.on_done is not None:
+            self.options.on_done(record)
 
     async def _wait_requests(self) -> None:
         pending = [t for t in self._requests if not t.done()]
@@ -466,7 +495,7 @@ class LocalRun:
         async def one(record: RequestRecord) -> None:
             copy = RequestRecord(record.request_id, record.prompt, 0.0)
             async with limit:
-                await self._generate(copy, f"ref-{record.request_id}")
+                await self._generate(copy, f"ref-{record.request_id}", reference=True)
             out[record.request_id] = copy.tokens if not copy.error else []
 
         await asyncio.gather(*(one(r) for r in self.records if not r.error))

@@ -14,15 +14,16 @@ import sys
 from spotserve.catalog import Catalog
 from spotserve.errors import SpotserveError
 from spotserve.model_spec import ModelSpec
+from spotserve.tokenizer import chat_template
 
 from ..controller.controller import Controller
 from ..controller.events import LoadChanged
 from ..controller.journal import Journal
 from .backend import BackendOptions, LocalBackend, visible_gpus
 from .cloud import Script
+from .model_choice import local_model
 from .router_process import RouterProcess
 from .runner import CATALOG, RunOptions, settings_for
-from .tiny_model import build_tiny_llama
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -34,8 +35,8 @@ async def _serve(args: argparse.Namespace) -> int:
     # A previous run's controller state names workers that ended with that run: resuming
     # it would wait on them for ever. Each run starts clean.
     shutil.rmtree(args.out / "controller", ignore_errors=True)
-    model_dir = args.model.resolve() if args.model else \
-        build_tiny_llama(args.out / "tiny-llama")
+    model_dir = local_model(args.model, args.out,   # stdout's first line says "serving"
+                            lambda text: print(text, file=sys.stderr, flush=True))
     model = ModelSpec.from_hf_config(model_dir)
     catalog = Catalog.load(CATALOG)
     catalog.instance(args.instance_type)
@@ -76,8 +77,7 @@ async def _serve(args: argparse.Namespace) -> int:
         name = model_dir.name
         print(f"serving {model_dir} as model {name!r} ({config}) on {base} (OpenAI API) "
               f"and grpc {router.grpc_address}; Ctrl-C stops\n"
-              f"try: curl {base}/completions -H 'content-type: application/json' "
-              f"-d '{{\"model\": \"{name}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'",
+              f"try: curl {base}/{_example(name, chat_template(model_dir) is not None)}",
               flush=True)
         await stop.wait()
         return 0
@@ -86,6 +86,16 @@ async def _serve(args: argparse.Namespace) -> int:
             task.cancel()
         await backend.close()
         await router.stop()
+
+
+def _example(name: str, chat: bool) -> str:
+    """The rest of a curl command line that asks the served model something."""
+    if chat:
+        body = (f'{{"model": "{name}", "max_tokens": 32, "messages": '
+                f'[{{"role": "user", "content": "What is the capital of France?"}}]}}')
+        return f"chat/completions -H 'content-type: application/json' -d '{body}'"
+    body = f'{{"model": "{name}", "prompt": "hello", "max_tokens": 16}}'
+    return f"completions -H 'content-type: application/json' -d '{body}'"
 
 
 async def _forward(backend: LocalBackend, controller: Controller) -> None:

@@ -15,16 +15,16 @@ from pathlib import Path
 
 from spotserve.errors import SpotserveError
 
-HELP = "serve a model locally behind the router (spotserve up --local --model DIR)"
+from .model_choice import MODEL_HELP, check_model_arg
+
+HELP = "serve a model locally behind the router (SmolLM2-135M-Instruct by default)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", action="store_true",
                         help="run everything on this machine (the only mode of `up`; on "
                              "Kubernetes install the Helm chart instead)")
-    parser.add_argument("--model", type=Path, metavar="DIR",
-                        help="HF model folder with tokenizer.json (default: a tiny random "
-                             "Llama built under --out)")
+    parser.add_argument("--model", metavar="DIR|smollm2|tiny", help=MODEL_HELP)
     parser.add_argument("--instances", type=int, default=1,
                         help="emulated instances to start (1)")
     parser.add_argument("--instance-type", default="cpu-1x",
@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
                          ("--max-concurrency", args.max_concurrency)):
         if number < 1:
             raise SpotserveError(f"{flag} {number}: must be at least 1")
-    if args.model is not None and not (args.model / "tokenizer.json").is_file():
-        raise SpotserveError(f"--model {args.model}: needs config.json and tokenizer.json")
+    check_model_arg(args.model)
     for flag, value in (("--http", args.http), ("--grpc", args.grpc)):
         if ":" not in value or not value.rpartition(":")[2].isdigit():
             raise SpotserveError(f"{flag} {value!r}: expected HOST:PORT")

@@ -17,13 +17,13 @@ from aiohttp import web
 
 from spotserve.auth import BearerCheck
 from spotserve.errors import SpotserveError
+from spotserve.tokenizer import ModelTokenizer
 
 from .dispatch import Pipeline
 from .openai_http import build_app
 from .request_log import RequestLog
 from .router import Router, RouterConfig
 from .server import start_grpc
-from .tokenizer import ModelTokenizer
 from .worker_client import WorkerClients
 
 log = logging.getLogger(__name__)

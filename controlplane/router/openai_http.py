@@ -30,12 +30,12 @@ from typing import Any
 from aiohttp import web
 
 from spotserve.auth import BearerCheck
+from spotserve.tokenizer import ChatMessage
 from spotserve.v1 import common_pb2
 
 from .errors import ErrorKind, RouterError, invalid
 from .metrics import CONTENT_TYPE
 from .router import Chunk, Router
-from .tokenizer import ChatMessage
 
 log = logging.getLogger(__name__)
 HTTP_STATUS = {

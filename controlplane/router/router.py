@@ -22,6 +22,7 @@ from enum import Enum
 
 import grpc
 
+from spotserve.tokenizer import ModelTokenizer
 from spotserve.v1 import common_pb2, control_pb2, worker_pb2
 
 from .commit_log import CommitLog, GapError
@@ -33,7 +34,6 @@ from .request_log import RequestLog
 from .resume import KV, MODE_NAMES, Interruption, Resumer
 from .scheduler import Scheduler
 from .text import TextStream
-from .tokenizer import ModelTokenizer
 from .topology import ResumeHint, Topology, check_pipelines
 from .validation import ModelLimits, check_model, validate
 from .worker_client import SubmitCall, WorkerClients

@@ -145,7 +145,7 @@ def test_smollm2_greedy_tokens_are_the_same_across_configurations(
     """A real model (SmolLM2-135M-Instruct: 30 layers, 9 heads, 3 KV heads) gives the same
     greedy tokens as one process in two pipeline stages and over three TP ranks (one KV
     head each; with M above the KV heads, `kv_heads` gives each rank a replica of one)."""
-    from spotserve.operator.router.tokenizer import ChatMessage, ModelTokenizer
+    from spotserve.tokenizer import ChatMessage, ModelTokenizer
     _, folder = smollm2
     tokenizer = ModelTokenizer.from_dir(folder)
     params = SamplingParams(max_tokens=12, ignore_eos=True)

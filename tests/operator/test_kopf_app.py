@@ -511,19 +511,30 @@ async def test_a_spec_broken_then_fixed_recovers() -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_a_hub_repository_no_built_in_names_is_planned_from_its_config() -> None:
+async def test_a_hub_repository_no_built_in_names_is_planned_from_its_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 19: an LLMService naming Mistral-7B-Instruct-v0.3 (no built-in model) is
-    planned from the config.json the operator fetches, and its workers are configured; a
-    repository whose config cannot be had is Degraded, saying why."""
-    from spotserve.operator.k8s.model_config import ConfigFetcher
-
-    from .fake_hub import fake_hub
+    planned from the config.json the operator fetches, and its workers are configured; so
+    is one serving Qwen2.5-7B from an https archive; a repository whose config cannot be
+    had is Degraded, saying why."""
+    from .fake_hub import QWEN25_7B, archive, https_archives
     mistral = {**SPEC, "model": {"huggingFace": {
         "repoId": "mistralai/Mistral-7B-Instruct-v0.3"}}}
     missing = {**SPEC, "model": {"huggingFace": {"repoId": "acme/nothing"}}}
     wire = RecordingWire()
-    async with fake_hub() as hub, emulator([node("n1"), service("mistral", mistral),
-                                            service("missing", missing)]) as cluster:
+    with https_archives({"/qwen.tar.gz": archive(QWEN25_7B)}, monkeypatch) as base:
+        qwen = {**SPEC, "model": {"url": f"{base}/qwen.tar.gz"}}
+        await _plans_from_fetched_configs(wire, mistral, missing, qwen)
+
+
+async def _plans_from_fetched_configs(wire: RecordingWire, mistral: dict[str, Any],
+                                      missing: dict[str, Any], qwen: dict[str, Any]) -> None:
+    from spotserve.operator.k8s.model_config import ConfigFetcher
+
+    from .fake_hub import fake_hub
+    async with fake_hub() as hub, emulator([node("n1"), node("n2"), service("mistral", mistral),
+                                            service("missing", missing),
+                                            service("qwen", qwen)]) as cluster:
         runtime = Runtime(Connection(cluster.url, insecure=True), token="t",
                           wire=lambda: wire, interval=0.3,
                           options=BackendOptions(ready_timeout=20, poll_seconds=0.2,
@@ -535,6 +546,7 @@ async def test_a_hub_repository_no_built_in_names_is_planned_from_its_config() -
                 c = conditions(obj).get(kind)
                 return c if c and c["status"] == "True" else None
             await until(lambda: condition("mistral", "Ready"))
+            await until(lambda: condition("qwen", "Ready"))
             assert wire.configured
             cond = await until(lambda: condition("missing", "Degraded"))
             assert "acme/nothing" in cond["message"] and "no config.json" in cond["message"]

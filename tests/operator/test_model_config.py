@@ -1,5 +1,5 @@
-"""An LLMService naming a Hugging Face repository that is no built-in model: the operator
-fetches its config.json (only that) and plans from the checkpoint's own shape."""
+"""An LLMService naming a Hugging Face repository, or a URL, that is no built-in model: the
+operator fetches its config.json (only that) and plans from the checkpoint's own shape."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from spotserve.errors import SpotserveError
 from spotserve.operator.k8s.model_config import ConfigFetcher
-from spotserve.operator.k8s.spec import ServiceSpec, hub_source, validate
+from spotserve.operator.k8s.spec import ServiceSpec, hub_source, url_source, validate
 
-from .fake_hub import GATED, fake_hub
+from .fake_hub import GATED, QWEN25_7B, archive, fake_hub, https_archives
 
 POOL = {"name": "l40s", "capacityType": "spot", "instanceType": "g6e.12xlarge",
         "maxInstances": 4}
@@ -73,3 +73,29 @@ async def test_why_a_config_could_not_be_had_reaches_the_problem() -> None:
     result = validate(spec("openai-community/gpt2"), fetched=config)
     assert isinstance(result, list)
     assert "unsupported architecture" in result[0].message and "GPT2" in result[0].message
+
+
+async def test_a_url_source_plans_from_the_config_in_its_archive(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https archive of Qwen2.5-7B (no built-in name in its URL): the operator reads
+    the archive's config.json (and no further) and plans from its shape; a URL whose
+    config cannot be had says why in the problem."""
+    with https_archives({"/models/qwen.tar.gz": archive(QWEN25_7B)}, monkeypatch) as base:
+        url = f"{base}/models/qwen.tar.gz"
+        service = {**spec("unused"), "model": {"url": url}}
+        assert isinstance(validate(service), list)   # by its URL alone: unknown
+        assert url_source(service["model"]) == url   # type: ignore[arg-type]
+        fetcher = ConfigFetcher(token="")
+        config = await fetcher.url(url)
+        assert await fetcher.url(url) is config and fetcher.fetches == 1   # kept
+        result = validate(service, fetched=config)
+        assert isinstance(result, ServiceSpec), result
+        assert (result.model.family, result.model.num_layers, result.model.name) == (
+            "qwen2", 28, "qwen")
+        missing = f"{base}/models/gone.tar.gz"
+        with pytest.raises(SpotserveError, match="404") as caught:
+            await fetcher.url(missing)
+        problems = validate({**service, "model": {"url": missing}}, fetch_error=str(caught.value))
+        assert isinstance(problems, list) and "404" in problems[0].message
+    named = {"url": "s3://bucket/weights/", "servedName": "meta-llama/Llama-3.1-8B-Instruct"}
+    assert url_source(named) is None                 # a built-in name: nothing fetched

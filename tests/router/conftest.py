@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from spotserve.operator.router.app import RouterApp
 from spotserve.operator.router.dispatch import Pipeline
-from spotserve.operator.router.tokenizer import ModelTokenizer
+from spotserve.tokenizer import ModelTokenizer
 
 from .fake_worker import FakeWorker, start_fake_worker
 from .tiny_model import build_model_dir

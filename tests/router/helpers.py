@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from spotserve.operator.router.app import RouterApp
-from spotserve.operator.router.tokenizer import ModelTokenizer
+from spotserve.tokenizer import ModelTokenizer
 from spotserve.v1 import (
     common_pb2,
     control_pb2_grpc,

@@ -16,7 +16,7 @@ import openai
 import pytest
 import pytest_asyncio
 
-from spotserve.operator.router.tokenizer import ModelTokenizer
+from spotserve.tokenizer import ModelTokenizer
 
 from .conftest import TOKEN
 from .helpers import expected

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from spotserve.operator.router.dispatch import Pipeline
-from spotserve.operator.router.tokenizer import ModelTokenizer
+from spotserve.tokenizer import ModelTokenizer
 from spotserve.v1 import common_pb2
 
 from .conftest import StartRouter, StartWorker

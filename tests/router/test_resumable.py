@@ -15,7 +15,7 @@ import pytest
 
 from spotserve.operator.router.app import RouterApp
 from spotserve.operator.router.dispatch import Pipeline
-from spotserve.operator.router.tokenizer import ModelTokenizer
+from spotserve.tokenizer import ModelTokenizer
 from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from .conftest import StartRouter, StartWorker

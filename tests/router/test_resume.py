@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from spotserve.operator.router.dispatch import Pipeline, PipelineState
-from spotserve.operator.router.tokenizer import ModelTokenizer
 from spotserve.operator.router.topology import ResumeHint
+from spotserve.tokenizer import ModelTokenizer
 from spotserve.v1 import common_pb2, control_pb2, worker_pb2, worker_pb2_grpc
 
 from .conftest import StartRouter, StartWorker

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from spotserve.client import Progress, ResumingClient
-from spotserve.operator.router.tokenizer import ModelTokenizer
+from spotserve.tokenizer import ModelTokenizer
 from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .conftest import TOKEN

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from spotserve.operator.router.dispatch import Pipeline
-from spotserve.operator.router.tokenizer import ChatMessage, ModelTokenizer
+from spotserve.tokenizer import ChatMessage, ModelTokenizer
 from spotserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from .conftest import StartRouter, StartWorker

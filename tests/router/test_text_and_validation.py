@@ -8,8 +8,8 @@ import pytest
 
 from spotserve.operator.router.errors import RouterError
 from spotserve.operator.router.text import IncrementalDetokenizer, StopMatcher
-from spotserve.operator.router.tokenizer import ChatMessage, ModelTokenizer
 from spotserve.operator.router.validation import ModelLimits, validate
+from spotserve.tokenizer import ChatMessage, ModelTokenizer
 from spotserve.v1 import common_pb2
 
 from .fake_worker import fake_completion

@@ -9,6 +9,7 @@ import sys
 import tarfile
 import threading
 import types
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from spotserve.cli import main
 from spotserve.download import MARKER, Progress
+from spotserve.errors import SpotserveError
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -181,3 +183,72 @@ def test_metadata_only_keeps_the_config_and_tokenizer_and_no_weights(
     patterns = list(hub_calls[0]["allow_patterns"])  # type: ignore[call-overload]
     assert "tokenizer*" in patterns and "*.jinja" in patterns
     assert not any("safetensors" in p or "bin" in p for p in patterns)
+
+
+# --- config.json alone (what the operator reads before any pod starts) -------------------
+
+def _plain_tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_read_config_streams_an_archive_only_as_far_as_its_config(
+        serve: dict[str, bytes]) -> None:
+    """A 4 MB archive with config.json first is read within a 1 MB budget, gzipped or not
+    and wrapped in a folder or not; with the weights first the budget runs out and the
+    error says how to pack it."""
+    from spotserve.download import read_config
+
+    weights = bytes(range(256)) * (4 << 12)   # 4 MB, incompressible enough for the check
+    base = serve["__base__"].decode()
+    serve["/first.tar"] = _plain_tar({"config.json": json.dumps(CONFIG).encode(),
+                                      "model.safetensors": weights})
+    serve["/wrapped.tar.gz"] = _tarball({"qwen/config.json": json.dumps(CONFIG).encode(),
+                                         "qwen/model.safetensors": weights})
+    serve["/last.tar"] = _plain_tar({"model.safetensors": weights,
+                                     "config.json": json.dumps(CONFIG).encode()})
+    for name in ("first.tar", "wrapped.tar.gz"):
+        assert read_config(f"{base}/{name}", scan_bytes=1 << 20) == CONFIG
+    with pytest.raises(SpotserveError, match=r"no config\.json in the archive's first 1\.0 MB; "
+                                             r"put it first"):
+        read_config(f"{base}/last.tar", scan_bytes=1 << 20)
+    assert read_config(f"{base}/last.tar") == CONFIG   # the default budget reaches it
+
+
+@pytest.mark.parametrize(("members", "message"), [
+    ({"tokenizer.json": b"{}"}, r"holds no config\.json"),
+    ({"config.json": b"not json"}, r"config\.json is not JSON"),
+    ({"config.json": b"[1, 2]"}, r"not a JSON object"),
+    ({"deep/er/config.json": b"{}"}, r"holds no config\.json"),   # not the model's own
+])
+def test_read_config_errors_say_what_is_wrong(serve: dict[str, bytes], members: dict[str, bytes],
+                                              message: str) -> None:
+    from spotserve.download import read_config
+
+    serve["/model.tar.gz"] = _tarball(members)
+    with pytest.raises(SpotserveError, match=message):
+        read_config(serve["__base__"].decode() + "/model.tar.gz")
+
+
+def test_read_config_refuses_zip_missing_and_non_archives(serve: dict[str, bytes]) -> None:
+    from spotserve.download import read_config
+
+    base = serve["__base__"].decode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("config.json", json.dumps(CONFIG))
+    serve["/model.zip"] = buf.getvalue()
+    serve["/page.html"] = b"<html>" + b"x" * 2000
+    with pytest.raises(SpotserveError, match="zip archive's config.json cannot be read"):
+        read_config(f"{base}/model.zip")
+    with pytest.raises(SpotserveError, match="cannot read .*404"):
+        read_config(f"{base}/missing.tar")
+    with pytest.raises(SpotserveError, match="not a readable tar archive"):
+        read_config(f"{base}/page.html")
+    with pytest.raises(SpotserveError, match="unsupported URL"):
+        read_config("ftp://host/model.tar")

@@ -11,6 +11,7 @@ put a wrapping store in at the `spotserve.download.STORES` seam.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import pytest
 from spotserve import download
 from spotserve.cli import main
 from spotserve.download import MARKER
+from spotserve.errors import SpotserveError
 from spotserve.operator.local.tiny_model import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,6 +157,32 @@ def test_s3_trailing_slash_and_an_archive_object(s3: S3Bucket, tmp_path: Path) -
     assert main(["download", "--url", f"s3://{s3.name}/archives/tiny.tar.gz", "--to",
                  str(dest)]) == 0
     assert _tree(dest) == files
+
+
+def test_s3_config_alone_from_a_prefix_or_an_archive(s3: S3Bucket, tmp_path: Path) -> None:
+    """What the operator reads before any pod starts: config.json only (the weights'
+    objects are never fetched), from a prefix or from a tar archive object."""
+    files = _model(tmp_path)
+    config = json.loads(files["config.json"])
+    _upload_s3(s3, "llama/tiny", files)
+    assert download.read_config(f"s3://{s3.name}/llama/tiny/") == config
+    members = {"tiny/config.json": files["config.json"], "tiny/model.safetensors": b"w" * 4096}
+    s3.put("archives/tiny.tar", _tar(members))
+    assert download.read_config(f"s3://{s3.name}/archives/tiny.tar") == config
+    with pytest.raises(SpotserveError, match=r"no config\.json under this prefix"):
+        download.read_config(f"s3://{s3.name}/nothing/here")
+    with pytest.raises(SpotserveError, match="no bucket"):
+        download.read_config(f"s3://missing-{uuid.uuid4().hex[:6]}/llama")
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def test_s3_irsa_web_identity_is_used_without_keys(
@@ -345,3 +373,10 @@ def test_gcs_missing_credentials_are_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "no Google Cloud credentials for gs://b/m" in out.stderr
     assert "Workload Identity" in out.stderr and "serviceAccountName" in out.stderr
+
+
+def test_gcs_config_alone_from_a_prefix(gcs: Any, tmp_path: Path) -> None:
+    files = _model(tmp_path)
+    for name, data in files.items():
+        gcs.blob(f"llama/tiny/{name}").upload_from_string(data)
+    assert download.read_config(f"gs://{gcs.name}/llama/tiny") == json.loads(files["config.json"])

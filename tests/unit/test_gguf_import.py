@@ -55,7 +55,7 @@ def test_smollm2_answers_like_transformers_on_the_same_file(smollm2: tuple[Path,
     import torch
     import transformers
 
-    from spotserve.operator.router.tokenizer import ChatMessage, ModelTokenizer
+    from spotserve.tokenizer import ChatMessage, ModelTokenizer
     from spotserve.worker.engine.builder import local_engine
     from spotserve.worker.engine.sequence import SamplingParams
     gguf_file, folder = smollm2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from spotserve.operator.local.tiny_model import build_tiny_llama, word
-from spotserve.operator.router.tokenizer import ChatMessage, ModelTokenizer
+from spotserve.tokenizer import ChatMessage, ModelTokenizer
 
 
 @pytest.fixture(scope="module")
