@@ -264,8 +264,9 @@ def _archive_config(stream: Any, url: str, scan_bytes: int) -> bytes:
                     return bytes(config.read())
     except _TooFar:
         raise SpotserveError(f"{url}: no config.json in the archive's first "
-                             f"{_size(scan_bytes)}; put it first (tar cf model.tar "
-                             "config.json *), or serve from a bucket prefix") from None
+                             f"{_size(scan_bytes)}; put it first (name it first to tar: "
+                             "tar czf model.tar.gz config.json *.safetensors tokenizer*), "
+                             "or serve from a bucket prefix") from None
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise SpotserveError(f"{url}: not a readable tar archive ({exc})") from None
     raise SpotserveError(f"{url}: the archive holds no config.json")

@@ -58,12 +58,14 @@ class PipelineFull(SpotserveError):
 @dataclass(frozen=True)
 class StreamEvent:
     """A token (or just an end) of one request; `finish` 0 while it goes on. `error` set:
-    the pipeline broke and the request must resume elsewhere."""
+    the pipeline broke and the request must resume elsewhere, or, `rejected`, the engine
+    cannot run it (out of memory twice) and it ends with that error."""
 
     index: int
     token_id: int | None = None
     finish: int = 0
     error: str = ""
+    rejected: bool = False
 
 
 Sink = Callable[[StreamEvent], None]
@@ -232,6 +234,12 @@ class Driver:
             self._drain_steps += 1
         self._publish(seconds)
         for event in events:
+            if event.error:
+                log.warning("request %s rejected: %s", event.request_id, event.error)
+                sink = self._sinks.pop(event.request_id, None)
+                if sink is not None:
+                    sink(StreamEvent(event.index, None, 0, event.error, rejected=True))
+                continue
             finish = FINISH[event.finish_reason] if event.finish_reason else 0
             sink = self._sinks.pop(event.request_id) if finish else \
                 self._sinks.get(event.request_id)

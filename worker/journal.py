@@ -58,6 +58,13 @@ class Broken(StreamEnded):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Rejected(StreamEnded):
+    """The engine could not run the request (out of device memory, twice): its final
+    answer, with the reason; the router passes it on instead of resuming elsewhere."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class NotHeld(StreamEnded):
     """No record of the request here."""
 
@@ -76,6 +83,7 @@ class Record:
     tokens: list[int]
     finish: int = RUNNING
     error: str = ""
+    rejected: bool = False    # the error is the engine's refusal, not a broken pipeline
     ended_at: float = 0.0
     owner: int = 0            # the stream that follows it now (0: none)
     dropped: bool = False     # cancelled: let go once its stream has the end
@@ -93,15 +101,17 @@ class Record:
     def ended(self) -> bool:
         return self.finish != RUNNING
 
-    def add(self, index: int, token_id: int | None, finish: int = 0, error: str = "") -> None:
+    def add(self, index: int, token_id: int | None, finish: int = 0, error: str = "",
+            rejected: bool = False) -> None:
         """One engine event: the token at generated index `index` (a token the record has
-        already is kept as it was), the end, or the pipeline's error."""
+        already is kept as it was), the end, or the pipeline's error (`rejected`: the
+        engine's refusal of this request)."""
         if self.ended:
             return
         if token_id is not None and index == len(self.tokens):
             self.tokens.append(token_id)
         if error:
-            self.finish, self.error = FR.FINISH_REASON_ERROR, error
+            self.finish, self.error, self.rejected = FR.FINISH_REASON_ERROR, error, rejected
         elif finish:
             self.finish = finish
         if self.ended:
@@ -224,7 +234,7 @@ class Journal:
         try:
             async for delta in record.follow(owner, position):
                 if delta.finish_reason == FR.FINISH_REASON_ERROR:
-                    raise Broken(record.error or "the pipeline failed")
+                    raise _ended(record)
                 yield delta
         finally:
             if self.release(record, owner, cancelled=False):
@@ -253,7 +263,7 @@ class Journal:
         if record.finish == FR.FINISH_REASON_ERROR:  # its tokens, then why it stopped
             first.finish_reason = FR.FINISH_REASON_UNSPECIFIED
             yield first
-            raise Broken(record.error or "the pipeline failed")
+            raise _ended(record)
         yield first
 
     def _own(self, record: Record) -> int:
@@ -271,6 +281,14 @@ class Journal:
             if record.ended_at < cutoff or extra > 0:
                 del self._records[record.request_id]
                 extra -= 1
+
+
+def _ended(record: Record) -> StreamEnded:
+    """Why a record that ended in an error ended: the engine refused it, or its pipeline
+    broke (resume it elsewhere)."""
+    if record.rejected:
+        return Rejected(record.error)
+    return Broken(record.error or "the pipeline failed")
 
 
 async def relay(context: grpc.aio.ServicerContext[Any, Any],

@@ -48,7 +48,7 @@ from spotserve.worker.driver import (
     StreamEvent,
 )
 from spotserve.worker.engine.builder import build_runner
-from spotserve.worker.engine.engine import Engine, EngineConfig
+from spotserve.worker.engine.engine import Engine, EngineConfig, first_line, free_device_memory
 from spotserve.worker.engine.kv_shares import KVShares
 from spotserve.worker.engine.runner import StageRunner
 from spotserve.worker.epoch import EpochRole, join_world, leave_world, parse_role, role_key
@@ -349,6 +349,15 @@ class WorkerServicer(TensorServicer):
                                   device=self.options.device, tensors=tensors,
                                   shares=self.shares, reuse=old,
                                   on_device=self._on_device if old is not None else ())
+        except torch.OutOfMemoryError as exc:   # the stage does not fit: say so, free it all
+            _leave(groups)
+            tensors.clear()
+            free_device_memory()
+            raise SpotserveError(
+                f"out of memory building stage {role.position.stage} (TP rank "
+                f"{role.position.tp_rank}, {spec.dtype}) on {self.options.device}: "
+                f"{first_line(exc)}; the worker is back in standby with nothing loaded. "
+                "Plan more GPUs per stage, or lower --gpu-memory-utilization") from None
         except BaseException:
             _leave(groups)   # so that the next Configure can form its world
             raise
@@ -474,7 +483,7 @@ class WorkerServicer(TensorServicer):
 
         def sink(event: StreamEvent) -> None:
             loop.call_soon_threadsafe(record.add, event.index, event.token_id, event.finish,
-                                      event.error)
+                                      event.error, event.rejected)
 
         accepted = driver.submit(state, sink)
         try:

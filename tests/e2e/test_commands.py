@@ -19,23 +19,32 @@ pytest.importorskip("torch")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def test_demo_prints_the_summary_and_writes_report_and_timeline(tmp_path: Path) -> None:
+def test_demo_answers_with_smollm2_and_writes_report_and_timeline(
+        tmp_path: Path, smollm2: tuple[Path, Path]) -> None:
+    """`spotserve demo` on its defaults serves SmolLM2 (the fixture has it in the cache):
+    real answers, printed from before and after the preemptions, none failed, each the
+    model's greedy answer and the no-preemption reference's."""
     out = tmp_path / "demo"  # given relative to the working folder, as a user would
     done = subprocess.run(
         [sys.executable, "-m", "spotserve.cli", "demo", "--out", "demo", "--compression",
-         "2.5", "--grace", "6", "--rate", "2", "--max-tokens", "48", "--quiet"],
+         "2.5", "--grace", "6", "--quiet"],
         cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "failed 0" in done.stdout and "greedy token by token" in done.stdout
+    answers = done.stdout.partition("=== a few answers ===")[2]
+    assert "Q: What is the capital of France?\nA: The capital of France is Paris." in answers
+    assert "before any preemption; the same as with no preemption" in answers
+    assert "after the last migration; the same as with no preemption" in answers
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["failed"] == 0 and report["summary"]["served"] > 20
+    assert report["summary"]["identical_to_reference"]
     assert (out / "timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _up(out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "spotserve.cli", "up", "--local", "--out", str(out),
-         "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
+         "--model", "tiny", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

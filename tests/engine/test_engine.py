@@ -260,3 +260,61 @@ def test_cuda_half_precision_tracks_cpu_fp32(checkpoint: Path, dtype: str) -> No
     scale = float(logits[0].abs().max())
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.05 * scale)
     assert (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean() > 0.9
+
+
+class _SmallDevice:
+    """A runner's step that runs out of device memory on steps of more than `limit`
+    tokens (`times` times at most: a transient shortage), as torch raises it on CUDA."""
+
+    def __init__(self, engine: Engine, limit: int, times: int = 1 << 30) -> None:
+        self.step, self.limit, self.times = engine.runner.step, limit, times
+        self.failed = 0
+        engine.runner.step = self  # type: ignore[method-assign]
+
+    def __call__(self, plan: object) -> dict[str, int]:
+        tokens = sum(len(c.token_ids) for c in plan.chunks)  # type: ignore[attr-defined]
+        if tokens > self.limit and self.failed < self.times:
+            self.failed += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.step(plan)  # type: ignore[arg-type, no-any-return]
+
+
+def _events(engine: Engine) -> tuple[dict[str, list[int]], dict[str, str]]:
+    tokens: dict[str, list[int]] = {}
+    errors: dict[str, str] = {}
+    for event in engine.run():
+        if event.error:
+            errors[event.request_id] = event.error
+        else:
+            assert event.token_id is not None
+            tokens.setdefault(event.request_id, []).append(event.token_id)
+    return tokens, errors
+
+
+def test_out_of_memory_in_a_step_sets_the_biggest_request_aside_then_rejects_it(
+        checkpoint: Path) -> None:
+    """A step that does not fit in device memory costs no other request anything: the
+    request with the most tokens in it steps aside and runs later (a transient shortage:
+    its tokens are the same), or, failing again, is rejected with the reason, while the
+    others finish with their own tokens and the engine takes new requests after."""
+    params = dict.fromkeys(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))
+    reference = _generate(_engine(checkpoint, budget=64), params)
+
+    transient = _engine(checkpoint, budget=64)
+    device = _SmallDevice(transient, limit=len(PROMPTS["a"]) + len(PROMPTS["b"]), times=1)
+    for rid, p in params.items():
+        transient.submit(rid, PROMPTS[rid], p)
+    tokens, errors = _events(transient)
+    assert device.failed == 1 and not errors and tokens == reference
+
+    short = _engine(checkpoint, budget=64)
+    device = _SmallDevice(short, limit=len(PROMPTS["c"]) - 1)   # "c" never fits
+    for rid, p in params.items():
+        short.submit(rid, PROMPTS[rid], p)
+    tokens, errors = _events(short)
+    assert list(errors) == ["c"] and device.failed == 2
+    assert "out of memory: request c (30 tokens" in errors["c"] and "2.00 GiB" in errors["c"]
+    assert tokens == {rid: reference[rid] for rid in ("a", "b")}
+    assert short.scheduler.get("c") is None and short.blocks.num_free == short.blocks.num_blocks
+    short.submit("a2", PROMPTS["a"], params["a"])           # it goes on serving
+    assert _events(short) == ({"a2": reference["a"]}, {})

@@ -67,9 +67,10 @@ class Worker:
         return self.process.returncode
 
 
-async def spawn(host: str, model: Path, logs: Path, *extra: str) -> Worker:
+async def spawn(host: str, model: Path, logs: Path, *extra: str,
+                env: Mapping[str, str] | None = None) -> Worker:
     env = {**os.environ, "SPOTSERVE_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
     log = logs / f"worker-{host}.log"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "spotserve.cli", "worker", "--listen", f"{host}:0",

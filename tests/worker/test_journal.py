@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 
+import grpc
 import pytest
 
 from spotserve.v1 import common_pb2, worker_pb2
@@ -16,6 +17,7 @@ from spotserve.worker.journal import (
     Journal,
     NotDetachable,
     NotHeld,
+    Rejected,
     Superseded,
 )
 
@@ -161,3 +163,20 @@ async def test_ended_records_are_kept_for_a_while_and_at_most_so_many() -> None:
     running, _ = short.open(_request("j"))   # a running record is never expired
     time.sleep(0.02)
     assert short.lookup("j").found and not running.ended
+
+
+async def test_a_rejected_request_ends_with_its_reason_as_a_final_error() -> None:
+    """The engine refused the request (out of memory, twice): its stream and an Attach end
+    with INVALID_ARGUMENT and the reason, which the router passes on to the client,
+    instead of UNAVAILABLE, which would send it to another pipeline."""
+    journal = Journal()
+    record, owner = journal.open(_request("r"))
+    record.add(0, 4)
+    record.add(1, None, error="out of memory: request r does not fit", rejected=True)
+    with pytest.raises(Rejected, match="out of memory") as caught:
+        await anext(journal.stream(record, owner, 1, print))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    attach = journal.take_over("r", print)
+    assert list((await anext(attach)).token_ids) == [4]
+    with pytest.raises(Rejected):
+        await anext(attach)

