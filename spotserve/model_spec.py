@@ -1,7 +1,7 @@
 """Model shapes: every tensor's name, shape and tensor-parallel split rule, and byte counts.
 
 A `ModelSpec` is built from a Hugging Face `config.json` (Llama family: Llama 2/3,
-Mistral, Qwen2/2.5, Qwen3) or taken from the built-in shapes (`builtin_models`). The
+Mistral, Qwen2/2.5, Qwen3, Gemma) or taken from the built-in shapes (`builtin_models`). The
 planner, the worker's loader, the migration planner and the tests all read tensor
 names, split rules and byte counts from here and nowhere else.
 """
@@ -29,8 +29,11 @@ _HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
 }
 LLAMA_FAMILIES = frozenset(_HF_ARCHITECTURES.values())
+# MLP activations the engine runs (transformers' ACT2FN names)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
 class Split(Enum):
@@ -80,7 +83,7 @@ class ModelSpec:
     """The shape of a decoder-only transformer, enough to place, load and cost it."""
 
     name: str
-    family: str  # llama | mistral | qwen2 | qwen3 | opt
+    family: str  # llama | mistral | qwen2 | qwen3 | gemma | opt
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -97,6 +100,7 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()
+    hidden_act: str = "silu"          # the MLP's gate activation
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False,
@@ -113,12 +117,21 @@ class ModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise SpotserveError(f"model {self.name}: num_attention_heads ({self.num_heads}) "
                                  f"is not a multiple of num_key_value_heads ({self.num_kv_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise SpotserveError(f"model {self.name}: activation {self.hidden_act!r} is not one "
+                                 f"the engine runs ({', '.join(ACTIVATIONS)})")
 
     # ---- identity -------------------------------------------------------------------
     @property
     def is_llama_family(self) -> bool:
         """True for the families the worker's engine can run (others are for planning)."""
         return self.family in LLAMA_FAMILIES
+
+    @property
+    def gemma_style(self) -> bool:
+        """Gemma's differences from Llama: norms scale by (1 + weight), in fp32, and the
+        embedding is multiplied by sqrt(hidden_size)."""
+        return self.family == "gemma"
 
     @property
     def dtype_bytes(self) -> int:
@@ -348,6 +361,9 @@ def _from_config(config: Mapping[str, Any], name: str, dtype: str | None) -> Mod
     if not scaling and rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     raw_dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    # Gemma names its activation hidden_activation (its hidden_act is an old, ignored key)
+    act = (config.get("hidden_activation") or "gelu_pytorch_tanh") if family == "gemma" \
+        else config.get("hidden_act") or "silu"
     return ModelSpec(
         name=name, family=family, hidden_size=hidden,
         intermediate_size=_int(config, "intermediate_size"),
@@ -362,5 +378,5 @@ def _from_config(config: Mapping[str, Any], name: str, dtype: str | None) -> Mod
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rope_scaling=tuple(sorted(scaling.items())) if isinstance(scaling, dict) else (),
-        bos_token_id=config.get("bos_token_id"), eos_token_ids=eos_ids,
+        hidden_act=str(act), bos_token_id=config.get("bos_token_id"), eos_token_ids=eos_ids,
         hf_config=dict(config))

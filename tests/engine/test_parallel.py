@@ -162,3 +162,15 @@ def test_smollm2_greedy_tokens_are_the_same_across_configurations(
         produced = run_world(pipeline * tensor, folder, [Phase(config, arrivals)],
                              timeout=400)[0]
         assert produced == reference, (pipeline, tensor)
+
+
+@pytest.mark.slow
+def test_gemma_tokens_are_the_same_across_configurations(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Gemma's differences (the embedding scaled after the vocabulary-split lookup's
+    all-reduce, (1 + weight) norms, GELU) hold under tensor and pipeline parallelism."""
+    gemma = save_tiny(tmp_path_factory.mktemp("tiny") / "gemma", "gemma", seed=11)
+    reference = run_local(gemma, [Phase(_uniform(1, 1), ARRIVALS)])[0]
+    phases = [Phase(_uniform(1, 2), ARRIVALS), Phase(_uniform(2, 1), ARRIVALS)]
+    for produced in run_world(2, gemma, phases, timeout=240):
+        assert produced == reference

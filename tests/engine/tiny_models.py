@@ -24,6 +24,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
               "tie_word_embeddings": True},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 16},
+    "gemma": {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "head_dim": 24,
+              "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"},
 }
 
 BASE: dict[str, Any] = {

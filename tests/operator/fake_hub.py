@@ -34,10 +34,17 @@ QWEN25_7B = {
     "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 131072,
     "use_sliding_window": False, "max_window_layers": 28, "tie_word_embeddings": False,
     "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645}
+GEMMA_7B = {   # its hidden_act is an old key transformers ignores (GELU, tanh, is used)
+    "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 3072,
+    "intermediate_size": 24576, "num_hidden_layers": 28, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "head_dim": 256, "vocab_size": 256000,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "hidden_act": "gelu", "torch_dtype": "bfloat16", "bos_token_id": 2, "eos_token_id": 1}
 GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 12}
 REPOS: dict[str, dict[str, Any]] = {
     "mistralai/Mistral-7B-Instruct-v0.3": MISTRAL_7B_V03,
     "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B,
+    "google/gemma-7b-it": GEMMA_7B,
     "openai-community/gpt2": GPT2,
 }
 GATED = "acme/gated-model"

@@ -25,6 +25,7 @@ def spec(repo: str) -> dict[str, object]:
 @pytest.mark.parametrize(("repo", "family", "layers", "kv_heads"), [
     ("mistralai/Mistral-7B-Instruct-v0.3", "mistral", 32, 8),
     ("Qwen/Qwen2.5-7B-Instruct", "qwen2", 28, 4),
+    ("google/gemma-7b-it", "gemma", 28, 16),
 ])
 async def test_a_repository_that_is_no_built_in_plans_from_its_config(
         repo: str, family: str, layers: int, kv_heads: int) -> None:

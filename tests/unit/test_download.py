@@ -244,9 +244,9 @@ def test_read_config_refuses_zip_missing_and_non_archives(serve: dict[str, bytes
         zf.writestr("config.json", json.dumps(CONFIG))
     serve["/model.zip"] = buf.getvalue()
     serve["/page.html"] = b"<html>" + b"x" * 2000
-    with pytest.raises(SpotserveError, match="zip archive's config.json cannot be read"):
+    with pytest.raises(SpotserveError, match=r"zip archive's config\.json cannot be read"):
         read_config(f"{base}/model.zip")
-    with pytest.raises(SpotserveError, match="cannot read .*404"):
+    with pytest.raises(SpotserveError, match=r"cannot read .*404"):
         read_config(f"{base}/missing.tar")
     with pytest.raises(SpotserveError, match="not a readable tar archive"):
         read_config(f"{base}/page.html")

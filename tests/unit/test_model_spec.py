@@ -21,6 +21,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {},
     "Qwen3ForCausalLM": {"head_dim": 16},
+    "GemmaForCausalLM": {"head_dim": 16},
 }
 
 
@@ -97,6 +98,8 @@ def test_resolve_by_alias_path_and_dtype(tmp_path: Path) -> None:
      "not a multiple"),
     (json.dumps({**TINY, "architectures": ["LlamaForCausalLM"], "torch_dtype": "int4"}),
      "unsupported dtype"),
+    (json.dumps({**TINY, "architectures": ["LlamaForCausalLM"], "hidden_act": "relu2"}),
+     r"activation 'relu2' is not one the engine runs"),
 ])
 def test_bad_configs_give_clear_errors(tmp_path: Path, content: str | None, message: str) -> None:
     path = tmp_path / "config.json"
@@ -104,3 +107,15 @@ def test_bad_configs_give_clear_errors(tmp_path: Path, content: str | None, mess
         path.write_text(content)
     with pytest.raises(SpotserveError, match=message):
         ModelSpec.from_hf_config(path)
+
+
+def test_gemma_takes_its_activation_from_hidden_activation() -> None:
+    """Gemma's hidden_act is an old key transformers ignores: GELU (tanh) unless
+    hidden_activation says otherwise; Llama's hidden_act is read as it is."""
+    gemma = {**TINY, "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu"}
+    spec = ModelSpec.from_hf_config(gemma)
+    assert (spec.family, spec.hidden_act, spec.gemma_style) == (
+        "gemma", "gelu_pytorch_tanh", True)
+    assert ModelSpec.from_hf_config({**gemma, "hidden_activation": "gelu"}).hidden_act == "gelu"
+    llama = ModelSpec.from_hf_config({**TINY, "architectures": ["LlamaForCausalLM"]})
+    assert (llama.hidden_act, llama.gemma_style) == ("silu", False)

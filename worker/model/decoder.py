@@ -34,7 +34,7 @@ from spotserve.layout import (
 )
 from spotserve.model_spec import ModelSpec
 from spotserve.worker.model.attention import AttentionBatch
-from spotserve.worker.model.layers import DecoderLayer, RMSNorm, Shapes, _param
+from spotserve.worker.model.layers import DecoderLayer, RMSNorm, Shapes, _param, norm
 from spotserve.worker.model.parallel import TensorParallel
 from spotserve.worker.model.rope import RotaryEmbedding
 
@@ -71,7 +71,7 @@ class _Body(nn.Module):
         if old is not None and "model.norm.weight" in keep:
             self.norm = old.norm
         elif "model.norm.weight" in shapes:
-            self.norm = RMSNorm(model.hidden_size, model.rms_norm_eps, dtype, device)
+            self.norm = norm(model, model.hidden_size, dtype, device)
 
 
 class _Embedding(nn.Module):
@@ -138,11 +138,15 @@ class StageModel(nn.Module):
         assert self.model.embed_tokens is not None, "only the first stage embeds tokens"
         weight = self.model.embed_tokens.weight
         if self.tp.size == 1:
-            return F.embedding(token_ids, weight)
-        lo, hi = self.vocab_ranges[self.tp.rank]
-        inside = (token_ids >= lo) & (token_ids < hi)
-        local = F.embedding((token_ids - lo).clamp(0, hi - lo - 1), weight)
-        return self.tp.all_reduce(local * inside[:, None].to(local.dtype))
+            out = F.embedding(token_ids, weight)
+        else:
+            lo, hi = self.vocab_ranges[self.tp.rank]
+            inside = (token_ids >= lo) & (token_ids < hi)
+            local = F.embedding((token_ids - lo).clamp(0, hi - lo - 1), weight)
+            out = self.tp.all_reduce(local * inside[:, None].to(local.dtype))
+        if self.spec.gemma_style:   # scaled in the activations' dtype, as HF does
+            out = out * torch.tensor(self.spec.hidden_size ** 0.5, dtype=out.dtype)
+        return out
 
     def forward(self, inputs: torch.Tensor, batch: AttentionBatch, caches: KVCaches
                 ) -> torch.Tensor:

@@ -95,17 +95,31 @@ class RowLinear(Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device,
+                 gemma: bool = False) -> None:
         super().__init__()
         self.weight = _param((size,), dtype, device)
-        self.eps = eps
+        self.eps, self.gemma = eps, gemma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """HF's: normalised in fp32, cast back, then scaled (one kernel in fp32)."""
+        """HF's: normalised in fp32, cast back, then scaled (one kernel in fp32). Gemma's
+        scales by (1 + weight), in fp32, then casts."""
         shape = (x.shape[-1],)
+        if self.gemma:
+            normed = F.rms_norm(x.float(), shape, eps=self.eps)
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)
+
+
+def norm(model: ModelSpec, size: int, dtype: torch.dtype, device: torch.device) -> RMSNorm:
+    """The model's RMSNorm over `size` features."""
+    return RMSNorm(size, model.rms_norm_eps, dtype, device, gemma=model.gemma_style)
+
+
+ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu,
+                  "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class Attention(nn.Module):
@@ -120,8 +134,8 @@ class Attention(nn.Module):
         self.qkv = Fused([self.q_proj, self.k_proj, self.v_proj])
         self.q_norm = self.k_norm = None
         if model.qk_norm:
-            self.q_norm = RMSNorm(model.head_dim, model.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(model.head_dim, model.rms_norm_eps, dtype, device)
+            self.q_norm = norm(model, model.head_dim, dtype, device)
+            self.k_norm = norm(model, model.head_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
@@ -143,9 +157,9 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, prefix: str, shapes: Shapes, tp: TensorParallel, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, act: str = "silu") -> None:
         super().__init__()
-        self.tp = tp
+        self.tp, self.act = tp, ACTIVATION_FNS[act]
         self.gate_proj = Linear(f"{prefix}.gate_proj", shapes, dtype, device)
         self.up_proj = Linear(f"{prefix}.up_proj", shapes, dtype, device)
         self.down_proj = RowLinear(f"{prefix}.down_proj", shapes, dtype, device)
@@ -153,18 +167,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = torch.split(self.gate_up(x), self.gate_up.sizes, -1)
-        return self.down_proj.forward(F.silu(gate) * up, self.tp)
+        return self.down_proj.forward(self.act(gate) * up, self.tp)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, model: ModelSpec, layer: int, shapes: Shapes, tp: TensorParallel,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        prefix, eps, h = f"model.layers.{layer}", model.rms_norm_eps, model.hidden_size
-        self.input_layernorm = RMSNorm(h, eps, dtype, device)
+        prefix, h = f"model.layers.{layer}", model.hidden_size
+        self.input_layernorm = norm(model, h, dtype, device)
         self.self_attn = Attention(model, f"{prefix}.self_attn", shapes, tp, dtype, device)
-        self.post_attention_layernorm = RMSNorm(h, eps, dtype, device)
-        self.mlp = MLP(f"{prefix}.mlp", shapes, tp, dtype, device)
+        self.post_attention_layernorm = norm(model, h, dtype, device)
+        self.mlp = MLP(f"{prefix}.mlp", shapes, tp, dtype, device, model.hidden_act)
 
     def use_tp(self, tp: TensorParallel) -> None:
         """Reduce over `tp` from now on (the layer kept into a new epoch's groups)."""
