@@ -13,7 +13,7 @@ turns q and k in one pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +118,12 @@ def norm(model: ModelSpec, size: int, dtype: torch.dtype, device: torch.device) 
     return RMSNorm(size, model.rms_norm_eps, dtype, device, gemma=model.gemma_style)
 
 
-ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu,
-                  "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh}
 
 
 class Attention(nn.Module):
