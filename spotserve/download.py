@@ -206,12 +206,7 @@ def _is_config(relative: str) -> bool:
 
 
 def _bucket_config(url: str, scan_bytes: int) -> bytes:
-    scheme, _, rest = url.partition("://")
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise SpotserveError(f"{url}: no bucket name (use {scheme}://BUCKET/PREFIX)")
-    store = open_store(scheme, bucket, url)
-    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    store, key, prefix = _bucket(url)
     with _explained(store, url):
         if key.endswith(ARCHIVES):
             archive = next((o for o in store.list(key) if o.key == key), None)
@@ -360,13 +355,18 @@ class Store(Protocol):
         """`exc` (raised by list or fetch) said in words, or None if it is not the SDK's."""
 
 
-def _from_bucket(url: str, dest: Path, metadata_only: bool = False) -> None:
+def _bucket(url: str) -> tuple[Store, str, str]:
+    """The store of an s3:// or gs:// URL, its key, and the key as a folder prefix."""
     scheme, _, rest = url.partition("://")
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise SpotserveError(f"{url}: no bucket name (use {scheme}://BUCKET/PREFIX)")
-    store = open_store(scheme, bucket, url)
     prefix = key.strip("/") + "/" if key.strip("/") else ""
+    return open_store(scheme, bucket, url), key, prefix
+
+
+def _from_bucket(url: str, dest: Path, metadata_only: bool = False) -> None:
+    store, key, prefix = _bucket(url)
     with _explained(store, url):
         files = [o for o in store.list(prefix)
                  if not o.key.endswith("/") and Path(o.key).name != MARKER]

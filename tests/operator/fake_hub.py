@@ -5,19 +5,17 @@ an https server of model archives, for `url` sources."""
 from __future__ import annotations
 
 import contextlib
-import http.server
-import io
 import json
 import ssl
-import tarfile
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+
+from tests.served_files import serve_files, tar_of
 
 # the shapes of the public config.json files (values that matter to the planner and engine)
 MISTRAL_7B_V03 = {
@@ -95,22 +93,9 @@ def https_archives(archives: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) 
     ca.cert_pem.write_to_path(ca_file)
     monkeypatch.setenv("SSL_CERT_FILE", ca_file)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = archives.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("127.0.0.1").configure_cert(context)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_files(archives, context)
     try:
         yield f"https://127.0.0.1:{server.server_port}"
     finally:
@@ -118,11 +103,5 @@ def https_archives(archives: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) 
 
 
 def archive(config: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in (("qwen/config.json", json.dumps(config).encode()),
-                           ("qwen/model-00001-of-00004.safetensors", b"\0" * 65536)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_of({"qwen/config.json": json.dumps(config).encode(),
+                   "qwen/model-00001-of-00004.safetensors": b"\0" * 65536})

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import sys
-import tarfile
-import threading
 import types
 import zipfile
 from collections.abc import Iterator
@@ -18,39 +15,17 @@ import pytest
 from spotserve.cli import main
 from spotserve.download import MARKER, Progress
 from spotserve.errors import SpotserveError
+from tests.served_files import serve_files, tar_of
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
           "vocab_size": 100}
 
 
-def _tarball(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 @pytest.fixture
 def serve() -> Iterator[dict[str, bytes]]:
     files: dict[str, bytes] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = files.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_files(files)
     files["__base__"] = f"http://127.0.0.1:{server.server_port}".encode()
     yield files
     server.shutdown()
@@ -58,7 +33,7 @@ def serve() -> Iterator[dict[str, bytes]]:
 
 def test_https_archive_is_unpacked_flattened_and_not_fetched_twice(
         serve: dict[str, bytes], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    serve["/m.tar.gz"] = _tarball({"model/config.json": json.dumps(CONFIG).encode(),
+    serve["/m.tar.gz"] = tar_of({"model/config.json": json.dumps(CONFIG).encode(),
                                    "model/model.safetensors": b"x" * 10})
     url = serve["__base__"].decode() + "/m.tar.gz"
     dest = tmp_path / "models"
@@ -121,7 +96,7 @@ def test_progress_on_a_terminal_rewrites_one_line() -> None:
 ])
 def test_bad_archives_exit_2(serve: dict[str, bytes], tmp_path: Path, members: dict[str, bytes],
                              message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    serve["/bad.tgz"] = _tarball(members)
+    serve["/bad.tgz"] = tar_of(members)
     url = serve["__base__"].decode() + "/bad.tgz"
     assert main(["download", "--url", url, "--to", str(tmp_path / "d")]) == 2
     assert message in capsys.readouterr().err
@@ -166,7 +141,7 @@ def test_metadata_only_keeps_the_config_and_tokenizer_and_no_weights(
         serve: dict[str, bytes], tmp_path: Path, hub_calls: list[dict[str, object]]) -> None:
     """The router's init step: what it reads (config, tokenizer, chat template), never the
     checkpoint; and a metadata-only folder never passes for a whole download."""
-    serve["/m.tar.gz"] = _tarball({"model/config.json": json.dumps(CONFIG).encode(),
+    serve["/m.tar.gz"] = tar_of({"model/config.json": json.dumps(CONFIG).encode(),
                                    "model/tokenizer.json": b"{}",
                                    "model/chat_template.jinja": b"{{ x }}",
                                    "model/model.safetensors": b"x" * 10})
@@ -187,16 +162,6 @@ def test_metadata_only_keeps_the_config_and_tokenizer_and_no_weights(
 
 # --- config.json alone (what the operator reads before any pod starts) -------------------
 
-def _plain_tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_read_config_streams_an_archive_only_as_far_as_its_config(
         serve: dict[str, bytes]) -> None:
     """A 4 MB archive with config.json first is read within a 1 MB budget, gzipped or not
@@ -206,11 +171,11 @@ def test_read_config_streams_an_archive_only_as_far_as_its_config(
 
     weights = bytes(range(256)) * (4 << 12)   # 4 MB, incompressible enough for the check
     base = serve["__base__"].decode()
-    serve["/first.tar"] = _plain_tar({"config.json": json.dumps(CONFIG).encode(),
+    serve["/first.tar"] = tar_of(mode="w", members={"config.json": json.dumps(CONFIG).encode(),
                                       "model.safetensors": weights})
-    serve["/wrapped.tar.gz"] = _tarball({"qwen/config.json": json.dumps(CONFIG).encode(),
+    serve["/wrapped.tar.gz"] = tar_of({"qwen/config.json": json.dumps(CONFIG).encode(),
                                          "qwen/model.safetensors": weights})
-    serve["/last.tar"] = _plain_tar({"model.safetensors": weights,
+    serve["/last.tar"] = tar_of(mode="w", members={"model.safetensors": weights,
                                      "config.json": json.dumps(CONFIG).encode()})
     for name in ("first.tar", "wrapped.tar.gz"):
         assert read_config(f"{base}/{name}", scan_bytes=1 << 20) == CONFIG
@@ -230,7 +195,7 @@ def test_read_config_errors_say_what_is_wrong(serve: dict[str, bytes], members: 
                                               message: str) -> None:
     from spotserve.download import read_config
 
-    serve["/model.tar.gz"] = _tarball(members)
+    serve["/model.tar.gz"] = tar_of(members)
     with pytest.raises(SpotserveError, match=message):
         read_config(serve["__base__"].decode() + "/model.tar.gz")
 

@@ -29,6 +29,7 @@ from spotserve.cli import main
 from spotserve.download import MARKER
 from spotserve.errors import SpotserveError
 from spotserve.operator.local.tiny_model import build_tiny_llama
+from tests.served_files import tar_of
 
 ROOT = Path(__file__).resolve().parents[2]
 AWS_VARIABLES = ("AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_SESSION_TOKEN",
@@ -167,22 +168,12 @@ def test_s3_config_alone_from_a_prefix_or_an_archive(s3: S3Bucket, tmp_path: Pat
     _upload_s3(s3, "llama/tiny", files)
     assert download.read_config(f"s3://{s3.name}/llama/tiny/") == config
     members = {"tiny/config.json": files["config.json"], "tiny/model.safetensors": b"w" * 4096}
-    s3.put("archives/tiny.tar", _tar(members))
+    s3.put("archives/tiny.tar", tar_of(members, mode="w"))
     assert download.read_config(f"s3://{s3.name}/archives/tiny.tar") == config
     with pytest.raises(SpotserveError, match=r"no config\.json under this prefix"):
         download.read_config(f"s3://{s3.name}/nothing/here")
     with pytest.raises(SpotserveError, match="no bucket"):
         download.read_config(f"s3://missing-{uuid.uuid4().hex[:6]}/llama")
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_s3_irsa_web_identity_is_used_without_keys(
