@@ -26,16 +26,16 @@ TARGET_SECONDS = 120.0
 # What the demo asks a chat model: short questions with short, checkable answers.
 QUESTIONS = (
     "What is the capital of France?",
-    "What is the tallest mountain in the world?",
+    "What is the largest mammal?",
     "Name the three primary colors.",
     "How many days are there in a week?",
     "What is the chemical symbol for water?",
-    "Who wrote Romeo and Juliet?",
+    "What is the capital of Germany?",
     "What is the boiling point of water in Celsius?",
     "What is the opposite of hot?",
     "Which ocean is the largest?",
     "What language is spoken in Brazil?",
-    "How many legs does a spider have?",
+    "What is 2 plus 2?",
     "What is the capital of Japan?",
 )
 # The load, by kind of model: (requests/s, tokens at most per answer). A chat model's
@@ -160,8 +160,10 @@ def answers_text(result: RunResult, cloud: Script) -> str:
     resumed = [r for r in served if r.resumes]
     for record in resumed[:1] + resumed[-1:] if len(resumed) > 1 else resumed:
         when, pipeline = record.interruptions[0] if record.interruptions else (0.0, "?")
+        resumes = "; ".join(r + (" token" if r.endswith(" after 1") else " tokens")
+                            for r in record.resumes)
         picks.append((f"across a migration: its stream broke at {when:.1f}s on {pipeline}, "
-                      f"resumed by {'; '.join(record.resumes)} tokens", record))
+                      f"resumed by {resumes}", record))
     after = [r for r in served if r.sent > max(last_config, upheavals[-1][0] if upheavals
                                                else 0.0)]
     if after:
