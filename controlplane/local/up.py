@@ -91,7 +91,8 @@ async def _serve(args: argparse.Namespace) -> int:
 def _example(name: str, chat: bool) -> str:
     """The rest of a curl command line that asks the served model something."""
     if chat:
-        body = (f'{{"model": "{name}", "max_tokens": 32, "messages": '
+        # greedy: the OpenAI default (temperature 1) makes a small model ramble
+        body = (f'{{"model": "{name}", "max_tokens": 32, "temperature": 0, "messages": '
                 f'[{{"role": "user", "content": "What is the capital of France?"}}]}}')
         return f"chat/completions -H 'content-type: application/json' -d '{body}'"
     body = f'{{"model": "{name}", "prompt": "hello", "max_tokens": 16}}'
