@@ -200,7 +200,8 @@ def read_config(url: str, scan_bytes: int = CONFIG_SCAN_BYTES) -> dict[str, Any]
 
 
 def _is_config(relative: str) -> bool:
-    """config.json at the model's top, or inside the one folder an archive wraps it in."""
+    """config.json at an archive's top, or inside the one folder it wraps the model in
+    (the download lifts that folder)."""
     parts = [p for p in relative.strip("/").split("/") if p not in ("", ".")]
     return parts[-1:] == ["config.json"] and len(parts) <= 2
 
@@ -213,12 +214,14 @@ def _bucket_config(url: str, scan_bytes: int) -> bytes:
             if archive is not None:
                 with store.open(archive) as stream:
                     return _archive_config(stream, url, scan_bytes)
-        found = sorted((o for o in store.list(prefix) if _is_config(o.key[len(prefix):])),
-                       key=lambda o: o.key.count("/"))
-        if not found:
-            raise SpotserveError(f"{url}: no config.json under this prefix (is the path "
-                                 "misspelt, or the model not uploaded yet?)")
-        with store.open(found[0]) as stream:
+        # the download copies the prefix as it is: the config must be at its top
+        found = next((o for o in store.list(prefix + "config.json")
+                      if o.key == prefix + "config.json"), None)
+        if found is None:
+            raise SpotserveError(f"{url}: no config.json at the top of this prefix (is the "
+                                 "path misspelt, the model in a folder below it, or not "
+                                 "uploaded yet?)")
+        with store.open(found) as stream:
             return bytes(stream.read(scan_bytes))
 
 
@@ -274,13 +277,13 @@ class _Prefixed:
         self.head, self.stream = head, stream
 
     def read(self, size: int = -1) -> bytes:
-        if self.head:
-            out = self.head if size < 0 else self.head[:size]
-            self.head = self.head[len(out):]
-            if size < 0:
-                return out + bytes(self.stream.read())
-            return out
-        return bytes(self.stream.read(size))
+        out = self.head if size < 0 else self.head[:size]
+        self.head = self.head[len(out):]
+        if size < 0:
+            return out + bytes(self.stream.read())
+        if len(out) < size:   # a full read: format sniffing needs more than the head
+            out += bytes(self.stream.read(size - len(out)))
+        return out
 
 
 class Progress:

@@ -361,7 +361,8 @@ def _from_config(config: Mapping[str, Any], name: str, dtype: str | None) -> Mod
     if not scaling and rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     raw_dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-    # Gemma names its activation hidden_activation (its hidden_act is an old, ignored key)
+    # Gemma: transformers 4 runs hidden_activation, else GELU (tanh), whatever hidden_act
+    # says; the public configs name gelu_pytorch_tanh there or nothing
     act = (config.get("hidden_activation") or "gelu_pytorch_tanh") if family == "gemma" \
         else config.get("hidden_act") or "silu"
     return ModelSpec(
@@ -372,7 +373,8 @@ def _from_config(config: Mapping[str, Any], name: str, dtype: str | None) -> Mod
         head_dim=int(head_dim), vocab_size=_int(config, "vocab_size"),
         max_position=_int(config, "max_position_embeddings", 4096),
         dtype=normalize_dtype(str(raw_dtype)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        # Gemma's configs leave the key out: its default is tied
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", family == "gemma")),
         qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
         qk_norm=family == "qwen3", mlp_bias=bool(config.get("mlp_bias", False)),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),

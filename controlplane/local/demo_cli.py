@@ -40,15 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instance-type", default="cpu-1x",
                         help="emulated instance type: cpu-1x, cpu-2x or cpu-4x (cpu-1x)")
     parser.add_argument("--rate", type=float, metavar="REQ/S",
-                        help="requests per second sent to the router (1 for a chat model, "
-                             "4 for the tiny one)")
+                        help="requests per second sent to the router (0.8 for a chat "
+                             "model, 4 for the tiny random one)")
     parser.add_argument("--max-tokens", type=int,
                         help="tokens generated per request at most: a chat model's answer "
-                             "ends at its end of turn (48), the tiny model's random prompts "
-                             "run to it (128)")
+                             "ends at its end of turn (40), the tiny random model's random "
+                             "prompts run to it (128)")
     parser.add_argument("--prompt-tokens", type=int, default=12,
-                        help="prompt length in tokens, for a model without a chat template "
-                             "(12)")
+                        help="prompt length in tokens, for the tiny random model or one "
+                             "without a chat template (12)")
     parser.add_argument("--restart-controller-at", type=float, metavar="S",
                         help="restart the controller this many seconds in (it resumes from "
                              "its state file)")

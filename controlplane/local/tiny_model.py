@@ -109,6 +109,15 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
         {"bos_token": word(1), "eos_token": word(2), "chat_template": CHAT_TEMPLATE}))
 
 
+def is_tiny_llama(folder: Path) -> bool:
+    """Whether `folder` holds the tiny random Llama (built on its defaults): its words are
+    no language, so it is sent random prompts rather than questions."""
+    try:
+        return bool(json.loads((folder / "config.json").read_text()) == CONFIG)
+    except (OSError, ValueError):
+        return False
+
+
 def build_tiny_llama(folder: Path, seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny random Llama under `folder` (created); return the folder."""
     folder.mkdir(parents=True, exist_ok=True)

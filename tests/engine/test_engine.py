@@ -306,6 +306,7 @@ def test_out_of_memory_in_a_step_sets_the_biggest_request_aside_then_rejects_it(
         transient.submit(rid, PROMPTS[rid], p)
     tokens, errors = _events(transient)
     assert device.failed == 1 and not errors and tokens == reference
+    assert not transient.out_of_memory   # finished: nothing of it is kept
 
     short = _engine(checkpoint, budget=64)
     device = _SmallDevice(short, limit=len(PROMPTS["c"]) - 1)   # "c" never fits

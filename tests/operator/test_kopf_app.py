@@ -515,23 +515,26 @@ async def test_a_hub_repository_no_built_in_names_is_planned_from_its_config(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 19: an LLMService naming Mistral-7B-Instruct-v0.3 (no built-in model) is
     planned from the config.json the operator fetches, and its workers are configured; so
-    is one serving Qwen2.5-7B from an https archive; a repository whose config cannot be
-    had is Degraded, saying why."""
-    from .fake_hub import QWEN25_7B, archive, https_archives
+    is one serving Qwen2.5-7B from an https archive, once the archive is there (Degraded
+    before, and fetched again with the spec unchanged); a repository whose config cannot
+    be had is Degraded, saying why."""
+    from .fake_hub import https_archives
     mistral = {**SPEC, "model": {"huggingFace": {
         "repoId": "mistralai/Mistral-7B-Instruct-v0.3"}}}
     missing = {**SPEC, "model": {"huggingFace": {"repoId": "acme/nothing"}}}
     wire = RecordingWire()
-    with https_archives({"/qwen.tar.gz": archive(QWEN25_7B)}, monkeypatch) as base:
+    archives: dict[str, bytes] = {}   # the archive is not uploaded yet
+    with https_archives(archives, monkeypatch) as base:
         qwen = {**SPEC, "model": {"url": f"{base}/qwen.tar.gz"}}
-        await _plans_from_fetched_configs(wire, mistral, missing, qwen)
+        await _plans_from_fetched_configs(wire, mistral, missing, qwen, archives)
 
 
 async def _plans_from_fetched_configs(wire: RecordingWire, mistral: dict[str, Any],
-                                      missing: dict[str, Any], qwen: dict[str, Any]) -> None:
+                                      missing: dict[str, Any], qwen: dict[str, Any],
+                                      archives: dict[str, bytes]) -> None:
     from spotserve.operator.k8s.model_config import ConfigFetcher
 
-    from .fake_hub import fake_hub
+    from .fake_hub import QWEN25_7B, archive, fake_hub
     async with fake_hub() as hub, emulator([node("n1"), node("n2"), service("mistral", mistral),
                                             service("missing", missing),
                                             service("qwen", qwen)]) as cluster:
@@ -539,13 +542,16 @@ async def _plans_from_fetched_configs(wire: RecordingWire, mistral: dict[str, An
                           wire=lambda: wire, interval=0.3,
                           options=BackendOptions(ready_timeout=20, poll_seconds=0.2,
                                                  router_address="router:50061"),
-                          configs=ConfigFetcher(hub.url, token=""))
+                          configs=ConfigFetcher(hub.url, token=""), config_retry_s=0.5)
         async with running_with(cluster, runtime):
             async def condition(name: str, kind: str) -> dict[str, Any] | None:
                 obj = await cluster.get(f"{LLMS}/{name}")
                 c = conditions(obj).get(kind)
                 return c if c and c["status"] == "True" else None
             await until(lambda: condition("mistral", "Ready"))
+            cond = await until(lambda: condition("qwen", "Degraded"))
+            assert "qwen.tar.gz" in cond["message"] and "404" in cond["message"]
+            archives["/qwen.tar.gz"] = archive(QWEN25_7B)   # uploaded now
             await until(lambda: condition("qwen", "Ready"))
             assert wire.configured
             cond = await until(lambda: condition("missing", "Degraded"))

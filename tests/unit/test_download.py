@@ -177,6 +177,9 @@ def test_read_config_streams_an_archive_only_as_far_as_its_config(
                                          "qwen/model.safetensors": weights})
     serve["/last.tar"] = tar_of(mode="w", members={"model.safetensors": weights,
                                      "config.json": json.dumps(CONFIG).encode()})
+    for mode in ("w:bz2", "w:xz"):   # sniffed from more than a few bytes
+        serve[f"/{mode}.tar"] = tar_of({"config.json": json.dumps(CONFIG).encode()}, mode)
+        assert read_config(f"{base}/{mode}.tar") == CONFIG
     for name in ("first.tar", "wrapped.tar.gz"):
         assert read_config(f"{base}/{name}", scan_bytes=1 << 20) == CONFIG
     with pytest.raises(SpotserveError, match=r"no config\.json in the archive's first 1\.0 MB; "

@@ -170,8 +170,12 @@ def test_s3_config_alone_from_a_prefix_or_an_archive(s3: S3Bucket, tmp_path: Pat
     members = {"tiny/config.json": files["config.json"], "tiny/model.safetensors": b"w" * 4096}
     s3.put("archives/tiny.tar", tar_of(members, mode="w"))
     assert download.read_config(f"s3://{s3.name}/archives/tiny.tar") == config
-    with pytest.raises(SpotserveError, match=r"no config\.json under this prefix"):
+    with pytest.raises(SpotserveError, match=r"no config\.json at the top of this prefix"):
         download.read_config(f"s3://{s3.name}/nothing/here")
+    # one folder further down is not the model the workers' download would fetch
+    s3.put("nested/inner/config.json", files["config.json"])
+    with pytest.raises(SpotserveError, match=r"the model in a folder below it"):
+        download.read_config(f"s3://{s3.name}/nested")
     with pytest.raises(SpotserveError, match="no bucket"):
         download.read_config(f"s3://missing-{uuid.uuid4().hex[:6]}/llama")
 

@@ -65,3 +65,14 @@ def test_a_half_imported_smollm2_is_never_taken_for_a_model(
     with pytest.raises(SpotserveError, match="could not import"):
         smollm2.smollm2_model(cache)
     assert sorted(p.name for p in cache.iterdir()) == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+
+def test_the_tiny_random_model_is_known_as_such(tmp_path: Path) -> None:
+    """The demo sends the tiny random Llama random prompts, not questions (its chat
+    template is there for the router's tests; its words are no language)."""
+    from spotserve.operator.local.tiny_model import build_tiny_llama, is_tiny_llama
+
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    other = build_tiny_llama(tmp_path / "other", num_hidden_layers=2)
+    assert is_tiny_llama(tiny) and not is_tiny_llama(other)
+    assert not is_tiny_llama(tmp_path / "nothing")

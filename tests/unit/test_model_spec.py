@@ -111,11 +111,14 @@ def test_bad_configs_give_clear_errors(tmp_path: Path, content: str | None, mess
 
 def test_gemma_takes_its_activation_from_hidden_activation() -> None:
     """Gemma's hidden_act is an old key transformers ignores: GELU (tanh) unless
-    hidden_activation says otherwise; Llama's hidden_act is read as it is."""
+    hidden_activation says otherwise; Llama's hidden_act is read as it is. Gemma's
+    embeddings are tied unless its config says not."""
     gemma = {**TINY, "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu"}
     spec = ModelSpec.from_hf_config(gemma)
     assert (spec.family, spec.hidden_act, spec.gemma_style) == (
         "gemma", "gelu_pytorch_tanh", True)
+    # Google's configs leave tie_word_embeddings out; Gemma's default ties them
+    assert spec.tie_word_embeddings and "lm_head.weight" not in {t.name for t in spec.tensors()}
     assert ModelSpec.from_hf_config({**gemma, "hidden_activation": "gelu"}).hidden_act == "gelu"
     llama = ModelSpec.from_hf_config({**TINY, "architectures": ["LlamaForCausalLM"]})
     assert (llama.hidden_act, llama.gemma_style) == ("silu", False)

@@ -104,6 +104,7 @@ class Engine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
+        self.out_of_memory.discard(request_id)
         return self.scheduler.remove(request_id) is not None
 
     @property
@@ -120,13 +121,17 @@ class Engine:
         out = self.scheduler.schedule()
         if out.empty:
             return []
+        failed = ""
         try:
             sampled = self.runner.step(StepPlan.of(out))
         except torch.OutOfMemoryError as exc:
             if self.runner.groups.distributed:
                 raise
-            return self._out_of_memory(out, exc)
+            failed = first_line(exc)
+        if failed:   # out of the except block: the failed step's frames are let go
+            return self._out_of_memory(out, failed)
         finished = {s.request_id for s in self.scheduler.update(out, sampled)}
+        self.out_of_memory -= finished
         self.num_steps += 1
         if self.steps_left is not None:
             self.steps_left -= 1
@@ -139,7 +144,7 @@ class Engine:
                                          len(seq.output_token_ids) - 1, reason))
         return events
 
-    def _out_of_memory(self, out: SchedulerOutput, exc: Exception) -> list[TokenEvent]:
+    def _out_of_memory(self, out: SchedulerOutput, error: str) -> list[TokenEvent]:
         """The step did not fit in device memory: the biggest request in it steps aside
         (to be recomputed after the queue), or, the second time, is rejected."""
         free_device_memory()
@@ -153,7 +158,7 @@ class Engine:
         self.scheduler.remove(seq.request_id)
         why = (f"out of memory: request {seq.request_id} ({seq.num_tokens} tokens, "
                f"{chunk.num_new} of them in the failing step) does not fit in this "
-               f"worker's device memory next to the requests it serves ({first_line(exc)})")
+               f"worker's device memory next to the requests it serves ({error})")
         return [TokenEvent(seq.request_id, None, len(seq.output_token_ids),
                            FinishReason.ABORT, why)]
 
@@ -200,6 +205,7 @@ class Engine:
             state.num_computed = seq.num_computed
             states.append(state)
             self.scheduler.remove(seq.request_id)
+            self.out_of_memory.discard(seq.request_id)
         return states
 
     def adopt(self, state: RequestState) -> bool:

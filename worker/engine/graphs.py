@@ -127,8 +127,8 @@ class DecodeGraphs:
             seqs, model.spec.hidden_size, dtype=model.dtype, device=model.device)
         graph = _Graph(seqs, max_blocks, ints, list(empty), [len(v) for v in empty.values()],
                        hidden_in)
-        self.graphs[(seqs, max_blocks)] = graph
         if not self.capture:
+            self.graphs[(seqs, max_blocks)] = graph
             return graph
         side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
@@ -136,9 +136,12 @@ class DecodeGraphs:
             for _ in range(2):   # warm up: allocations and library handles outside the graph
                 self._forward(graph)
         torch.cuda.current_stream().wait_stream(side)
-        graph.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph.graph, pool=self.pool):
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured, pool=self.pool):
             graph.output = self._forward(graph)
+        # kept only once whole: a capture that ran out of memory leaves nothing half made
+        graph.graph = captured
+        self.graphs[(seqs, max_blocks)] = graph
         return graph
 
     def _forward(self, graph: _Graph) -> torch.Tensor:
