@@ -125,20 +125,26 @@ def _clip(record: RequestRecord, width: int = 110) -> str:
 
 class LiveAnswers:
     """Prints answers as they come: the first one, then one whose request was in flight
-    across each notice or kill (a question asked before the cloud moved, answered after)."""
+    across each notice or kill (a question asked before the cloud moved, answered after),
+    a question not shown yet where one is."""
 
     def __init__(self, cloud: Script, say: Callable[[str], None]) -> None:
         self.say = say
         self.pending = _upheavals(cloud)
         self.first = True
+        self.shown: set[str] = set()
 
     def done(self, record: RequestRecord) -> None:
         if record.error:
             return
         spans = [(t, what) for t, what in self.pending if record.sent <= t <= record.done]
-        if not (self.first or spans):
+        # a question already shown waits for another, until the next upheaval is near
+        repeat = record.question in self.shown and not any(
+            t + 10.0 < record.done for t, _ in spans)
+        if not (self.first or spans) or (repeat and not self.first):
             return
         self.first = False
+        self.shown.add(record.question)
         self.pending = [(t, what) for t, what in self.pending if t > record.done]
         across = f", in flight across {spans[0][1]}" if spans else ""
         self.say(f"[{record.done:6.1f}s] Q: {record.question}\n"
@@ -155,11 +161,19 @@ def answers_text(result: RunResult, cloud: Script) -> str:
     first_move = upheavals[0][0] if upheavals else float("inf")
     last_config = result.configs[-1]["t"] if result.configs else 0.0
     picks: list[tuple[str, RequestRecord]] = []
+
+    def fresh(records: list[RequestRecord]) -> list[RequestRecord]:
+        """Those asking a question not picked yet first, then the rest, in order."""
+        asked = {r.question for _, r in picks}
+        return [r for r in records if r.question not in asked] + \
+            [r for r in records if r.question in asked]
+
     before = [r for r in served if r.done < first_move]
     if before:
         picks.append(("before any preemption", before[0]))
     resumed = [r for r in served if r.resumes]
-    for record in resumed[:1] + resumed[-1:] if len(resumed) > 1 else resumed:
+    for _ in range(min(2, len(resumed))):
+        record = next(r for r in fresh(resumed) if all(r is not c for _, c in picks))
         when, pipeline = record.interruptions[0] if record.interruptions else (0.0, "?")
         resumes = "; ".join(r + (" token" if r.endswith(" after 1") else " tokens")
                             for r in record.resumes)
@@ -168,7 +182,7 @@ def answers_text(result: RunResult, cloud: Script) -> str:
     after = [r for r in served if r.sent > max(last_config, upheavals[-1][0] if upheavals
                                                else 0.0)]
     if after:
-        picks.append(("after the last migration", after[-1]))
+        picks.append(("after the last migration", fresh(after[::-1])[0]))
     lines = ["\n=== a few answers ==="]
     for label, record in picks:
         reference = result.reference.get(record.request_id)

@@ -1,5 +1,6 @@
-"""Which model local mode serves: SmolLM2 by default, the tiny model when SmolLM2 cannot be
-had (saying why), a folder when given one; a bad `--model` is one clear line."""
+"""Local mode's model and the demo's answers: SmolLM2 by default, the tiny model when
+SmolLM2 cannot be had (saying why), a folder when given one, a bad `--model` in one clear
+line; which answers the demo prints."""
 
 from __future__ import annotations
 
@@ -76,3 +77,46 @@ def test_the_tiny_random_model_is_known_as_such(tmp_path: Path) -> None:
     other = build_tiny_llama(tmp_path / "other", num_hidden_layers=2)
     assert is_tiny_llama(tiny) and not is_tiny_llama(other)
     assert not is_tiny_llama(tmp_path / "nothing")
+
+
+def test_the_demo_shows_answers_from_before_across_and_after_the_migrations() -> None:
+    """The answers the demo prints: the first one before any preemption, two resumed ones
+    (other questions first), and one sent after the last migration; each says whether it
+    is the no-preemption reference's answer; live, one per notice or kill it spanned."""
+    from spotserve.operator.local.cloud import KILL, NOTICE, CloudEvent, Script
+    from spotserve.operator.local.demo import LiveAnswers, answers_text
+    from spotserve.operator.local.runner import RequestRecord, RunResult
+    from spotserve.v1 import common_pb2
+
+    def record(n: int, question: str, sent: float, done: float,
+               resumes: tuple[str, ...] = ()) -> RequestRecord:
+        r = RequestRecord(f"req-{n}", [1, 2], sent, done, [5, 6],
+                          common_pb2.FINISH_REASON_STOP, question=question,
+                          answer=f"answer {n}")
+        r.resumes = list(resumes)
+        r.interruptions = [(done - 1, "e1p0")] if resumes else []
+        return r
+
+    cloud = Script((CloudEvent(10.0, NOTICE, "n1"), CloudEvent(20.0, KILL, "n1")), 30.0, "t")
+    records = [record(1, "France?", 0, 2), record(2, "Mammal?", 8, 12, ("kv@e2p0 after 1",)),
+               record(3, "Mammal?", 9, 21, ("reprefill@e3p0 after 4",)),
+               record(4, "Ocean?", 18, 22, ("kv@e3p0 after 2",)),
+               record(5, "Japan?", 26, 27), record(6, "France?", 28, 29)]
+    result = RunResult(records, {r.request_id: r.tokens for r in records}, {}, [], [],
+                       [{"t": 21.0, "epoch": 3, "config": "", "pipelines": []}], {}, {}, {},
+                       30.0, "t")
+    text = answers_text(result, cloud)
+    shown = [line.split(",")[0].strip(" (") for line in text.splitlines()
+             if line.startswith("   (")]
+    assert shown == ["req-1", "req-2", "req-4", "req-5"]   # req-3 asks Mammal? again
+    assert "resumed by kv@e2p0 after 1 token;" in text and "after 2 tokens;" in text
+    assert "before any preemption" in text and "after the last migration" in text
+    assert text.count("the same as with no preemption") == 4
+
+    said: list[str] = []
+    live = LiveAnswers(cloud, said.append)
+    for r in records:
+        live.done(r)
+    assert [s.split("(")[1].split(",")[0] for s in said] == ["req-1", "req-2", "req-4"]
+    assert "in flight across the termination notice for n1" in said[1]
+    assert "in flight across n1's termination" in said[2]
