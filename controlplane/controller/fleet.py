@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from spotserve.model_spec import ModelSpec
@@ -167,7 +167,7 @@ class WorkerFleet(Actuator):
             if gpu not in jobs and self.serving.get(gpu, (0, None))[1] is not None \
                     and gpu.instance not in wedged:  # (a wedged one can't)
                 calls.append((gpu, worker_pb2.ConfigureRequest(epoch=epoch), None))
-        replies = await self._configure_all([(g, r) for g, r, _ in calls])
+        replies = await self._configure_all([(g, r) for g, r, _ in calls], fail_fast=jobs)
         failed, moved = [], 0
         for (gpu, _, role), reply in zip(calls, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -206,15 +206,34 @@ class WorkerFleet(Actuator):
             raise ActuatorError("preload failed on " + "; ".join(failed))
         return gathered
 
-    async def _configure_all(self, calls: Sequence[tuple[GpuId, worker_pb2.ConfigureRequest]]
+    async def _configure_all(self, calls: Sequence[tuple[GpuId, worker_pb2.ConfigureRequest]],
+                             fail_fast: Collection[GpuId] = ()
                              ) -> list[Configured | BaseException]:
-        """Every Configure at once (the ranks of a pipeline rendezvous with each other)."""
+        """Every Configure at once (the ranks of a pipeline rendezvous with each other).
+        When one of `fail_fast` fails the epoch cannot form: the others of `fail_fast` still
+        running are cancelled (a rank waiting in a rendezvous for the failed one leaves it)
+        instead of each waiting out its timeout, and the controller re-plans at once."""
         async def one(gpu: GpuId, request: worker_pb2.ConfigureRequest) -> Configured:
             return await self.wire.configure(self.address(gpu), request,
                                              self.fleet.configure_timeout)
 
-        return list(await asyncio.gather(*(one(g, r) for g, r in calls),
-                                         return_exceptions=True))
+        tasks = [asyncio.ensure_future(one(g, r)) for g, r in calls]
+        try:
+            pending = {t for (g, _), t in zip(calls, tasks, strict=True) if g in fail_fast}
+            while pending:
+                done, pending = await asyncio.wait(pending,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                if any(not t.cancelled() and t.exception() is not None for t in done):
+                    for task in pending:
+                        task.cancel()
+                    break
+            replies = await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        return [ActuatorError("cancelled: another rank of this epoch failed to configure")
+                if isinstance(r, asyncio.CancelledError) else r for r in replies]
 
     def _serves(self, job: WorkerAssignment) -> bool:
         """An unchanged job whose worker already runs exactly this role."""

@@ -181,3 +181,38 @@ async def test_a_worker_that_is_gone_need_not_stand_down() -> None:
     wire.silent = {"a:1"}
     with pytest.raises(ActuatorError, match="a/0"):
         await fleet.configure(6, _job_on_a(6), {})
+
+
+async def test_one_rank_failing_its_configure_cancels_the_ranks_waiting_for_it() -> None:
+    """A's Configure fails at once (its old pipeline broke under it); B, its partner in the
+    new pipeline, waits in the rendezvous for A and would until its timeout: it is
+    cancelled instead, and the configure fails now, naming A, so the controller re-plans
+    without waiting minutes with nothing serving."""
+    class Waiting(FakeWire):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cancelled = asyncio.Event()
+
+        async def configure(self, address: str, request: worker_pb2.ConfigureRequest,
+                            timeout: float) -> Configured:
+            if address == "a:1":
+                await asyncio.sleep(0.05)
+                raise ActuatorError("Configure a:1: ABORTED: configure failed: peer closed")
+            try:
+                await asyncio.sleep(timeout)   # in the rendezvous, for A
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return Configured("ready")
+
+    wire = Waiting()
+    fleet = Fleet(wire)
+    model = resolve_model("opt-6.7b")
+    config = ParallelConfig.uniform(model.num_layers, 1, 2, 1, batch=4)
+    kind = Catalog.load().instance("p4d.24xlarge")
+    jobs = epoch_jobs(model, 5, Placement.of(config, {Position(0, 0, 0): A,
+                                                      Position(0, 1, 0): B}), None,
+                      [Instance("a", kind, state="joining"), Instance("b", kind, state="joining")])
+    with pytest.raises(ActuatorError, match=r"a/0: .*peer closed.*b/0: cancelled"):
+        await asyncio.wait_for(fleet.configure(5, jobs, {}), 5)
+    assert wire.cancelled.is_set() and not fleet.serving
