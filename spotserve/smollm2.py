@@ -28,9 +28,10 @@ FOLDER = "SmolLM2-135M-Instruct"
 Say = Callable[[str], None]
 
 
-def cache_dir() -> Path:
-    """Where downloaded models are kept: $SPOTSERVE_CACHE, else ~/.cache/spotserve."""
-    return Path(os.environ.get("SPOTSERVE_CACHE") or Path.home() / ".cache" / "spotserve")
+def default_cache() -> Path:
+    """Where SmolLM2 is kept: $SPOTSERVE_CACHE/smollm2, else ~/.cache/spotserve/smollm2."""
+    root = Path(os.environ.get("SPOTSERVE_CACHE") or Path.home() / ".cache" / "spotserve")
+    return root / "smollm2"
 
 
 def smollm2_gguf(cache: Path, progress: Say | None = None) -> Path:

@@ -64,10 +64,9 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     pytest.importorskip("gguf", reason="the gguf package is a worker dependency")
     from spotserve.errors import SpotserveError
-    from spotserve.smollm2 import cache_dir, smollm2_gguf
-    cache = cache_dir()
+    from spotserve.smollm2 import default_cache, smollm2_gguf
     try:
-        gguf_file = smollm2_gguf(cache / "smollm2")
+        gguf_file = smollm2_gguf(default_cache())
     except SpotserveError as exc:
         if os.environ.get("CI"):
             raise

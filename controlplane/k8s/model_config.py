@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -41,14 +42,26 @@ class ConfigFetcher:
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
         self.fetches = 0   # requests made (the cache's hits make none)
 
+    async def _kept(self, key: tuple[str, ...],
+                    fetch: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """A config fetched once: `fetch()` the first time it succeeds, then kept."""
+        if key not in self._cache:
+            self.fetches += 1
+            self._cache[key] = await fetch()
+        return self._cache[key]
+
     async def hugging_face(self, repo: str, revision: str = "main") -> dict[str, Any]:
         """The repository's config.json at `revision`; raises SpotserveError saying why not."""
-        key = (repo, revision)
-        if key in self._cache:
-            return self._cache[key]
+        return await self._kept((repo, revision), lambda: self._from_hub(repo, revision))
+
+    async def url(self, url: str) -> dict[str, Any]:
+        """The config.json of the model at a `url` source; raises SpotserveError saying why
+        not. Read in a thread (the cloud SDKs block), within the fetcher's timeout."""
+        return await self._kept(("url", url), lambda: self._from_url(url))
+
+    async def _from_hub(self, repo: str, revision: str) -> dict[str, Any]:
         url = f"{self.endpoint}/{repo}/resolve/{quote(revision, safe='')}/config.json"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.fetches += 1
         try:
             timeout = aiohttp.ClientTimeout(total=self.timeout)
             async with aiohttp.ClientSession(timeout=timeout) as session, \
@@ -69,20 +82,11 @@ class ConfigFetcher:
                                  f"{self.endpoint} ({reason})") from None
         if not isinstance(data, dict):
             raise SpotserveError(f"{repo}: config.json is not a JSON object")
-        self._cache[key] = data
         return data
 
-    async def url(self, url: str) -> dict[str, Any]:
-        """The config.json of the model at a `url` source; raises SpotserveError saying why
-        not. Read in a thread (the cloud SDKs block), within the fetcher's timeout."""
-        key = ("url", url)
-        if key in self._cache:
-            return self._cache[key]
-        self.fetches += 1
+    async def _from_url(self, url: str) -> dict[str, Any]:
         try:
-            data = await asyncio.wait_for(asyncio.to_thread(read_config, url), self.timeout)
+            return await asyncio.wait_for(asyncio.to_thread(read_config, url), self.timeout)
         except TimeoutError:
             raise SpotserveError(f"{url}: config.json could not be read within "
                                  f"{self.timeout:g} s") from None
-        self._cache[key] = data
-        return data

@@ -34,10 +34,10 @@ def check_model_arg(value: str | None) -> None:
 def local_model(value: str | None, out: Path, say: Callable[[str], None]) -> Path:
     """The model folder to serve for `--model value` (absolute)."""
     if value is None or value == SMOLLM2:
-        from spotserve.smollm2 import cache_dir, smollm2_model
+        from spotserve.smollm2 import default_cache, smollm2_model
 
         try:
-            return smollm2_model(cache_dir() / SMOLLM2, say).resolve()
+            return smollm2_model(default_cache(), say).resolve()
         except SpotserveError as exc:
             if value is not None:
                 raise

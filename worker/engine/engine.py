@@ -131,7 +131,8 @@ class Engine:
         if failed:   # out of the except block: the failed step's frames are let go
             return self._out_of_memory(out, failed)
         finished = {s.request_id for s in self.scheduler.update(out, sampled)}
-        self.out_of_memory -= finished
+        if self.out_of_memory:
+            self.out_of_memory -= finished
         self.num_steps += 1
         if self.steps_left is not None:
             self.steps_left -= 1
